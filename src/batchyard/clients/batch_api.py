@@ -1,0 +1,186 @@
+"""Files + Batches through the `openai` SDK, with retries and crash-safe adoption.
+
+This is the only module that talks to the Batch API and the only place where SDK exceptions
+are mapped onto batchyard's terminal/transient errors. Transient failures (429, 5xx,
+timeouts, connection resets) are retried with exponential backoff and full jitter (tenacity);
+terminal ones (bad key, unknown model, malformed input) raise `ApiTerminalError` at once.
+
+A batch create that failed transiently may still have created the batch on the server, so
+every retry of `create_batch` first looks for a batch with the same metadata and adopts it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import openai
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from batchyard.errors import ApiTerminalError, ApiTransientError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from batchyard.settings import ProviderSettings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether an SDK exception may succeed on retry."""
+    if isinstance(exc, openai.APIConnectionError):  # includes timeouts
+        return True
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in _TRANSIENT_STATUS or exc.status_code >= 500
+    return False
+
+
+def _status(exc: BaseException) -> int | None:
+    return exc.status_code if isinstance(exc, openai.APIStatusError) else None
+
+
+def _message(exc: BaseException) -> str:
+    if isinstance(exc, openai.APIStatusError):
+        body = exc.body if isinstance(exc.body, dict) else {}
+        err = body.get("error", body) if isinstance(body, dict) else {}
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+        return f"{type(exc).__name__}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class BatchApi:
+    """The Files and Batches endpoints of one OpenAI-compatible server."""
+
+    def __init__(self, client: openai.OpenAI, settings: ProviderSettings) -> None:
+        self.client = client
+        self.settings = settings
+
+    @classmethod
+    def connect(cls, settings: ProviderSettings, *, base_url: str | None = None, api_key: str | None = None) -> BatchApi:
+        """Build the SDK client (its own retries off: this class retries)."""
+        key = api_key or (settings.api_key.get_secret_value() if settings.api_key else "local")
+        client = openai.OpenAI(
+            api_key=key,
+            base_url=base_url or settings.base_url,
+            organization=settings.organization,
+            timeout=settings.request_timeout_s,
+            max_retries=0,
+        )
+        return cls(client, settings)
+
+    def close(self) -> None:
+        """Close the HTTP client."""
+        self.client.close()
+
+    def _call(self, operation: str, fn: Callable[[], T], *, on_retry: Callable[[], T | None] | None = None) -> T:
+        """Run an API call with backoff; `on_retry` may return a result that makes retrying moot."""
+        s = self.settings
+        attempt = 0
+        try:
+            for attempt_ctx in Retrying(
+                retry=retry_if_exception(is_transient),
+                stop=stop_after_attempt(s.max_retries + 1),
+                wait=wait_random_exponential(multiplier=s.backoff_base_s, max=s.backoff_max_s),
+                reraise=False,
+            ):
+                with attempt_ctx:
+                    attempt += 1
+                    if attempt > 1:
+                        log.warning("retrying %s (attempt %d)", operation, attempt)
+                        if on_retry is not None:
+                            found = on_retry()
+                            if found is not None:
+                                return found
+                    return fn()
+        except RetryError as exc:
+            last = exc.last_attempt.exception()
+            raise ApiTransientError(operation, _status(last), _message(last)) from None
+        except openai.OpenAIError as exc:
+            if is_transient(exc):  # pragma: no cover - tenacity handles these
+                raise ApiTransientError(operation, _status(exc), _message(exc)) from None
+            raise ApiTerminalError(operation, _status(exc), _message(exc)) from None
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # files
+
+    def upload(self, filename: str, data: bytes) -> str:
+        """Upload a batch input file; returns its id."""
+        extra: dict[str, Any] = {}
+        if self.settings.file_expires_after_s:
+            extra["expires_after"] = {"anchor": "created_at", "seconds": self.settings.file_expires_after_s}
+        f = self._call(
+            f"upload {filename}",
+            lambda: self.client.files.create(file=(filename, data, "application/jsonl"), purpose="batch", **extra),
+        )
+        return f.id
+
+    def find_file(self, filename: str, size: int, since: float) -> str | None:
+        """An already uploaded batch file with this name and size, created after `since`."""
+        def scan() -> str | None:
+            for f in self.client.files.list(purpose="batch", order="desc", limit=100):
+                if f.created_at < since:
+                    return None
+                if f.filename == filename and f.bytes == size:
+                    return f.id
+            return None
+
+        return self._call(f"find file {filename}", scan)
+
+    def content(self, file_id: str) -> bytes:
+        """Download a file's bytes."""
+        return self._call(f"download {file_id}", lambda: self.client.files.content(file_id).read())
+
+    def delete_file(self, file_id: str) -> None:
+        """Delete a remote file (missing files are fine)."""
+        try:
+            self._call(f"delete {file_id}", lambda: self.client.files.delete(file_id))
+        except ApiTerminalError as exc:
+            if exc.status != 404:
+                raise
+
+    # batches
+
+    def find_batch(self, metadata: dict[str, str], since: float) -> dict[str, Any] | None:
+        """The newest batch whose metadata contains `metadata`, created after `since`."""
+        def scan() -> dict[str, Any] | None:
+            for b in self.client.batches.list(limit=100):
+                if b.created_at < since:
+                    return None
+                meta = b.metadata or {}
+                if all(meta.get(k) == v for k, v in metadata.items()):
+                    return b.model_dump(mode="json")
+            return None
+
+        return self._call("find batch", scan)
+
+    def create_batch(self, file_id: str, endpoint: str, metadata: dict[str, str], since: float) -> dict[str, Any]:
+        """Create a batch; a retry first adopts a batch the failed attempt may have created."""
+        return self._call(
+            f"create batch for {file_id}",
+            lambda: self.client.batches.create(
+                input_file_id=file_id,
+                endpoint=endpoint,  # type: ignore[arg-type]
+                completion_window=self.settings.completion_window,
+                metadata=metadata,
+            ).model_dump(mode="json"),
+            on_retry=lambda: self.find_batch(metadata, since),
+        )
+
+    def retrieve(self, batch_id: str) -> dict[str, Any]:
+        """A batch as plain JSON data."""
+        return self._call(f"retrieve {batch_id}", lambda: self.client.batches.retrieve(batch_id).model_dump(mode="json"))
+
+    def cancel(self, batch_id: str) -> dict[str, Any]:
+        """Ask the server to cancel a batch."""
+        return self._call(f"cancel {batch_id}", lambda: self.client.batches.cancel(batch_id).model_dump(mode="json"))

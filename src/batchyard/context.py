@@ -1,0 +1,110 @@
+"""RunContext: the settings, staging area and lazily opened clients one run needs.
+
+Clients open on first use and close with the context. With no API key configured, the batch
+provider is the local Batch API server started in-process (state under the staging root), so
+everything runs offline; it is reached over HTTP through the `openai` SDK like any provider.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from batchyard.clients.batch_api import BatchApi
+from batchyard.storage.staging import Staging
+
+if TYPE_CHECKING:
+    from pymilvus import MilvusClient
+
+    from batchyard.clients.mongo import DocumentStore
+    from batchyard.localapi.runner import LocalServer
+    from batchyard.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class RunContext:
+    """Everything a stage needs besides its own inputs."""
+
+    def __init__(self, settings: Settings, *, staging: Staging | None = None) -> None:
+        self.settings = settings
+        self.staging = staging or Staging.from_settings(settings.staging)
+        self._api: BatchApi | None = None
+        self._server: LocalServer | None = None
+        self._store: DocumentStore | None = None
+        self._milvus: MilvusClient | None = None
+
+    # batch provider
+
+    @property
+    def api(self) -> BatchApi:
+        """The Batch API client (starting the embedded server when no key is set)."""
+        if self._api is None:
+            provider = self.settings.provider
+            if provider.embedded:
+                from batchyard.localapi.runner import LocalServer
+
+                state_dir = provider.local.state_dir or str(self.staging.local_dir(".localapi"))
+                self._server = LocalServer(provider.local, state_dir)
+                self._server.start()
+                log.info("embedded local Batch API server at %s", self._server.base_url)
+                self._api = BatchApi.connect(provider, base_url=self._server.base_url, api_key="local")
+            else:
+                self._api = BatchApi.connect(provider)
+        return self._api
+
+    @property
+    def provider_label(self) -> str:
+        """Where batches go, for reports (never with a key)."""
+        p = self.settings.provider
+        if p.embedded:
+            return "local Batch API server (embedded, in-process)"
+        return f"Batch API at {p.base_url or 'https://api.openai.com/v1'}"
+
+    # document store
+
+    @property
+    def store(self) -> DocumentStore:
+        """MongoDB, or the persisted stand-in when no URI is configured."""
+        if self._store is None:
+            from batchyard.clients.mongo import open_document_store
+
+            self._store = open_document_store(
+                self.settings.mongo, standin_dir=str(self.staging.local_dir(".mongo-standin"))
+            )
+        return self._store
+
+    # vector store
+
+    @property
+    def milvus(self) -> MilvusClient:
+        """Milvus (Milvus Lite under the staging root by default)."""
+        if self._milvus is None:
+            from batchyard.clients.milvus import open_vector_store
+
+            default = str(self.staging.local_dir() / "milvus.db") if not self.staging.is_s3 else str(
+                self.staging.local_dir("milvus") / "milvus.db"
+            )
+            self._milvus = open_vector_store(self.settings.milvus, default_path=default)
+        return self._milvus
+
+    def close(self) -> None:
+        """Close every client that was opened (saving the MongoDB stand-in)."""
+        if self._api is not None:
+            self._api.close()
+            self._api = None
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        if self._milvus is not None:
+            self._milvus.close()
+            self._milvus = None
+
+    def __enter__(self) -> RunContext:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

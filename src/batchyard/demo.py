@@ -1,0 +1,106 @@
+"""`batchyard demo`: the whole pipeline on the embedded defaults, in about a minute.
+
+Seeds a small corpus into the document store (the stand-in unless a MongoDB URI is configured),
+embeds it through the local Batch API server into Milvus Lite, queries nearest neighbours, runs
+one inference task and prints a few parsed results.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+from rich.table import Table
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rich.console import Console
+
+    from batchyard.settings import Settings
+
+
+def run_demo(
+    console: Console,
+    *,
+    chunks: int,
+    engine: str,
+    task: str,
+    run_job: Callable[..., dict[str, Any]],
+    overrides: dict[str, Any],
+    settings: Settings,
+    print_run: Callable[[dict[str, Any]], None],
+) -> None:
+    """Run the demo and print what it did."""
+    from batchyard.context import RunContext
+    from batchyard.seed import seed_store, targets_for
+    from batchyard.targets import Targets, write_targets
+
+    with RunContext(settings) as ctx:
+        store = ctx.store
+        console.rule("1. seed")
+        console.print(f"document store: [bold]{store.label}[/bold]")
+        report = seed_store(store, chunks, fields=settings.mongo.fields, seed=7, n_companies=4)
+        store.save()
+        targets_path = ctx.staging.local_dir() / "demo-targets.yaml"
+        targets = targets_for(report)
+        write_targets(targets_path, targets)
+        console.print(f"{report.chunks} chunks, {report.documents} documents, {report.companies} companies "
+                      f"→ targets in {targets_path}")
+        staging_root = ctx.staging.root
+
+    console.rule("2. batch embeddings")
+    info = run_job("embeddings", targets_path, engine=engine, overrides=overrides)
+    print_run(info)
+    _neighbours(console, settings, info)
+
+    console.rule(f"3. batch inference: {task}")
+    first = Targets(companies=targets.companies[:1])
+    small = ctx.staging.local_dir() / "demo-targets-inference.yaml"
+    write_targets(small, first)
+    info2 = run_job("inference", small, engine=engine, task=task, overrides=overrides)
+    print_run(info2)
+    _inference_samples(console, settings, info2, staging_root)
+
+
+def _neighbours(console: Console, settings: Settings, info: dict[str, Any]) -> None:
+    """Nearest neighbours of one embedded chunk, straight from Milvus."""
+    from batchyard.clients.milvus import collection_name, search
+    from batchyard.context import RunContext
+    from batchyard.storage.runs import RunStore
+
+    with RunContext(settings) as ctx:
+        run = RunStore(ctx.staging, info["job"], info["run_id"])
+        results = ctx.staging.read_parquet(run.rel("results.parquet"))
+        if results.height == 0:
+            console.print("no new vectors in this run (everything was already embedded): nothing to query")
+            return
+        chunks = ctx.staging.read_parquet(run.rel("chunks.parquet"))
+        probe = results.row(0, named=True)
+        text = chunks.filter(pl.col("chunk_id") == probe["chunk_id"])["text"][0]
+        name = collection_name(settings.milvus.collection_prefix, settings.embedding.space)
+        hits = search(ctx.milvus, name, list(probe["vector"]), limit=5)
+        t = Table(title=f"nearest neighbours in Milvus of chunk {probe['chunk_id']}")
+        t.add_column("chunk")
+        t.add_column("company")
+        t.add_column("score", justify="right")
+        for h in hits:
+            t.add_row(str(h.get("chunk_id")), str(h.get("company_id")), f"{h.get('score', 0):.4f}")
+        console.print(f"query text: [italic]{text[:160]}…[/italic]")
+        console.print(t)
+
+
+def _inference_samples(console: Console, settings: Settings, info: dict[str, Any], root: str) -> None:
+    from batchyard.context import RunContext
+    from batchyard.storage.runs import RunStore
+
+    with RunContext(settings) as ctx:
+        run = RunStore(ctx.staging, info["job"], info["run_id"])
+        results = ctx.staging.read_parquet(run.rel("results.parquet"))
+        t = Table(title=f"a few parsed results (run {info['run_id']}, staged under {root})")
+        t.add_column("unit")
+        t.add_column("parsed output")
+        for row in results.head(3).iter_rows(named=True):
+            t.add_row(str(row["unit_id"]), json.dumps(json.loads(row["parsed"]), indent=1)[:600])
+        console.print(t)

@@ -1,0 +1,180 @@
+"""Batch inference: one task (prompt, request builder, output schema) over target chunks or documents."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from batchyard.crash import crashpoint
+from batchyard.jobs.base import Job
+from batchyard.schemas import CHUNKS, FAILURES
+from batchyard.stages import plan as planning
+from batchyard.stages.batches import write_shards
+from batchyard.stages.join import INFERENCE_ROWS, inference_outcomes, read_json_lines
+from batchyard.tasks.prompts import resolve_prompts_dir
+from batchyard.tasks.registry import get_task
+from batchyard.tasks.units import build_units
+from batchyard.tokens import count_tokens, encoding_for_model
+
+if TYPE_CHECKING:
+    from batchyard.context import RunContext
+    from batchyard.storage.ledger import ShardRecord
+    from batchyard.storage.runs import RunStore
+    from batchyard.targets import Targets
+
+
+class InferenceJob(Job):
+    """Run one inference task over the target units that have no result for its version."""
+
+    kind = "inference"
+
+    def __init__(self, ctx: RunContext, targets: Targets, task_name: str) -> None:
+        super().__init__(ctx)
+        self.targets = targets
+        self.task = get_task(task_name)
+        self.inf = ctx.settings.inference
+        self.prompts_dir = resolve_prompts_dir(ctx.settings.prompts_dir)
+        self.task_version = self.task.task_version(self.prompts_dir)
+
+    @property
+    def name(self) -> str:
+        return f"inference-{self.task.name}"
+
+    @property
+    def endpoint(self) -> str:
+        return self.inf.endpoint or self.task.endpoint
+
+    @property
+    def model(self) -> str:
+        return self.inf.model
+
+    @property
+    def results_collection(self) -> str:
+        """MongoDB collection of this task's results."""
+        return self.task.collection or self.ctx.settings.mongo.results_collection
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "task": self.task.name,
+            "task_version": self.task_version,
+            "unit": self.task.unit,
+            "endpoint": self.endpoint,
+            "model": self.model,
+            "temperature": self.inf.temperature,
+            "max_output_tokens": self.inf.max_output_tokens,
+            "document_token_budget": self.inf.document_token_budget,
+            "prompt": self.task.prompt,
+            "targets": self.targets.model_dump(mode="json"),
+            "limits": self.ctx.settings.limits.model_dump(mode="json"),
+        }
+
+    def snapshot(self, run: RunStore) -> dict[str, int]:
+        from batchyard.stages.snapshot import iter_chunks_for_task
+
+        mongo = self.ctx.settings.mongo
+        store = self.ctx.store
+        rejects = []
+        with run.staging.parquet_writer(run.rel("chunks.parquet"), CHUNKS) as out:
+            for page, bad in iter_chunks_for_task(
+                store.chunks, store.collection(self.results_collection), self.targets, mongo.fields,
+                task=self.task.name, task_version=self.task_version, unit=self.task.unit, page_size=mongo.page_size,
+            ):
+                out.write(page)
+                if bad.height:
+                    rejects.append(bad)
+        rej = pl.concat(rejects).cast(FAILURES) if rejects else FAILURES.to_frame()  # type: ignore[arg-type]
+        run.staging.write_parquet(run.rel("rejects.parquet"), rej)
+        crashpoint("after_snapshot")
+        return {"chunks": out.rows, "rejected": rej.height}
+
+    def plan(self, run: RunStore) -> dict[str, int]:
+        chunks = run.staging.read_parquet(run.rel("chunks.parquet"))
+        encoding = encoding_for_model(self.model)
+        budget = self.inf.document_token_budget
+        units, rejects = build_units(chunks, self.task.unit, token_budget=budget, encoding=encoding)
+        run.staging.write_parquet(run.rel("units.parquet"), units)
+        bodies = self.task.request_bodies(
+            units, model=self.model, endpoint=self.endpoint, temperature=self.inf.temperature,
+            max_output_tokens=self.inf.max_output_tokens, prompts_dir=self.prompts_dir,
+        )
+        bodies = bodies.with_columns(
+            tokens=pl.col("body").map_batches(
+                lambda s: pl.Series(count_tokens(s.to_list(), encoding), dtype=pl.Int64), return_dtype=pl.Int64
+            )
+        )
+        requests = planning.inference_requests(bodies, endpoint=self.endpoint)
+        limits = planning.ShardLimits.from_settings(self.ctx.settings.limits)
+        requests = planning.assign_shards(requests, limits)
+        planning.check_shards(requests, limits)
+        old = run.staging.read_parquet(run.rel("rejects.parquet"))
+        run.staging.write_parquet(run.rel("rejects.parquet"), pl.concat([old, rejects.cast(FAILURES)]))  # type: ignore[arg-type]
+        run.staging.write_parquet(run.rel("requests.parquet"), requests)
+        records = write_shards(run, requests, job=self.name, endpoint=self.endpoint, model=self.model)
+        return {
+            "units": units.height,
+            "truncated": int(units["truncated"].sum()) if units.height else 0,
+            "rejected": rejects.height,
+            "requests": requests.height,
+            "shards": len(records),
+            "tokens": int(requests["tokens"].sum()) if requests.height else 0,
+        }
+
+    def parse_attempt(
+        self, requests: pl.DataFrame, output: bytes, errors: bytes, batch: ShardRecord
+    ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+        from batchyard.stages.join import ANOMALIES
+
+        out, a1 = read_json_lines(output, f"outputs/{batch.name}.jsonl")
+        err, a2 = read_json_lines(errors, f"errors/{batch.name}.jsonl")
+        planned = set(requests["custom_id"].to_list())
+        seen: set[str] = set()
+        lines, extra = [], []
+        for no, line in enumerate(out + err, start=1):
+            cid = line["custom_id"]
+            if cid not in planned:
+                extra.append({"source": f"shard {batch.name}", "line": no, "custom_id": cid, "code": "unknown_custom_id",
+                              "message": f"shard {batch.name}: custom_id {cid} matches no planned request"})
+            elif cid in seen:
+                extra.append({"source": f"shard {batch.name}", "line": no, "custom_id": cid, "code": "duplicate_output",
+                              "message": f"shard {batch.name}: second line for custom_id {cid}"})
+            else:
+                seen.add(cid)
+                lines.append(line)
+        parsed, outcomes = inference_outcomes(
+            self.task, self.endpoint, requests, lines, batch_ended_as=batch.batch_status or ""
+        )
+        a3 = pl.DataFrame(extra, schema=ANOMALIES) if extra else ANOMALIES.to_frame()
+        return parsed, outcomes, pl.concat([a1, a2, a3])
+
+    def payload_keys(self) -> list[str]:
+        return ["custom_id"]
+
+    def result_rows(self, run: RunStore, ok: pl.DataFrame) -> pl.DataFrame:
+        units = run.staging.read_parquet(run.rel("units.parquet")).drop("text")
+        cols = [c for c in INFERENCE_ROWS.names() if c != "custom_id"]
+        return (
+            ok.select("unit_id", "custom_id", "batch_id", "shard", "attempt", *cols)
+            .join(units, on="unit_id", how="left")
+            .with_columns(
+                task=pl.lit(self.task.name),
+                task_version=pl.lit(self.task_version),
+                model=pl.lit(self.model),
+                run_id=pl.lit(run.run_id),
+            )
+        )
+
+    def load(self, run: RunStore) -> list[dict[str, Any]]:
+        from batchyard.stages.load import store_results
+
+        s = self.ctx.settings
+        results = run.staging.read_parquet(run.rel("results.parquet"))
+        crashpoint("during_load")
+        receipt = store_results(
+            self.ctx.store.collection(self.results_collection), results, task=self.task.name,
+            task_version=self.task_version, run_id=run.run_id, batch_size=s.mongo.write_batch_size,
+        )
+        self.ctx.store.save()
+        out = receipt.model_dump(mode="json")
+        run.staging.write_json(run.rel("loads", "mongo.json"), out)
+        return [out]

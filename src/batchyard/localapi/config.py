@@ -1,0 +1,77 @@
+"""Configuration of the local Batch API server: executors, pacing and fault injection."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+
+
+class FaultConfig(BaseModel):
+    """Faults the server injects, so that every batch outcome has a test.
+
+    Batch-level faults apply to the first `*_batches` batches created (None: every batch), counted
+    in the server's persisted state so a restart does not reset them.
+    """
+
+    validation_failure: bool = Field(
+        default=False, description="Fail every new batch at validation (code `invalid_request`)."
+    )
+    validation_fail_batches: int | None = Field(
+        default=None, ge=0, description="With validation_failure: only the first N batches."
+    )
+    request_error_rate: float = Field(
+        default=0.0, ge=0, le=1, description="Share of requests answered with an HTTP error body."
+    )
+    request_error_status: int = Field(default=500, description="Status code of injected request errors.")
+    expire_after_requests: int | None = Field(
+        default=None, ge=0, description="A batch expires after processing this many requests."
+    )
+    expire_batches: int | None = Field(default=None, ge=0, description="Only the first N batches expire.")
+    cancel_after_requests: int | None = Field(
+        default=None, ge=0, description="The server cancels a batch after this many requests."
+    )
+    cancel_batches: int | None = Field(default=None, ge=0, description="Only the first N batches.")
+    cancelling_s: float = Field(default=0.0, ge=0, description="Seconds a batch stays `cancelling`.")
+    enqueued_token_cap: int | None = Field(
+        default=None, gt=0, description="Fail new batches with `token_limit_exceeded` over this cap."
+    )
+    transient_error_rate: float = Field(
+        default=0.0, ge=0, le=1, description="Share of HTTP calls answered 429/500 before any work."
+    )
+    transient_statuses: list[int] = Field(default=[429, 500, 503], description="Statuses to draw from.")
+    text_markers: bool = Field(
+        default=True,
+        description="Honour `[[fault:<kind>]]` markers in request text (refusal, invalid_json, "
+        "schema_violation, truncated, error400, error500).",
+    )
+    exit_after_requests: int | None = Field(
+        default=None, ge=1, description="Kill the server process (SIGKILL) after N processed requests."
+    )
+    seed: int = Field(default=0, description="Seed for rate-based faults (deterministic per custom_id).")
+
+
+class LocalApiConfig(BaseModel):
+    """The local Batch API server."""
+
+    host: str = Field(default="127.0.0.1", description="Bind address (loopback by default).")
+    port: int = Field(default=0, ge=0, le=65535, description="Port (0: pick a free one).")
+    state_dir: str | None = Field(
+        default=None, description="Where files and batches persist (default: <staging root>/.localapi)."
+    )
+    embeddings_executor: Literal["hash", "sentence-transformers"] = Field(
+        default="hash", description="Executor for /v1/embeddings."
+    )
+    chat_executor: Literal["schema", "forward"] = Field(
+        default="schema", description="Executor for /v1/chat/completions and /v1/responses."
+    )
+    forward_url: str | None = Field(
+        default=None, description="Base URL of a real-time OpenAI-compatible API for `forward`."
+    )
+    forward_api_key: SecretStr | None = Field(default=None, description="Key for the forward target.")
+    forward_concurrency: int = Field(default=4, gt=0, le=256, description="Parallel forwarded calls.")
+    validating_s: float = Field(default=0.0, ge=0, description="Seconds a batch stays `validating`.")
+    seconds_per_request: float = Field(default=0.0, ge=0, description="Extra seconds per request.")
+    finalizing_s: float = Field(default=0.0, ge=0, description="Seconds a batch stays `finalizing`.")
+    shuffle_output: bool = Field(default=True, description="Write output lines in shuffled order.")
+    faults: FaultConfig = Field(default_factory=FaultConfig)

@@ -1,0 +1,172 @@
+"""Running the local Batch API server: in a background thread (`LocalServer`) or blocking (`serve`)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+import httpx
+import uvicorn
+
+from batchyard.localapi.config import LocalApiConfig
+from batchyard.localapi.server import create_app
+from batchyard.localapi.store import Store
+from batchyard.localapi.worker import Worker
+
+START_TIMEOUT_S = 20.0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port (port 0: a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", "::", ""):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
+class LocalServer:
+    """The local Batch API server in a daemon thread of this process.
+
+    `LocalServer(config, state_dir).start()` binds `config.host` (a free port when
+    `config.port == 0`), starts the worker and waits until the server answers;
+    `base_url` is then `http://<host>:<port>/v1` for `openai.OpenAI(base_url=...)`.
+    `stop()` stops the worker (after its current chunk) and the HTTP server. A new server on
+    the same `state_dir` resumes unfinished batches. Do not set `faults.exit_after_requests`
+    in-process: it SIGKILLs the whole process.
+    """
+
+    def __init__(self, config: LocalApiConfig, state_dir: str | Path) -> None:
+        self.config = config
+        self.state_dir = Path(state_dir)
+        self.store: Store | None = None
+        self.worker: Worker | None = None
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self.port: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        """`http://<host>:<port>/v1` of the running server."""
+        if self.port is None:
+            raise RuntimeError("the local Batch API server is not running")
+        return f"http://{_url_host(self.config.host)}:{self.port}/v1"
+
+    def start(self) -> LocalServer:
+        """Start the worker and the HTTP server; returns self once the server answers."""
+        if self._thread is not None:
+            return self
+        self.store = Store(self.state_dir)
+        try:
+            self.worker = Worker(self.store, self.config)
+            app = create_app(self.config, self.store, self.worker)
+            self._sock = _bind(self.config.host, self.config.port)
+            self.port = self._sock.getsockname()[1]
+            self._server = uvicorn.Server(
+                uvicorn.Config(
+                    app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                    lifespan="off",
+                )
+            )
+            self.worker.start()
+            sock = self._sock
+            self._thread = threading.Thread(
+                target=lambda: self._server.run(sockets=[sock]) if self._server else None,
+                name="localapi-http", daemon=True,
+            )
+            self._thread.start()
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        url = self.base_url.removesuffix("/v1") + "/healthz"
+        while time.monotonic() < deadline:
+            if self._thread is not None and not self._thread.is_alive():
+                raise RuntimeError("the local Batch API server exited during start-up")
+            try:
+                if httpx.get(url, timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.02)
+        raise RuntimeError(f"the local Batch API server did not answer within {START_TIMEOUT_S} s")
+
+    def stop(self) -> None:
+        """Stop the worker and the HTTP server, release the state_dir."""
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker = None
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        self._server = None
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+            self._sock = None
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+        self.port = None
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def _announce(base_url: str) -> None:
+    print(f"batchyard local Batch API listening on {base_url}", file=sys.stderr, flush=True)
+
+
+def serve(
+    config: LocalApiConfig,
+    state_dir: str | Path,
+    on_ready: Callable[[str], None] | None = _announce,
+) -> None:
+    """Run the server in the foreground until SIGINT/SIGTERM (for `batchyard serve`).
+
+    `on_ready(base_url)` is called once the socket is bound (default: a line on stderr).
+    """
+    store = Store(state_dir)
+    worker = Worker(store, config)
+    try:
+        app = create_app(config, store, worker)
+        sock = _bind(config.host, config.port)
+        server = uvicorn.Server(
+            uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
+        )
+        worker.start()
+        if on_ready is not None:
+            on_ready(f"http://{_url_host(config.host)}:{sock.getsockname()[1]}/v1")
+        server.run(sockets=[sock])
+    finally:
+        worker.stop()
+        store.close()

@@ -1,0 +1,282 @@
+"""The HTTP app: OpenAI's Files and Batches endpoints over a `Store`, driven by a `Worker`.
+
+Errors are answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. Any
+Bearer token is accepted. With `faults.transient_error_rate` > 0 a share of API calls is
+answered 429/500/503 before any work is done (429 carries `retry-after: 0`).
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from batchyard.localapi import shapes
+from batchyard.localapi.multipart import parse_form
+
+if TYPE_CHECKING:
+    from batchyard.localapi.config import LocalApiConfig
+    from batchyard.localapi.store import Store
+    from batchyard.localapi.worker import Worker
+
+UPLOAD_PURPOSES = ("assistants", "batch", "fine-tune", "vision", "user_data", "evals")
+SDK_BATCH_ENDPOINTS = (
+    "/v1/responses",
+    "/v1/chat/completions",
+    "/v1/embeddings",
+    "/v1/completions",
+    "/v1/moderations",
+    "/v1/images/generations",
+    "/v1/images/edits",
+    "/v1/videos",
+)
+MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+MIN_EXPIRES_S, MAX_EXPIRES_S = 3600, 2_592_000
+
+
+def _missing(name: str) -> shapes.ApiError:
+    return shapes.ApiError(
+        400, f"Missing required parameter: '{name}'.", param=name, code="missing_required_parameter"
+    )
+
+
+def _invalid(name: str, message: str) -> shapes.ApiError:
+    return shapes.ApiError(400, message, param=name, code="invalid_value")
+
+
+def parse_expires_after(anchor: Any, seconds: Any, name: str) -> int | None:
+    """Seconds of an `{anchor: "created_at", seconds: N}` policy (None when both are absent)."""
+    if anchor is None and seconds is None:
+        return None
+    if anchor != "created_at":
+        raise _invalid(f"{name}.anchor", f"Invalid value for '{name}.anchor': {anchor!r}. Supported values are: 'created_at'.")
+    try:
+        secs = int(seconds)
+    except (TypeError, ValueError):
+        raise _invalid(f"{name}.seconds", f"Invalid '{name}.seconds': expected an integer.") from None
+    if not MIN_EXPIRES_S <= secs <= MAX_EXPIRES_S:
+        raise _invalid(
+            f"{name}.seconds",
+            f"Invalid '{name}.seconds': {secs}. Expected a value between {MIN_EXPIRES_S} and {MAX_EXPIRES_S}.",
+        )
+    return secs
+
+
+def check_metadata(metadata: Any) -> dict[str, str] | None:
+    """Validate batch metadata: ≤16 pairs, string keys ≤64 chars, string values ≤512 chars."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise _invalid("metadata", "Invalid 'metadata': expected an object.")
+    if len(metadata) > 16:
+        raise _invalid("metadata", f"Invalid 'metadata': too many properties ({len(metadata)}); the maximum is 16.")
+    for key, val in metadata.items():
+        if len(key) > 64:
+            raise _invalid("metadata", f"Invalid 'metadata': key {key[:20]!r}... is longer than 64 characters.")
+        if not isinstance(val, str):
+            raise _invalid("metadata", f"Invalid 'metadata': the value of {key!r} must be a string.")
+        if len(val) > 512:
+            raise _invalid("metadata", f"Invalid 'metadata': the value of {key!r} is longer than 512 characters.")
+    return dict(metadata)
+
+
+def _limit(value: int, hi: int) -> int:
+    if not 1 <= value <= hi:
+        raise _invalid("limit", f"Invalid 'limit': {value}. Expected a value between 1 and {hi}.")
+    return value
+
+
+def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
+    """The FastAPI app of the local Batch API server."""
+    app = FastAPI(title="batchyard local Batch API", docs_url=None, redoc_url=None, openapi_url=None)
+    faults = config.faults
+    rng = random.Random(faults.seed)
+    rng_lock = threading.Lock()
+
+    def err(exc: shapes.ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(shapes.ApiError)
+    async def _api_error(request: Request, exc: shapes.ApiError) -> JSONResponse:
+        return err(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        msg = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code in (404, 405) else str(exc.detail)
+        return err(shapes.ApiError(exc.status_code, msg))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        return err(shapes.ApiError(400, f"Invalid request: {first.get('msg', 'bad parameter')}", param=param, code="invalid_value"))
+
+    @app.middleware("http")
+    async def _transient_faults(request: Request, call_next: Any) -> Response:
+        if faults.transient_error_rate > 0 and request.url.path.startswith("/v1/"):
+            with rng_lock:
+                hit = rng.random() < faults.transient_error_rate
+                status = rng.choice(faults.transient_statuses) if hit else 0
+            if hit:
+                headers = {"retry-after": "0"} if status == 429 else {}
+                body = shapes.status_error_body(status, "Injected transient error; please retry.")
+                return JSONResponse(body, status_code=status, headers=headers)
+        return await call_next(request)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    # ------------------------------------------------------------------ files
+    def _file_or_404(file_id: str) -> dict[str, Any]:
+        meta = store.get_file(file_id)
+        if meta is None:
+            raise shapes.ApiError(404, f"No such File object: {file_id}", param="id")
+        return meta
+
+    @app.post("/v1/files")
+    async def upload_file(request: Request) -> JSONResponse:
+        body = await request.body()
+        if len(body) > MAX_UPLOAD_BYTES + 64 * 1024:
+            raise shapes.ApiError(413, "File is too large: the maximum size is 512 MB.")
+        try:
+            fields, files = parse_form(body, request.headers.get("content-type", ""))
+        except ValueError as exc:
+            raise shapes.ApiError(400, f"Invalid multipart body: {exc}") from None
+        if "file" not in files:
+            raise _missing("file")
+        purpose = fields.get("purpose")
+        if not purpose:
+            raise _missing("purpose")
+        if purpose not in UPLOAD_PURPOSES:
+            raise _invalid("purpose", f"Invalid value for 'purpose': {purpose!r}. Supported values are: {', '.join(map(repr, UPLOAD_PURPOSES))}.")
+        ttl = parse_expires_after(
+            fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]"), "expires_after"
+        )
+        if ttl is None and purpose == "batch":
+            ttl = shapes.BATCH_FILE_TTL_S
+        upload = files["file"]
+        meta = await run_in_threadpool(
+            store.add_file, upload.content, filename=upload.filename, purpose=purpose, expires_after_s=ttl
+        )
+        return JSONResponse(meta)
+
+    @app.get("/v1/files")
+    def list_files(
+        purpose: str | None = None, after: str | None = None, limit: int = 10_000, order: str = "desc"
+    ) -> dict[str, Any]:
+        if order not in ("asc", "desc"):
+            raise _invalid("order", f"Invalid value for 'order': {order!r}. Supported values are: 'asc' and 'desc'.")
+        items = store.list_files(purpose=purpose, order=order)
+        page, more = shapes.paginate(items, after=after, limit=_limit(limit, 10_000))
+        return shapes.list_page(page, more)
+
+    @app.get("/v1/files/{file_id}")
+    def get_file(file_id: str) -> dict[str, Any]:
+        return _file_or_404(file_id)
+
+    @app.get("/v1/files/{file_id}/content")
+    def file_content(file_id: str) -> FileResponse:
+        meta = _file_or_404(file_id)
+        return FileResponse(store.blob_path(file_id), media_type="application/octet-stream", filename=meta["filename"])
+
+    @app.delete("/v1/files/{file_id}")
+    def delete_file(file_id: str) -> dict[str, Any]:
+        if not store.delete_file(file_id):
+            raise shapes.ApiError(404, f"No such File object: {file_id}", param="id")
+        return {"id": file_id, "object": "file", "deleted": True}
+
+    # ------------------------------------------------------------------ batches
+    def _batch_or_404(batch_id: str) -> dict[str, Any]:
+        rec = store.get_batch(batch_id)
+        if rec is None:
+            raise shapes.ApiError(404, f"No batch found with id '{batch_id}'.", param="batch_id")
+        return rec["batch"]
+
+    @app.post("/v1/batches")
+    async def create_batch(request: Request) -> dict[str, Any]:
+        try:
+            params = await request.json()
+        except ValueError:
+            raise shapes.ApiError(400, "We could not parse the JSON body of your request.") from None
+        if not isinstance(params, dict):
+            raise shapes.ApiError(400, "The request body must be a JSON object.")
+        return await run_in_threadpool(_create_batch, params)
+
+    def _create_batch(params: dict[str, Any]) -> dict[str, Any]:
+        for name in ("input_file_id", "endpoint", "completion_window"):
+            if params.get(name) is None:
+                raise _missing(name)
+        endpoint, window = params["endpoint"], params["completion_window"]
+        if endpoint not in SDK_BATCH_ENDPOINTS:
+            raise _invalid("endpoint", f"Invalid value for 'endpoint': {endpoint!r}. Supported values are: {', '.join(map(repr, SDK_BATCH_ENDPOINTS))}.")
+        if endpoint not in shapes.SUPPORTED_ENDPOINTS:
+            raise _invalid("endpoint", f"The local Batch API server does not support {endpoint!r}; supported: {', '.join(shapes.SUPPORTED_ENDPOINTS)}.")
+        if window != "24h":
+            raise _invalid("completion_window", f"Invalid value for 'completion_window': {window!r}. Supported values are: '24h'.")
+        metadata = check_metadata(params.get("metadata"))
+        oea = params.get("output_expires_after")
+        ttl = None
+        if oea is not None:
+            if not isinstance(oea, dict):
+                raise _invalid("output_expires_after", "Invalid 'output_expires_after': expected an object.")
+            ttl = parse_expires_after(oea.get("anchor"), oea.get("seconds"), "output_expires_after")
+        file_id = params["input_file_id"]
+        meta = store.get_file(file_id)
+        if meta is None:
+            raise _invalid("input_file_id", f"Invalid 'input_file_id': no file with id {file_id!r} exists.")
+        if meta["purpose"] != "batch":
+            raise _invalid("input_file_id", f"Invalid 'input_file_id': file {file_id!r} has purpose {meta['purpose']!r}; a batch input file must have purpose 'batch'.")
+        now = time.time()
+        batch = shapes.new_batch(
+            shapes.new_id("batch_", 16),
+            input_file_id=file_id,
+            endpoint=endpoint,
+            completion_window=window,
+            created_at=int(now),
+            metadata=metadata,
+        )
+        store.add_batch({
+            "batch": batch, "t": {"created": now}, "tokens": 0,
+            "output_expires_after": ttl, "cancel_reason": None,
+        })
+        worker.wake()
+        return batch
+
+    @app.get("/v1/batches")
+    def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        page, more = shapes.paginate(store.list_batches(), after=after, limit=_limit(limit, 100))
+        return shapes.list_page(page, more)
+
+    @app.get("/v1/batches/{batch_id}")
+    def get_batch(batch_id: str) -> dict[str, Any]:
+        return _batch_or_404(batch_id)
+
+    @app.post("/v1/batches/{batch_id}/cancel")
+    def cancel_batch(batch_id: str) -> dict[str, Any]:
+        _batch_or_404(batch_id)
+
+        def apply(rec: dict[str, Any]) -> dict[str, Any]:
+            b = rec["batch"]
+            if b["status"] in ("validating", "in_progress", "finalizing"):
+                now = time.time()
+                b.update(status="cancelling", cancelling_at=int(now))
+                rec["t"]["cancelling"] = now
+                rec["cancel_reason"] = "client"
+            elif b["status"] not in ("cancelling", "cancelled"):
+                raise shapes.ApiError(400, f"Cannot cancel a batch with status '{b['status']}'.", code="invalid_state")
+            return copy.deepcopy(b)
+
+        batch = store.update_batch(batch_id, apply)
+        worker.wake()
+        return batch
+
+    return app

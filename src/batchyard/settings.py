@@ -1,0 +1,268 @@
+"""One typed settings tree for every part of batchyard.
+
+Values come from (highest first): keyword arguments, environment variables
+(`BATCHYARD_` prefix, `__` between nested groups, e.g. `BATCHYARD_PROVIDER__API_KEY`),
+the profile's env file (`profiles/<name>.env`, chosen with `--profile` or
+`BATCHYARD_PROFILE`), a `.env` in the working directory, then the defaults below.
+
+The defaults are the embedded, offline setup: no API key means the local Batch API server
+runs in-process; no MongoDB URI means the persisted stand-in; Milvus Lite under the staging
+root. Secrets are `SecretStr` and never leave this module unmasked except through
+`reveal()` at the client that needs them.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from batchyard.localapi.config import LocalApiConfig
+
+TOverLimit = Literal["truncate", "skip"]
+
+PROFILE_DIR_ENV = "BATCHYARD_PROFILE_DIR"
+
+
+class ProviderSettings(BaseModel):
+    """Where batches go: OpenAI (or any compatible server) or the embedded local server."""
+
+    api_key: SecretStr | None = Field(
+        default=None,
+        description="API key for the Batch API. Unset: start the local Batch API server in-process.",
+    )
+    base_url: str | None = Field(
+        default=None,
+        description="Base URL of an OpenAI-compatible API (e.g. `http://127.0.0.1:8765/v1`). "
+        "Unset with a key: api.openai.com.",
+    )
+    organization: str | None = Field(default=None, description="OpenAI organization id.")
+    completion_window: Literal["24h"] = Field(default="24h", description="Batch completion window.")
+    poll_interval_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Seconds between status polls of live batches."
+    )
+    request_timeout_s: float = Field(
+        default=120.0, gt=0, le=3600, description="HTTP timeout of one API call."
+    )
+    max_retries: int = Field(
+        default=6, ge=0, le=20, description="Retries of one API call on 429/5xx/timeouts."
+    )
+    backoff_base_s: float = Field(
+        default=1.0, gt=0, le=60, description="First backoff delay; doubles each retry, with jitter."
+    )
+    backoff_max_s: float = Field(default=60.0, gt=0, le=600, description="Longest backoff delay.")
+    file_expires_after_s: int | None = Field(
+        default=None,
+        ge=3600,
+        le=2_592_000,
+        description="Expire uploaded input files after this many seconds (OpenAI default: 30 days).",
+    )
+    delete_remote_files: bool = Field(
+        default=False,
+        description="Delete remote input/output/error files once a run has loaded successfully.",
+    )
+    local: LocalApiConfig = Field(
+        default_factory=LocalApiConfig,
+        description="The embedded local Batch API server (used when no API key is set).",
+    )
+
+    @property
+    def embedded(self) -> bool:
+        """True when batchyard should start its own local Batch API server."""
+        return self.api_key is None and self.base_url is None
+
+
+class MongoFields(BaseModel):
+    """Field names of a chunk document in the source collection."""
+
+    chunk_id: str = Field(default="_id", description="Unique chunk id (the Milvus primary key).")
+    company: str = Field(default="company_id", description="Company the chunk belongs to.")
+    document: str = Field(default="document_id", description="Document the chunk belongs to.")
+    chunk_index: str = Field(default="chunk_index", description="Position of the chunk in its document.")
+    text: str = Field(default="text", description="The chunk text.")
+    marks: str = Field(
+        default="batchyard", description="Sub-document where batchyard writes its per-space marks."
+    )
+
+
+class MongoSettings(BaseModel):
+    """The document store. Without a URI, a persisted pymongo-compatible stand-in is used."""
+
+    uri: SecretStr | None = Field(
+        default=None, description="MongoDB connection string. Unset: the local stand-in."
+    )
+    database: str = Field(default="batchyard", description="Database name.")
+    chunks_collection: str = Field(default="chunks", description="Collection holding the chunks.")
+    results_collection: str = Field(
+        default="inference_results", description="Collection for inference results."
+    )
+    fields: MongoFields = Field(default_factory=MongoFields)
+    page_size: int = Field(
+        default=5_000, gt=0, le=100_000, description="Chunks per `_id`-range page when snapshotting."
+    )
+    write_batch_size: int = Field(
+        default=5_000, gt=0, le=100_000, description="Operations per unordered bulk_write."
+    )
+
+
+class MilvusSettings(BaseModel):
+    """The vector store. Without a URI, Milvus Lite at `<staging root>/milvus.db`."""
+
+    uri: str | None = Field(default=None, description="Milvus URI or Milvus Lite path.")
+    token: SecretStr | None = Field(default=None, description="Milvus token (`user:password`).")
+    db_name: str = Field(default="", description="Milvus database name.")
+    collection_prefix: str = Field(default="chunks", description="Prefix of collection names.")
+    index_type: str = Field(default="AUTOINDEX", description="Vector index type (FLAT in tests).")
+    metric_type: Literal["COSINE", "IP", "L2"] = Field(default="COSINE", description="Metric.")
+    upsert_batch_rows: int = Field(
+        default=2_000, gt=0, le=100_000, description="Rows per upsert call (kept under 64 MB)."
+    )
+    max_request_bytes: int = Field(
+        default=32 * 1024 * 1024, gt=0, le=64 * 1024 * 1024, description="Cap on one upsert's vector bytes."
+    )
+
+
+class StagingSettings(BaseModel):
+    """Where runs are staged: a local directory or `s3://bucket/prefix`."""
+
+    root: str = Field(default="./staging", description="Staging root (local path or s3:// URL).")
+    s3_endpoint_url: str | None = Field(default=None, description="S3 endpoint (MinIO, moto).")
+    s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key id.")
+    s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
+    s3_region: str | None = Field(default=None, description="S3 region.")
+
+
+class EmbeddingSettings(BaseModel):
+    """The embedding space: model plus dimensions. One Milvus collection per space."""
+
+    model: str = Field(default="text-embedding-3-small", description="Embedding model.")
+    dimensions: int | None = Field(
+        default=256, gt=0, le=16_384, description="Output dimensions (None: the model's native size)."
+    )
+    pass_dimensions: bool = Field(
+        default=True, description="Send `dimensions` in the request (text-embedding-3 and later)."
+    )
+    encoding: str | None = Field(
+        default=None, description="Tokenizer encoding (default: derived from the model)."
+    )
+
+    @property
+    def space(self) -> str:
+        """Stable key of the embedding space, safe as a field name and a collection suffix."""
+        dims = self.dimensions if self.dimensions is not None else "native"
+        return re.sub(r"[^A-Za-z0-9_]", "_", f"{self.model}_{dims}")
+
+
+class LimitsSettings(BaseModel):
+    """Batch API limits (defaults from OpenAI) and planning knobs."""
+
+    max_requests_per_batch: int = Field(default=50_000, gt=0, le=50_000, description="Requests per batch file.")
+    max_bytes_per_batch: int = Field(
+        default=200 * 1024 * 1024, gt=1024, le=200 * 1024 * 1024, description="Bytes per batch file."
+    )
+    safety_margin: float = Field(
+        default=0.95, gt=0.1, le=1.0, description="Fraction of the byte limit actually used."
+    )
+    max_inputs_per_batch: int = Field(
+        default=50_000, gt=0, le=50_000, description="Embedding inputs summed over one batch."
+    )
+    max_inputs_per_request: int = Field(
+        default=2_048, gt=0, le=2_048, description="Embedding inputs packed into one request."
+    )
+    max_tokens_per_request: int = Field(
+        default=300_000, gt=0, le=300_000, description="Embedding tokens summed over one request."
+    )
+    max_tokens_per_input: int = Field(
+        default=8_192, gt=0, le=8_192, description="Tokens of one embedding input."
+    )
+    max_tokens_per_batch: int | None = Field(
+        default=None, gt=0, description="Tokens per batch file (default: the enqueued-token budget)."
+    )
+    over_limit: TOverLimit = Field(
+        default="truncate", description="Inputs over the token limit: truncate or skip (recorded)."
+    )
+    enqueued_token_budget: int = Field(
+        default=3_000_000, gt=0, description="Tokens allowed in non-terminal batches per model."
+    )
+    batches_per_hour: int = Field(default=2_000, gt=0, le=2_000, description="Batch creations per hour.")
+    max_attempts: int = Field(
+        default=3, ge=1, le=20, description="Attempts per request; expiry/cancel do not count."
+    )
+    max_live_batches: int = Field(default=500, gt=0, description="Non-terminal batches at once.")
+
+
+class InferenceSettings(BaseModel):
+    """Defaults for inference tasks (each task may override)."""
+
+    model: str = Field(default="gpt-4.1-mini", description="Chat/responses model.")
+    endpoint: Literal["/v1/chat/completions", "/v1/responses"] | None = Field(
+        default=None, description="Force an endpoint for every task (default: the task's own)."
+    )
+    temperature: float = Field(default=0.0, ge=0, le=2, description="Sampling temperature.")
+    max_output_tokens: int = Field(default=1_024, gt=0, le=100_000, description="Output token cap.")
+    document_token_budget: int = Field(
+        default=6_000, gt=0, le=1_000_000, description="Tokens of chunk text per document unit."
+    )
+
+
+class Settings(BaseSettings):
+    """The root of batchyard's configuration."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="BATCHYARD_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        validate_default=True,
+    )
+
+    profile: str = Field(default="dev", description="Environment profile name (informational).")
+    provider: ProviderSettings = Field(default_factory=ProviderSettings)
+    mongo: MongoSettings = Field(default_factory=MongoSettings)
+    milvus: MilvusSettings = Field(default_factory=MilvusSettings)
+    staging: StagingSettings = Field(default_factory=StagingSettings)
+    embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    prompts_dir: str = Field(default="", description="Prompt templates (default: the packaged ones).")
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        lim = self.limits
+        if lim.max_inputs_per_request > lim.max_inputs_per_batch:
+            raise ValueError("limits.max_inputs_per_request exceeds limits.max_inputs_per_batch")
+        if lim.max_tokens_per_input > lim.max_tokens_per_request:
+            raise ValueError("limits.max_tokens_per_input exceeds limits.max_tokens_per_request")
+        return self
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data with every secret masked."""
+        return self.model_dump(mode="json")  # SecretStr dumps as '**********'
+
+
+def profile_env_file(profile: str) -> Path:
+    """Path of a profile's env file (`profiles/<name>.env` under the working directory)."""
+    base = Path(os.environ.get(PROFILE_DIR_ENV, "profiles"))
+    return base / f"{profile}.env"
+
+
+def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
+    """Build settings for a profile: the profile's env file, then `.env`, then the environment.
+
+    Raises:
+        FileNotFoundError: a profile was named but its env file does not exist.
+    """
+    profile = profile or os.environ.get("BATCHYARD_PROFILE")
+    env_files: list[Path] = []
+    if profile:
+        path = profile_env_file(profile)
+        if not path.exists():
+            raise FileNotFoundError(f"profile {profile!r}: env file {path} does not exist")
+        env_files.append(path)
+        overrides.setdefault("profile", profile)
+    env_files.append(Path(".env"))
+    return Settings(_env_file=tuple(env_files), **overrides)  # type: ignore[call-arg]

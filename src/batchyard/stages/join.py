@@ -1,0 +1,322 @@
+"""Join: map downloaded output and error lines back to planned requests on custom_id (pure).
+
+Every planned request ends a shard attempt with exactly one outcome:
+
+| outcome   | when                                                           | next                       |
+|-----------|----------------------------------------------------------------|----------------------------|
+| `ok`      | HTTP 200 and a valid body                                      | result                     |
+| `requeue` | `batch_expired` / `batch_cancelled`, or no line after expiry,  | follow-up shard, budget    |
+|           | cancellation or a failed batch                                 | not spent                  |
+| `retry`   | 408/409/429/5xx, an unknown non-HTTP error, a missing line     | follow-up shard while the  |
+|           | from a completed batch                                         | budget lasts               |
+| `fail`    | any other 4xx, invalid output, wrong vector length             | failures.parquet           |
+
+Lines that match no planned request, repeat a custom_id, or are not JSON are anomalies: recorded,
+never silently dropped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import TYPE_CHECKING, Any, Literal
+
+import polars as pl
+
+if TYPE_CHECKING:
+    from batchyard.tasks.base import InferenceTask
+
+TOutcome = Literal["ok", "requeue", "retry", "fail"]
+
+RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
+REQUEUE_CODES = frozenset({"batch_expired", "batch_cancelled", "batch_canceled"})
+
+OUTCOMES = pl.Schema(
+    {
+        "custom_id": pl.String,
+        "outcome": pl.String,
+        "code": pl.String,
+        "message": pl.String,
+        "status_code": pl.Int64,
+    }
+)
+
+ANOMALIES = pl.Schema(
+    {"source": pl.String, "line": pl.Int64, "custom_id": pl.String, "code": pl.String, "message": pl.String}
+)
+
+_ERR = pl.Struct({"message": pl.String, "code": pl.String, "type": pl.String})
+_EMB_LINE = pl.Schema(
+    {
+        "custom_id": pl.String,
+        "response": pl.Struct(
+            {
+                "status_code": pl.Int64,
+                "body": pl.Struct(
+                    {
+                        "data": pl.List(pl.Struct({"index": pl.Int64, "embedding": pl.String})),
+                        "model": pl.String,
+                        "usage": pl.Struct({"prompt_tokens": pl.Int64, "total_tokens": pl.Int64}),
+                        "error": _ERR,
+                    }
+                ),
+            }
+        ),
+        "error": pl.Struct({"code": pl.String, "message": pl.String}),
+    }
+)
+
+
+def classify(status_code: int | None, code: str | None) -> TOutcome:
+    """Outcome of a failed request line."""
+    if status_code is None:
+        return "requeue" if code in REQUEUE_CODES else "retry"
+    if status_code in RETRYABLE_STATUS or status_code >= 500:
+        return "retry"
+    return "fail"
+
+
+def _anomalies(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    return pl.DataFrame(rows, schema=ANOMALIES) if rows else ANOMALIES.to_frame()
+
+
+def split_lines(data: bytes, source: str) -> tuple[list[bytes], list[dict[str, Any]]]:
+    """Non-empty lines that parse as JSON objects with a string custom_id, plus anomalies."""
+    good: list[bytes] = []
+    bad: list[dict[str, Any]] = []
+    for no, raw in enumerate(data.splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw)
+            if not isinstance(obj, dict) or not isinstance(obj.get("custom_id"), str):
+                raise ValueError("no string custom_id")
+        except ValueError as exc:
+            bad.append({"source": source, "line": no, "custom_id": None, "code": "malformed_line",
+                        "message": f"{source} line {no} is not a valid batch output line: {exc}"[:500]})
+            continue
+        good.append(raw)
+    return good, bad
+
+
+def read_embedding_lines(data: bytes, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Parse an embeddings output/error file natively; falls back to line checks when malformed."""
+    if not data.strip():
+        return _EMB_LINE.to_frame(), _anomalies([])
+    try:
+        return pl.read_ndjson(io.BytesIO(data), schema=_EMB_LINE), _anomalies([])
+    except Exception:  # noqa: BLE001 - a malformed line: find it, keep the rest
+        good, bad = split_lines(data, source)
+        frame = pl.read_ndjson(io.BytesIO(b"\n".join(good)), schema=_EMB_LINE) if good else _EMB_LINE.to_frame()
+        return frame, _anomalies(bad)
+
+
+def dedupe(lines: pl.DataFrame, planned: pl.Series, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Drop lines with unknown or repeated custom_ids (first wins), recording each as an anomaly."""
+    lines = lines.with_row_index("_line", offset=1)
+    unknown = lines.filter(~pl.col("custom_id").is_in(planned.implode()))
+    known = lines.filter(pl.col("custom_id").is_in(planned.implode()))
+    dup = known.filter(pl.col("custom_id").is_duplicated() & ~pl.col("custom_id").is_first_distinct())
+    rows = [
+        {"source": source, "line": int(r["_line"]), "custom_id": r["custom_id"], "code": code,
+         "message": f"{source} line {r['_line']}: {msg} {r['custom_id']}"}
+        for frame, code, msg in ((unknown, "unknown_custom_id", "custom_id matches no planned request:"),
+                                 (dup, "duplicate_output", "second line for custom_id"))
+        for r in frame.select("_line", "custom_id").iter_rows(named=True)
+    ]
+    kept = known.filter(pl.col("custom_id").is_first_distinct()).drop("_line")
+    return kept, _anomalies(rows)
+
+
+def embedding_outcomes(
+    requests: pl.DataFrame, lines: pl.DataFrame, *, dims: int, batch_ended_as: str
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Per-input vectors and per-request outcomes of one shard attempt.
+
+    Args:
+        requests: the attempt's plan (custom_id, unit_ids, ...).
+        lines: output and error lines together, deduplicated, `_EMB_LINE` schema.
+        dims: expected vector length.
+        batch_ended_as: the batch's terminal status (decides what a missing line means).
+
+    Returns:
+        (vectors: custom_id, unit_id, vector; outcomes: OUTCOMES schema, one row per request)
+    """
+    resp = pl.col("response")
+    flat = lines.select(
+        "custom_id",
+        status_code=resp.struct.field("status_code"),
+        data=resp.struct.field("body").struct.field("data"),
+        http_code=resp.struct.field("body").struct.field("error").struct.field("code"),
+        http_msg=resp.struct.field("body").struct.field("error").struct.field("message"),
+        err_code=pl.col("error").struct.field("code"),
+        err_msg=pl.col("error").struct.field("message"),
+    )
+    ok_lines = flat.filter(pl.col("status_code") == 200)
+    items = (
+        requests.select("custom_id", "unit_ids")
+        .join(ok_lines.select("custom_id", "data"), on="custom_id", how="inner")
+        .with_columns(index=pl.int_ranges(pl.col("unit_ids").list.len()))
+        .explode("unit_ids", "index")
+        .rename({"unit_ids": "unit_id"})
+    )
+    got = (
+        ok_lines.select("custom_id", "data")
+        .explode("data")
+        .unnest("data")
+        .filter(pl.col("index").is_not_null())
+        .unique(["custom_id", "index"], keep="first")
+    )
+    items = items.drop("data").join(got, on=["custom_id", "index"], how="left")
+    raw = pl.col("embedding").str.decode("base64", strict=False)
+    items = items.with_columns(
+        vector=pl.when(raw.bin.size() == dims * 4).then(raw).otherwise(None)
+        .bin.reinterpret(dtype=pl.Array(pl.Float32, dims), endianness="little"),
+        nbytes=raw.bin.size(),
+    )
+    bad_items = items.filter(pl.col("vector").is_null())
+    # a request is ok only when every input came back with the right length
+    bad_reqs = bad_items.group_by("custom_id").agg(
+        n=pl.len(), first=pl.col("index").first(), nbytes=pl.col("nbytes").first()
+    )
+    vectors = items.filter(~pl.col("custom_id").is_in(bad_reqs["custom_id"].implode())).select(
+        "custom_id", "unit_id", "vector"
+    )
+    outcomes = _request_outcomes(requests, flat, batch_ended_as)
+    wrong = bad_reqs.select(
+        "custom_id",
+        outcome=pl.lit("fail"),
+        code=pl.lit("wrong_dimensions"),
+        message=pl.format(
+            "request {}: {} input(s) without a {}-dim vector (first: input {}, got {} bytes)",
+            "custom_id", "n", pl.lit(dims), "first", pl.col("nbytes").fill_null(0),
+        ),
+        status_code=pl.lit(200, pl.Int64),
+    )
+    outcomes = pl.concat([outcomes.filter(~pl.col("custom_id").is_in(wrong["custom_id"].implode())), wrong])
+    return vectors, outcomes
+
+
+def _request_outcomes(requests: pl.DataFrame, flat: pl.DataFrame, batch_ended_as: str) -> pl.DataFrame:
+    """One outcome per planned request from its line (or the lack of one)."""
+    joined = requests.select("custom_id").join(flat, on="custom_id", how="left")
+    missing_outcome = "retry" if batch_ended_as == "completed" else "requeue"
+    rows = []
+    for r in joined.iter_rows(named=True):
+        sc, cid = r["status_code"], r["custom_id"]
+        if sc == 200:
+            rows.append((cid, "ok", None, None, 200))
+        elif sc is not None:
+            code = r["http_code"] or f"http_{sc}"
+            rows.append((cid, classify(sc, code), code, f"request {cid}: HTTP {sc}: {r['http_msg'] or 'no message'}", sc))
+        elif r["err_code"] is not None:
+            code = r["err_code"]
+            rows.append((cid, classify(None, code), code, f"request {cid}: {r['err_msg'] or code}", None))
+        else:
+            rows.append((cid, missing_outcome, "missing_output",
+                         f"request {cid}: no output or error line after the batch ended {batch_ended_as}", None))
+    return pl.DataFrame(rows, schema=OUTCOMES, orient="row")
+
+
+# inference
+
+
+def read_json_lines(data: bytes, source: str) -> tuple[list[dict[str, Any]], pl.DataFrame]:
+    """Parsed JSON lines of an output/error file, plus anomalies for malformed ones."""
+    good, bad = split_lines(data, source)
+    return [json.loads(g) for g in good], _anomalies(bad)
+
+
+INFERENCE_ROWS = pl.Schema(
+    {
+        "custom_id": pl.String,
+        "parsed": pl.String,
+        "raw_text": pl.String,
+        "finish_reason": pl.String,
+        "refusal": pl.String,
+        "input_tokens": pl.Int64,
+        "output_tokens": pl.Int64,
+    }
+)
+
+
+def inference_outcomes(
+    task: InferenceTask,
+    endpoint: str,
+    requests: pl.DataFrame,
+    lines: list[dict[str, Any]],
+    *,
+    batch_ended_as: str,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Parsed results and per-request outcomes of one inference shard attempt.
+
+    `lines` are output and error lines, already deduplicated on custom_id.
+    """
+    by_id = {ln["custom_id"]: ln for ln in lines}
+    results: list[dict[str, Any]] = []
+    flat_rows: list[dict[str, Any]] = []
+    outcomes: list[tuple[Any, ...]] = []
+    for cid in requests["custom_id"].to_list():
+        line = by_id.get(cid)
+        if line is None:
+            flat_rows.append({"custom_id": cid, "status_code": None, "http_code": None, "http_msg": None,
+                              "err_code": None, "err_msg": None})
+            continue
+        resp = line.get("response") or None
+        err = line.get("error") or None
+        if resp is None or resp.get("status_code") != 200:
+            body = (resp or {}).get("body") or {}
+            e = body.get("error") if isinstance(body, dict) else None
+            flat_rows.append({
+                "custom_id": cid,
+                "status_code": (resp or {}).get("status_code"),
+                "http_code": (e or {}).get("code"), "http_msg": (e or {}).get("message"),
+                "err_code": (err or {}).get("code"), "err_msg": (err or {}).get("message"),
+            })
+            continue
+        out = task.parse(endpoint, 200, resp.get("body"))
+        results.append({
+            "custom_id": cid,
+            "parsed": json.dumps(out.parsed) if out.parsed is not None else None,
+            "raw_text": out.raw_text,
+            "finish_reason": out.finish_reason,
+            "refusal": out.refusal,
+            "input_tokens": (out.usage or {}).get("input_tokens"),
+            "output_tokens": (out.usage or {}).get("output_tokens"),
+        })
+        if out.status == "ok":
+            outcomes.append((cid, "ok", None, None, 200))
+        else:
+            outcomes.append((cid, "fail", out.status, f"request {cid}: {out.error or out.status}", 200))
+    http = _request_outcomes(
+        requests.filter(pl.col("custom_id").is_in([r["custom_id"] for r in flat_rows])),
+        pl.DataFrame(flat_rows, schema={"custom_id": pl.String, "status_code": pl.Int64, "http_code": pl.String,
+                                        "http_msg": pl.String, "err_code": pl.String, "err_msg": pl.String}),
+        batch_ended_as,
+    )
+    parsed = pl.DataFrame(results, schema=INFERENCE_ROWS) if results else INFERENCE_ROWS.to_frame()
+    oc = pl.DataFrame(outcomes, schema=OUTCOMES, orient="row") if outcomes else OUTCOMES.to_frame()
+    return parsed, pl.concat([oc, http])
+
+
+# follow-ups and final tables
+
+
+def next_attempt(
+    requests: pl.DataFrame, outcomes: pl.DataFrame, *, max_attempts: int
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Requests for the follow-up attempt, and requests that finally failed.
+
+    `requests` carries `spent` (attempts that used budget so far). `requeue` keeps the budget,
+    `retry` spends one attempt, and a request whose budget is gone fails with its last error.
+    """
+    j = requests.join(outcomes, on="custom_id", how="inner")
+    j = j.with_columns(spent=pl.col("spent") + (pl.col("outcome") == "retry").cast(pl.Int64))
+    again = j.filter(
+        (pl.col("outcome") == "requeue") | ((pl.col("outcome") == "retry") & (pl.col("spent") < max_attempts))
+    )
+    failed = j.filter(
+        (pl.col("outcome") == "fail") | ((pl.col("outcome") == "retry") & (pl.col("spent") >= max_attempts))
+    )
+    nxt = again.select(requests.columns).with_columns(attempt=pl.col("attempt") + 1)
+    return nxt, failed

@@ -1,0 +1,206 @@
+"""The staging area: local disk or S3, every write atomic.
+
+Local writes go to a temporary file in the target's directory and are then `os.replace`d, so a
+crash never leaves a half-written file that later looks complete. On S3 an object appears only
+when its single PUT (or multipart upload) completes, which gives the same guarantee.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tempfile
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import fsspec
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from batchyard.settings import StagingSettings
+
+
+class Staging:
+    """A staging root with atomic writes; paths are `/`-joined strings relative to the root."""
+
+    def __init__(self, root: str, *, storage_options: dict[str, Any] | None = None) -> None:
+        self.is_s3 = root.startswith("s3://")
+        self._fs_options = storage_options or {}
+        if self.is_s3:
+            self.fs = fsspec.filesystem("s3", **self._fs_options)
+            self.root = root.rstrip("/")
+        else:
+            self.fs = fsspec.filesystem("file")
+            self.root = str(Path(root).expanduser().resolve())
+            Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    @classmethod
+    def from_settings(cls, settings: StagingSettings) -> Staging:
+        """Open the staging root a `StagingSettings` names."""
+        opts: dict[str, Any] = {}
+        if settings.root.startswith("s3://"):
+            if settings.s3_endpoint_url:
+                opts["endpoint_url"] = settings.s3_endpoint_url
+            if settings.s3_access_key_id:
+                opts["key"] = settings.s3_access_key_id.get_secret_value()
+            if settings.s3_secret_access_key:
+                opts["secret"] = settings.s3_secret_access_key.get_secret_value()
+            if settings.s3_region:
+                opts["client_kwargs"] = {"region_name": settings.s3_region}
+        return cls(settings.root, storage_options=opts)
+
+    def __repr__(self) -> str:  # never show credentials
+        return f"Staging({self.root!r})"
+
+    # paths
+
+    def path(self, *parts: str) -> str:
+        """Absolute path (or s3 URL) of a path relative to the root."""
+        return "/".join([self.root, *[p.strip("/") for p in parts if p]])
+
+    def local_dir(self, *parts: str) -> Path:
+        """A local directory under the root (for Milvus Lite, the stand-in, the local server).
+
+        With an S3 root these live under `./.batchyard/` in the working directory.
+        """
+        base = Path(self.root) if not self.is_s3 else Path(".batchyard").resolve()
+        target = base.joinpath(*parts)
+        target.mkdir(parents=True, exist_ok=True)
+        return target
+
+    def exists(self, rel: str) -> bool:
+        """Whether a file exists."""
+        return bool(self.fs.exists(self.path(rel)))
+
+    def list(self, rel_dir: str, suffix: str = "") -> list[str]:
+        """Sorted file names (not paths) in a directory; empty when it does not exist."""
+        full = self.path(rel_dir)
+        if not self.fs.exists(full):
+            return []
+        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(full, detail=False)]
+        return sorted(n for n in names if n.endswith(suffix) and not n.startswith(".tmp-"))
+
+    def list_dirs(self, rel_dir: str) -> list[str]:
+        """Sorted sub-directory names of a directory."""
+        full = self.path(rel_dir)
+        if not self.fs.exists(full):
+            return []
+        out = []
+        for entry in self.fs.ls(full, detail=True):
+            if entry["type"] == "directory":
+                out.append(entry["name"].rstrip("/").rsplit("/", 1)[-1])
+        return sorted(out)
+
+    # bytes and json
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write a file atomically."""
+        full = self.path(rel)
+        if self.is_s3:
+            self.fs.pipe_file(full, data)
+            return
+        Path(full).parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(Path(full).parent))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, full)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read_bytes(self, rel: str) -> bytes:
+        """Read a whole file."""
+        return bytes(self.fs.cat_file(self.path(rel)))
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        """Write JSON atomically (pretty, sorted keys, for audit)."""
+        self.write_bytes(rel, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+    def read_json(self, rel: str) -> Any:
+        """Read a JSON file."""
+        return json.loads(self.read_bytes(rel))
+
+    def delete(self, rel: str) -> None:
+        """Remove a file if it exists."""
+        full = self.path(rel)
+        if self.fs.exists(full):
+            self.fs.rm_file(full)
+
+    # parquet
+
+    def write_parquet(self, rel: str, df: pl.DataFrame) -> None:
+        """Write a frame as Parquet (zstd) atomically."""
+        if self.is_s3:
+            buf = io.BytesIO()
+            df.write_parquet(buf, compression="zstd")
+            self.write_bytes(rel, buf.getvalue())
+            return
+        full = Path(self.path(rel))
+        full.parent.mkdir(parents=True, exist_ok=True)
+        tmp = full.parent / f".tmp-{uuid.uuid4().hex}.parquet"
+        try:
+            df.write_parquet(tmp, compression="zstd")
+            os.replace(tmp, full)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def read_parquet(self, rel: str) -> pl.DataFrame:
+        """Read a Parquet file."""
+        if self.is_s3:
+            return pl.read_parquet(io.BytesIO(self.read_bytes(rel)))
+        return pl.read_parquet(self.path(rel))
+
+    def scan_parquet(self, rels: list[str]) -> pl.LazyFrame:
+        """Lazily scan several Parquet files as one frame."""
+        if self.is_s3:
+            return pl.concat([self.read_parquet(r).lazy() for r in rels], how="diagonal_relaxed")
+        return pl.scan_parquet([self.path(r) for r in rels])
+
+    @contextmanager
+    def parquet_writer(self, rel: str, schema: pl.Schema) -> Iterator[_PageWriter]:
+        """Write a Parquet file page by page (flat memory); visible only when the block ends."""
+        arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
+        if self.is_s3:
+            buf = io.BytesIO()
+            writer = pq.ParquetWriter(buf, arrow_schema, compression="zstd")
+            page = _PageWriter(writer, arrow_schema)
+            yield page
+            writer.close()
+            self.write_bytes(rel, buf.getvalue())
+            return
+        full = Path(self.path(rel))
+        full.parent.mkdir(parents=True, exist_ok=True)
+        tmp = full.parent / f".tmp-{uuid.uuid4().hex}.parquet"
+        writer = pq.ParquetWriter(str(tmp), arrow_schema, compression="zstd")
+        try:
+            page = _PageWriter(writer, arrow_schema)
+            yield page
+            writer.close()
+            os.replace(tmp, full)
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+class _PageWriter:
+    def __init__(self, writer: pq.ParquetWriter, schema: pa.Schema) -> None:
+        self._writer = writer
+        self._schema = schema
+        self.rows = 0
+
+    def write(self, df: pl.DataFrame) -> None:
+        if df.height:
+            self._writer.write_table(df.to_arrow().cast(self._schema))
+            self.rows += df.height
