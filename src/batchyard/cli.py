@@ -18,8 +18,24 @@ from batchyard.errors import BatchyardError
 if TYPE_CHECKING:
     from batchyard.settings import Settings
 
+# quiet, offline-friendly Prefect for the command line (a profile or the shell may override)
+for _k, _v in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "ERROR",
+}.items():
+    os.environ.setdefault(_k, _v)
+
 app = typer.Typer(help="Batch embeddings and LLM inference over MongoDB chunks.", no_args_is_help=True)
-config_app = typer.Typer(help="Inspect configuration.")
+config_# quiet, offline-friendly Prefect for the command line (a profile or the shell may override)
+for _k, _v in {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_UI_ENABLED": "false",
+    "PREFECT_LOGGING_LEVEL": "ERROR",
+}.items():
+    os.environ.setdefault(_k, _v)
+
+app = typer.Typer(help="Inspect configuration.")
 app.add_typer(config_app, name="config")
 console = Console()
 
@@ -40,6 +56,8 @@ def main(
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "httpx2", "openai", "uvicorn", "uvicorn.access", "pymilvus"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # milvus-lite answers a client probe (AllocTimestamp) it does not implement; harmless
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
 
 
 def _overrides(**limits: Any) -> dict[str, Any]:

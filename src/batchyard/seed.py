@@ -29,6 +29,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 from pymongo import ASCENDING, UpdateOne
 
+from batchyard.clients.mongo import DocumentStore
 from batchyard.settings import MongoFields
 from batchyard.targets import CompanyTarget, Targets
 
@@ -670,7 +671,8 @@ def seed_store(
     when the text is unchanged. Also creates a (company, document, _id) index.
     """
     f = fields or MongoFields()
-    coll = store.chunks if hasattr(store, "chunks") else store
+    # a Collection's attribute access yields a sub-collection, so test the type, not hasattr
+    coll = store.chunks if isinstance(store, DocumentStore) else store
     start = time.perf_counter()
     catalog: dict[str, list[str]] = {}
     inserted = updated = total = 0

@@ -123,7 +123,7 @@ def test_chat_ok() -> None:
     assert out.error is None and out.refusal is None
     assert out.finish_reason == "stop"
     assert out.raw_text == json.dumps(GOOD_CLASSIFY)
-    assert out.usage.input_tokens == 812 and out.usage.output_tokens == 64
+    assert out.usage == {"input_tokens": 812, "output_tokens": 64}
     assert get_task("classify").record(out.parsed) == out.parsed
 
 
@@ -135,7 +135,7 @@ def test_responses_ok_skips_reasoning_items() -> None:
     assert out.parsed == GOOD_SUMMARY
     assert out.raw_text == text
     assert out.finish_reason == "completed"
-    assert (out.usage.input_tokens, out.usage.output_tokens) == (2048, 300)
+    assert out.usage == {"input_tokens": 2048, "output_tokens": 300}
 
 
 @pytest.mark.parametrize("endpoint", [CHAT, RESPONSES])
@@ -206,7 +206,7 @@ def test_truncated() -> None:
     body = responses_body([text_part(partial)], status="incomplete", reason="max_output_tokens")
     out = get_task("summary").parse(RESPONSES, 200, body)
     assert out.status == "truncated" and out.finish_reason == "max_output_tokens"
-    assert out.usage.output_tokens == 300
+    assert out.usage["output_tokens"] == 300
 
 
 @pytest.mark.parametrize("endpoint", [CHAT, RESPONSES])
@@ -294,4 +294,6 @@ def test_outcome_row_and_statuses() -> None:
         "input_tokens",
         "output_tokens",
     ]
-    assert row["input_tokens"] is None
+    assert row["input_tokens"] is None and row["output_tokens"] is None
+    bad = get_task("classify").parse(RESPONSES, 200, {"output": [], "usage": "garbage"})
+    assert bad.usage == {"input_tokens": None, "output_tokens": None}

@@ -257,3 +257,23 @@ def test_json_escaped_is_exact_for_every_character_class() -> None:
     for value, inner in zip(values, escaped, strict=True):
         assert json.loads(f'"{inner}"') == (value or "")
         assert json.loads(f'"{inner}{inner}"') == (value or "") * 2  # escapes concatenate
+
+
+def _enum_labels(schema: object) -> set[str]:
+    if isinstance(schema, dict):
+        found = set(schema.get("enum", []))
+        for value in schema.values():
+            found |= _enum_labels(value)
+        return found
+    if isinstance(schema, list):
+        return set().union(*(_enum_labels(v) for v in schema)) if schema else set()
+    return set()
+
+
+def test_prompts_define_every_label_of_their_schema(prompts_dir: Path) -> None:
+    for task in list_tasks():
+        system, _ = task.load_prompt(prompts_dir).render({})
+        labels = _enum_labels(task.json_schema())
+        assert labels, task.name
+        undefined = sorted(label for label in labels if label not in system)
+        assert not undefined, f"{task.name}: labels not explained in the prompt: {undefined}"

@@ -21,6 +21,27 @@ if TYPE_CHECKING:
     from batchyard.storage.runs import RunStore
 
 
+UNIT_ROWS: dict[str, pl.DataType] = {
+    "custom_id": pl.String(),
+    "unit_id": pl.String(),
+    "outcome": pl.String(),
+    "code": pl.String(),
+    "message": pl.String(),
+    "status_code": pl.Int64(),
+    "final": pl.String(),
+    "attempt": pl.Int64(),
+    "shard": pl.String(),
+    "batch_id": pl.String(),
+}
+
+
+def with_columns_of(frame: pl.DataFrame, schema: dict[str, pl.DataType]) -> pl.DataFrame:
+    """Add the missing columns of `UNIT_ROWS` + `schema` as typed nulls."""
+    full = {**UNIT_ROWS, **schema}
+    missing = {k: v for k, v in full.items() if k not in frame.columns}
+    return frame.with_columns(pl.lit(None, dtype).alias(k) for k, dtype in missing.items())
+
+
 class Job(ABC):
     """Base of EmbeddingsJob and InferenceJob."""
 
@@ -67,6 +88,10 @@ class Job(ABC):
         """Join keys of payload rows."""
 
     @abstractmethod
+    def payload_schema(self) -> dict[str, pl.DataType]:
+        """Columns of settled unit rows (so that a run with no output still has typed tables)."""
+
+    @abstractmethod
     def result_rows(self, run: RunStore, ok: pl.DataFrame) -> pl.DataFrame:
         """Typed result rows from settled `ok` unit rows."""
 
@@ -93,6 +118,7 @@ class Job(ABC):
             if parsed_files
             else pl.DataFrame(schema={"unit_id": pl.String, "final": pl.String, "attempt": pl.Int64})
         )
+        parsed = with_columns_of(parsed, self.payload_schema())
         ok = parsed.filter(pl.col("final") == "ok").sort("attempt").unique("unit_id", keep="first", maintain_order=True)
         results = self.result_rows(run, ok)
         failed = (

@@ -118,6 +118,9 @@ class EmbeddingsJob(Job):
     def payload_keys(self) -> list[str]:
         return ["custom_id", "unit_id"]
 
+    def payload_schema(self) -> dict[str, pl.DataType]:
+        return {"vector": pl.Array(pl.Float32, self.dims)}
+
     def result_rows(self, run: RunStore, ok: pl.DataFrame) -> pl.DataFrame:
         chunks = run.staging.read_parquet(run.rel("chunks.parquet")).drop("text")
         return (

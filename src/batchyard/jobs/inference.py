@@ -150,6 +150,9 @@ class InferenceJob(Job):
     def payload_keys(self) -> list[str]:
         return ["custom_id"]
 
+    def payload_schema(self) -> dict[str, pl.DataType]:
+        return {k: v for k, v in INFERENCE_ROWS.items() if k != "custom_id"}
+
     def result_rows(self, run: RunStore, ok: pl.DataFrame) -> pl.DataFrame:
         units = run.staging.read_parquet(run.rel("units.parquet")).drop("text")
         cols = [c for c in INFERENCE_ROWS.names() if c != "custom_id"]

@@ -205,17 +205,20 @@ class EmbeddingsExecutor(Executor):
                 results[pos] = dims
                 continue
             pending.append((pos, self.embed(embedding_inputs(body), body["model"], dims), fmt))
-        float_rows = iter(
-            float_json_rows(np.concatenate([m for _, m, f in pending if f == "float"]))
-            if any(f == "float" for _, _, f in pending)
-            else []
-        )
+        texts: dict[int, list[str]] = {}
+        by_dims: dict[int, list[tuple[int, np.ndarray]]] = {}
         for pos, matrix, fmt in pending:
-            item = items[pos]
             if fmt == "float":
-                embs = [next(float_rows) for _ in range(matrix.shape[0])]
+                by_dims.setdefault(matrix.shape[1], []).append((pos, matrix))
             else:
-                embs = ['"' + s + '"' for s in base64_rows(matrix)]
+                texts[pos] = ['"' + s + '"' for s in base64_rows(matrix)]
+        for group in by_dims.values():  # one vectorised formatting pass per vector size
+            rows = iter(float_json_rows(np.concatenate([m for _, m in group])))
+            for pos, matrix in group:
+                texts[pos] = [next(rows) for _ in range(matrix.shape[0])]
+        for pos, _, _ in pending:
+            item = items[pos]
+            embs = texts[pos]
             data = ",".join(
                 '{"object":"embedding","index":' + str(i) + ',"embedding":' + e + "}"
                 for i, e in enumerate(embs)

@@ -100,11 +100,11 @@ def _run_stages(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
     phase = run.read_run().get("phase")
     if phase == "snapshot":
         stats = _stage_task(job, "chunks", lambda: runner.snapshot(ctx, job, run))()
-        logger.warning("snapshot: %s", stats)
+        logger.info("snapshot: %s", stats)
         phase = "plan"
     if phase == "plan":
         stats = _stage_task(job, "requests", lambda: runner.plan(ctx, job, run))()
-        logger.warning("plan: %s", stats)
+        logger.info("plan: %s", stats)
         phase = "batches"
     if phase == "batches":
         # the tracker loop runs in the flow; its shard steps are mapped task runs

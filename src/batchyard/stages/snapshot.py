@@ -3,11 +3,13 @@
 This module reads MongoDB and yields Polars pages; the caller writes them to staging. Memory
 stays flat however large the collection: each query is one `_id` range
 (`{"_id": {"$gt": last}}` + the targets filter, sorted by `_id`, `limit(page_size)`, projected to
-the fields needed), and each yielded page holds at most about `page_size` chunks.
+the fields needed), and each yielded page holds at most `page_size` chunks.
 
 `_id` values of three BSON type brackets are scanned, in MongoDB's sort order: numbers (ints),
 strings, then ObjectIds. A range query only matches its own bracket, so each bracket is paged on
-its own. Other `_id` types are not selected.
+its own. Non-integer numbers are rejected (`unsupported_id_type`); `_id`s of other types (UUIDs,
+dates, documents) are not scanned at all (paging is always by `_id`, even when `fields.chunk_id`
+names another field).
 
 Two selections:
 
@@ -335,7 +337,7 @@ def _projection(fields: MongoFields, extra: Iterable[str] = ()) -> dict[str, int
 
 
 class _Selector:
-    """Classifies raw pages into yielded (chunks, rejects) pages of about `page_size` rows."""
+    """Classifies raw pages into yielded (chunks, rejects) pages of at most `page_size` chunks."""
 
     def __init__(self, fields: MongoFields, page_size: int) -> None:
         self.fields = fields
@@ -360,7 +362,9 @@ class _Selector:
         for row, wanted in zip(rows, keep(rows, docs), strict=True):
             if wanted:
                 _append(self.page, row)
-        if self.page.n_chunks >= self.page_size or len(self.page.rejects) >= self.page_size:
+                if self.page.n_chunks >= self.page_size:
+                    yield self.flush()
+        if len(self.page.rejects) >= self.page_size:
             yield self.flush()
 
     def flush(self) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -384,7 +388,7 @@ def iter_unprocessed_chunks(
     """Pages of (chunks without a current mark for `space`, rejects).
 
     `chunks` has exactly the `CHUNKS` columns; `rejects` the `FAILURES` columns with stage
-    "snapshot". Pages hold up to about `page_size` chunks; nothing is yielded when nothing is
+    "snapshot". Pages hold at most `page_size` chunks; nothing is yielded when nothing is
     selected or rejected. `targets=None` scans the whole collection.
     """
     sha_path = f"{mark_path(fields, space)}.text_sha256"

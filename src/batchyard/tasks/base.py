@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal, NamedTuple, get_args
+from typing import Any, Literal, TypedDict, get_args
 
 import polars as pl
 from pydantic import BaseModel, ValidationError
@@ -59,11 +59,19 @@ def strict_json_schema(model: type[BaseModel]) -> dict[str, Any]:
 # --- parse outcome ---------------------------------------------------------------------------
 
 
-class Usage(NamedTuple):
-    """Token usage of one response (prompt/input and completion/output tokens)."""
+class Usage(TypedDict):
+    """Token usage of one response: input (= chat prompt) and output (= chat completion) tokens.
 
-    input_tokens: int | None = None
-    output_tokens: int | None = None
+    A plain dict so callers can `.get()` it and store it as JSON; a value is None when the
+    response did not report it.
+    """
+
+    input_tokens: int | None
+    output_tokens: int | None
+
+
+def _no_usage() -> Usage:
+    return {"input_tokens": None, "output_tokens": None}
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +88,7 @@ class ParseOutcome:
     finish_reason: str | None = None
     refusal: str | None = None
     error: str | None = None
-    usage: Usage = field(default_factory=Usage)
+    usage: Usage = field(default_factory=_no_usage)
 
     @property
     def ok(self) -> bool:
@@ -95,8 +103,8 @@ class ParseOutcome:
             "finish_reason": self.finish_reason,
             "refusal": self.refusal,
             "error": self.error,
-            "input_tokens": self.usage.input_tokens,
-            "output_tokens": self.usage.output_tokens,
+            "input_tokens": self.usage.get("input_tokens"),
+            "output_tokens": self.usage.get("output_tokens"),
         }
 
 
@@ -119,11 +127,11 @@ def _int_or_none(value: Any) -> int | None:
 def _usage(body: dict[str, Any]) -> Usage:
     u = body.get("usage")
     if not isinstance(u, dict):
-        return Usage()
-    return Usage(
-        _int_or_none(u.get("input_tokens", u.get("prompt_tokens"))),
-        _int_or_none(u.get("output_tokens", u.get("completion_tokens"))),
-    )
+        return _no_usage()
+    return {
+        "input_tokens": _int_or_none(u.get("input_tokens", u.get("prompt_tokens"))),
+        "output_tokens": _int_or_none(u.get("output_tokens", u.get("completion_tokens"))),
+    }
 
 
 def _api_error(body: Any) -> str:
@@ -297,7 +305,7 @@ class InferenceTask:
 
     def _parse(self, ep: TEndpoint, status_code: int | None, body: Any) -> ParseOutcome:
         if status_code is not None and not 200 <= status_code < 300:
-            usage = _usage(body) if isinstance(body, dict) else Usage()
+            usage = _usage(body) if isinstance(body, dict) else _no_usage()
             return ParseOutcome(
                 "http_error", error=f"HTTP {status_code}: {_api_error(body)}", usage=usage
             )

@@ -153,9 +153,7 @@ def _document_units(
     if ambiguous.height:
         rejects.append(
             _rejects(
-                ambiguous.select(
-                    pl.col("document_id").alias("unit_id"),
-                ),
+                ambiguous.select(pl.col("document_id").alias("unit_id")),
                 "ambiguous_document",
                 "document_id appears under more than one company_id",
             )
@@ -199,11 +197,12 @@ def _document_units(
     fix = [
         i for i in range(len(doc_ids)) if len(chunk_ids[i]) < n_chunks[i] or n_tokens[i] > budget
     ]
+    parts_of: dict[str, tuple[list[str], list[str]]] = {}
     if fix:
+        cut_docs = kept.filter(pl.col("document_id").is_in([doc_ids[i] for i in fix]))
         parts_of = {
             d: (ids, parts)
-            for d, ids, parts in kept.filter(pl.col("document_id").is_in([doc_ids[i] for i in fix]))
-            .group_by("document_id", maintain_order=True)
+            for d, ids, parts in cut_docs.group_by("document_id", maintain_order=True)
             .agg("chunk_id", "text")
             .iter_rows()
         }
