@@ -133,3 +133,9 @@ def make_api(make_server: MakeServer) -> Callable[..., Api]:
         return Api(make_server(**kwargs), max_retries=max_retries)
 
     return _make
+
+
+@pytest.fixture
+def api_for() -> Callable[[LocalServer], Api]:
+    """Factory: `api_for(server)` -> Api bound to an already started server."""
+    return Api

@@ -1,4 +1,4 @@
-"""Fixtures for the source side: targets files, the MongoDB stand-in, seed data, snapshot."""
+"""Fixtures for the sinks: mongomock collections and a Milvus Lite client per test."""
 
 from __future__ import annotations
 
@@ -34,3 +34,14 @@ def chunks(mongo_db: Any) -> Any:
 @pytest.fixture
 def results(mongo_db: Any) -> Any:
     return mongo_db["inference_results"]
+
+
+@pytest.fixture
+def milvus(tmp_path: Any) -> Iterator[Any]:
+    """A Milvus Lite client on a fresh data directory under tmp_path."""
+    from batchyard.clients.milvus import open_vector_store
+    from batchyard.settings import MilvusSettings
+
+    client = open_vector_store(MilvusSettings(index_type="FLAT"), default_path=str(tmp_path / "milvus.db"))
+    yield client
+    client.close()

@@ -395,7 +395,7 @@ def chat_body(model: str, answers: list[Completion], in_tokens: int, out_tokens:
             "prompt_tokens": in_tokens,
             "completion_tokens": out_tokens,
             "total_tokens": in_tokens + out_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0, "audio_tokens": 0},
             "completion_tokens_details": {
                 "reasoning_tokens": 0,
                 "audio_tokens": 0,
@@ -452,7 +452,7 @@ def responses_body(
         "truncation": "disabled",
         "usage": {
             "input_tokens": in_tokens,
-            "input_tokens_details": {"cached_tokens": 0},
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
             "output_tokens": out_tokens,
             "output_tokens_details": {"reasoning_tokens": 0},
             "total_tokens": in_tokens + out_tokens,

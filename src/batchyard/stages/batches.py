@@ -216,11 +216,11 @@ def collect_shard(run: RunStore, api: BatchApi, name: str, parser: ShardParser, 
 
 
 def _validation_outcomes(requests: pl.DataFrame, rec: ShardRecord) -> pl.DataFrame:
-    """A batch failed validation: requests on a named line fail; the rest are requeued."""
-    lines = requests.with_row_index("line", offset=1).select("custom_id", "line")
+    """A batch failed validation: named lines fail, the rest are requeued; no line named: retry all."""
+    lines = requests.select("custom_id").with_row_index("line_no", offset=1)
     by_line = {int(e["line"]): e for e in rec.errors if e.get("line")}
     rows = []
-    for cid, line in lines.iter_rows():
+    for line, cid in lines.iter_rows():
         err = by_line.get(int(line))
         if err:
             rows.append((cid, "fail", err.get("code") or "invalid_request",
@@ -228,8 +228,9 @@ def _validation_outcomes(requests: pl.DataFrame, rec: ShardRecord) -> pl.DataFra
         elif by_line:
             rows.append((cid, "requeue", "batch_failed", f"batch {rec.batch_id} failed on other lines", None))
         else:
+            # no line named: the file as a whole was refused; retry it within the budget
             msg = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in rec.errors) or "no reason given"
-            rows.append((cid, "fail", "batch_failed", f"batch {rec.batch_id} failed validation: {msg}", None))
+            rows.append((cid, "retry", "batch_failed", f"batch {rec.batch_id} failed validation: {msg}", None))
     return pl.DataFrame(rows, schema=OUTCOMES, orient="row")
 
 

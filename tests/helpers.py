@@ -1,0 +1,84 @@
+"""Helpers shared by pipeline-level tests: seed a corpus, run a job, check the invariants."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from batchyard.context import RunContext
+from batchyard.storage.runs import RunStore
+
+
+def seed(ctx: RunContext, n: int, *, companies: int = 3, seed: int = 1) -> Any:
+    """Seed n chunks into the context's document store; returns the targets."""
+    from batchyard.seed import seed_store, targets_for
+
+    report = seed_store(ctx.store, n, fields=ctx.settings.mongo.fields, seed=seed, n_companies=companies)
+    ctx.store.save()
+    return targets_for(report)
+
+
+def run_of(ctx: RunContext, info: dict[str, Any]) -> RunStore:
+    return RunStore(ctx.staging, info["job"], info["run_id"])
+
+
+def tables(ctx: RunContext, run: RunStore) -> tuple[pl.DataFrame, pl.DataFrame]:
+    st = ctx.staging
+    return st.read_parquet(run.rel("results.parquet")), st.read_parquet(run.rel("failures.parquet"))
+
+
+def assert_every_unit_settled_once(ctx: RunContext, run: RunStore) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Every planned or rejected unit is in results or failures: never both, never neither."""
+    st = ctx.staging
+    results, failures = tables(ctx, run)
+    planned = set(st.read_parquet(run.rel("requests.parquet"))["unit_ids"].explode().to_list())
+    rejected = set(st.read_parquet(run.rel("rejects.parquet"))["unit_id"].to_list())
+    res_ids = results["unit_id" if "unit_id" in results.columns else "chunk_id"].to_list()
+    fail_ids = failures["unit_id"].to_list()
+    assert len(res_ids) == len(set(res_ids)), "a unit has two results"
+    assert len(fail_ids) == len(set(fail_ids)), "a unit has two failures"
+    assert not set(res_ids) & set(fail_ids), "a unit is both a result and a failure"
+    assert set(res_ids) | set(fail_ids) == planned | rejected, "a unit is neither a result nor a failure"
+    assert failures["message"].null_count() == 0 and failures["code"].null_count() == 0
+    return results, failures
+
+
+def server_batches(ctx: RunContext, run_id: str) -> list[dict[str, Any]]:
+    """Every batch the provider holds for this run (through the SDK)."""
+    out = []
+    for b in ctx.api.client.batches.list(limit=100):
+        if (b.metadata or {}).get("batchyard_run") == run_id:
+            out.append(b.model_dump())
+    return out
+
+
+def assert_one_batch_per_submission(ctx: RunContext, run: RunStore) -> None:
+    """The server holds exactly one batch per shard attempt submission the ledger knows."""
+    from batchyard.storage.ledger import Ledger
+
+    batches = server_batches(ctx, run.run_id)
+    keys = [(b["metadata"]["shard"], b["metadata"]["attempt"], b["metadata"]["submission"]) for b in batches]
+    assert len(keys) == len(set(keys)), f"a shard attempt was submitted twice: {sorted(keys)}"
+    expected = set()
+    for rec in Ledger(run).all():
+        for sub in range(1, rec.submission + (1 if rec.batch_id else 0)):
+            expected.add((rec.shard, str(rec.attempt), str(sub)))
+    assert set(keys) == expected
+
+
+def assert_vectors_match(ctx: RunContext, results: pl.DataFrame, collection: str, dims: int) -> None:
+    """Milvus holds each result once, with the hash executor's vector of its chunk text."""
+    from batchyard.localapi.executors import hash_embedding
+
+    client = ctx.milvus
+    ids = results["chunk_id"].to_list()
+    got = {}
+    for i in range(0, len(ids), 500):
+        for row in client.get(collection, ids=ids[i : i + 500], output_fields=["chunk_id", "vector"]):
+            got[row["chunk_id"]] = np.asarray(row["vector"], dtype=np.float32)
+    assert set(got) == set(ids)
+    texts = {d["_id"]: d["text"] for d in ctx.store.chunks.find({"_id": {"$in": ids}}, {"text": 1})}
+    for cid in ids:
+        np.testing.assert_allclose(got[cid], hash_embedding(texts[cid], dims), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,119 @@
+"""Ledger: every transition, illegal ones refused, records survive as whole files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batchyard.errors import LedgerError
+from batchyard.stages.batches import Throttle, select_submittable
+from batchyard.storage.ledger import Ledger, ShardRecord, parse_shard_name
+from batchyard.storage.runs import RunStore
+from batchyard.storage.staging import Staging
+
+
+def record(shard: str = "s00000", attempt: int = 1, tokens: int = 100, model: str = "m") -> ShardRecord:
+    return ShardRecord(run_id="r1", job="embeddings", shard=shard, attempt=attempt, endpoint="/v1/embeddings",
+                       model=model, sha256="ab" * 32, n_requests=2, n_inputs=5, bytes=100, tokens=tokens)
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Ledger:
+    run = RunStore(Staging(str(tmp_path / "st")), "embeddings", "r1")
+    return Ledger(run)
+
+
+def test_full_lifecycle_is_recorded_with_history(ledger: Ledger) -> None:
+    rec = ledger.create(record())
+    rec = ledger.move(rec, "uploading", intent_at="2026-01-01T00:00:00+00:00")
+    rec = ledger.move(rec, "uploaded", file_id="file-1")
+    rec = ledger.move(rec, "creating")
+    rec = ledger.move(rec, "submitted", batch_id="batch_1", batch_status="validating")
+    rec = ledger.observe(rec, {"status": "in_progress", "request_counts": {"total": 2, "completed": 1, "failed": 0}})
+    assert rec.state == "submitted"
+    rec = ledger.observe(rec, {"status": "completed", "output_file_id": "file-o", "error_file_id": None})
+    assert rec.state == "ended"
+    rec = ledger.move(rec, "collected", outcome={"ok": 2})
+    again = ledger.load("s00000.1")
+    assert again == rec
+    assert [h.status for h in again.history] == ["planned", "uploading", "uploaded", "creating", "submitted",
+                                                 "batch:in_progress", "batch:completed", "collected"]
+
+
+@pytest.mark.parametrize(("start", "target"), [("planned", "submitted"), ("uploading", "creating"),
+                                                ("collected", "planned"), ("submitted", "uploading")])
+def test_illegal_transitions_are_refused(ledger: Ledger, start: str, target: str) -> None:
+    rec = ledger.create(record())
+    rec = rec.model_copy(update={"state": start})
+    with pytest.raises(LedgerError, match=f"illegal transition {start} -> {target}"):
+        ledger.move(rec, target)  # type: ignore[arg-type]
+
+
+def test_create_is_idempotent_and_keeps_progress(ledger: Ledger) -> None:
+    rec = ledger.create(record())
+    ledger.move(rec, "uploading")
+    assert ledger.create(record()).state == "uploading"
+
+
+def test_requeue_bumps_submission_and_changes_metadata(ledger: Ledger) -> None:
+    rec = ledger.create(record())
+    for state in ("uploading", "uploaded", "creating"):
+        rec = ledger.move(rec, state)  # type: ignore[arg-type]
+    rec = ledger.move(rec, "submitted", batch_id="batch_1")
+    first_meta = rec.metadata()
+    rec = ledger.observe(rec, {"status": "failed", "errors": {"data": [{"code": "token_limit_exceeded"}]}})
+    rec = ledger.requeue(rec, "token_limit_exceeded")
+    assert rec.state == "uploaded" and rec.submission == 2 and rec.wait_for_drain
+    assert rec.batch_id is None and rec.past_batches == ["batch_1"]
+    assert rec.metadata()["submission"] == "2" != first_meta["submission"]
+    assert not rec.in_flight
+
+
+def test_corrupt_or_missing_record_is_a_clear_error(ledger: Ledger) -> None:
+    with pytest.raises(LedgerError, match="no ledger record"):
+        ledger.load("s00009.1")
+    ledger.run.staging.write_bytes(ledger.run.rel("ledger", "s00001.1.json"), b"{not json")
+    with pytest.raises(LedgerError, match="corrupt"):
+        ledger.load("s00001.1")
+
+
+def test_write_is_atomic_no_temp_files_left(ledger: Ledger) -> None:
+    ledger.create(record())
+    folder = Path(ledger.run.staging.path(ledger.run.rel("ledger")))
+    assert sorted(p.name for p in folder.iterdir()) == ["s00000.1.json"]
+
+
+@pytest.mark.parametrize("bad", ["s00000", "s00000.x", "s00000.0", ".3"])
+def test_shard_names_are_validated(bad: str) -> None:
+    with pytest.raises(LedgerError):
+        parse_shard_name(bad)
+    assert parse_shard_name("s00000.12") == ("s00000", 12)
+
+
+def test_throttle_keeps_tokens_in_flight_under_budget() -> None:
+    recs = [record(f"s{i:05d}", tokens=400) for i in range(6)]
+    recs[0] = recs[0].model_copy(update={"state": "submitted"})
+    chosen = select_submittable(recs, Throttle(token_budget=1000, batches_per_hour=100, max_live=50), now=0)
+    assert [r.shard for r in chosen] == ["s00001"]  # 400 in flight + 400 fits; + another 400 would not
+
+
+def test_throttle_admits_a_lone_oversized_shard_and_respects_hourly_cap() -> None:
+    recs = [record(f"s{i:05d}", tokens=5000) for i in range(3)]
+    chosen = select_submittable(recs, Throttle(token_budget=1000, batches_per_hour=100, max_live=50), now=0)
+    assert len(chosen) == 1
+    recs = [record(f"s{i:05d}", tokens=1) for i in range(5)]
+    recs[0] = recs[0].model_copy(update={"state": "collected", "created_at": 1000.0})
+    chosen = select_submittable(recs, Throttle(token_budget=10**9, batches_per_hour=3, max_live=50), now=1500.0)
+    assert len(chosen) == 2
+
+
+def test_throttle_resumes_interrupted_submissions_and_waits_for_drain() -> None:
+    recs = [record("s00000").model_copy(update={"state": "creating"}),
+            record("s00001").model_copy(update={"state": "uploaded", "wait_for_drain": True}),
+            record("s00002", model="other")]
+    chosen = select_submittable(recs, Throttle(token_budget=10**6, batches_per_hour=100, max_live=50), now=0)
+    assert [r.shard for r in chosen] == ["s00000", "s00002"]  # s00001 waits: model m still has work in flight
+    recs[0] = recs[0].model_copy(update={"state": "collected"})
+    chosen = select_submittable(recs, Throttle(token_budget=10**6, batches_per_hour=100, max_live=50), now=0)
+    assert [r.shard for r in chosen] == ["s00001", "s00002"]
