@@ -27,15 +27,7 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 app = typer.Typer(help="Batch embeddings and LLM inference over MongoDB chunks.", no_args_is_help=True)
-config_# quiet, offline-friendly Prefect for the command line (a profile or the shell may override)
-for _k, _v in {
-    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-    "PREFECT_SERVER_UI_ENABLED": "false",
-    "PREFECT_LOGGING_LEVEL": "ERROR",
-}.items():
-    os.environ.setdefault(_k, _v)
-
-app = typer.Typer(help="Inspect configuration.")
+config_app = typer.Typer(help="Inspect configuration.")
 app.add_typer(config_app, name="config")
 console = Console()
 

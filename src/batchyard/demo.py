@@ -66,7 +66,7 @@ def run_demo(
 
 def _neighbours(console: Console, settings: Settings, info: dict[str, Any]) -> None:
     """Nearest neighbours of one embedded chunk, straight from Milvus."""
-    from batchyard.clients.milvus import collection_name, search
+    from batchyard.clients.milvus import collection_name, ensure_collection, search
     from batchyard.context import RunContext
     from batchyard.storage.runs import RunStore
 
@@ -80,6 +80,8 @@ def _neighbours(console: Console, settings: Settings, info: dict[str, Any]) -> N
         probe = results.row(0, named=True)
         text = chunks.filter(pl.col("chunk_id") == probe["chunk_id"])["text"][0]
         name = collection_name(settings.milvus.collection_prefix, settings.embedding.space)
+        ensure_collection(ctx.milvus, name, dim=len(probe["vector"]), index_type=settings.milvus.index_type,
+                          metric_type=settings.milvus.metric_type)
         hits = search(ctx.milvus, name, list(probe["vector"]), limit=5)
         t = Table(title=f"nearest neighbours in Milvus of chunk {probe['chunk_id']}")
         t.add_column("chunk")

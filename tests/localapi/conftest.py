@@ -18,28 +18,51 @@ from batchyard.localapi.runner import LocalServer
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 
 
-def emb_line(cid: str, inp: Any, model: str = "text-embedding-3-small", **body: Any) -> dict[str, Any]:
+def emb_line(
+    cid: str, inp: Any, model: str = "text-embedding-3-small", **body: Any
+) -> dict[str, Any]:
     """An embeddings request line."""
-    return {"custom_id": cid, "method": "POST", "url": "/v1/embeddings", "body": {"model": model, "input": inp, **body}}
+    return {
+        "custom_id": cid,
+        "method": "POST",
+        "url": "/v1/embeddings",
+        "body": {"model": model, "input": inp, **body},
+    }
 
 
-def chat_line(cid: str, text: str, schema: dict[str, Any] | None = None, model: str = "gpt-4o-mini", **body: Any) -> dict[str, Any]:
+def chat_line(
+    cid: str,
+    text: str,
+    schema: dict[str, Any] | None = None,
+    model: str = "gpt-4o-mini",
+    **body: Any,
+) -> dict[str, Any]:
     """A chat completions request line (with a strict json_schema response_format when given)."""
     payload: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "system", "content": "Extract facts."}, {"role": "user", "content": text}],
+        "messages": [
+            {"role": "system", "content": "Extract facts."},
+            {"role": "user", "content": text},
+        ],
         **body,
     }
     if schema is not None:
-        payload["response_format"] = {"type": "json_schema", "json_schema": {"name": "Out", "schema": schema, "strict": True}}
+        payload["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": "Out", "schema": schema, "strict": True},
+        }
     return {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": payload}
 
 
-def resp_line(cid: str, text: str, schema: dict[str, Any] | None = None, model: str = "gpt-4o-mini") -> dict[str, Any]:
+def resp_line(
+    cid: str, text: str, schema: dict[str, Any] | None = None, model: str = "gpt-4o-mini"
+) -> dict[str, Any]:
     """A responses request line (text.format json_schema when given)."""
     payload: dict[str, Any] = {"model": model, "input": [{"role": "user", "content": text}]}
     if schema is not None:
-        payload["text"] = {"format": {"type": "json_schema", "name": "Out", "schema": schema, "strict": True}}
+        payload["text"] = {
+            "format": {"type": "json_schema", "name": "Out", "schema": schema, "strict": True}
+        }
     return {"custom_id": cid, "method": "POST", "url": "/v1/responses", "body": payload}
 
 
@@ -52,7 +75,9 @@ class Api:
 
     def __init__(self, server: LocalServer, max_retries: int = 2) -> None:
         self.server = server
-        self.client = openai.OpenAI(base_url=server.base_url, api_key="test", max_retries=max_retries)
+        self.client = openai.OpenAI(
+            base_url=server.base_url, api_key="test", max_retries=max_retries
+        )
 
     def upload(self, lines: list[Any], name: str = "input.jsonl") -> str:
         """Upload request lines (dicts are JSON-encoded, strings sent as they are); the file id."""
@@ -66,7 +91,9 @@ class Api:
             input_file_id=file_id, endpoint=endpoint, completion_window="24h", **kwargs
         )
 
-    def wait(self, batch_id: str, statuses: tuple[str, ...] = TERMINAL, timeout: float = 15.0) -> Batch:
+    def wait(
+        self, batch_id: str, statuses: tuple[str, ...] = TERMINAL, timeout: float = 15.0
+    ) -> Batch:
         """Poll until the batch reaches one of `statuses`."""
         deadline = time.monotonic() + timeout
         while True:
@@ -94,6 +121,7 @@ class Api:
 
 
 MakeServer = Callable[..., LocalServer]
+MakeApi = Callable[..., Api]
 
 
 @pytest.fixture
@@ -101,7 +129,9 @@ def make_server(tmp_path: Path) -> Iterator[MakeServer]:
     """Factory: `make_server(state_dir=None, faults={...}, **config)` -> started LocalServer."""
     servers: list[LocalServer] = []
 
-    def _make(state_dir: Path | None = None, faults: dict[str, Any] | None = None, **config: Any) -> LocalServer:
+    def _make(
+        state_dir: Path | None = None, faults: dict[str, Any] | None = None, **config: Any
+    ) -> LocalServer:
         config.setdefault("validating_s", 0.0)
         cfg = LocalApiConfig(faults=FaultConfig(**(faults or {})), **config)
         server = LocalServer(cfg, state_dir or tmp_path / f"state{len(servers)}")
@@ -126,7 +156,7 @@ def api(server: LocalServer) -> Api:
 
 
 @pytest.fixture
-def make_api(make_server: MakeServer) -> Callable[..., Api]:
+def make_api(make_server: MakeServer) -> MakeApi:
     """Factory: `make_api(faults={...}, **config)` -> Api on a fresh server."""
 
     def _make(max_retries: int = 2, **kwargs: Any) -> Api:

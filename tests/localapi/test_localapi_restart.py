@@ -130,12 +130,20 @@ def test_exit_after_requests_kills_process_and_restart_resumes(tmp_path: Path) -
         _wait_up(base, proc)
         client = openai.OpenAI(base_url=base, api_key="k", max_retries=0)
         body = "\n".join(
-            json.dumps({"custom_id": f"r{i:02d}", "method": "POST", "url": "/v1/embeddings",
-                        "body": {"model": "text-embedding-3-small", "input": f"t{i}"}})
+            json.dumps(
+                {
+                    "custom_id": f"r{i:02d}",
+                    "method": "POST",
+                    "url": "/v1/embeddings",
+                    "body": {"model": "text-embedding-3-small", "input": f"t{i}"},
+                }
+            )
             for i in range(20)
         )
         fid = client.files.create(file=("in.jsonl", body.encode()), purpose="batch").id
-        b = client.batches.create(input_file_id=fid, endpoint="/v1/embeddings", completion_window="24h")
+        b = client.batches.create(
+            input_file_id=fid, endpoint="/v1/embeddings", completion_window="24h"
+        )
         assert proc.wait(timeout=30) == -signal.SIGKILL
     finally:
         if proc.poll() is None:

@@ -12,6 +12,7 @@ Every executor returns `ExecResult`s whose `body_json` is the serialised respons
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -184,7 +185,8 @@ class EmbeddingsExecutor(Executor):
             return error_result(400, "This model does not support specifying dimensions.")
         if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= native:
             return error_result(
-                400, f"Invalid 'dimensions': expected an integer between 1 and {native}, got {dims!r}."
+                400,
+                f"Invalid 'dimensions': expected an integer between 1 and {native}, got {dims!r}.",
             )
         return dims
 
@@ -197,7 +199,8 @@ class EmbeddingsExecutor(Executor):
             fmt = body.get("encoding_format", "float") or "float"
             if fmt not in ("float", "base64"):
                 results[pos] = error_result(
-                    400, f"Invalid value for 'encoding_format': {fmt!r}. Supported values are: 'float' and 'base64'."
+                    400,
+                    f"Invalid value for 'encoding_format': {fmt!r}. Supported values are: 'float' and 'base64'.",
                 )
                 continue
             dims = self._dims(body)
@@ -225,8 +228,15 @@ class EmbeddingsExecutor(Executor):
             )
             tokens = item.prompt_tokens
             body_json = (
-                '{"object":"list","data":[' + data + '],"model":' + dumps(item.body["model"])
-                + ',"usage":{"prompt_tokens":' + str(tokens) + ',"total_tokens":' + str(tokens) + "}}"
+                '{"object":"list","data":['
+                + data
+                + '],"model":'
+                + dumps(item.body["model"])
+                + ',"usage":{"prompt_tokens":'
+                + str(tokens)
+                + ',"total_tokens":'
+                + str(tokens)
+                + "}}"
             )
             results[pos] = ExecResult(200, body_json, tokens, 0)
         return [r for r in results if r is not None]
@@ -355,7 +365,9 @@ class SchemaChatExecutor(Executor):
         n = n if isinstance(n, int) and 1 <= n <= 16 else 1
         answers = [
             simulate_completion(
-                self.endpoint, item.custom_id if i == 0 else f"{item.custom_id}#{i}", body,
+                self.endpoint,
+                item.custom_id if i == 0 else f"{item.custom_id}#{i}",
+                body,
                 text_markers=self.text_markers,
             )
             for i in range(n)
@@ -370,7 +382,9 @@ class SchemaChatExecutor(Executor):
         return ExecResult(200, dumps(payload), in_tokens, out_tokens)
 
 
-def chat_body(model: str, answers: list[Completion], in_tokens: int, out_tokens: int) -> dict[str, Any]:
+def chat_body(
+    model: str, answers: list[Completion], in_tokens: int, out_tokens: int
+) -> dict[str, Any]:
     """A `chat.completion` body."""
     return {
         "id": shapes.new_id("chatcmpl-"),
@@ -395,7 +409,11 @@ def chat_body(model: str, answers: list[Completion], in_tokens: int, out_tokens:
             "prompt_tokens": in_tokens,
             "completion_tokens": out_tokens,
             "total_tokens": in_tokens + out_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0, "audio_tokens": 0},
+            "prompt_tokens_details": {
+                "cached_tokens": 0,
+                "cache_write_tokens": 0,
+                "audio_tokens": 0,
+            },
             "completion_tokens_details": {
                 "reasoning_tokens": 0,
                 "audio_tokens": 0,
@@ -415,7 +433,9 @@ def responses_body(
     if answer.refusal is not None:
         content: list[dict[str, Any]] = [{"type": "refusal", "refusal": answer.refusal}]
     else:
-        content = [{"type": "output_text", "text": answer.content, "annotations": [], "logprobs": []}]
+        content = [
+            {"type": "output_text", "text": answer.content, "annotations": [], "logprobs": []}
+        ]
     status = "incomplete" if answer.truncated else "completed"
     now = int(time.time())
     return {
@@ -500,10 +520,8 @@ class ForwardExecutor(Executor):
                 break
             delay = 0.25 * 2**attempt
             if resp is not None:
-                try:
+                with contextlib.suppress(ValueError):
                     delay = min(float(resp.headers.get("retry-after", delay)), 5.0)
-                except ValueError:
-                    pass
             time.sleep(delay)
         if resp is None:
             return error_result(502, f"The forward target could not be reached ({err}).")

@@ -79,7 +79,10 @@ class LocalServer:
             self.port = self._sock.getsockname()[1]
             self._server = uvicorn.Server(
                 uvicorn.Config(
-                    app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                    app,
+                    log_level="warning",
+                    access_log=False,
+                    timeout_graceful_shutdown=2,
                     lifespan="off",
                 )
             )
@@ -87,7 +90,8 @@ class LocalServer:
             sock = self._sock
             self._thread = threading.Thread(
                 target=lambda: self._server.run(sockets=[sock]) if self._server else None,
-                name="localapi-http", daemon=True,
+                name="localapi-http",
+                daemon=True,
             )
             self._thread.start()
             self._wait_ready()
@@ -142,18 +146,20 @@ class LocalServer:
         self.stop()
 
 
-def _announce(base_url: str) -> None:
+def announce(base_url: str) -> None:
+    """Print where the server listens (an `on_ready` for `serve`)."""
     print(f"batchyard local Batch API listening on {base_url}", file=sys.stderr, flush=True)
 
 
 def serve(
     config: LocalApiConfig,
     state_dir: str | Path,
-    on_ready: Callable[[str], None] | None = _announce,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
     """Run the server in the foreground until SIGINT/SIGTERM (for `batchyard serve`).
 
-    `on_ready(base_url)` is called once the socket is bound (default: a line on stderr).
+    `on_ready(base_url)` is called once the socket is bound (with the real port when
+    `config.port == 0`); `announce` prints that URL on stderr.
     """
     store = Store(state_dir)
     worker = Worker(store, config)

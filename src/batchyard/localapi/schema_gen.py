@@ -17,10 +17,25 @@ from typing import Any
 MAX_DEPTH = 8
 """Past this nesting depth, optional parts are left out and recursive branches avoided."""
 
-_FALLBACK_WORDS = (
-    "batch quick summary local answer value sample record item detail note topic result "
-    "context field entry report"
-).split()
+_FALLBACK_WORDS = [
+    "batch",
+    "quick",
+    "summary",
+    "local",
+    "answer",
+    "value",
+    "sample",
+    "record",
+    "item",
+    "detail",
+    "note",
+    "topic",
+    "result",
+    "context",
+    "field",
+    "entry",
+    "report",
+]
 _WORD = re.compile(r"[^\W\d_]{2,}")
 
 
@@ -74,7 +89,7 @@ class SchemaValueGenerator:
             return None
         if "const" in schema:
             return schema["const"]
-        if "enum" in schema and schema["enum"]:
+        if schema.get("enum"):
             return self.rng.choice(schema["enum"])
         for key in ("anyOf", "oneOf"):
             if schema.get(key):
@@ -99,7 +114,10 @@ class SchemaValueGenerator:
         schema = schema if isinstance(schema, dict) else {}
         if "$ref" in schema:
             return False
-        return schema.get("type") in ("null", "string", "integer", "number", "boolean") or "enum" in schema
+        return (
+            schema.get("type") in ("null", "string", "integer", "number", "boolean")
+            or "enum" in schema
+        )
 
     def _merge_all_of(self, schema: dict[str, Any]) -> dict[str, Any]:
         merged: dict[str, Any] = {k: v for k, v in schema.items() if k != "allOf"}
@@ -199,9 +217,13 @@ class SchemaValueGenerator:
         step = 1 if integer else 0.01
         lo = schema.get("minimum")
         hi = schema.get("maximum")
-        if isinstance(schema.get("exclusiveMinimum"), (int, float)) and not isinstance(schema.get("exclusiveMinimum"), bool):
+        if isinstance(schema.get("exclusiveMinimum"), (int, float)) and not isinstance(
+            schema.get("exclusiveMinimum"), bool
+        ):
             lo = schema["exclusiveMinimum"] + step
-        if isinstance(schema.get("exclusiveMaximum"), (int, float)) and not isinstance(schema.get("exclusiveMaximum"), bool):
+        if isinstance(schema.get("exclusiveMaximum"), (int, float)) and not isinstance(
+            schema.get("exclusiveMaximum"), bool
+        ):
             hi = schema["exclusiveMaximum"] - step
         if lo is None and hi is None:
             lo, hi = 0, 100
@@ -260,5 +282,11 @@ def violate(value: Any, schema: dict[str, Any]) -> Any:
             broken = dict(value)
             del broken[required[0]]
             return broken
-        return {**value, "__unexpected__": True} if resolved.get("additionalProperties") is False else 12345
-    return 12345 if not isinstance(value, (int, float)) or isinstance(value, bool) else "not a number"
+        return (
+            {**value, "__unexpected__": True}
+            if resolved.get("additionalProperties") is False
+            else 12345
+        )
+    return (
+        12345 if not isinstance(value, (int, float)) or isinstance(value, bool) else "not a number"
+    )

@@ -57,11 +57,16 @@ def parse_expires_after(anchor: Any, seconds: Any, name: str) -> int | None:
     if anchor is None and seconds is None:
         return None
     if anchor != "created_at":
-        raise _invalid(f"{name}.anchor", f"Invalid value for '{name}.anchor': {anchor!r}. Supported values are: 'created_at'.")
+        raise _invalid(
+            f"{name}.anchor",
+            f"Invalid value for '{name}.anchor': {anchor!r}. Supported values are: 'created_at'.",
+        )
     try:
         secs = int(seconds)
     except (TypeError, ValueError):
-        raise _invalid(f"{name}.seconds", f"Invalid '{name}.seconds': expected an integer.") from None
+        raise _invalid(
+            f"{name}.seconds", f"Invalid '{name}.seconds': expected an integer."
+        ) from None
     if not MIN_EXPIRES_S <= secs <= MAX_EXPIRES_S:
         raise _invalid(
             f"{name}.seconds",
@@ -77,14 +82,24 @@ def check_metadata(metadata: Any) -> dict[str, str] | None:
     if not isinstance(metadata, dict):
         raise _invalid("metadata", "Invalid 'metadata': expected an object.")
     if len(metadata) > 16:
-        raise _invalid("metadata", f"Invalid 'metadata': too many properties ({len(metadata)}); the maximum is 16.")
+        raise _invalid(
+            "metadata",
+            f"Invalid 'metadata': too many properties ({len(metadata)}); the maximum is 16.",
+        )
     for key, val in metadata.items():
         if len(key) > 64:
-            raise _invalid("metadata", f"Invalid 'metadata': key {key[:20]!r}... is longer than 64 characters.")
+            raise _invalid(
+                "metadata", f"Invalid 'metadata': key {key[:20]!r}... is longer than 64 characters."
+            )
         if not isinstance(val, str):
-            raise _invalid("metadata", f"Invalid 'metadata': the value of {key!r} must be a string.")
+            raise _invalid(
+                "metadata", f"Invalid 'metadata': the value of {key!r} must be a string."
+            )
         if len(val) > 512:
-            raise _invalid("metadata", f"Invalid 'metadata': the value of {key!r} is longer than 512 characters.")
+            raise _invalid(
+                "metadata",
+                f"Invalid 'metadata': the value of {key!r} is longer than 512 characters.",
+            )
     return dict(metadata)
 
 
@@ -96,7 +111,9 @@ def _limit(value: int, hi: int) -> int:
 
 def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
     """The FastAPI app of the local Batch API server."""
-    app = FastAPI(title="batchyard local Batch API", docs_url=None, redoc_url=None, openapi_url=None)
+    app = FastAPI(
+        title="batchyard local Batch API", docs_url=None, redoc_url=None, openapi_url=None
+    )
     faults = config.faults
     rng = random.Random(faults.seed)
     rng_lock = threading.Lock()
@@ -110,14 +127,25 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        msg = f"Invalid URL ({request.method} {request.url.path})" if exc.status_code in (404, 405) else str(exc.detail)
+        msg = (
+            f"Invalid URL ({request.method} {request.url.path})"
+            if exc.status_code in (404, 405)
+            else str(exc.detail)
+        )
         return err(shapes.ApiError(exc.status_code, msg))
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
-        return err(shapes.ApiError(400, f"Invalid request: {first.get('msg', 'bad parameter')}", param=param, code="invalid_value"))
+        return err(
+            shapes.ApiError(
+                400,
+                f"Invalid request: {first.get('msg', 'bad parameter')}",
+                param=param,
+                code="invalid_value",
+            )
+        )
 
     @app.middleware("http")
     async def _transient_faults(request: Request, call_next: Any) -> Response:
@@ -157,24 +185,39 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
         if not purpose:
             raise _missing("purpose")
         if purpose not in UPLOAD_PURPOSES:
-            raise _invalid("purpose", f"Invalid value for 'purpose': {purpose!r}. Supported values are: {', '.join(map(repr, UPLOAD_PURPOSES))}.")
+            raise _invalid(
+                "purpose",
+                f"Invalid value for 'purpose': {purpose!r}. Supported values are: {', '.join(map(repr, UPLOAD_PURPOSES))}.",
+            )
         ttl = parse_expires_after(
-            fields.get("expires_after[anchor]"), fields.get("expires_after[seconds]"), "expires_after"
+            fields.get("expires_after[anchor]"),
+            fields.get("expires_after[seconds]"),
+            "expires_after",
         )
         if ttl is None and purpose == "batch":
             ttl = shapes.BATCH_FILE_TTL_S
         upload = files["file"]
         meta = await run_in_threadpool(
-            store.add_file, upload.content, filename=upload.filename, purpose=purpose, expires_after_s=ttl
+            store.add_file,
+            upload.content,
+            filename=upload.filename,
+            purpose=purpose,
+            expires_after_s=ttl,
         )
         return JSONResponse(meta)
 
     @app.get("/v1/files")
     def list_files(
-        purpose: str | None = None, after: str | None = None, limit: int = 10_000, order: str = "desc"
+        purpose: str | None = None,
+        after: str | None = None,
+        limit: int = 10_000,
+        order: str = "desc",
     ) -> dict[str, Any]:
         if order not in ("asc", "desc"):
-            raise _invalid("order", f"Invalid value for 'order': {order!r}. Supported values are: 'asc' and 'desc'.")
+            raise _invalid(
+                "order",
+                f"Invalid value for 'order': {order!r}. Supported values are: 'asc' and 'desc'.",
+            )
         items = store.list_files(purpose=purpose, order=order)
         page, more = shapes.paginate(items, after=after, limit=_limit(limit, 10_000))
         return shapes.list_page(page, more)
@@ -186,7 +229,11 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
     @app.get("/v1/files/{file_id}/content")
     def file_content(file_id: str) -> FileResponse:
         meta = _file_or_404(file_id)
-        return FileResponse(store.blob_path(file_id), media_type="application/octet-stream", filename=meta["filename"])
+        return FileResponse(
+            store.blob_path(file_id),
+            media_type="application/octet-stream",
+            filename=meta["filename"],
+        )
 
     @app.delete("/v1/files/{file_id}")
     def delete_file(file_id: str) -> dict[str, Any]:
@@ -206,7 +253,9 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
         try:
             params = await request.json()
         except ValueError:
-            raise shapes.ApiError(400, "We could not parse the JSON body of your request.") from None
+            raise shapes.ApiError(
+                400, "We could not parse the JSON body of your request."
+            ) from None
         if not isinstance(params, dict):
             raise shapes.ApiError(400, "The request body must be a JSON object.")
         return await run_in_threadpool(_create_batch, params)
@@ -217,24 +266,40 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
                 raise _missing(name)
         endpoint, window = params["endpoint"], params["completion_window"]
         if endpoint not in SDK_BATCH_ENDPOINTS:
-            raise _invalid("endpoint", f"Invalid value for 'endpoint': {endpoint!r}. Supported values are: {', '.join(map(repr, SDK_BATCH_ENDPOINTS))}.")
+            raise _invalid(
+                "endpoint",
+                f"Invalid value for 'endpoint': {endpoint!r}. Supported values are: {', '.join(map(repr, SDK_BATCH_ENDPOINTS))}.",
+            )
         if endpoint not in shapes.SUPPORTED_ENDPOINTS:
-            raise _invalid("endpoint", f"The local Batch API server does not support {endpoint!r}; supported: {', '.join(shapes.SUPPORTED_ENDPOINTS)}.")
+            raise _invalid(
+                "endpoint",
+                f"The local Batch API server does not support {endpoint!r}; supported: {', '.join(shapes.SUPPORTED_ENDPOINTS)}.",
+            )
         if window != "24h":
-            raise _invalid("completion_window", f"Invalid value for 'completion_window': {window!r}. Supported values are: '24h'.")
+            raise _invalid(
+                "completion_window",
+                f"Invalid value for 'completion_window': {window!r}. Supported values are: '24h'.",
+            )
         metadata = check_metadata(params.get("metadata"))
         oea = params.get("output_expires_after")
         ttl = None
         if oea is not None:
             if not isinstance(oea, dict):
-                raise _invalid("output_expires_after", "Invalid 'output_expires_after': expected an object.")
+                raise _invalid(
+                    "output_expires_after", "Invalid 'output_expires_after': expected an object."
+                )
             ttl = parse_expires_after(oea.get("anchor"), oea.get("seconds"), "output_expires_after")
         file_id = params["input_file_id"]
         meta = store.get_file(file_id)
         if meta is None:
-            raise _invalid("input_file_id", f"Invalid 'input_file_id': no file with id {file_id!r} exists.")
+            raise _invalid(
+                "input_file_id", f"Invalid 'input_file_id': no file with id {file_id!r} exists."
+            )
         if meta["purpose"] != "batch":
-            raise _invalid("input_file_id", f"Invalid 'input_file_id': file {file_id!r} has purpose {meta['purpose']!r}; a batch input file must have purpose 'batch'.")
+            raise _invalid(
+                "input_file_id",
+                f"Invalid 'input_file_id': file {file_id!r} has purpose {meta['purpose']!r}; a batch input file must have purpose 'batch'.",
+            )
         now = time.time()
         batch = shapes.new_batch(
             shapes.new_id("batch_", 16),
@@ -244,10 +309,15 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
             created_at=int(now),
             metadata=metadata,
         )
-        store.add_batch({
-            "batch": batch, "t": {"created": now}, "tokens": 0,
-            "output_expires_after": ttl, "cancel_reason": None,
-        })
+        store.add_batch(
+            {
+                "batch": batch,
+                "t": {"created": now},
+                "tokens": 0,
+                "output_expires_after": ttl,
+                "cancel_reason": None,
+            }
+        )
         worker.wake()
         return batch
 
@@ -272,7 +342,9 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
                 rec["t"]["cancelling"] = now
                 rec["cancel_reason"] = "client"
             elif b["status"] not in ("cancelling", "cancelled"):
-                raise shapes.ApiError(400, f"Cannot cancel a batch with status '{b['status']}'.", code="invalid_state")
+                raise shapes.ApiError(
+                    400, f"Cannot cancel a batch with status '{b['status']}'.", code="invalid_state"
+                )
             return copy.deepcopy(b)
 
         batch = store.update_batch(batch_id, apply)

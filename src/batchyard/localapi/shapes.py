@@ -74,17 +74,24 @@ def status_error_body(status: int, message: str | None = None) -> dict[str, Any]
         )
     if status == 503:
         return error_body(
-            message or "The server is overloaded or not ready yet.", "server_error", None, "service_unavailable"
+            message or "The server is overloaded or not ready yet.",
+            "server_error",
+            None,
+            "service_unavailable",
         )
     if status >= 500:
         return error_body(
-            message
-            or "The server had an error while processing your request. Sorry about that!",
+            message or "The server had an error while processing your request. Sorry about that!",
             "server_error",
             None,
             "server_error",
         )
-    return error_body(message or f"Request failed with status {status}.", error_type(status), None, "invalid_request")
+    return error_body(
+        message or f"Request failed with status {status}.",
+        error_type(status),
+        None,
+        "invalid_request",
+    )
 
 
 def new_id(prefix: str, nbytes: int = 12) -> str:
@@ -217,10 +224,17 @@ def output_line(
     """
     line_id = line_id or new_id("batch_req_", 16)
     return (
-        '{"id":' + json.dumps(line_id) + ',"custom_id":' + json.dumps(custom_id)
-        + ',"response":{"status_code":' + str(int(status_code))
-        + ',"request_id":' + json.dumps(new_id("req_", 16))
-        + ',"body":' + body_json + '},"error":null}'
+        '{"id":'
+        + json.dumps(line_id)
+        + ',"custom_id":'
+        + json.dumps(custom_id)
+        + ',"response":{"status_code":'
+        + str(int(status_code))
+        + ',"request_id":'
+        + json.dumps(new_id("req_", 16))
+        + ',"body":'
+        + body_json
+        + '},"error":null}'
     )
 
 

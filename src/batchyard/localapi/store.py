@@ -132,7 +132,11 @@ class Store:
             fh.flush()
             os.fsync(fh.fileno())
         return self.register_file(
-            tmp, file_id=file_id, filename=filename, purpose=purpose, expires_after_s=expires_after_s
+            tmp,
+            file_id=file_id,
+            filename=filename,
+            purpose=purpose,
+            expires_after_s=expires_after_s,
         )
 
     def register_file(
@@ -173,10 +177,14 @@ class Store:
                 return None
             return {k: v for k, v in meta.items() if not k.startswith("_")}
 
-    def list_files(self, *, purpose: str | None = None, order: str = "desc") -> list[dict[str, Any]]:
+    def list_files(
+        self, *, purpose: str | None = None, order: str = "desc"
+    ) -> list[dict[str, Any]]:
         """Live files, by creation time (`desc`: newest first)."""
         with self.lock:
-            order_keys = {fid: (m.get("_t", m["created_at"]), fid) for fid, m in self._files.items()}
+            order_keys = {
+                fid: (m.get("_t", m["created_at"]), fid) for fid, m in self._files.items()
+            }
         metas = [m for fid in order_keys if (m := self.get_file(fid)) is not None]
         if purpose:
             metas = [m for m in metas if m["purpose"] == purpose]
@@ -231,7 +239,8 @@ class Store:
         """Ids of non-terminal batches, oldest first."""
         with self.lock:
             recs = [
-                r for r in self._batches.values()
+                r
+                for r in self._batches.values()
                 if r["batch"]["status"] not in shapes.TERMINAL_STATUSES
             ]
             return [r["batch"]["id"] for r in sorted(recs, key=lambda r: r["seq"])]
@@ -239,7 +248,9 @@ class Store:
     def batch_records(self) -> list[dict[str, Any]]:
         """Deep copies of every batch record, oldest first."""
         with self.lock:
-            return [copy.deepcopy(r) for r in sorted(self._batches.values(), key=lambda r: r["seq"])]
+            return [
+                copy.deepcopy(r) for r in sorted(self._batches.values(), key=lambda r: r["seq"])
+            ]
 
     def progress_path(self, batch_id: str) -> Path:
         """The append-only file of a batch's processed request lines."""

@@ -33,16 +33,16 @@ def _items(endpoint: str, body: dict[str, Any]) -> list[tuple[str | None, Any]]:
     """(role, content) pairs of a chat or responses body."""
     if endpoint == "/v1/chat/completions":
         msgs = body.get("messages")
-        return [
-            (m.get("role"), m.get("content")) for m in msgs if isinstance(m, dict)
-        ] if isinstance(msgs, list) else []
+        return (
+            [(m.get("role"), m.get("content")) for m in msgs if isinstance(m, dict)]
+            if isinstance(msgs, list)
+            else []
+        )
     inp = body.get("input")
     if isinstance(inp, str):
         return [("user", inp)]
     if isinstance(inp, list):
-        return [
-            (it.get("role"), it.get("content")) for it in inp if isinstance(it, dict)
-        ]
+        return [(it.get("role"), it.get("content")) for it in inp if isinstance(it, dict)]
     return []
 
 

@@ -61,7 +61,9 @@ class _Errors:
     def __init__(self) -> None:
         self.items: list[dict[str, Any]] = []
 
-    def add(self, code: str, message: str, *, param: str | None = None, line: int | None = None) -> None:
+    def add(
+        self, code: str, message: str, *, param: str | None = None, line: int | None = None
+    ) -> None:
         if len(self.items) < MAX_ERRORS:
             self.items.append(shapes.batch_error(code, message, param=param, line=line))
 
@@ -87,7 +89,12 @@ def _check_line(
         return None
     custom_id, method, url, body = obj["custom_id"], obj["method"], obj["url"], obj["body"]
     if not isinstance(custom_id, str) or not custom_id:
-        errs.add("invalid_value", "Invalid 'custom_id': expected a non-empty string.", param="custom_id", line=lineno)
+        errs.add(
+            "invalid_value",
+            "Invalid 'custom_id': expected a non-empty string.",
+            param="custom_id",
+            line=lineno,
+        )
         ok = False
     if method != "POST":
         errs.add(
@@ -106,7 +113,9 @@ def _check_line(
         )
         ok = False
     if not isinstance(body, dict):
-        errs.add("invalid_value", "Invalid 'body': expected a JSON object.", param="body", line=lineno)
+        errs.add(
+            "invalid_value", "Invalid 'body': expected a JSON object.", param="body", line=lineno
+        )
         ok = False
     elif not isinstance(body.get("model"), str) or not body.get("model"):
         errs.add(
@@ -124,7 +133,12 @@ def _check_body(endpoint: str, body: dict[str, Any], lineno: int, errs: _Errors)
     if endpoint == "/v1/embeddings":
         inp = body.get("input")
         if inp is None:
-            errs.add("missing_required_parameter", "Missing required parameter: 'body.input'.", param="body.input", line=lineno)
+            errs.add(
+                "missing_required_parameter",
+                "Missing required parameter: 'body.input'.",
+                param="body.input",
+                line=lineno,
+            )
             return False
         items = [inp] if isinstance(inp, str) else inp
         if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
@@ -136,7 +150,9 @@ def _check_body(endpoint: str, body: dict[str, Any], lineno: int, errs: _Errors)
             )
             return False
         if not items:
-            errs.add("invalid_value", "Invalid 'input': empty array.", param="body.input", line=lineno)
+            errs.add(
+                "invalid_value", "Invalid 'input': empty array.", param="body.input", line=lineno
+            )
             return False
         if len(items) > MAX_INPUTS_PER_REQUEST:
             errs.add(
@@ -159,13 +175,28 @@ def _check_body(endpoint: str, body: dict[str, Any], lineno: int, errs: _Errors)
     key = "messages" if endpoint == "/v1/chat/completions" else "input"
     val = body.get(key)
     if val is None:
-        errs.add("missing_required_parameter", f"Missing required parameter: 'body.{key}'.", param=f"body.{key}", line=lineno)
+        errs.add(
+            "missing_required_parameter",
+            f"Missing required parameter: 'body.{key}'.",
+            param=f"body.{key}",
+            line=lineno,
+        )
         return False
     if key == "messages" and (not isinstance(val, list) or not val):
-        errs.add("invalid_value", "Invalid 'messages': expected a non-empty array.", param="body.messages", line=lineno)
+        errs.add(
+            "invalid_value",
+            "Invalid 'messages': expected a non-empty array.",
+            param="body.messages",
+            line=lineno,
+        )
         return False
     if key == "input" and not isinstance(val, (str, list)):
-        errs.add("invalid_value", "Invalid 'input': expected a string or an array.", param="body.input", line=lineno)
+        errs.add(
+            "invalid_value",
+            "Invalid 'input': expected a string or an array.",
+            param="body.input",
+            line=lineno,
+        )
         return False
     return True
 
@@ -213,7 +244,9 @@ def validate_input(content: bytes, endpoint: str) -> ValidationResult:
     result = ValidationResult()
     errs = _Errors()
     if len(content) > MAX_FILE_BYTES:
-        errs.add("file_too_large", f"The input file is {len(content):,} bytes; the maximum is 200 MB.")
+        errs.add(
+            "file_too_large", f"The input file is {len(content):,} bytes; the maximum is 200 MB."
+        )
         result.errors = errs.items
         return result
     seen: dict[str, int] = {}

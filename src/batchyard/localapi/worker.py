@@ -86,7 +86,14 @@ def scan_progress(path: Path, *, repair: bool = False) -> list[ProgressEntry]:
             seen.add(meta["i"])
             head = len(meta_raw) + 1
             entries.append(
-                ProgressEntry(meta["i"], bool(meta["ok"]), meta["in"], meta["out"], start + head, len(raw) - head)
+                ProgressEntry(
+                    meta["i"],
+                    bool(meta["ok"]),
+                    meta["in"],
+                    meta["out"],
+                    start + head,
+                    len(raw) - head,
+                )
             )
     if repair and good_end < path.stat().st_size:
         with open(path, "r+b") as fh:
@@ -145,7 +152,12 @@ class Job:
         for item, res in zip(items, results, strict=True):
             ok = res.status_code == 200
             meta = f'{{"i":{item.index},"ok":{int(ok)},"in":{res.input_tokens},"out":{res.output_tokens}}}'
-            parts.append(meta + "\t" + shapes.output_line(item.custom_id, res.status_code, res.body_json) + "\n")
+            parts.append(
+                meta
+                + "\t"
+                + shapes.output_line(item.custom_id, res.status_code, res.body_json)
+                + "\n"
+            )
         self._fh.write("".join(parts).encode("utf-8"))
         self._fh.flush()
         os.fsync(self._fh.fileno())
@@ -221,7 +233,13 @@ class Worker:
                 due = min(due, self._step(batch_id))
             except Exception as exc:  # a bug must not wedge the worker: fail that batch
                 log.exception("local batch %s failed in the worker", batch_id)
-                self._fail(batch_id, [shapes.batch_error("server_error", f"Internal error: {exc}")])
+                try:
+                    self._fail(
+                        batch_id, [shapes.batch_error("server_error", f"Internal error: {exc}")]
+                    )
+                except Exception:
+                    log.exception("could not mark local batch %s failed", batch_id)
+                    continue
                 due = now
         return max(0.0, min(due - time.time(), IDLE_WAIT_S))
 
@@ -249,7 +267,9 @@ class Worker:
             b = r["batch"]
             if b["status"] in shapes.TERMINAL_STATUSES:
                 return
-            b.update(status="failed", failed_at=int(time.time()), errors=shapes.batch_errors(errors))
+            b.update(
+                status="failed", failed_at=int(time.time()), errors=shapes.batch_errors(errors)
+            )
             b["model"] = b["model"] or model
 
         self.store.update_batch(batch_id, apply)
@@ -260,33 +280,50 @@ class Worker:
     def _validate(self, batch_id: str, rec: dict[str, Any]) -> float:
         b = rec["batch"]
         if self.store.get_file(b["input_file_id"]) is None:
-            self._fail(batch_id, [shapes.batch_error(
-                "invalid_file", f"The input file {b['input_file_id']} no longer exists.", param="input_file_id"
-            )])
+            self._fail(
+                batch_id,
+                [
+                    shapes.batch_error(
+                        "invalid_file",
+                        f"The input file {b['input_file_id']} no longer exists.",
+                        param="input_file_id",
+                    )
+                ],
+            )
             return time.time()
         result = validate_input(self.store.read_file(b["input_file_id"]), b["endpoint"])
         errors = list(result.errors)
         f = self.faults
-        if not errors and f.validation_failure and (
-            f.validation_fail_batches is None
-            or self.store.counters()["validation_failed"] < f.validation_fail_batches
+        if (
+            not errors
+            and f.validation_failure
+            and (
+                f.validation_fail_batches is None
+                or self.store.counters()["validation_failed"] < f.validation_fail_batches
+            )
         ):
             self.store.bump("validation_failed")
-            errors = [shapes.batch_error(
-                "invalid_request", "The batch input file failed validation (injected fault)."
-            )]
+            errors = [
+                shapes.batch_error(
+                    "invalid_request", "The batch input file failed validation (injected fault)."
+                )
+            ]
         if not errors and f.enqueued_token_cap is not None:
             queued = sum(
-                r["tokens"] for r in self.store.batch_records()
+                r["tokens"]
+                for r in self.store.batch_records()
                 if r["batch"]["id"] != batch_id
                 and r["batch"]["status"] in ("in_progress", "finalizing", "cancelling")
                 and r["batch"]["model"] == result.model
             )
             if queued + result.total_tokens > f.enqueued_token_cap:
                 self.store.bump("token_limit_failed")
-                errors = [shapes.batch_error(
-                    "token_limit_exceeded", token_limit_message(result.model or "", f.enqueued_token_cap)
-                )]
+                errors = [
+                    shapes.batch_error(
+                        "token_limit_exceeded",
+                        token_limit_message(result.model or "", f.enqueued_token_cap),
+                    )
+                ]
         if errors:
             self._fail(batch_id, errors, result.model)
             return time.time()
@@ -318,17 +355,25 @@ class Worker:
             return job
         b = rec["batch"]
         if self.store.get_file(b["input_file_id"]) is None:
-            self._fail(batch_id, [shapes.batch_error(
-                "invalid_file", f"The input file {b['input_file_id']} was deleted while the batch ran.",
-                param="input_file_id",
-            )])
+            self._fail(
+                batch_id,
+                [
+                    shapes.batch_error(
+                        "invalid_file",
+                        f"The input file {b['input_file_id']} was deleted while the batch ran.",
+                        param="input_file_id",
+                    )
+                ],
+            )
             return None
         result = validate_input(self.store.read_file(b["input_file_id"]), b["endpoint"])
         job = Job(result.requests, self.store.progress_path(batch_id))
         self._jobs[batch_id] = job
         return job
 
-    def _fault_due(self, limit: int | None, quota: int | None, counter: str, processed: int) -> bool:
+    def _fault_due(
+        self, limit: int | None, quota: int | None, counter: str, processed: int
+    ) -> bool:
         if limit is None or processed < limit:
             return False
         return quota is None or self.store.counters()[counter] < quota
@@ -339,18 +384,24 @@ class Worker:
             return time.time()
         f, now = self.faults, time.time()
         processed = len(job.done)
-        if job.remaining and self._fault_due(f.cancel_after_requests, f.cancel_batches, "cancelled_by_server", processed):
+        if job.remaining and self._fault_due(
+            f.cancel_after_requests, f.cancel_batches, "cancelled_by_server", processed
+        ):
             self.store.bump("cancelled_by_server")
             self._set_cancelling(batch_id, "server")
             return now
-        if job.remaining and self._fault_due(f.expire_after_requests, f.expire_batches, "expired", processed):
+        if job.remaining and self._fault_due(
+            f.expire_after_requests, f.expire_batches, "expired", processed
+        ):
             self.store.bump("expired")
             return self._finish(batch_id, "expired")
         if not job.remaining:
+
             def to_finalizing(r: dict[str, Any]) -> None:
                 if r["batch"]["status"] == "in_progress":
                     r["batch"].update(status="finalizing", finalizing_at=int(now))
                     r["t"]["finalizing"] = now
+
             self.store.update_batch(batch_id, to_finalizing)
             return now
         if now < job.next_at:
@@ -447,7 +498,9 @@ class Worker:
         assert rec is not None
         b = rec["batch"]
         now = time.time()
-        stamp = {"completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at"}[status]
+        stamp = {"completed": "completed_at", "expired": "expired_at", "cancelled": "cancelled_at"}[
+            status
+        ]
         job = self._job(batch_id, rec) if b["in_progress_at"] is not None else None
         if b["in_progress_at"] is not None and job is None:
             return now  # _job failed the batch
@@ -468,7 +521,9 @@ class Worker:
         self.store.progress_path(batch_id).unlink(missing_ok=True)
         return now
 
-    def _write_results(self, batch_id: str, rec: dict[str, Any], job: Job, status: str) -> dict[str, Any]:
+    def _write_results(
+        self, batch_id: str, rec: dict[str, Any], job: Job, status: str
+    ) -> dict[str, Any]:
         """Output and error files of a batch; their ids (None when a file would be empty)."""
         entries = scan_progress(job.progress)
         ok = [e for e in entries if e.ok]
@@ -483,7 +538,8 @@ class Worker:
             )
             extra = [
                 shapes.failed_line(r.custom_id, code, msg) + "\n"
-                for r in job.requests if r.index not in done
+                for r in job.requests
+                if r.index not in done
             ]
         rng = random.Random(batch_id)
         if self.config.shuffle_output:
@@ -520,7 +576,10 @@ class Worker:
             dst.flush()
             os.fsync(dst.fileno())
         self.store.register_file(
-            tmp, file_id=file_id, filename=f"{batch_id}_{kind}.jsonl", purpose="batch_output",
+            tmp,
+            file_id=file_id,
+            filename=f"{batch_id}_{kind}.jsonl",
+            purpose="batch_output",
             expires_after_s=ttl,
         )
         return file_id

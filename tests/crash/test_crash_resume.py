@@ -1,0 +1,152 @@
+"""Crash safety: SIGKILL the pipeline (a real subprocess) at each crash point, then resume.
+
+The Batch API server runs in its own process (`batchyard serve`), so it outlives the pipeline,
+as OpenAI would. After the resume: every chunk is in Milvus exactly once with its vector, every
+unit has exactly one result or failure, and the server holds exactly one batch per shard attempt.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from batchyard.crash import CRASH_POINTS
+
+pytestmark = pytest.mark.crash
+
+N = 60
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    env = {**os.environ, "BATCHYARD_PROVIDER__LOCAL__SECONDS_PER_REQUEST": "0.01"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "batchyard.cli", "serve", "--port", str(port), "--state-dir", str(tmp_path / "server")],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            httpx.get(f"{url}/batches", timeout=1)
+            break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        proc.kill()
+        raise RuntimeError("batchyard serve did not start")
+    yield url
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def pipeline_env(tmp_path: Path, server: str, crash: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHYARD_")}
+    env.update({
+        "BATCHYARD_STAGING__ROOT": str(tmp_path / "staging"),
+        "BATCHYARD_PROVIDER__BASE_URL": server,
+        "BATCHYARD_PROVIDER__API_KEY": "sk-crash-test",
+        "BATCHYARD_PROVIDER__POLL_INTERVAL_S": "0.1",
+        "BATCHYARD_MILVUS__INDEX_TYPE": "FLAT",
+        "BATCHYARD_EMBEDDING__DIMENSIONS": "16",
+        "BATCHYARD_LIMITS__MAX_INPUTS_PER_BATCH": "20",
+        "BATCHYARD_LIMITS__MAX_INPUTS_PER_REQUEST": "5",
+    })
+    if crash:
+        env["BATCHYARD_CRASH_AT"] = crash
+    return env
+
+
+def cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "batchyard.cli", *args], env=env, cwd=cwd, capture_output=True,
+                          text=True, timeout=300)
+
+
+def settings_for(tmp_path: Path, server: str) -> Any:
+    from batchyard.settings import Settings
+
+    return Settings(_env_file=None, staging={"root": str(tmp_path / "staging")},
+                    provider={"base_url": server, "api_key": "sk-crash-test"},
+                    milvus={"index_type": "FLAT"}, embedding={"dimensions": 16})
+
+
+def only_run(tmp_path: Path, job: str) -> str:
+    runs = sorted(p.name for p in (tmp_path / "staging" / job).iterdir())
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+@pytest.mark.parametrize("point", CRASH_POINTS)
+def test_embeddings_crash_then_resume(tmp_path: Path, server: str, point: str) -> None:
+    env = pipeline_env(tmp_path, server, None)
+    seeded = cli(["seed", "--chunks", str(N), "--companies", "2", "--targets-out", "t.yaml"], env, tmp_path)
+    assert seeded.returncode == 0, seeded.stderr
+    crashed = cli(["embed", "--targets", "t.yaml", "--engine", "local"], pipeline_env(tmp_path, server, point), tmp_path)
+    assert crashed.returncode == -signal.SIGKILL, f"expected a SIGKILL at {point}: {crashed.stderr[-2000:]}"
+    run_id = only_run(tmp_path, "embeddings")
+    resumed = cli(["resume", run_id, "--engine", "local"], env, tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    from batchyard.context import RunContext
+    from batchyard.jobs.embeddings import EmbeddingsJob
+    from batchyard.storage.runs import RunStore
+    from tests.helpers import assert_every_unit_settled_once, assert_one_batch_per_submission, assert_vectors_match
+
+    with RunContext(settings_for(tmp_path, server)) as ctx:
+        run = RunStore(ctx.staging, "embeddings", run_id)
+        assert run.read_run()["state"] == "finished"
+        results, failures = assert_every_unit_settled_once(ctx, run)
+        assert results.height == N and failures.height == 0
+        assert_one_batch_per_submission(ctx, run)
+        job = EmbeddingsJob(ctx, None)  # type: ignore[arg-type]
+        from batchyard.clients.milvus import count, ensure_collection
+
+        ensure_collection(ctx.milvus, job.collection, dim=job.dims, index_type="FLAT", metric_type="COSINE")
+        assert count(ctx.milvus, job.collection) == N
+        assert_vectors_match(ctx, results, job.collection, job.dims)
+        marked = ctx.store.chunks.count_documents({f"batchyard.{job.emb.space}": {"$exists": True}})
+        assert marked == N
+
+
+@pytest.mark.parametrize("point", ["after_create", "during_download", "during_load"])
+def test_inference_crash_then_resume(tmp_path: Path, server: str, point: str) -> None:
+    env = pipeline_env(tmp_path, server, None)
+    assert cli(["seed", "--chunks", "30", "--companies", "1", "--targets-out", "t.yaml"], env, tmp_path).returncode == 0
+    crashed = cli(["infer", "classify", "--targets", "t.yaml", "--engine", "local", "--max-requests-per-batch", "10"],
+                  pipeline_env(tmp_path, server, point), tmp_path)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    run_id = only_run(tmp_path, "inference-classify")
+    resumed = cli(["resume", run_id, "--engine", "local"], env, tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+    from batchyard.context import RunContext
+    from batchyard.storage.runs import RunStore
+    from tests.helpers import assert_every_unit_settled_once, assert_one_batch_per_submission
+
+    with RunContext(settings_for(tmp_path, server)) as ctx:
+        run = RunStore(ctx.staging, "inference-classify", run_id)
+        results, failures = assert_every_unit_settled_once(ctx, run)
+        assert results.height == 30 and failures.height == 0
+        assert_one_batch_per_submission(ctx, run)
+        stored = ctx.store.collection("inference_results").count_documents({"task": "classify"})
+        assert stored == 30
