@@ -77,7 +77,7 @@ def test_server_initiated_cancel(make_api: MakeApi) -> None:
 
 
 def test_enqueued_token_cap(make_api: MakeApi) -> None:
-    api = make_api(seconds_per_request=0.08, faults={"enqueued_token_cap": 60})
+    api = make_api(seconds_per_request=0.15, faults={"enqueued_token_cap": 60})
     slow = api.submit([api.emb(f"a{i}", "one two three four five") for i in range(8)])  # 40 tokens
     api.wait(slow.id, ("in_progress",))
     blocked = api.run([api.emb(f"b{i}", "one two three four five") for i in range(5)])  # +25 > 60

@@ -44,13 +44,13 @@ def test_restart_mid_batch_resumes_without_rerunning(
     state = tmp_path / "shared"
     first = make_server(state_dir=state, seconds_per_request=0.03)
     api = api_for(first)
-    lines = [api.emb(f"r{i:02d}", f"text {i}") for i in range(40)]
+    lines = [api.emb(f"r{i:02d}", f"text {i}") for i in range(60)]
     b = api.submit(lines)
     api.wait(b.id, ("in_progress",))
     time.sleep(0.35)
     first.stop()
     before = _progress_ids(state, b.id)
-    assert 0 < len(before) < 40
+    assert 0 < len(before) < 60
     persisted = json.loads((state / "batches" / f"{b.id}.json").read_text())["batch"]
     assert persisted["status"] == "in_progress"
     assert persisted["request_counts"]["completed"] == len(before)
@@ -58,14 +58,14 @@ def test_restart_mid_batch_resumes_without_rerunning(
     second = make_server(state_dir=state, seconds_per_request=0.0)
     api2 = api_for(second)
     done = api2.wait(b.id)
-    assert done.status == "completed" and done.request_counts.completed == 40  # type: ignore[union-attr]
+    assert done.status == "completed" and done.request_counts.completed == 60  # type: ignore[union-attr]
     out = api2.lines(done.output_file_id)
     ids = [line["custom_id"] for line in out]
-    assert sorted(ids) == [f"r{i:02d}" for i in range(40)]  # each exactly once
+    assert sorted(ids) == [f"r{i:02d}" for i in range(60)]  # each exactly once
     final = {line["custom_id"]: line["id"] for line in out}
     assert all(final[cid] == line_id for cid, line_id in before.items())  # not re-run
     assert second.store is not None
-    assert second.store.counters()["processed_requests"] == 40
+    assert second.store.counters()["processed_requests"] == 60
     assert not (state / "progress" / f"{b.id}.jsonl").exists()
     assert api2.client.files.retrieve(b.input_file_id).purpose == "batch"  # files persisted
 

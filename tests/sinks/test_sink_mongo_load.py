@@ -29,7 +29,7 @@ def _chunk_rows(ids: list[Any]) -> pl.DataFrame:
 def test_mark_chunks_sets_the_mark_and_reruns_insert_nothing(chunks: Any, fields: MongoFields) -> None:
     ids: list[Any] = [f"c{i}" for i in range(1, 8)] + [7, 12, ObjectId(), ObjectId()]
     chunks.insert_many([{"_id": i, "text": "t", "batchyard": {"other_space": {"text_sha256": "keep"}}} for i in ids])
-    rows = _chunk_rows(ids + ["gone"])  # "gone" was deleted since the snapshot
+    rows = _chunk_rows([*ids, "gone"])  # "gone" was deleted since the snapshot
     receipt = mark_chunks(chunks, rows, fields=fields, space=SPACE, run_id="run-1", batch_size=4)
     assert receipt.sink == "mongo.marks" and receipt.target == "batchyard_test.chunks"
     assert (receipt.rows, receipt.matched, receipt.modified, receipt.upserted) == (12, 11, 11, 0)

@@ -1,4 +1,5 @@
 """The document store: the persisted stand-in, its label, and secret-free server labels."""
+# ruff: noqa: RUF001  (non-ASCII punctuation is the point)
 
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def test_second_process_gets_a_clear_busy_error(tmp_path: Path) -> None:
     proc.start()
     try:
         assert ready.wait(10)
-        with pytest.raises(StandinBusy, match="in use by another process"):
+        with pytest.raises(StandinBusy, match=f"in use by another process \\(pid {proc.pid}\\)"):
             open_document_store(MongoSettings(), standin_dir=tmp_path, lock_timeout_s=0.2)
     finally:
         done.set()

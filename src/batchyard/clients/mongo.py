@@ -61,11 +61,13 @@ class DocumentStoreError(TerminalError):
 class StandinBusy(TransientError):
     """Another process holds the stand-in file open."""
 
-    def __init__(self, path: str, waited_s: float) -> None:
+    def __init__(self, path: str, waited_s: float, holder_pid: int | None = None) -> None:
         self.path = path
         self.waited_s = waited_s
+        self.holder_pid = holder_pid
+        who = f"another process (pid {holder_pid})" if holder_pid else "another process"
         super().__init__(
-            f"the MongoDB stand-in at {path} is in use by another process "
+            f"the MongoDB stand-in at {path} is in use by {who} "
             f"(waited {waited_s:.1f} s); close that process or set a MongoDB URI"
         )
 
@@ -74,12 +76,21 @@ class StandinBusy(TransientError):
 
 
 def patch_mongomock() -> None:
-    """Make mongomock 4.3 accept pymongo 4.20's `sort=` in bulk update/replace ops (idempotent)."""
+    """Adapt mongomock 4.3 to pymongo 4.20 and make keyed writes fast (idempotent).
+
+    1. pymongo 4.20 passes `sort=` to `BulkOperationBuilder.add_update/add_replace`; mongomock
+       does not accept it: the keyword is dropped (it only matters with several matches).
+    2. mongomock scans every document for every filter and every unique-index check, so a bulk
+       of n keyed updates costs O(n^2). Filters on `_id` (equality or `$in`) and equality
+       filters covering a unique index are answered from a hash lookup instead; the lookup
+       table is verified on use and falls back to the scan whenever a key is not a plain scalar
+       (arrays, sub-documents, dates) or the index is partial.
+    """
     try:
-        from mongomock.collection import BulkOperationBuilder
+        from mongomock.collection import BulkOperationBuilder, Collection
     except ImportError:  # pragma: no cover - mongomock is a core dependency
         return
-    if getattr(BulkOperationBuilder, "_batchyard_sort_shim", False):
+    if getattr(BulkOperationBuilder, "_batchyard_shim", False):
         return
     orig_update = BulkOperationBuilder.add_update
     orig_replace = BulkOperationBuilder.add_replace
@@ -92,7 +103,164 @@ def patch_mongomock() -> None:
 
     BulkOperationBuilder.add_update = add_update  # type: ignore[method-assign]
     BulkOperationBuilder.add_replace = add_replace  # type: ignore[method-assign]
-    BulkOperationBuilder._batchyard_sort_shim = True  # type: ignore[attr-defined]
+
+    orig_iter = Collection._iter_documents
+    orig_uniques = Collection._ensure_uniques
+
+    def _iter_documents(self: Any, filter: Any) -> Any:
+        candidates = _fast_candidates(self._store, filter)
+        if candidates is None:
+            return orig_iter(self, filter)
+        from mongomock.filtering import filter_applies
+
+        return (doc for doc in candidates if filter_applies(filter, doc))
+
+    def _ensure_uniques(self: Any, new_data: Any) -> None:
+        from pymongo.errors import DuplicateKeyError
+
+        slow = False
+        for index in list(self._store.indexes.values()):
+            if not index.get("unique"):
+                continue
+            verdict = _unique_check(self._store, index, new_data)
+            if verdict is None:
+                slow = True
+            elif verdict:
+                raise DuplicateKeyError("E11000 Duplicate Key Error", 11000)
+        if slow:
+            orig_uniques(self, new_data)
+
+    Collection._iter_documents = _iter_documents  # type: ignore[method-assign]
+    Collection._ensure_uniques = _ensure_uniques  # type: ignore[method-assign]
+    BulkOperationBuilder._batchyard_shim = True  # type: ignore[attr-defined]
+
+
+class _Unsafe(Exception):
+    """A key value the hash lookup cannot represent exactly."""
+
+
+_MISSING = object()
+# id(index dict) -> (index dict, {"unsafe": bool, "keys": {key tuple: set of store ids}})
+_UNIQUE_TABLES: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
+
+
+def _scalar(value: Any) -> tuple[str, Any]:
+    from bson import ObjectId
+
+    if value is None or value is _MISSING:
+        return ("null", None)
+    if isinstance(value, bool):
+        return ("bool", value)
+    if isinstance(value, int | float):
+        if value != value:  # NaN
+            raise _Unsafe
+        return ("num", value)
+    if isinstance(value, str):
+        return ("str", value)
+    if isinstance(value, ObjectId):
+        return ("oid", value)
+    raise _Unsafe
+
+
+def _dotted(doc: Any, path: str) -> Any:
+    cur = doc
+    for part in path.split("."):
+        if isinstance(cur, dict):
+            if part not in cur:
+                return _MISSING
+            cur = cur[part]
+        else:
+            raise _Unsafe  # arrays along the path: multikey semantics
+    return cur
+
+
+def _index_key(doc: Any, index: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(_scalar(_dotted(doc, field)) for field, _ in index["key"])
+
+
+def _store_id(value: Any) -> Any:
+    if isinstance(value, dict):
+        raise _Unsafe
+    return value
+
+
+def _table(store: Any, index: dict[str, Any]) -> dict[str, Any] | None:
+    """The lookup table of a unique index, built on first use (None when unusable)."""
+    if index.get("partialFilterExpression") is not None:
+        return None
+    entry = _UNIQUE_TABLES.get(id(index))
+    if entry is None or entry[0] is not index:
+        table: dict[str, Any] = {"unsafe": False, "keys": {}}
+        try:
+            for doc in store.documents:
+                table["keys"].setdefault(_index_key(doc, index), set()).add(_store_id(doc["_id"]))
+        except _Unsafe:
+            table["unsafe"] = True
+        entry = (index, table)
+        _UNIQUE_TABLES[id(index)] = entry
+    return None if entry[1]["unsafe"] else entry[1]
+
+
+def _live(store: Any, index: dict[str, Any], table: dict[str, Any], key: tuple[Any, ...]) -> list[Any]:
+    """Store ids whose document currently has `key` (stale entries are pruned)."""
+    bucket = table["keys"].get(key)
+    if not bucket:
+        return []
+    live = []
+    for sid in list(bucket):
+        if sid in store and _index_key(store[sid], index) == key:
+            live.append(sid)
+        else:
+            bucket.discard(sid)
+    return live
+
+
+def _unique_check(store: Any, index: dict[str, Any], new_data: Any) -> bool | None:
+    """True: duplicate; False: unique; None: use mongomock's scan."""
+    table = _table(store, index)
+    if table is None:
+        return None
+    try:
+        key = _index_key(new_data, index)
+        sid = _store_id(new_data["_id"])
+        if index.get("sparse") and all(k == ("null", None) for k in key):
+            return False
+        table["keys"].setdefault(key, set()).add(sid)
+        return len(_live(store, index, table, key)) > 1
+    except _Unsafe:
+        table["unsafe"] = True
+        return None
+
+
+def _fast_candidates(store: Any, filter: Any) -> list[Any] | None:
+    """Stored documents that may match `filter`, from a hash lookup (None: scan instead)."""
+    if not isinstance(filter, dict) or not filter:
+        return None
+    try:
+        if "_id" in filter:
+            value = filter["_id"]
+            if isinstance(value, dict):
+                if set(value) != {"$in"} or not isinstance(value["$in"], list | tuple):
+                    return None
+                ids = list(dict.fromkeys(_store_id(v) for v in value["$in"] if _scalar(v)))
+            else:
+                _scalar(value)
+                ids = [value]
+            return [store[i] for i in ids if i in store]
+        for index in list(store.indexes.values()):
+            if not index.get("unique") or index.get("sparse"):
+                continue
+            fields = [f for f, _ in index["key"]]
+            if not all(f in filter for f in fields) or any(k.startswith("$") for k in filter):
+                continue
+            key = tuple(_scalar(filter[f]) for f in fields)
+            table = _table(store, index)
+            if table is None:
+                continue
+            return [store[sid] for sid in _live(store, index, table, key)]
+    except (_Unsafe, TypeError):
+        return None
+    return None
 
 
 # --------------------------------------------------------------------------- labels
@@ -143,8 +311,10 @@ class DocumentStore:
         label: str,
         is_standin: bool,
         standin: _Standin | None = None,
+        secrets: list[str] | None = None,
     ) -> None:
         self._client = client
+        self._secrets = secrets or []
         self._settings = settings
         self._db = client[settings.database]
         self.label = label
@@ -177,7 +347,7 @@ class DocumentStore:
                 ensure_results_index(coll)
             except PyMongoError as exc:
                 raise DocumentStoreError(
-                    self.label, f"cannot create the results index: {type(exc).__name__}: {exc}"
+                    self.label, self._scrub(f"cannot create the results index: {type(exc).__name__}: {exc}")
                 ) from None
             self._results_indexed = True
         return coll
@@ -193,7 +363,12 @@ class DocumentStore:
         try:
             self._client.admin.command("ping")
         except PyMongoError as exc:
-            raise DocumentStoreError(self.label, f"not reachable: {type(exc).__name__}: {exc}") from None
+            raise DocumentStoreError(
+                self.label, self._scrub(f"not reachable: {type(exc).__name__}: {exc}")
+            ) from None
+
+    def _scrub(self, text: str) -> str:
+        return _scrub(text, self._secrets)
 
     # lifecycle
     def save(self) -> None:
@@ -261,7 +436,9 @@ def _open_server(settings: MongoSettings) -> DocumentStore:
     except Exception as exc:
         reason = _scrub(f"{type(exc).__name__}: {exc}", _uri_secrets(uri))
         raise DocumentStoreError(label, f"invalid connection string ({reason})") from None
-    return DocumentStore(client, settings, label=label, is_standin=False)
+    return DocumentStore(
+        client, settings, label=label, is_standin=False, secrets=_uri_secrets(uri)
+    )
 
 
 # --------------------------------------------------------------------------- the stand-in
@@ -277,6 +454,7 @@ class _Standin:
         self.path = path
         self.database = database
         self.lock_fd = lock_fd
+        self.pid = os.getpid()
         self.refs = 0
         self.mutex = threading.RLock()
         self.client = mongomock.MongoClient(tz_aware=True)
@@ -355,7 +533,7 @@ class _Standin:
                 with os.fdopen(fd, "wb") as fh:
                     fh.write(bson.encode(header))
                     for name in names:
-                        for doc in self.db[name].find({}):
+                        for doc in _stored_documents(self.db[name]):
                             fh.write(bson.encode({"c": name, "d": doc}))
                     fh.flush()
                     os.fsync(fh.fileno())
@@ -364,6 +542,15 @@ class _Standin:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp)
                 raise
+
+
+def _stored_documents(collection: Any) -> Any:
+    """The stored documents without mongomock's per-document deep copy (read-only use)."""
+    store = getattr(collection, "_store", None)
+    documents = getattr(store, "documents", None)
+    if documents is None:  # pragma: no cover - another mongomock layout
+        return collection.find({})
+    return documents
 
 
 _STANDINS: dict[Path, _Standin] = {}
@@ -393,7 +580,11 @@ def _lock(lock_path: Path, timeout_s: float) -> int:
             waited = time.monotonic() - start
             if waited >= timeout_s:
                 os.close(fd)
-                raise StandinBusy(str(lock_path.with_suffix("")), waited) from None
+                try:
+                    holder = int(lock_path.read_text().strip() or 0) or None
+                except (OSError, ValueError):
+                    holder = None
+                raise StandinBusy(str(lock_path.with_suffix("")), waited, holder) from None
             time.sleep(0.05)
             continue
         os.ftruncate(fd, 0)
@@ -405,6 +596,8 @@ def _open_standin(settings: MongoSettings, standin_dir: Path, lock_timeout_s: fl
     path = standin_path(standin_dir, settings.database).resolve()
     with _STANDINS_LOCK:
         standin = _STANDINS.get(path)
+        if standin is not None and standin.pid != os.getpid():
+            standin = None  # inherited through fork: the parent owns that copy and its lock
         if standin is None:
             fd = _lock(path.with_name(path.name + ".lock"), lock_timeout_s)
             try:
