@@ -209,6 +209,22 @@ def rows_per_request(dim: int, *, batch_rows: int, max_request_bytes: int, row_o
     return max(1, min(batch_rows, max_request_bytes // max(1, per_row)))
 
 
+def upsert_step(frame: pl.DataFrame, dim: int, *, batch_rows: int, max_request_bytes: int) -> int:
+    """Rows per upsert call for `frame`: vector bytes plus the mean size of its scalar fields."""
+    strings = [c for c in ("chunk_id", "company_id", "document_id", "text_sha256", "run_id") if c in frame.columns]
+    string_bytes = 0
+    if strings and frame.height:
+        string_bytes = frame.select(
+            pl.sum_horizontal(pl.col(c).cast(pl.String).str.len_bytes().cast(pl.Int64) for c in strings).mean()
+        ).item() or 0
+    return rows_per_request(
+        dim,
+        batch_rows=batch_rows,
+        max_request_bytes=max_request_bytes,
+        row_overhead=int(string_bytes) + 8 * len(FIELDS),
+    )
+
+
 def upsert_frame(
     client: MilvusClient,
     name: str,
@@ -240,18 +256,7 @@ def upsert_frame(
     bad = scalars.filter(pl.col("chunk_id").is_null() | pl.col("company_id").is_null()).height
     if bad:
         raise ValueError(f"{bad} row(s) without chunk_id or company_id for Milvus collection {name!r}")
-    string_bytes = scalars.select(
-        pl.sum_horizontal(
-            pl.col(c).str.len_bytes().cast(pl.Int64)
-            for c in ("chunk_id", "company_id", "document_id", "text_sha256", "run_id")
-        ).mean()
-    ).item()
-    step = rows_per_request(
-        dim,
-        batch_rows=batch_rows,
-        max_request_bytes=max_request_bytes,
-        row_overhead=int(string_bytes or 0) + 8 * 7,
-    )
+    step = upsert_step(scalars, dim, batch_rows=batch_rows, max_request_bytes=max_request_bytes)
     total = 0
     for start in range(0, frame.height, step):
         part = scalars.slice(start, step)

@@ -102,9 +102,7 @@ def load_vectors(
         frame = frame.sort("attempt", maintain_order=True, nulls_last=False)
     frame = frame.unique(subset="chunk_id", keep="last", maintain_order=True)
     frame = frame.select(*need).with_columns(pl.lit(run_id, dtype=pl.String).alias("run_id"))
-    step = mv.rows_per_request(
-        _dim(frame), batch_rows=batch_rows, max_request_bytes=max_request_bytes
-    )
+    step = mv.upsert_step(frame, _dim(frame), batch_rows=batch_rows, max_request_bytes=max_request_bytes)
     upserted = mv.upsert_frame(
         client, name, frame, batch_rows=batch_rows, max_request_bytes=max_request_bytes
     )

@@ -1,0 +1,84 @@
+"""End to end through the command line, as a user runs it, on the embedded defaults."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def cli(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    full = {k: v for k, v in os.environ.items() if not k.startswith("BATCHYARD_")}
+    full.update({"BATCHYARD_MILVUS__INDEX_TYPE": "FLAT", "COLUMNS": "200", **env})
+    return subprocess.run([sys.executable, "-m", "batchyard.cli", *args], cwd=cwd, env=full, capture_output=True,
+                          text=True, timeout=600)
+
+
+def test_demo_runs_on_the_embedded_defaults(tmp_path: Path) -> None:
+    out = cli(["demo"], tmp_path)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    text = out.stdout
+    assert "MongoDB stand-in" in text  # labelled as a stand-in wherever it is used
+    assert "nearest neighbours in Milvus" in text
+    assert "results=300" in text  # every seeded chunk embedded
+    assert "a few parsed results" in text and "section_type" in text
+    assert (tmp_path / "staging" / "embeddings").is_dir()
+
+
+def test_20k_chunks_in_10_plus_shards_exactly_once_then_nothing(tmp_path: Path) -> None:
+    assert cli(["seed", "--chunks", "20000"], tmp_path).returncode == 0
+    first = cli(["embed", "--targets", "targets.yaml", "--engine", "local", "--max-inputs-per-batch", "2000"],
+                tmp_path, BATCHYARD_PROVIDER__POLL_INTERVAL_S="0.3")
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    second = cli(["embed", "--targets", "targets.yaml", "--engine", "local"], tmp_path)
+    assert second.returncode == 0 and "requests=0, shards=0" in second.stdout.replace("\n", " ").replace("│", "")
+
+    from batchyard.clients.milvus import count, ensure_collection
+    from batchyard.context import RunContext
+    from batchyard.localapi.executors import hash_embedding
+    from batchyard.settings import Settings
+    from batchyard.storage.ledger import Ledger
+    from batchyard.storage.runs import list_runs
+
+    s = Settings(_env_file=None, staging={"root": str(tmp_path / "staging")}, milvus={"index_type": "FLAT"})
+    with RunContext(s) as ctx:
+        runs = list_runs(ctx.staging)
+        assert len(runs) == 2
+        recs = Ledger(runs[0]).all()
+        assert len(recs) >= 10 and all(r.n_inputs <= 2000 for r in recs)
+        assert Ledger(runs[1]).all() == []  # the second run submitted no batch
+        name = f"chunks_{s.embedding.space}"
+        ensure_collection(ctx.milvus, name, dim=256, index_type="FLAT", metric_type="COSINE")
+        assert count(ctx.milvus, name) == 20000
+        space = s.embedding.space
+        assert ctx.store.chunks.count_documents({f"batchyard.{space}.text_sha256": {"$exists": True}}) == 20000
+        sample = list(ctx.store.chunks.find({}, {"text": 1}).limit(50))
+        got = {r["chunk_id"]: r["vector"] for r in ctx.milvus.get(name, ids=[d["_id"] for d in sample])}
+        for d in sample:
+            np.testing.assert_allclose(np.asarray(got[d["_id"]], dtype=np.float32), hash_embedding(d["text"], 256),
+                                       atol=1e-6)
+
+
+def test_config_show_masks_secrets_and_profiles_load(tmp_path: Path) -> None:
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "staging.env").write_text("BATCHYARD_EMBEDDING__DIMENSIONS=512\n")
+    out = cli(["--profile", "staging", "config", "show"], tmp_path, BATCHYARD_PROVIDER__API_KEY="sk-SENTINEL-123",
+              BATCHYARD_MONGO__URI="mongodb://u:pw-SENTINEL@db:27017")
+    assert out.returncode == 0, out.stderr
+    assert "SENTINEL" not in out.stdout and "**********" in out.stdout
+    assert '"dimensions": 512' in out.stdout
+    missing = cli(["--profile", "nope", "config", "show"], tmp_path)
+    assert missing.returncode != 0 and "profiles/nope.env" in (missing.stdout + missing.stderr)
+
+
+def test_bad_targets_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "t.yaml").write_text("companies:\n  - company_id: ''\n")
+    out = cli(["embed", "--targets", "t.yaml", "--engine", "local"], tmp_path)
+    assert out.returncode == 1
+    assert "t.yaml" in out.stdout and "Traceback" not in out.stdout + out.stderr
