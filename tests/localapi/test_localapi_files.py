@@ -8,7 +8,6 @@ import httpx
 import openai
 import pytest
 
-from batchyard.localapi.multipart import parse_form
 from batchyard.localapi.runner import LocalServer
 from batchyard.localapi.store import StateDirLockedError
 
@@ -106,19 +105,21 @@ def test_error_shape_and_unknown_routes(api: Api) -> None:
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_multipart_parser() -> None:
-    body = (
-        b'--XyZ\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
-        b'--XyZ\r\nContent-Disposition: form-data; name="expires_after[seconds]"\r\n\r\n3600\r\n'
-        b'--XyZ\r\nContent-Disposition: form-data; name="file"; filename="a \\"b\\".jsonl"\r\n'
-        b"Content-Type: application/octet-stream\r\n\r\nline1\r\nline2\r\n\r\n--XyZ--\r\n"
+def test_raw_multipart_upload_keeps_bytes_exactly_and_rejects_junk(server: LocalServer) -> None:
+    base = server.base_url
+    content = b"line1\r\nline2\r\n\r\n"
+    r = httpx.post(
+        f"{base}/files",
+        data={"purpose": "batch", "expires_after[anchor]": "created_at", "expires_after[seconds]": "3600"},
+        files={"file": ('a "b".jsonl', content, "application/octet-stream")},
     )
-    fields, files = parse_form(body, 'multipart/form-data; boundary="XyZ"')
-    assert fields == {"purpose": "batch", "expires_after[seconds]": "3600"}
-    assert files["file"].filename == 'a "b".jsonl'
-    assert files["file"].content == b"line1\r\nline2\r\n"
-    with pytest.raises(ValueError):
-        parse_form(b"junk", "application/json")
+    assert r.status_code == 200, r.text
+    meta = r.json()
+    assert meta["bytes"] == len(content) and meta["purpose"] == "batch"
+    assert meta["expires_at"] == meta["created_at"] + 3600
+    assert httpx.get(f"{base}/files/{meta['id']}/content").content == content
+    bad = httpx.post(f"{base}/files", content=b"junk", headers={"content-type": "multipart/form-data; boundary=X"})
+    assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request_error"
 
 
 def test_state_dir_is_locked_by_a_live_server(server: LocalServer) -> None:

@@ -5,6 +5,6 @@ Embedded default provider, test peer and self-hosted batch gateway in one. Modul
 `worker` (batch lifecycle), `progress` (resumable per-batch progress files), `store`
 (persistent state), `validation` (input-file checks), `executors` (request executors),
 `vectors` (`hash_embedding`, vector encodings), `completions` (simulated chat/responses),
-`schema_gen` (schema-valid values), `faults`, `shapes` (OpenAI wire objects), `texts`,
-`multipart`.
+`schema_gen` (schema-valid values), `faults`, `shapes` (OpenAI wire objects), `texts`.
+Multipart uploads are parsed by Starlette (python-multipart).
 """

@@ -17,10 +17,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from batchyard.localapi import shapes
-from batchyard.localapi.multipart import parse_form
 
 if TYPE_CHECKING:
     from batchyard.localapi.config import LocalApiConfig
@@ -172,15 +172,17 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
 
     @app.post("/v1/files")
     async def upload_file(request: Request) -> JSONResponse:
-        body = await request.body()
-        if len(body) > MAX_UPLOAD_BYTES + 64 * 1024:
+        size = int(request.headers.get("content-length") or 0)
+        if size > MAX_UPLOAD_BYTES + 64 * 1024:
             raise shapes.ApiError(413, "File is too large: the maximum size is 512 MB.")
         try:
-            fields, files = parse_form(body, request.headers.get("content-type", ""))
-        except ValueError as exc:
+            form = await request.form(max_files=1, max_fields=16)
+        except Exception as exc:  # noqa: BLE001 - malformed multipart, whatever the parser says
             raise shapes.ApiError(400, f"Invalid multipart body: {exc}") from None
-        if "file" not in files:
+        upload_part = form.get("file")
+        if not isinstance(upload_part, UploadFile):
             raise _missing("file")
+        fields = {k: v for k, v in form.items() if isinstance(v, str)}
         purpose = fields.get("purpose")
         if not purpose:
             raise _missing("purpose")
@@ -196,11 +198,11 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
         )
         if ttl is None and purpose == "batch":
             ttl = shapes.BATCH_FILE_TTL_S
-        upload = files["file"]
+        content = await upload_part.read()
         meta = await run_in_threadpool(
             store.add_file,
-            upload.content,
-            filename=upload.filename,
+            content,
+            filename=upload_part.filename or "upload.jsonl",
             purpose=purpose,
             expires_after_s=ttl,
         )
@@ -318,8 +320,9 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
                 "cancel_reason": None,
             }
         )
+        response = copy.deepcopy(batch)  # the worker mutates the stored record from now on
         worker.wake()
-        return batch
+        return response
 
     @app.get("/v1/batches")
     def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
