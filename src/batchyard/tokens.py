@@ -55,7 +55,7 @@ def truncate_to_tokens(text: str, max_tokens: int, encoding: str = "cl100k_base"
     for end in range(max_tokens, max(0, max_tokens - 8), -1):
         try:
             prefix = tok.decode(ids[:end])
-        except Exception:  # noqa: BLE001 - invalid utf-8 at the cut
+        except Exception:
             continue
         if tok.count(prefix) <= max_tokens:
             return prefix

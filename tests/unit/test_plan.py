@@ -129,7 +129,7 @@ def test_each_shard_limit_holds_at_its_edge(limit: str, value: int) -> None:
 def test_shard_bytes_match_file_bytes() -> None:
     reqs = build(chunks([f"text {i}" for i in range(30)]), LimitsSettings(max_bytes_per_batch=2000, safety_margin=1.0,
                                                                           max_inputs_per_request=2))
-    for (shard,), part in reqs.group_by(["shard"]):
+    for _, part in reqs.group_by(["shard"]):
         data = plan.shard_bytes(part["line"])
         assert len(data) == part["bytes"].sum() <= 2000
         assert data.count(b"\n") == part.height

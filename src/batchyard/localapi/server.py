@@ -177,7 +177,7 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
             raise shapes.ApiError(413, "File is too large: the maximum size is 512 MB.")
         try:
             form = await request.form(max_files=1, max_fields=16)
-        except Exception as exc:  # noqa: BLE001 - malformed multipart, whatever the parser says
+        except Exception as exc:
             raise shapes.ApiError(400, f"Invalid multipart body: {exc}") from None
         upload_part = form.get("file")
         if not isinstance(upload_part, UploadFile):

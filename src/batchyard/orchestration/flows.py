@@ -22,8 +22,14 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
+from collections.abc import Callable  # noqa: E402
+
 from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
-from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact  # noqa: E402
+from prefect.artifacts import (  # noqa: E402
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.assets import Asset, materialize  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
@@ -34,8 +40,6 @@ from batchyard.errors import TerminalError  # noqa: E402
 from batchyard.settings import load_settings  # noqa: E402
 from batchyard.storage.runs import RunStore, find_run  # noqa: E402
 from batchyard.targets import load_targets  # noqa: E402
-
-from collections.abc import Callable  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -53,7 +57,7 @@ def _transient_only(task: Any, task_run: Any, state: Any) -> bool:
         state.result()
     except TerminalError:
         return False
-    except Exception:  # noqa: BLE001
+    except Exception:
         return True
     return False
 

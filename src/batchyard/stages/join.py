@@ -105,7 +105,7 @@ def read_embedding_lines(data: bytes, source: str) -> tuple[pl.DataFrame, pl.Dat
         return _EMB_LINE.to_frame(), _anomalies([])
     try:
         return pl.read_ndjson(io.BytesIO(data), schema=_EMB_LINE), _anomalies([])
-    except Exception:  # noqa: BLE001 - a malformed line: find it, keep the rest
+    except Exception:
         good, bad = split_lines(data, source)
         frame = pl.read_ndjson(io.BytesIO(b"\n".join(good)), schema=_EMB_LINE) if good else _EMB_LINE.to_frame()
         return frame, _anomalies(bad)
