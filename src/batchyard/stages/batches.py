@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import polars as pl
 
 from batchyard.crash import crashpoint
-from batchyard.errors import LedgerError
+from batchyard.errors import ApiTerminalError, LedgerError
 from batchyard.stages.join import OUTCOMES, next_attempt
 from batchyard.stages.plan import shard_bytes
 from batchyard.storage.ledger import Ledger, ShardRecord
@@ -160,9 +160,14 @@ def cancel_shard(run: RunStore, api: BatchApi, name: str) -> ShardRecord:
     """Ask the server to cancel a live batch; the tracker collects what finished."""
     ledger = Ledger(run)
     rec = ledger.load(name)
-    if rec.state == "submitted" and rec.batch_id and rec.batch_status not in ("cancelling",):
-        return ledger.observe(rec, api.cancel(rec.batch_id))
-    return rec
+    if rec.state != "submitted" or not rec.batch_id or rec.batch_status == "cancelling":
+        return rec
+    try:
+        batch = api.cancel(rec.batch_id)
+    except ApiTerminalError:
+        # it ended meanwhile (a terminal batch cannot be cancelled): record what it is now
+        batch = api.retrieve(rec.batch_id)
+    return ledger.observe(rec, batch)
 
 
 # collect

@@ -1,0 +1,68 @@
+"""`batchyard cancel` and `batchyard resume`: nothing lost, nothing submitted twice."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from batchyard import runner
+from batchyard.context import RunContext
+from batchyard.jobs.embeddings import EmbeddingsJob
+from batchyard.storage.ledger import Ledger
+from batchyard.storage.runs import find_run
+from tests.helpers import assert_every_unit_settled_once, assert_one_batch_per_submission, seed
+
+N = 90
+
+
+def slow_ctx(settings_factory: Any, **provider: Any) -> RunContext:
+    s = settings_factory(
+        provider={"local": {"seconds_per_request": 0.05, "faults": {"cancelling_s": 0.2}}, **provider},
+        limits={"max_inputs_per_batch": 30, "max_inputs_per_request": 3},
+    )
+    return RunContext(s)
+
+
+def test_cancel_records_what_finished_and_resume_completes(settings_factory: Any) -> None:
+    ctx = slow_ctx(settings_factory)
+    try:
+        targets = seed(ctx, N)
+        job = EmbeddingsJob(ctx, targets)
+        run = runner.create_run(ctx, job)
+        runner.snapshot(ctx, job, run)
+        runner.plan(ctx, job, run)
+        runner.drive(ctx, job, run, max_rounds=3, poll_interval=0.1)
+        live = [r for r in Ledger(run).all() if r.state == "submitted"]
+        assert live, "some batches must be live when we cancel"
+        out = runner.cancel(ctx, run.run_id)
+        assert out["cancelled_batches"] == len(live)
+        info = runner.continue_run(ctx, job, run)
+        assert info["state"] == "cancelled"
+        results, failures = assert_every_unit_settled_once(ctx, run)
+        assert results.height < N and set(failures["code"]) == {"run_cancelled"}
+        statuses = {r.batch_status for r in Ledger(run).all() if r.attempt == 1}
+        assert "cancelled" in statuses
+        # resume re-plans only what did not finish and completes the run
+        done = runner.resume(ctx, run.run_id)
+        assert done["state"] == "finished"
+        results, failures = assert_every_unit_settled_once(ctx, run)
+        assert results.height == N and failures.height == 0
+        assert_one_batch_per_submission(ctx, run)
+    finally:
+        ctx.close()
+
+
+def test_remote_files_are_deleted_after_a_successful_load_when_configured(settings_factory: Any) -> None:
+    s = settings_factory(provider={"delete_remote_files": True}, limits={"max_inputs_per_batch": 30,
+                                                                         "max_inputs_per_request": 10})
+    ctx = RunContext(s)
+    try:
+        targets = seed(ctx, 60)
+        info = runner.execute(ctx, EmbeddingsJob(ctx, targets))
+        assert info["state"] == "finished"
+        ids = {fid for r in Ledger(find_run(ctx.staging, info["run_id"])).all()
+               for fid in (r.file_id, r.output_file_id, r.error_file_id) if fid}
+        assert ids
+        remaining = {f.id for f in ctx.api.client.files.list()}
+        assert not ids & remaining
+    finally:
+        ctx.close()
