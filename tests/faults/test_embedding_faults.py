@@ -59,17 +59,30 @@ def test_clean_run_embeds_everything(settings_factory: Any) -> None:
 
 
 def test_per_request_errors_are_retried_within_budget(settings_factory: Any) -> None:
-    # 30% of requests fail with HTTP 500 on every attempt they are drawn for
+    # 30% of requests fail with HTTP 500, drawn afresh in every batch (like real transient errors)
     ctx, _, info = run_embeddings(settings_factory, {"request_error_rate": 0.3, "seed": 3},
                                   limits={"max_attempts": 4})
     try:
         results, failures = check(ctx, info)
         run = run_of(ctx, info)
-        attempts = ctx.staging.list(run.rel("followups"), ".parquet")
-        assert attempts, "failed requests must get follow-up attempts"
+        assert ctx.staging.list(run.rel("followups"), ".parquet"), "failed requests must get follow-up attempts"
         assert results.height + failures.height == N
+        assert results.height >= 0.8 * N  # a request fails for good only after 4 draws of 30%
+        assert results["attempt"].max() > 1
         if failures.height:
-            assert set(failures["code"]) <= {"server_error", "http_500"}
+            assert set(failures["code"]) == {"server_error"} and (failures["attempt"] == 4).all()
+    finally:
+        ctx.close()
+
+
+def test_sticky_request_errors_exhaust_the_budget_and_keep_the_last_error(settings_factory: Any) -> None:
+    ctx, _, info = run_embeddings(settings_factory, {"request_error_rate": 0.3, "seed": 3,
+                                                     "request_error_sticky": True}, limits={"max_attempts": 2})
+    try:
+        results, failures = check(ctx, info)
+        assert failures.height > 0 and results.height > 0
+        assert (failures["attempt"] == 2).all() and set(failures["code"]) == {"server_error"}
+        assert all("HTTP 500" in m for m in failures["message"])
     finally:
         ctx.close()
 

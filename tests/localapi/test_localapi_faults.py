@@ -113,7 +113,8 @@ def test_validation_failure_fault_first_batch_only(make_api: MakeApi) -> None:
 
 
 def test_request_error_rate_is_deterministic(make_api: MakeApi) -> None:
-    api = make_api(faults={"request_error_rate": 0.3, "request_error_status": 503, "seed": 11})
+    api = make_api(faults={"request_error_rate": 0.3, "request_error_status": 503, "seed": 11,
+                           "request_error_sticky": True})
     lines = _emb_lines(api, 40)
     b = api.run(lines)
     expected = {x["custom_id"] for x in lines if request_error_hit(11, x["custom_id"], 0.3)}

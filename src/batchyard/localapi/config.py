@@ -24,6 +24,10 @@ class FaultConfig(BaseModel):
         default=0.0, ge=0, le=1, description="Share of requests answered with an HTTP error body."
     )
     request_error_status: int = Field(default=500, description="Status code of injected request errors.")
+    request_error_sticky: bool = Field(
+        default=False,
+        description="The same custom_ids fail in every batch (True) or each batch draws afresh (False).",
+    )
     expire_after_requests: int | None = Field(
         default=None, ge=0, description="A batch expires after processing this many requests."
     )

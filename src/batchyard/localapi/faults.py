@@ -31,6 +31,11 @@ def unit_draw(seed: int, key: str, salt: str = "") -> float:
     return int.from_bytes(digest[:8], "big") / 2**64
 
 
-def request_error_hit(seed: int, custom_id: str, rate: float) -> bool:
-    """Whether the request-error fault hits this custom_id (same answer on every run)."""
-    return rate > 0 and unit_draw(seed, custom_id, "request_error") < rate
+def request_error_hit(seed: int, custom_id: str, rate: float, batch_id: str | None = None) -> bool:
+    """Whether the request-error fault hits this custom_id.
+
+    Sticky (no `batch_id`): the same custom_id fails in every batch. Otherwise the draw also
+    depends on the batch, so a retry in a new batch gets a fresh chance, like a real transient error.
+    """
+    key = custom_id if batch_id is None else f"{batch_id}\x00{custom_id}"
+    return rate > 0 and unit_draw(seed, key, "request_error") < rate

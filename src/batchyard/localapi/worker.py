@@ -281,7 +281,7 @@ class Worker:
         if now < job.next_at:
             return job.next_at
         chunk = job.next_chunk(*self._chunk_limits(rec["batch"]["endpoint"], processed))
-        results = self._execute(rec["batch"]["endpoint"], chunk)
+        results = self._execute(rec["batch"]["endpoint"], chunk, batch_id)
         job.record(chunk, results)
         total_processed = self.store.bump("processed_requests", len(chunk))
         counts, usage = _counts(job)
@@ -328,7 +328,7 @@ class Worker:
             log.warning("exit_after_requests=%s reached: killing the server", f.exit_after_requests)
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def _execute(self, endpoint: str, items: list[RequestLine]) -> list[ExecResult]:
+    def _execute(self, endpoint: str, items: list[RequestLine], batch_id: str) -> list[ExecResult]:
         """Answers of a chunk: injected request faults first, the executor for the rest."""
         f = self.faults
         results: list[ExecResult | None] = [None] * len(items)
@@ -340,7 +340,9 @@ class Worker:
                 results[pos] = error_result(
                     status, f"Injected error: the request text carries [[fault:{marker}]]."
                 )
-            elif request_error_hit(f.seed, item.custom_id, f.request_error_rate):
+            elif request_error_hit(
+                f.seed, item.custom_id, f.request_error_rate, None if f.request_error_sticky else batch_id
+            ):
                 results[pos] = error_result(f.request_error_status)
             else:
                 run.append(pos)
