@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -172,6 +173,12 @@ class InferenceJob(Job):
 
         s = self.ctx.settings
         results = run.staging.read_parquet(run.rel("results.parquet"))
+        # the task decides what of its parsed output is stored (default: all of it)
+        results = results.with_columns(
+            parsed=pl.col("parsed").map_elements(
+                lambda p: json.dumps(self.task.record(json.loads(p))), return_dtype=pl.String
+            )
+        )
         crashpoint("during_load")
         receipt = store_results(
             self.ctx.store.collection(self.results_collection), results, task=self.task.name,

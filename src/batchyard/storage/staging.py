@@ -2,7 +2,18 @@
 
 Local writes go to a temporary file in the target's directory and are then `os.replace`d, so a
 crash never leaves a half-written file that later looks complete. On S3 an object appears only
-when its single PUT (or multipart upload) completes, which gives the same guarantee.
+when its single PUT (or multipart upload) completes, which gives the same guarantee; a
+page-by-page Parquet file is spooled to a local temporary file and uploaded when complete.
+
+On S3, s3fs's directory-listing cache is off: listings and `exists` always ask S3, so a file
+another process (or another filesystem instance) wrote is seen at once. Polars reads S3
+through its own object-store client, which takes different option names (`polars_options`).
+
+What cannot live on S3 (Milvus Lite, the MongoDB stand-in, the embedded Batch API server's
+state) goes to `local_dir()`: under the root when it is local; with an S3 root, under
+`<local_root>/s3/<bucket>/<prefix>/`, where `local_root` defaults to `./.batchyard` in the
+working directory at the time the Staging is opened. Such state is per machine: a run staged on
+S3 and resumed elsewhere finds its staged files but not that local state.
 """
 
 from __future__ import annotations
@@ -30,16 +41,32 @@ if TYPE_CHECKING:
 class Staging:
     """A staging root with atomic writes; paths are `/`-joined strings relative to the root."""
 
-    def __init__(self, root: str, *, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        storage_options: dict[str, Any] | None = None,
+        local_root: str | Path | None = None,
+    ) -> None:
+        """Open a root: a local directory (created) or `s3://bucket[/prefix]`.
+
+        `storage_options` are s3fs options (`endpoint_url`, `key`, `secret`, `client_kwargs`);
+        `local_root` is where an S3 root keeps its local state (default `./.batchyard`).
+        """
         self.is_s3 = root.startswith("s3://")
-        self._fs_options = storage_options or {}
+        self._fs_options = dict(storage_options or {})
         if self.is_s3:
+            # no listing cache: a listing must see what other processes wrote since
+            self._fs_options.setdefault("use_listings_cache", False)
             self.fs = fsspec.filesystem("s3", **self._fs_options)
             self.root = root.rstrip("/")
+            base = Path(local_root or ".batchyard").expanduser().resolve()
+            self._local = base.joinpath("s3", *[p for p in self.root[len("s3://"):].split("/") if p])
         else:
             self.fs = fsspec.filesystem("file")
             self.root = str(Path(root).expanduser().resolve())
             Path(self.root).mkdir(parents=True, exist_ok=True)
+            self._local = Path(self.root)
 
     @classmethod
     def from_settings(cls, settings: StagingSettings) -> Staging:
@@ -66,12 +93,14 @@ class Staging:
         return "/".join([self.root, *[p.strip("/") for p in parts if p]])
 
     def local_dir(self, *parts: str) -> Path:
-        """A local directory under the root (for Milvus Lite, the stand-in, the local server).
+        """A local directory for state that cannot live on S3 (created if missing).
 
-        With an S3 root these live under `./.batchyard/` in the working directory.
+        Milvus Lite, the MongoDB stand-in and the embedded Batch API server keep their files
+        here. Local root: the root itself. S3 root `s3://bucket/prefix`:
+        `<local_root>/s3/bucket/prefix` (default `local_root`: `./.batchyard`, resolved when
+        the Staging was opened), so two S3 roots never share local state.
         """
-        base = Path(self.root) if not self.is_s3 else Path(".batchyard").resolve()
-        target = base.joinpath(*parts)
+        target = self._local.joinpath(*parts)
         target.mkdir(parents=True, exist_ok=True)
         return target
 
@@ -79,24 +108,24 @@ class Staging:
         """Whether a file exists."""
         return bool(self.fs.exists(self.path(rel)))
 
+    def _ls(self, rel_dir: str) -> list[dict[str, Any]]:
+        full = self.path(rel_dir)
+        if self.is_s3:
+            self.fs.invalidate_cache(full)  # belt and braces: the listing cache is off
+        try:
+            return list(self.fs.ls(full, detail=True))
+        except FileNotFoundError:
+            return []
+
     def list(self, rel_dir: str, suffix: str = "") -> list[str]:
         """Sorted file names (not paths) in a directory; empty when it does not exist."""
-        full = self.path(rel_dir)
-        if not self.fs.exists(full):
-            return []
-        names = [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(full, detail=False)]
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._ls(rel_dir)]
         return sorted(n for n in names if n.endswith(suffix) and not n.startswith(".tmp-"))
 
     def list_dirs(self, rel_dir: str) -> list[str]:
         """Sorted sub-directory names of a directory."""
-        full = self.path(rel_dir)
-        if not self.fs.exists(full):
-            return []
-        out = []
-        for entry in self.fs.ls(full, detail=True):
-            if entry["type"] == "directory":
-                out.append(entry["name"].rstrip("/").rsplit("/", 1)[-1])
-        return sorted(out)
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._ls(rel_dir) if e["type"] == "directory"]
+        return sorted(names)
 
     # bytes and json
 
@@ -162,22 +191,47 @@ class Staging:
         return pl.read_parquet(self.path(rel))
 
     def scan_parquet(self, rels: list[str]) -> pl.LazyFrame:
-        """Lazily scan several Parquet files as one frame."""
+        """Lazily scan several Parquet files as one frame (on S3 through Polars' own client)."""
         if self.is_s3:
-            return pl.concat([self.read_parquet(r).lazy() for r in rels], how="diagonal_relaxed")
+            return pl.scan_parquet([self.path(r) for r in rels], storage_options=self.polars_options())
         return pl.scan_parquet([self.path(r) for r in rels])
+
+    def polars_options(self) -> dict[str, str]:
+        """`storage_options` for Polars on this S3 root (Polars' names, not s3fs's).
+
+        Polars ignores s3fs's `key`/`secret` silently and would then look for credentials
+        elsewhere (environment, instance metadata), so the names are translated here.
+        Contains credentials: never log it.
+        """
+        o = self._fs_options
+        out: dict[str, str] = {}
+        for ours, theirs in (("endpoint_url", "aws_endpoint_url"), ("key", "aws_access_key_id"),
+                             ("secret", "aws_secret_access_key"), ("token", "aws_session_token")):
+            if o.get(ours):
+                out[theirs] = str(o[ours])
+        region = (o.get("client_kwargs") or {}).get("region_name")
+        if region:
+            out["aws_region"] = str(region)
+        if out.get("aws_endpoint_url", "").startswith("http://"):
+            out["aws_allow_http"] = "true"
+        return out
 
     @contextmanager
     def parquet_writer(self, rel: str, schema: pl.Schema) -> Iterator[_PageWriter]:
         """Write a Parquet file page by page (flat memory); visible only when the block ends."""
         arrow_schema = pl.DataFrame(schema=schema).to_arrow().schema
         if self.is_s3:
-            buf = io.BytesIO()
-            writer = pq.ParquetWriter(buf, arrow_schema, compression="zstd")
-            page = _PageWriter(writer, arrow_schema)
-            yield page
-            writer.close()
-            self.write_bytes(rel, buf.getvalue())
+            # spool to a local temporary file (flat memory), upload only once it is complete;
+            # s3fs aborts a failed multipart upload, so no object appears on any failure
+            with tempfile.TemporaryDirectory(prefix="batchyard-") as tmpdir:
+                tmp = Path(tmpdir) / "part.parquet"
+                writer = pq.ParquetWriter(str(tmp), arrow_schema, compression="zstd")
+                try:
+                    page = _PageWriter(writer, arrow_schema)
+                    yield page
+                finally:
+                    writer.close()
+                self.fs.put_file(str(tmp), self.path(rel))
             return
         full = Path(self.path(rel))
         full.parent.mkdir(parents=True, exist_ok=True)
