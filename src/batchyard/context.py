@@ -3,6 +3,11 @@
 Clients open on first use and close with the context. With no API key configured, the batch
 provider is the local Batch API server started in-process (state under the staging root), so
 everything runs offline; it is reached over HTTP through the `openai` SDK like any provider.
+
+Local state (the embedded server's files and batches, the MongoDB stand-in, Milvus Lite) lives
+in `staging.local_dir()`: the staging root itself when it is a directory, and
+`./.batchyard/s3/<bucket>/<prefix>/` when the root is on S3 (see `Staging.local_dir`). With an
+S3 root only the staged run files are shared; that local state stays on the machine that ran.
 """
 
 from __future__ import annotations
@@ -82,9 +87,9 @@ class RunContext:
         if self._milvus is None:
             from batchyard.clients.milvus import open_vector_store
 
-            default = str(self.staging.local_dir() / "milvus.db") if not self.staging.is_s3 else str(
-                self.staging.local_dir("milvus") / "milvus.db"
-            )
+            # Milvus Lite is a local directory: under a local root, or under the S3 root's
+            # local_dir (`./.batchyard/s3/<bucket>/<prefix>/milvus.db`), never on S3 itself
+            default = str(self.staging.local_dir() / "milvus.db")
             self._milvus = open_vector_store(self.settings.milvus, default_path=default)
         return self._milvus
 

@@ -12,10 +12,15 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from batchyard.schemas import FAILURES, empty_failures
+from batchyard.crash import crashpoint
+from batchyard.schemas import CHUNKS, FAILURES, empty_failures
+from batchyard.stages import plan as planning
+from batchyard.stages.batches import write_shards
 from batchyard.stages.join import ANOMALIES
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from batchyard.context import RunContext
     from batchyard.storage.ledger import ShardRecord
     from batchyard.storage.runs import RunStore
@@ -100,6 +105,33 @@ class Job(ABC):
         """Load results.parquet into the sinks; returns load receipts."""
 
     # shared
+
+    def write_snapshot(self, run: RunStore, pages: Iterable[tuple[pl.DataFrame, pl.DataFrame]]) -> dict[str, int]:
+        """Stream (chunks page, rejects page) pairs into chunks.parquet and rejects.parquet."""
+        rejects = []
+        with run.staging.parquet_writer(run.rel("chunks.parquet"), CHUNKS) as out:
+            for page, bad in pages:
+                out.write(page)
+                if bad.height:
+                    rejects.append(bad)
+        rej = pl.concat(rejects).cast(FAILURES) if rejects else empty_failures()  # type: ignore[arg-type]
+        run.staging.write_parquet(run.rel("rejects.parquet"), rej)
+        crashpoint("after_snapshot")
+        return {"chunks": out.rows, "rejected": rej.height}
+
+    def write_plan(self, run: RunStore, requests: pl.DataFrame, rejects: pl.DataFrame) -> list[ShardRecord]:
+        """Cut requests into shards under the limits; write rejects, requests.parquet, shards, ledger.
+
+        Idempotent: planning again after a crash rewrites the same files.
+        """
+        limits = planning.ShardLimits.from_settings(self.ctx.settings.limits)
+        requests = planning.assign_shards(requests, limits)
+        planning.check_shards(requests, limits)
+        st = run.staging
+        snapshot_rejects = st.read_parquet(run.rel("rejects.parquet")).filter(pl.col("stage") == "snapshot")
+        st.write_parquet(run.rel("rejects.parquet"), pl.concat([snapshot_rejects, rejects.cast(FAILURES)]))  # type: ignore[arg-type]
+        st.write_parquet(run.rel("requests.parquet"), requests)
+        return write_shards(run, requests, job=self.name, endpoint=self.endpoint, model=self.model)
 
     def planned_units(self, run: RunStore) -> pl.DataFrame:
         """Every unit the plan sent (from requests.parquet)."""

@@ -8,9 +8,7 @@ import polars as pl
 
 from batchyard.crash import crashpoint
 from batchyard.jobs.base import Job
-from batchyard.schemas import CHUNKS, FAILURES
 from batchyard.stages import plan as planning
-from batchyard.stages.batches import write_shards
 from batchyard.stages.join import dedupe, embedding_outcomes, read_embedding_lines
 from batchyard.tokens import encoding_for_model
 
@@ -70,18 +68,9 @@ class EmbeddingsJob(Job):
         from batchyard.stages.snapshot import iter_unprocessed_chunks
 
         mongo = self.ctx.settings.mongo
-        rejects = []
-        with run.staging.parquet_writer(run.rel("chunks.parquet"), CHUNKS) as out:
-            for page, bad in iter_unprocessed_chunks(
-                self.ctx.store.chunks, self.targets, mongo.fields, space=self.emb.space, page_size=mongo.page_size
-            ):
-                out.write(page)
-                if bad.height:
-                    rejects.append(bad)
-        rej = pl.concat(rejects).cast(FAILURES) if rejects else FAILURES.to_frame()  # type: ignore[arg-type]
-        run.staging.write_parquet(run.rel("rejects.parquet"), rej)
-        crashpoint("after_snapshot")
-        return {"chunks": out.rows, "rejected": rej.height}
+        return self.write_snapshot(run, iter_unprocessed_chunks(
+            self.ctx.store.chunks, self.targets, mongo.fields, space=self.emb.space, page_size=mongo.page_size
+        ))
 
     def plan(self, run: RunStore) -> dict[str, int]:
         limits = self.ctx.settings.limits
@@ -90,13 +79,7 @@ class EmbeddingsJob(Job):
         inputs, rejects = planning.prepare_inputs(chunks, limits=limits, encoding=encoding)
         dims = self.emb.dimensions if self.emb.pass_dimensions else None
         requests = planning.embedding_requests(inputs, model=self.emb.model, dimensions=dims, limits=limits)
-        shard_limits = planning.ShardLimits.from_settings(limits)
-        requests = planning.assign_shards(requests, shard_limits)
-        planning.check_shards(requests, shard_limits)
-        old = run.staging.read_parquet(run.rel("rejects.parquet"))
-        run.staging.write_parquet(run.rel("rejects.parquet"), pl.concat([old, rejects]))
-        run.staging.write_parquet(run.rel("requests.parquet"), requests)
-        records = write_shards(run, requests, job=self.name, endpoint=self.endpoint, model=self.model)
+        records = self.write_plan(run, requests, rejects)
         return {
             "inputs": inputs.height,
             "truncated": int(inputs["truncated"].sum()) if inputs.height else 0,

@@ -9,9 +9,7 @@ import polars as pl
 
 from batchyard.crash import crashpoint
 from batchyard.jobs.base import Job
-from batchyard.schemas import CHUNKS, FAILURES
 from batchyard.stages import plan as planning
-from batchyard.stages.batches import write_shards
 from batchyard.stages.join import INFERENCE_ROWS, inference_outcomes, read_json_lines
 from batchyard.tasks.prompts import resolve_prompts_dir
 from batchyard.tasks.registry import get_task
@@ -75,19 +73,10 @@ class InferenceJob(Job):
 
         mongo = self.ctx.settings.mongo
         store = self.ctx.store
-        rejects = []
-        with run.staging.parquet_writer(run.rel("chunks.parquet"), CHUNKS) as out:
-            for page, bad in iter_chunks_for_task(
-                store.chunks, store.collection(self.results_collection), self.targets, mongo.fields,
-                task=self.task.name, task_version=self.task_version, unit=self.task.unit, page_size=mongo.page_size,
-            ):
-                out.write(page)
-                if bad.height:
-                    rejects.append(bad)
-        rej = pl.concat(rejects).cast(FAILURES) if rejects else FAILURES.to_frame()  # type: ignore[arg-type]
-        run.staging.write_parquet(run.rel("rejects.parquet"), rej)
-        crashpoint("after_snapshot")
-        return {"chunks": out.rows, "rejected": rej.height}
+        return self.write_snapshot(run, iter_chunks_for_task(
+            store.chunks, store.collection(self.results_collection), self.targets, mongo.fields,
+            task=self.task.name, task_version=self.task_version, unit=self.task.unit, page_size=mongo.page_size,
+        ))
 
     def plan(self, run: RunStore) -> dict[str, int]:
         chunks = run.staging.read_parquet(run.rel("chunks.parquet"))
@@ -105,13 +94,7 @@ class InferenceJob(Job):
             )
         )
         requests = planning.inference_requests(bodies, endpoint=self.endpoint)
-        limits = planning.ShardLimits.from_settings(self.ctx.settings.limits)
-        requests = planning.assign_shards(requests, limits)
-        planning.check_shards(requests, limits)
-        old = run.staging.read_parquet(run.rel("rejects.parquet"))
-        run.staging.write_parquet(run.rel("rejects.parquet"), pl.concat([old, rejects.cast(FAILURES)]))  # type: ignore[arg-type]
-        run.staging.write_parquet(run.rel("requests.parquet"), requests)
-        records = write_shards(run, requests, job=self.name, endpoint=self.endpoint, model=self.model)
+        records = self.write_plan(run, requests, rejects)
         return {
             "units": units.height,
             "truncated": int(units["truncated"].sum()) if units.height else 0,
