@@ -77,18 +77,24 @@ def _neighbours(console: Console, settings: Settings, info: dict[str, Any]) -> N
             console.print("no new vectors in this run (everything was already embedded): nothing to query")
             return
         chunks = ctx.staging.read_parquet(run.rel("chunks.parquet"))
-        probe = results.row(0, named=True)
-        text = chunks.filter(pl.col("chunk_id") == probe["chunk_id"])["text"][0]
+        # probe with a repeated passage (boilerplate), so that exact duplicates show up as neighbours
+        repeated = chunks.group_by("text_sha256").len().sort("len", descending=True)["text_sha256"][0]
+        probe_id = chunks.filter(pl.col("text_sha256") == repeated)["chunk_id"][0]
+        probe = results.filter(pl.col("chunk_id") == probe_id).row(0, named=True)
+        text = chunks.filter(pl.col("chunk_id") == probe_id)["text"][0]
+        snippets = dict(zip(chunks["chunk_id"], chunks["text"].str.slice(0, 60), strict=True))
         name = collection_name(settings.milvus.collection_prefix, settings.embedding.space)
         ensure_collection(ctx.milvus, name, dim=len(probe["vector"]), index_type=settings.milvus.index_type,
                           metric_type=settings.milvus.metric_type)
         hits = search(ctx.milvus, name, list(probe["vector"]), limit=5)
-        t = Table(title=f"nearest neighbours in Milvus of chunk {probe['chunk_id']}")
+        t = Table(title=f"nearest neighbours in Milvus of chunk {probe_id} ({settings.milvus.metric_type})")
         t.add_column("chunk")
         t.add_column("company")
-        t.add_column("score", justify="right")
+        t.add_column("similarity", justify="right")
+        t.add_column("text")
         for h in hits:
-            t.add_row(str(h.get("chunk_id")), str(h.get("company_id")), f"{h.get('score', 0):.4f}")
+            t.add_row(str(h["chunk_id"]), str(h.get("company_id")), f"{h['distance']:.4f}",
+                      snippets.get(h["chunk_id"], "") + "…")
         console.print(f"query text: [italic]{text[:160]}…[/italic]")
         console.print(t)
 

@@ -25,7 +25,7 @@ def test_demo_runs_on_the_embedded_defaults(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
     assert "MongoDB stand-in" in text  # labelled as a stand-in wherever it is used
-    assert "nearest neighbours in Milvus" in text
+    assert "nearest neighbours in Milvus" in text and "1.0000" in text  # the probe and its duplicates
     assert "results=300" in text  # every seeded chunk embedded
     assert "a few parsed results" in text and "section_type" in text
     assert (tmp_path / "staging" / "embeddings").is_dir()

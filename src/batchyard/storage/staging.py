@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import tempfile
 import uuid
@@ -36,6 +37,42 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
     from batchyard.settings import StagingSettings
+
+
+# botocore logs every prepared request at DEBUG, Authorization header (with the access key id)
+# included; these loggers get a filter that masks the S3 credentials a Staging was opened with
+_CLIENT_LOGGERS = ("botocore.endpoint", "aiobotocore.endpoint")
+_MASK = "**********"
+
+
+class _RedactSecrets(logging.Filter):
+    """Masks known secret strings in the records of the loggers it is attached to."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.secrets:
+            msg = record.getMessage()
+            hits = [s for s in self.secrets if s in msg]
+            if hits:
+                for secret in sorted(hits, key=len, reverse=True):
+                    msg = msg.replace(secret, _MASK)
+                record.msg, record.args = msg, None
+        return True
+
+
+_REDACT = _RedactSecrets()
+
+
+def _redact_in_client_logs(*secrets: str | None) -> None:
+    """Mask these secrets in the S3 client's debug logs from now on (short strings are left)."""
+    _REDACT.secrets.update(s for s in secrets if s and len(s) >= 4)
+    for name in _CLIENT_LOGGERS:
+        logger = logging.getLogger(name)
+        if _REDACT not in logger.filters:
+            logger.addFilter(_REDACT)
 
 
 class Staging:
@@ -58,6 +95,8 @@ class Staging:
         if self.is_s3:
             # no listing cache: a listing must see what other processes wrote since
             self._fs_options.setdefault("use_listings_cache", False)
+            _redact_in_client_logs(self._fs_options.get("key"), self._fs_options.get("secret"),
+                                   self._fs_options.get("token"))
             self.fs = fsspec.filesystem("s3", **self._fs_options)
             self.root = root.rstrip("/")
             base = Path(local_root or ".batchyard").expanduser().resolve()
