@@ -79,7 +79,9 @@ def ensure_corpus(n_chunks: int, seed: int = 0, *, quiet: bool = False) -> Path:
 
 def describe(path: Path) -> dict[str, float]:
     """Rows, text bytes and text length percentiles of a corpus file."""
-    lengths = pl.read_parquet(path, columns=["text"]).select(pl.col("text").str.len_bytes().cast(pl.Int64))["text"]
+    lengths = pl.read_parquet(path, columns=["text"]).select(
+        pl.col("text").str.len_bytes().cast(pl.Int64)
+    )["text"]
     return {
         "rows": lengths.len(),
         "text_mb": round(int(lengths.sum()) / 2**20, 1),
@@ -90,7 +92,9 @@ def describe(path: Path) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--chunks", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()

@@ -1,17 +1,18 @@
 """Shared plumbing of the benchmarks: isolated worker processes, peak RSS, results, tables.
 
 Every measured variant (pipeline, baseline, load-only reference) runs in its own Python process:
+the parent starts `python <script> --worker <variant> ...`; the worker times its stages with
+`Stopwatch`, records its peak RSS right after the timed work (`peak_rss_mb`), writes what the
+parent needs for the correctness checks, and prints one JSON object as its last stdout line
+(with `exit_peak_rss_mb`, the peak including that dump). Nothing is subtracted: each figure
+includes the interpreter and the imported libraries.
 
-- the parent starts `python <script> --worker <variant> ...` and reaps it with `os.wait4`, which
-  returns that one child's resource usage (`ru_maxrss`: its peak resident set size); nothing is
-  subtracted, so each figure includes the interpreter and imported libraries;
-- the worker times its stages with `Stopwatch`, records its own peak RSS (`getrusage(RUSAGE_SELF)`)
-  right after the timed work, then writes what the parent needs for the correctness checks, and
-  prints one JSON object as its last stdout line.
-
-So `peak_rss_mb` is the peak of the timed work, and `process_peak_rss_mb` (from `wait4`) is the
-peak of the whole worker including the post-timing dump (the same value as
-`getrusage(RUSAGE_CHILDREN)` would give for a single child).
+Peak RSS is the kernel's high-water mark of the worker's own address space (`VmHWM` in
+`/proc/self/status`). `getrusage(...).ru_maxrss` is NOT used on Linux: a child's `ru_maxrss`
+(and so `RUSAGE_CHILDREN` / `os.wait4` in the parent) starts at the parent's peak RSS, because
+the kernel carries it across fork+exec; a driver that built a 1.4 GB data set made every worker
+report at least 1.4 GB. The `wait4` value is kept in the results as `rusage_maxrss_mb` for
+reference only. Elsewhere (macOS) `ru_maxrss` is the fallback.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from rich.table import Table
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
 
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 160)
 
 
 def rss_mb(maxrss: int) -> float:
@@ -44,7 +45,14 @@ def rss_mb(maxrss: int) -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak RSS of this process so far, in MiB."""
+    """Peak RSS of this process's address space so far, in MiB (`VmHWM`; see the module doc)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
     return round(rss_mb(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss), 1)
 
 
@@ -59,7 +67,11 @@ class Stopwatch:
         start = time.perf_counter()
         yield
         self.stages.append(
-            {"stage": name, "seconds": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb()}
+            {
+                "stage": name,
+                "seconds": round(time.perf_counter() - start, 3),
+                "peak_rss_mb": peak_rss_mb(),
+            }
         )
 
     @property
@@ -69,27 +81,33 @@ class Stopwatch:
 
 def worker_result(sw: Stopwatch, rows: int, **extra: Any) -> dict[str, Any]:
     """The standard worker answer: rows, total seconds, stages, peak RSS of the timed work."""
-    return {"rows": rows, "seconds": sw.seconds, "peak_rss_mb": peak_rss_mb(), "stages": sw.stages, **extra}
+    return {
+        "rows": rows,
+        "seconds": sw.seconds,
+        "peak_rss_mb": peak_rss_mb(),
+        "stages": sw.stages,
+        **extra,
+    }
 
 
 def emit(result: dict[str, Any]) -> None:
     """Print a worker's result as the last stdout line (the parent parses it)."""
-    print(json.dumps(result), flush=True)
+    print(json.dumps({**result, "exit_peak_rss_mb": peak_rss_mb()}), flush=True)
 
 
 def run_worker(script: Path, args: list[str]) -> dict[str, Any]:
-    """Run `python script --worker ...` in a fresh process; its JSON result plus `wait4` peak RSS."""
+    """Run `python script --worker ...` in a fresh process; its JSON result (+ `wait4` maxrss)."""
     cmd = [sys.executable, str(script), *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)  # stderr passes through (progress)
     assert proc.stdout is not None
     out = proc.stdout.read()
     proc.stdout.close()
-    _, status, usage = os.wait4(proc.pid, 0)  # reap it ourselves to get this child's rusage
+    _, status, usage = os.wait4(proc.pid, 0)  # reap it ourselves to get its rusage
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed ({proc.returncode}): {' '.join(cmd)}")
     result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
-    result["process_peak_rss_mb"] = round(rss_mb(usage.ru_maxrss), 1)
+    result["rusage_maxrss_mb"] = round(rss_mb(usage.ru_maxrss), 1)  # inflated: see module doc
     return result
 
 
@@ -102,6 +120,8 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
+        # other work on the box skews timings
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
         "polars": polars.__version__,
         "numpy": numpy.__version__,
     }
@@ -112,7 +132,9 @@ def write_result(name: str, payload: dict[str, Any]) -> Path:
     RESULTS_DIR.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     path = RESULTS_DIR / f"{name}-{stamp}.json"
-    path.write_text(json.dumps({"name": name, "utc": stamp, "machine": machine(), **payload}, indent=2) + "\n")
+    path.write_text(
+        json.dumps({"name": name, "utc": stamp, "machine": machine(), **payload}, indent=2) + "\n"
+    )
     return path
 
 
@@ -137,7 +159,11 @@ def comparison_table(title: str, rows: list[dict[str, Any]]) -> Table:
         p, b = r["pipeline"], r["baseline"]
         cells = [r["stage"], f"{r['rows']:,}"]
         for m in (p, b):
-            cells += [f"{m['seconds']:.2f}", f"{rate(m['rows'], m['seconds']):,.0f}", f"{m['peak_rss_mb']:,.0f}"]
+            cells += [
+                f"{m['seconds']:.2f}",
+                f"{rate(m['rows'], m['seconds']):,.0f}",
+                f"{m['peak_rss_mb']:,.0f}",
+            ]
         cells.append(f"{speedup(r):.1f}x")
         t.add_row(*cells)
     return t

@@ -110,6 +110,8 @@ def seed(
     targets_out: Annotated[Path, typer.Option(help="Where to write the matching targets file.")] = Path("targets.yaml"),
     seed_value: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
     companies: Annotated[int | None, typer.Option(help="Number of companies (default: scales with chunks).")] = None,
+    list_documents: Annotated[bool, typer.Option(help="List each document in the targets file "
+                                                      "(default: companies only, i.e. all their documents).")] = False,
 ) -> None:
     """Write a realistic synthetic corpus into the configured document store, plus a targets file."""
     from batchyard.context import RunContext
@@ -123,7 +125,7 @@ def seed(
         with console.status(f"seeding {chunks:,} chunks"):
             report = seed_store(store, chunks, fields=s.mongo.fields, seed=seed_value, n_companies=companies)
         store.save()
-        write_targets(targets_out, targets_for(report))
+        write_targets(targets_out, targets_for(report, all_documents=not list_documents))
     console.print(f"seeded {report.chunks:,} chunks in {report.documents:,} documents of {report.companies:,} "
                   f"companies; targets written to {targets_out}")
 

@@ -79,6 +79,16 @@ class RunContext:
             )
         return self._store
 
+    @property
+    def page_size(self) -> int:
+        """Chunks per snapshot page.
+
+        The stand-in holds every document in memory and scans the whole collection for each
+        query, so small pages only multiply the scans; it reads in pages of at least 200,000.
+        """
+        size = self.settings.mongo.page_size
+        return max(size, 200_000) if self.store.is_standin else size
+
     # vector store
 
     @property

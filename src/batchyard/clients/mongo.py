@@ -85,9 +85,11 @@ def patch_mongomock() -> None:
        filters covering a unique index are answered from a hash lookup instead; the lookup
        table is verified on use and falls back to the scan whenever a key is not a plain scalar
        (arrays, sub-documents, dates) or the index is partial.
+    3. mongomock's cursor re-slices its whole result list (`results[skip:]`) on every `next()`,
+       so reading n documents costs O(n^2); the slice is now computed once per result list.
     """
     try:
-        from mongomock.collection import BulkOperationBuilder, Collection
+        from mongomock.collection import BulkOperationBuilder, Collection, Cursor
     except ImportError:  # pragma: no cover - mongomock is a core dependency
         return
     if getattr(BulkOperationBuilder, "_batchyard_shim", False):
@@ -130,8 +132,22 @@ def patch_mongomock() -> None:
         if slow:
             orig_uniques(self, new_data)
 
+    orig_compute = Cursor._compute_results
+
+    def _compute_results(self: Any, with_limit_and_skip: bool = False) -> Any:
+        results = orig_compute(self, with_limit_and_skip=False)
+        if not with_limit_and_skip:
+            return results
+        key = (self._skip, self._limit)
+        if getattr(self, "_batchyard_src", None) is not results or self._batchyard_key != key:
+            window = results[self._skip :]
+            self._batchyard_slice = window[: abs(self._limit)] if self._limit else window
+            self._batchyard_src, self._batchyard_key = results, key  # a strong ref: `is` stays valid
+        return self._batchyard_slice
+
     Collection._iter_documents = _iter_documents  # type: ignore[method-assign]
     Collection._ensure_uniques = _ensure_uniques  # type: ignore[method-assign]
+    Cursor._compute_results = _compute_results  # type: ignore[method-assign]
     BulkOperationBuilder._batchyard_shim = True  # type: ignore[attr-defined]
 
 

@@ -69,7 +69,7 @@ class EmbeddingsJob(Job):
 
         mongo = self.ctx.settings.mongo
         return self.write_snapshot(run, iter_unprocessed_chunks(
-            self.ctx.store.chunks, self.targets, mongo.fields, space=self.emb.space, page_size=mongo.page_size
+            self.ctx.store.chunks, self.targets, mongo.fields, space=self.emb.space, page_size=self.ctx.page_size
         ))
 
     def plan(self, run: RunStore) -> dict[str, int]:

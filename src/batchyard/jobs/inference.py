@@ -75,7 +75,7 @@ class InferenceJob(Job):
         store = self.ctx.store
         return self.write_snapshot(run, iter_chunks_for_task(
             store.chunks, store.collection(self.results_collection), self.targets, mongo.fields,
-            task=self.task.name, task_version=self.task_version, unit=self.task.unit, page_size=mongo.page_size,
+            task=self.task.name, task_version=self.task_version, unit=self.task.unit, page_size=self.ctx.page_size,
         ))
 
     def plan(self, run: RunStore) -> dict[str, int]:
