@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import time
 from collections import defaultdict
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Protocol
 
 import polars as pl
@@ -22,6 +22,7 @@ from batchyard.errors import ApiTerminalError, LedgerError
 from batchyard.stages.join import OUTCOMES, next_attempt
 from batchyard.stages.plan import shard_bytes
 from batchyard.storage.ledger import Ledger, ShardRecord
+from batchyard.storage.runs import utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -132,14 +133,14 @@ def submit_shard(run: RunStore, api: BatchApi, name: str) -> ShardRecord:
 
 
 def _iso_now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())
+    return utcnow().isoformat()
 
 
 def _since(rec: ShardRecord) -> float:
+    """Oldest creation time a remote object of this submission can have (for adoption scans)."""
     if rec.intent_at is None:
         return 0.0
-    t = time.mktime(time.strptime(rec.intent_at[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
-    return t - _SLACK_S
+    return datetime.fromisoformat(rec.intent_at).timestamp() - _SLACK_S
 
 
 # track

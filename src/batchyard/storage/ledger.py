@@ -108,10 +108,13 @@ class ShardRecord(BaseModel):
 
     @property
     def in_flight(self) -> bool:
-        """Counts against the enqueued-token budget (intent recorded, batch not terminal)."""
-        if self.state in ("uploading", "uploaded", "creating"):
-            return not self.wait_for_drain or self.state != "uploaded"
-        return self.state == "submitted"
+        """Counts against the enqueued-token budget: submission under way or batch not terminal.
+
+        A shard requeued after `token_limit_exceeded` waits in `uploaded` and does not count.
+        """
+        if self.state == "uploaded":
+            return not self.wait_for_drain
+        return self.state in ("uploading", "creating", "submitted")
 
 
 def shard_name(shard: str, attempt: int) -> str:
