@@ -107,15 +107,14 @@ def test_embeddings_crash_then_resume(tmp_path: Path, server: str, point: str) -
     resumed = cli(["resume", run_id, "--engine", "local"], env, tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
+    from batchyard.context import RunContext
+    from batchyard.jobs.embeddings import EmbeddingsJob
+    from batchyard.storage.runs import RunStore
     from tests.helpers import (
         assert_every_unit_settled_once,
         assert_one_batch_per_submission,
         assert_vectors_match,
     )
-
-    from batchyard.context import RunContext
-    from batchyard.jobs.embeddings import EmbeddingsJob
-    from batchyard.storage.runs import RunStore
 
     with RunContext(settings_for(tmp_path, server)) as ctx:
         run = RunStore(ctx.staging, "embeddings", run_id)
@@ -144,10 +143,9 @@ def test_inference_crash_then_resume(tmp_path: Path, server: str, point: str) ->
     resumed = cli(["resume", run_id, "--engine", "local"], env, tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
 
-    from tests.helpers import assert_every_unit_settled_once, assert_one_batch_per_submission
-
     from batchyard.context import RunContext
     from batchyard.storage.runs import RunStore
+    from tests.helpers import assert_every_unit_settled_once, assert_one_batch_per_submission
 
     with RunContext(settings_for(tmp_path, server)) as ctx:
         run = RunStore(ctx.staging, "inference-classify", run_id)

@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import polars as pl
+
+from batchyard import runner
+from batchyard.context import RunContext
+from batchyard.jobs.embeddings import EmbeddingsJob
 from tests.helpers import (
     assert_every_unit_settled_once,
     assert_one_batch_per_submission,
@@ -17,10 +21,6 @@ from tests.helpers import (
     run_of,
     seed,
 )
-
-from batchyard import runner
-from batchyard.context import RunContext
-from batchyard.jobs.embeddings import EmbeddingsJob
 
 N = 120
 

@@ -8,12 +8,12 @@ from typing import Any
 
 import polars as pl
 import pytest
-from tests.helpers import assert_every_unit_settled_once, assert_one_batch_per_submission, run_of
 
 from batchyard import runner
 from batchyard.context import RunContext
 from batchyard.jobs.inference import InferenceJob
 from batchyard.targets import CompanyTarget, Targets
+from tests.helpers import assert_every_unit_settled_once, assert_one_batch_per_submission, run_of
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from tests.s3.moto_s3 import S3Endpoint, moto_s3
 
 

@@ -6,6 +6,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from batchyard import runner
+from batchyard.context import RunContext
+from batchyard.jobs.embeddings import EmbeddingsJob
+from batchyard.storage.ledger import Ledger
 from tests.helpers import (
     assert_every_unit_settled_once,
     assert_one_batch_per_submission,
@@ -14,11 +19,6 @@ from tests.helpers import (
     seed,
 )
 from tests.s3.moto_s3 import S3Endpoint
-
-from batchyard import runner
-from batchyard.context import RunContext
-from batchyard.jobs.embeddings import EmbeddingsJob
-from batchyard.storage.ledger import Ledger
 
 pytestmark = pytest.mark.s3
 

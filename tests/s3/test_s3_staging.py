@@ -7,10 +7,10 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-from tests.s3.moto_s3 import ADMIN_KEY, ADMIN_SECRET, REGION, S3Endpoint
 
 from batchyard.settings import StagingSettings
 from batchyard.storage.staging import Staging
+from tests.s3.moto_s3 import ADMIN_KEY, ADMIN_SECRET, REGION, S3Endpoint
 
 pytestmark = pytest.mark.s3
 

@@ -7,6 +7,7 @@ import secrets
 from collections.abc import Iterator
 
 import pytest
+
 from tests.s3.moto_s3 import S3Endpoint, moto_s3
 from tests.secrets.leaks import SERVER_SIDE_LOGGERS, Sentinels
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 from pydantic import BaseModel, SecretStr
-from tests.secrets.leaks import Sentinels, no_leak
 
 from batchyard.settings import Settings
+from tests.secrets.leaks import Sentinels, no_leak
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -17,8 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.helpers import seed
-from tests.secrets.leaks import Sentinels, log_text, no_leak
 
 from batchyard import runner
 from batchyard.clients.batch_api import BatchApi
@@ -26,6 +24,8 @@ from batchyard.context import RunContext
 from batchyard.errors import ApiTerminalError, ApiTransientError, BatchyardError
 from batchyard.jobs.embeddings import EmbeddingsJob
 from batchyard.settings import ProviderSettings
+from tests.helpers import seed
+from tests.secrets.leaks import Sentinels, log_text, no_leak
 
 
 def dead_port() -> int:

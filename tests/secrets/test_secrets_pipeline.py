@@ -14,9 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.helpers import assert_every_unit_settled_once, run_of, seed
-from tests.s3.moto_s3 import S3Endpoint
-from tests.secrets.leaks import Sentinels, log_text, no_leak
 
 from batchyard import runner
 from batchyard.context import RunContext
@@ -24,6 +21,9 @@ from batchyard.jobs.embeddings import EmbeddingsJob
 from batchyard.jobs.inference import InferenceJob
 from batchyard.localapi.config import LocalApiConfig
 from batchyard.localapi.runner import LocalServer
+from tests.helpers import assert_every_unit_settled_once, run_of, seed
+from tests.s3.moto_s3 import S3Endpoint
+from tests.secrets.leaks import Sentinels, log_text, no_leak
 
 N = 24
 
