@@ -139,7 +139,7 @@ def count(work: Path, url: str, args: argparse.Namespace) -> dict[str, Any]:
             "shard attempts": len(recs),
             "expired batches": sum(1 for b in batches if b.status == "expired"),
             "cancelled batches": sum(1 for b in batches if b.status == "cancelled"),
-            "retried requests (attempt > 1 results)": int((results["attempt"] > 1).sum()),
+            "chunks embedded on a retry (attempt > 1)": int((results["attempt"] > 1).sum()),
             "failure codes": dict(Counter(failures["code"].to_list())),
             "max attempt": int(pl.Series(results["attempt"]).max() or 0),
         }
