@@ -85,3 +85,16 @@ class TaskNotFound(ConfigError, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0])
+
+
+class RunBusy(TransientError):
+    """Another live process is driving this run (its lease is fresh)."""
+
+    def __init__(self, run_id: str, owner: str, heartbeat_at: str) -> None:
+        self.run_id = run_id
+        self.owner = owner
+        self.heartbeat_at = heartbeat_at
+        super().__init__(
+            f"run {run_id} is being driven by {owner} (last heartbeat {heartbeat_at}); "
+            "wait for it, or stop that process first"
+        )

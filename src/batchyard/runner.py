@@ -20,7 +20,7 @@ from batchyard import __version__
 from batchyard.assets import write_manifest
 from batchyard.stages import batches
 from batchyard.storage.ledger import Ledger
-from batchyard.storage.runs import RunStore, find_run, new_run_id, utcnow
+from batchyard.storage.runs import RunStore, driver_id, find_run, new_run_id, utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -131,20 +131,26 @@ def drive(
     """Phase `batches`: rounds until every shard attempt is settled; returns the ledger summary."""
     mapper = mapper or thread_mapper()
     interval = poll_interval if poll_interval is not None else ctx.settings.provider.poll_interval_s
+    owner = driver_id()
+    run.claim(owner, ttl_s=max(120.0, 5 * interval))
     rounds = 0
-    while True:
-        records, changed = batch_round(ctx, job, run, mapper)
-        cancelled = run.read_run().get("state") == "cancelled"
-        info = batches.summary(records)
-        if on_progress:
-            on_progress(info)
-        if settled(records, cancelled=cancelled):
-            break
-        rounds += 1
-        if max_rounds is not None and rounds >= max_rounds:
-            return info
-        if not changed:
-            time.sleep(interval)
+    try:
+        while True:
+            records, changed = batch_round(ctx, job, run, mapper)
+            cancelled = run.read_run().get("state") == "cancelled"
+            info = batches.summary(records)
+            if on_progress:
+                on_progress(info)
+            if settled(records, cancelled=cancelled):
+                break
+            rounds += 1
+            if max_rounds is not None and rounds >= max_rounds:
+                return info
+            run.heartbeat(owner)
+            if not changed:
+                time.sleep(interval)
+    finally:
+        run.release(owner)
     run.update_run(phase="finalize", batches=info)
     return info
 

@@ -85,7 +85,9 @@ def test_runs_leak_no_secret_anywhere(secret_settings: Any, sentinels: Sentinels
             results, _ = assert_every_unit_settled_once(ctx, run_of(ctx, info))
             assert results.height > 0
         assert emb["final"]["results"] == N
-        assert {r["sink"] for r in emb["loads"]} == {"milvus", "mongo.marks"}
+        receipts = {r["sink"]: r for r in emb["loads"]}
+        assert set(receipts) == {"milvus", "mongo.marks"}
+        assert receipts["milvus"]["rows"] == N, "Milvus Lite accepted the token (and ignores it)"
 
         # run.json and manifests (explicitly, then with every other object)
         runs = [run_of(ctx, emb), run_of(ctx, inf)]

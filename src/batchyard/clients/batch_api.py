@@ -23,7 +23,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from batchyard.errors import ApiTerminalError, ApiTransientError
+from batchyard.errors import ApiTerminalError, ApiTransientError, BatchyardError
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -85,6 +85,17 @@ class BatchApi:
 
     def _call(self, operation: str, fn: Callable[[], T], *, on_retry: Callable[[], T | None] | None = None) -> T:
         """Run an API call with backoff; `on_retry` may return a result that makes retrying moot."""
+        s = self.settings
+        try:
+            return self._retrying(operation, fn, on_retry)
+        except BatchyardError as exc:
+            # a server may quote the key (OpenAI quotes it partly masked): never pass it on
+            key = s.api_key.get_secret_value() if s.api_key else ""
+            if key and key in str(exc):
+                exc.args = (str(exc).replace(key, "**********"),)
+            raise
+
+    def _retrying(self, operation: str, fn: Callable[[], T], on_retry: Callable[[], T | None] | None) -> T:
         s = self.settings
         attempt = 0
         try:

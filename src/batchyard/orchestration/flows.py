@@ -36,7 +36,7 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from batchyard import runner  # noqa: E402
 from batchyard.assets import ASSETS  # noqa: E402
 from batchyard.context import RunContext  # noqa: E402
-from batchyard.errors import TerminalError  # noqa: E402
+from batchyard.errors import RunBusy, TerminalError  # noqa: E402
 from batchyard.settings import load_settings  # noqa: E402
 from batchyard.storage.runs import RunStore, find_run  # noqa: E402
 from batchyard.targets import load_targets  # noqa: E402
@@ -177,7 +177,13 @@ def tracker_flow(profile: str | None = None, overrides: dict[str, Any] | None = 
             if info.get("phase") != "batches" or info.get("state") == "cancelled":
                 continue
             job = runner.job_for_run(ctx, run)
-            summary = runner.drive(ctx, job, run, mapper=prefect_mapper, poll_interval=0, max_rounds=rounds)
+            try:
+                summary = runner.drive(ctx, job, run, mapper=prefect_mapper, poll_interval=0, max_rounds=rounds)
+            except RunBusy as exc:  # another flow is driving it right now
+                out.append({"run_id": run.run_id, "skipped": str(exc)})
+                continue
+            if run.read_run().get("phase") == "finalize":  # settled in this round: finish it
+                runner.finish(ctx, job, run)
             out.append({"run_id": run.run_id, **summary})
     return out
 

@@ -22,11 +22,13 @@
 
 from __future__ import annotations
 
+import os
 import secrets
+import socket
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
-from batchyard.errors import RunNotFound
+from batchyard.errors import RunBusy, RunNotFound
 
 if TYPE_CHECKING:
     from batchyard.storage.staging import Staging
@@ -79,9 +81,53 @@ class RunStore:
         self.write_run(run)
         return run
 
+    # the driver lease: one process drives a run's batches at a time
+
+    def claim(self, owner: str, ttl_s: float) -> None:
+        """Take the driver lease, unless another live process holds a fresh one.
+
+        A lease is stale when its heartbeat is older than `ttl_s`, or at once when its owner was
+        a process on this host that no longer exists (a crash leaves no lease behind).
+        """
+        run = self.read_run()
+        lease = run.get("driver")
+        if lease and lease["owner"] != owner and not _lease_stale(lease, ttl_s):
+            raise RunBusy(self.run_id, lease["owner"], lease["heartbeat_at"])
+        self.write_run({**run, "driver": {"owner": owner, "heartbeat_at": utcnow().isoformat()}})
+
+    def heartbeat(self, owner: str) -> None:
+        """Refresh the lease this process holds."""
+        self.update_run(driver={"owner": owner, "heartbeat_at": utcnow().isoformat()})
+
+    def release(self, owner: str) -> None:
+        """Drop the lease if this process holds it."""
+        run = self.read_run()
+        if (run.get("driver") or {}).get("owner") == owner:
+            run.pop("driver")
+            self.write_run(run)
+
     def shard_names(self) -> list[str]:
         """Every `<shard>.<attempt>` with a ledger record, sorted."""
         return [n[: -len(".json")] for n in self.staging.list(self.rel("ledger"), ".json")]
+
+
+def driver_id() -> str:
+    """`host:pid:random`, naming this process as a run driver."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
+def _lease_stale(lease: dict[str, Any], ttl_s: float) -> bool:
+    host, _, rest = lease["owner"].partition(":")
+    pid = rest.partition(":")[0]
+    if host == socket.gethostname() and pid.isdigit():
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            pass
+    age = (utcnow() - datetime.fromisoformat(lease["heartbeat_at"])).total_seconds()
+    return age > ttl_s
 
 
 def find_run(staging: Staging, run_id: str) -> RunStore:
