@@ -1,6 +1,6 @@
 """Run every benchmark, save the results, print one summary table.
 
-- full (default): plan on 1,000,000 chunks, join on 200,000 inputs x 256 dims (about 5 minutes
+- full (default): plan on 1,000,000 chunks, join on 200,000 inputs x 256 dims (about 2 minutes
   on 2 cores, plus about 1 minute to build the cached data the first time); also rewrites
   `benchmarks/results/latest.md`.
 - `--quick`: plan on 20,000 chunks, join on 20,000 inputs (well under a minute); checks the
