@@ -14,7 +14,7 @@ from batchyard.stages.join import INFERENCE_ROWS, inference_outcomes, read_json_
 from batchyard.tasks.prompts import resolve_prompts_dir
 from batchyard.tasks.registry import get_task
 from batchyard.tasks.units import build_units
-from batchyard.tokens import count_tokens, encoding_for_model
+from batchyard.tokens import encoding_for_model
 
 if TYPE_CHECKING:
     from batchyard.context import RunContext
@@ -88,11 +88,7 @@ class InferenceJob(Job):
             units, model=self.model, endpoint=self.endpoint, temperature=self.inf.temperature,
             max_output_tokens=self.inf.max_output_tokens, prompts_dir=self.prompts_dir,
         )
-        bodies = bodies.with_columns(
-            tokens=pl.col("body").map_batches(
-                lambda s: pl.Series(count_tokens(s.to_list(), encoding), dtype=pl.Int64), return_dtype=pl.Int64
-            )
-        )
+        bodies = bodies.with_columns(tokens=planning.token_counts(bodies["body"], encoding))
         requests = planning.inference_requests(bodies, endpoint=self.endpoint)
         records = self.write_plan(run, requests, rejects)
         return {

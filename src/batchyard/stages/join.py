@@ -153,27 +153,30 @@ def embedding_outcomes(
         err_msg=pl.col("error").struct.field("message"),
     )
     ok_lines = flat.filter(pl.col("status_code") == 200)
-    items = (
-        requests.select("custom_id", "unit_ids")
-        .join(ok_lines.select("custom_id", "data"), on="custom_id", how="inner")
-        .with_columns(index=pl.int_ranges(pl.col("unit_ids").list.len()))
-        .explode("unit_ids", "index")
-        .rename({"unit_ids": "unit_id"})
-    )
     got = (
         ok_lines.select("custom_id", "data")
         .explode("data")
         .unnest("data")
         .filter(pl.col("index").is_not_null())
         .unique(["custom_id", "index"], keep="first")
+        .select("custom_id", "index", raw=pl.col("embedding").str.decode("base64", strict=False))
+        .with_columns(nbytes=pl.col("raw").bin.size())
     )
-    items = items.drop("data").join(got, on=["custom_id", "index"], how="left")
-    raw = pl.col("embedding").str.decode("base64", strict=False)
+    # one row per planned input of an answered request: (custom_id, unit_id, index)
+    items = (
+        requests.select("custom_id", "unit_ids")
+        .join(ok_lines.select("custom_id"), on="custom_id", how="semi")
+        .with_columns(index=pl.int_ranges(pl.col("unit_ids").list.len()))
+        .explode("unit_ids", "index")
+        .rename({"unit_ids": "unit_id"})
+        .join(got, on=["custom_id", "index"], how="left")
+    )
     items = items.with_columns(
-        vector=pl.when(raw.bin.size() == dims * 4).then(raw).otherwise(None)
+        vector=pl.when(pl.col("nbytes") == dims * 4)
+        .then(pl.col("raw"))
+        .otherwise(None)
         .bin.reinterpret(dtype=pl.Array(pl.Float32, dims), endianness="little"),
-        nbytes=raw.bin.size(),
-    )
+    ).drop("raw")
     bad_items = items.filter(pl.col("vector").is_null())
     # a request is ok only when every input came back with the right length
     bad_reqs = bad_items.group_by("custom_id").agg(

@@ -102,12 +102,7 @@ def prepare_inputs(
     blank = pl.col("text").is_null() | (pl.col("text").str.strip_chars().str.len_bytes() == 0)
     empty = chunks.filter(blank)
     ok = chunks.filter(~blank)
-    ok = ok.with_columns(
-        tokens=pl.col("text").map_batches(
-            lambda s: pl.Series(count_tokens(s.to_list(), encoding), dtype=pl.Int64), return_dtype=pl.Int64
-        ),
-        truncated=pl.lit(False),
-    )
+    ok = ok.with_columns(tokens=token_counts(ok["text"], encoding), truncated=pl.lit(False))
     cap = limits.max_tokens_per_input
     over = ok.filter(pl.col("tokens") > cap)
     ok = ok.filter(pl.col("tokens") <= cap)
@@ -123,6 +118,15 @@ def prepare_inputs(
         msg = pl.format("text has {} tokens; the limit per input is {}", pl.col("tokens"), pl.lit(cap))
         rejects.append(_rejects(over, "too_many_tokens", msg))
     return ok, pl.concat(rejects)
+
+
+def token_counts(texts: pl.Series, encoding: str, *, slice_rows: int = 20_000) -> pl.Series:
+    """Exact token count of every text, converting only a slice at a time to Python strings."""
+    parts = [
+        pl.Series(count_tokens(texts.slice(i, slice_rows).to_list(), encoding), dtype=pl.Int64)
+        for i in range(0, texts.len(), slice_rows)
+    ]
+    return pl.concat(parts) if parts else pl.Series([], dtype=pl.Int64)
 
 
 def _rejects(frame: pl.DataFrame, code: str, message: pl.Expr) -> pl.DataFrame:
@@ -153,9 +157,8 @@ def embedding_requests(
         return REQUESTS.to_frame()
     df = inputs.sort("company_id", "document_id", "chunk_index", "chunk_id")
     df = df.with_columns(g_count=pl.int_range(pl.len()) // limits.max_inputs_per_request)
-    df = df.with_columns(
-        g_tok=_bucket(pl.col("tokens"), limits.max_tokens_per_request, limits.max_tokens_per_input, ["g_count"])
-    )
+    largest = int(df["tokens"].max())  # type: ignore[arg-type]
+    df = df.with_columns(g_tok=_bucket(pl.col("tokens"), limits.max_tokens_per_request, largest, ["g_count"]))
     df = df.with_columns(req=_dense_key(["g_count", "g_tok"]))
     body: dict[str, pl.Expr] = {"model": pl.lit(model), "input": pl.col("texts"), "encoding_format": pl.lit("base64")}
     if dimensions is not None:
@@ -269,4 +272,4 @@ def check_shards(requests: pl.DataFrame, limits: ShardLimits) -> None:
 
 def shard_bytes(lines: pl.Series) -> bytes:
     """The exact file content of a shard: one line per request, newline-terminated."""
-    return ("\n".join(lines.to_list()) + "\n").encode()
+    return b"\n".join(lines.cast(pl.Binary).to_list()) + b"\n"
