@@ -82,3 +82,21 @@ def test_bad_targets_file_is_a_clear_error(tmp_path: Path) -> None:
     out = cli(["embed", "--targets", "t.yaml", "--engine", "local"], tmp_path)
     assert out.returncode == 1
     assert "t.yaml" in out.stdout and "Traceback" not in out.stdout + out.stderr
+
+
+def test_tasks_and_status_print_tables(tmp_path: Path) -> None:
+    tasks = cli(["tasks"], tmp_path)
+    assert tasks.returncode == 0
+    for name in ("summary", "classify", "risks"):
+        assert name in tasks.stdout
+    assert "/v1/responses" in tasks.stdout and "/v1/chat/completions" in tasks.stdout
+    assert cli(["seed", "--chunks", "50"], tmp_path).returncode == 0
+    run = cli(["embed", "--targets", "targets.yaml", "--engine", "local", "--max-inputs-per-batch", "20"], tmp_path)
+    assert run.returncode == 0, run.stderr
+    listing = cli(["status"], tmp_path)
+    assert "embeddings" in listing.stdout and "finished" in listing.stdout
+    run_id = next(p.name for p in (tmp_path / "staging" / "embeddings").iterdir())
+    shards = cli(["status", run_id], tmp_path)
+    assert shards.returncode == 0 and "s00000.1" in shards.stdout and "completed" in shards.stdout
+    missing = cli(["status", "nope"], tmp_path)
+    assert missing.returncode == 1 and "run 'nope' not found" in missing.stdout

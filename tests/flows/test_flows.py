@@ -77,3 +77,30 @@ def test_prefect_yaml_entrypoints_import_and_asset_graph_is_acyclic() -> None:
         params = set(dep.get("parameters", {}))
         assert params <= set(flow.parameters.properties), f"{dep['name']}: unknown parameters"
     assert check_graph() == [a.key for a in ASSETS]
+
+
+def test_tracker_flow_drives_open_runs_to_the_end(tmp_path: Path) -> None:
+    from batchyard import runner
+    from batchyard.context import RunContext
+    from batchyard.jobs.embeddings import EmbeddingsJob
+    from batchyard.orchestration.flows import tracker_flow
+    from batchyard.settings import Settings
+    from batchyard.storage.runs import RunStore
+    from batchyard.targets import load_targets
+
+    targets = seed_targets(tmp_path, 40)
+    over = overrides(tmp_path)
+    with RunContext(Settings(_env_file=None, **over)) as ctx:
+        job = EmbeddingsJob(ctx, load_targets(targets))
+        run = runner.create_run(ctx, job)
+        runner.snapshot(ctx, job, run)
+        runner.plan(ctx, job, run)
+    # the embedded server persists its state under the staging root, so each tick picks up
+    for _ in range(30):
+        out = tracker_flow(overrides=over, rounds=1)
+        with RunContext(Settings(_env_file=None, **over)) as ctx:
+            info = RunStore(ctx.staging, "embeddings", run.run_id).read_run()
+        if info["phase"] == "done":
+            break
+    assert info["state"] == "finished" and info["final"]["results"] == 40
+    assert out and out[0]["run_id"] == run.run_id
