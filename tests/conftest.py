@@ -7,7 +7,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import mongomock
 import pytest
+
+from batchyard.clients.mongo import patch_mongomock
+from batchyard.settings import MongoFields
 
 # quiet, offline Prefect (ENVIRONMENT.md); set before anything imports prefect
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -45,6 +49,31 @@ def settings_factory(tmp_path: Path) -> Any:
         return Settings(_env_file=None, **base)  # type: ignore[call-arg]
 
     return make
+
+
+# mongomock collections through the pymongo API (tests/source, tests/sinks)
+@pytest.fixture
+def fields() -> MongoFields:
+    return MongoFields()
+
+
+@pytest.fixture
+def mongo_db() -> Iterator[Any]:
+    """A fresh mongomock database (pymongo API), with the pymongo 4.20 bulk shim applied."""
+    patch_mongomock()
+    client = mongomock.MongoClient()
+    yield client["batchyard_test"]
+    client.close()
+
+
+@pytest.fixture
+def chunks(mongo_db: Any) -> Any:
+    return mongo_db["chunks"]
+
+
+@pytest.fixture
+def results(mongo_db: Any) -> Any:
+    return mongo_db["inference_results"]
 
 
 @pytest.fixture(scope="session")

@@ -1,39 +1,11 @@
-"""Fixtures for the sinks: mongomock collections and a Milvus Lite client per test."""
+"""Fixtures for the sinks: a Milvus Lite client per test (mongomock fixtures: tests/conftest.py)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from typing import Any
 
-import mongomock
 import pytest
-
-from batchyard.clients.mongo import patch_mongomock
-from batchyard.settings import MongoFields
-
-
-@pytest.fixture
-def fields() -> MongoFields:
-    return MongoFields()
-
-
-@pytest.fixture
-def mongo_db() -> Iterator[Any]:
-    """A fresh mongomock database (pymongo API), with the pymongo 4.20 bulk shim applied."""
-    patch_mongomock()
-    client = mongomock.MongoClient()
-    yield client["batchyard_test"]
-    client.close()
-
-
-@pytest.fixture
-def chunks(mongo_db: Any) -> Any:
-    return mongo_db["chunks"]
-
-
-@pytest.fixture
-def results(mongo_db: Any) -> Any:
-    return mongo_db["inference_results"]
 
 
 @pytest.fixture

@@ -119,10 +119,13 @@ class Job(ABC):
         crashpoint("after_snapshot")
         return {"chunks": out.rows, "rejected": rej.height}
 
-    def write_plan(self, run: RunStore, requests: pl.DataFrame, rejects: pl.DataFrame) -> list[ShardRecord]:
+    def write_plan(
+        self, run: RunStore, requests: pl.DataFrame, rejects: pl.DataFrame, units: pl.DataFrame
+    ) -> dict[str, int]:
         """Cut requests into shards under the limits; write rejects, requests.parquet, shards, ledger.
 
-        Idempotent: planning again after a crash rewrites the same files.
+        Idempotent: planning again after a crash rewrites the same files. Returns plan counts
+        (`units` is the planned input or unit frame, with a `truncated` flag).
         """
         limits = planning.ShardLimits.from_settings(self.ctx.settings.limits)
         requests = planning.assign_shards(requests, limits)
@@ -131,7 +134,15 @@ class Job(ABC):
         snapshot_rejects = st.read_parquet(run.rel("rejects.parquet")).filter(pl.col("stage") == "snapshot")
         st.write_parquet(run.rel("rejects.parquet"), pl.concat([snapshot_rejects, rejects.cast(FAILURES)]))  # type: ignore[arg-type]
         st.write_parquet(run.rel("requests.parquet"), requests)
-        return write_shards(run, requests, job=self.name, endpoint=self.endpoint, model=self.model)
+        records = write_shards(run, requests, job=self.name, endpoint=self.endpoint, model=self.model)
+        return {
+            "units": units.height,
+            "truncated": int(units["truncated"].sum()) if units.height else 0,
+            "rejected": rejects.height,
+            "requests": requests.height,
+            "shards": len(records),
+            "tokens": int(requests["tokens"].sum()) if requests.height else 0,
+        }
 
     def planned_units(self, run: RunStore) -> pl.DataFrame:
         """Every unit the plan sent (from requests.parquet)."""

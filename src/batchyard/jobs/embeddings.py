@@ -79,15 +79,7 @@ class EmbeddingsJob(Job):
         inputs, rejects = planning.prepare_inputs(chunks, limits=limits, encoding=encoding)
         dims = self.emb.dimensions if self.emb.pass_dimensions else None
         requests = planning.embedding_requests(inputs, model=self.emb.model, dimensions=dims, limits=limits)
-        records = self.write_plan(run, requests, rejects)
-        return {
-            "inputs": inputs.height,
-            "truncated": int(inputs["truncated"].sum()) if inputs.height else 0,
-            "rejected": rejects.height,
-            "requests": requests.height,
-            "shards": len(records),
-            "tokens": int(requests["tokens"].sum()) if requests.height else 0,
-        }
+        return self.write_plan(run, requests, rejects, inputs)
 
     def parse_attempt(
         self, requests: pl.DataFrame, output: bytes, errors: bytes, batch: ShardRecord

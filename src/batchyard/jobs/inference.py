@@ -90,15 +90,7 @@ class InferenceJob(Job):
         )
         bodies = bodies.with_columns(tokens=planning.token_counts(bodies["body"], encoding))
         requests = planning.inference_requests(bodies, endpoint=self.endpoint)
-        records = self.write_plan(run, requests, rejects)
-        return {
-            "units": units.height,
-            "truncated": int(units["truncated"].sum()) if units.height else 0,
-            "rejected": rejects.height,
-            "requests": requests.height,
-            "shards": len(records),
-            "tokens": int(requests["tokens"].sum()) if requests.height else 0,
-        }
+        return self.write_plan(run, requests, rejects, units)
 
     def parse_attempt(
         self, requests: pl.DataFrame, output: bytes, errors: bytes, batch: ShardRecord

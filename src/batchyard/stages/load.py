@@ -146,6 +146,15 @@ class _BulkTally:
         r.modified += modified
         r.upserted += upserted
 
+    def finish(self, start: float) -> LoadReceipt:
+        """Stamp time and duration; raise LoadError (with the receipt) if any write failed."""
+        receipt = self.receipt
+        receipt.seconds = round(time.perf_counter() - start, 3)
+        receipt.at = datetime.now(UTC)
+        if receipt.error_count:
+            raise LoadError(receipt)
+        return receipt
+
     def run(self, collection: Any, ops: list[UpdateOne], unit_ids: list[Any], *, retry_dup: bool) -> None:
         """One unordered bulk_write; duplicate-key races of upserts are retried once."""
         self.receipt.batches += 1
@@ -224,12 +233,7 @@ def mark_chunks(
             units.append(cid)
         if ops:
             tally.run(collection, ops, units, retry_dup=False)
-    receipt = tally.receipt
-    receipt.seconds = round(time.perf_counter() - start, 3)
-    receipt.at = datetime.now(UTC)
-    if receipt.error_count:
-        raise LoadError(receipt)
-    return receipt
+    return tally.finish(start)
 
 
 def _usage(frame: pl.DataFrame) -> list[dict[str, Any] | None]:
@@ -337,9 +341,4 @@ def store_results(
             op_units.append(units[i])
         if ops:
             tally.run(collection, ops, op_units, retry_dup=True)
-    receipt = tally.receipt
-    receipt.seconds = round(time.perf_counter() - start, 3)
-    receipt.at = datetime.now(UTC)
-    if receipt.error_count:
-        raise LoadError(receipt)
-    return receipt
+    return tally.finish(start)
