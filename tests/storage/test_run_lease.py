@@ -28,19 +28,23 @@ def test_a_live_driver_blocks_a_second_one(run: RunStore) -> None:
         run.claim(other, ttl_s=60)
     run.claim(me, ttl_s=60)  # re-entrant for the holder
     run.release(me)
+    assert not run.staging.exists(run.rel("driver.json"))
     run.claim(other, ttl_s=60)
+    run.update_run(state="cancelled")  # a concurrent cancel survives the driver's heartbeat
+    run.heartbeat(other)
+    assert run.read_run()["state"] == "cancelled"
 
 
 def test_a_dead_driver_on_this_host_is_stale_at_once(run: RunStore) -> None:
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead = f"{socket.gethostname()}:{proc.stdout.strip()}:abcdef"
-    run.update_run(driver={"owner": dead, "heartbeat_at": "2099-01-01T00:00:00+00:00"})
+    run.staging.write_json(run.rel("driver.json"), {"owner": dead, "heartbeat_at": "2099-01-01T00:00:00+00:00"})
     run.claim(driver_id(), ttl_s=3600)
 
 
 def test_an_old_heartbeat_from_another_host_expires(run: RunStore) -> None:
-    run.update_run(driver={"owner": "elsewhere:1:abc", "heartbeat_at": "2020-01-01T00:00:00+00:00"})
+    run.staging.write_json(run.rel("driver.json"), {"owner": "elsewhere:1:abc", "heartbeat_at": "2020-01-01T00:00:00+00:00"})
     run.claim(driver_id(), ttl_s=60)
-    run.update_run(driver={"owner": "elsewhere:1:abc", "heartbeat_at": "2999-01-01T00:00:00+00:00"})
+    run.staging.write_json(run.rel("driver.json"), {"owner": "elsewhere:1:abc", "heartbeat_at": "2999-01-01T00:00:00+00:00"})
     with pytest.raises(RunBusy):
         run.claim(driver_id(), ttl_s=60)

@@ -3,6 +3,7 @@
 ```
 <root>/<job>/<run_id>/
   run.json                       parameters (no secrets), versions, state
+  driver.json                    lease of the process driving the batches (while one does)
   chunks.parquet                 snapshot of the selected source rows
   rejects.parquet                rows rejected before any request was built, with reasons
   requests.parquet               the first attempt's plan: one row per request
@@ -81,7 +82,8 @@ class RunStore:
         self.write_run(run)
         return run
 
-    # the driver lease: one process drives a run's batches at a time
+    # the driver lease (driver.json, apart from run.json so that a heartbeat never overwrites a
+    # concurrent change such as `cancel`): one process drives a run's batches at a time
 
     def claim(self, owner: str, ttl_s: float) -> None:
         """Take the driver lease, unless another live process holds a fresh one.
@@ -89,22 +91,21 @@ class RunStore:
         A lease is stale when its heartbeat is older than `ttl_s`, or at once when its owner was
         a process on this host that no longer exists (a crash leaves no lease behind).
         """
-        run = self.read_run()
-        lease = run.get("driver")
+        rel = self.rel("driver.json")
+        lease = self.staging.read_json(rel) if self.staging.exists(rel) else None
         if lease and lease["owner"] != owner and not _lease_stale(lease, ttl_s):
             raise RunBusy(self.run_id, lease["owner"], lease["heartbeat_at"])
-        self.write_run({**run, "driver": {"owner": owner, "heartbeat_at": utcnow().isoformat()}})
+        self.heartbeat(owner)
 
     def heartbeat(self, owner: str) -> None:
         """Refresh the lease this process holds."""
-        self.update_run(driver={"owner": owner, "heartbeat_at": utcnow().isoformat()})
+        self.staging.write_json(self.rel("driver.json"), {"owner": owner, "heartbeat_at": utcnow().isoformat()})
 
     def release(self, owner: str) -> None:
         """Drop the lease if this process holds it."""
-        run = self.read_run()
-        if (run.get("driver") or {}).get("owner") == owner:
-            run.pop("driver")
-            self.write_run(run)
+        rel = self.rel("driver.json")
+        if self.staging.exists(rel) and self.staging.read_json(rel).get("owner") == owner:
+            self.staging.delete(rel)
 
     def shard_names(self) -> list[str]:
         """Every `<shard>.<attempt>` with a ledger record, sorted."""
