@@ -248,6 +248,24 @@ def resume(run_id: Annotated[str, typer.Argument(help="Run id.")], engine: Engin
 
 
 @app.command()
+def rerun(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    start: Annotated[str, typer.Option("--from", help="results (rebuild tables, reload sinks) or sinks (reload only).")]
+    = "sinks",
+) -> None:
+    """Re-materialize a finished run from its staged files, without calling the Batch API."""
+    from batchyard import runner
+    from batchyard.context import RunContext
+
+    try:
+        with RunContext(_settings(_overrides())) as ctx:
+            info = runner.rematerialize(ctx, run_id, start=start)
+    except (BatchyardError, ValueError) as exc:
+        _fail(exc)
+    _print_run(info)
+
+
+@app.command()
 def cancel(run_id: Annotated[str, typer.Argument(help="Run id.")]) -> None:
     """Cancel a run's live batches; `batchyard resume RUN` collects what finished and goes on."""
     from batchyard import runner

@@ -248,3 +248,22 @@ def resume(
         run.update_run(state="running", phase="batches")
     job = job_for_run(ctx, run)
     return continue_run(ctx, job, run, mapper=mapper, on_progress=on_progress)
+
+
+REMATERIALIZE_FROM = {"results": "finalize", "sinks": "load"}
+
+
+def rematerialize(ctx: RunContext, run_id: str, *, start: str) -> dict[str, Any]:
+    """Re-materialize a finished run's assets from staging alone, with no Batch API call.
+
+    `start="results"` rebuilds results/failures from the staged per-attempt outcomes and reloads
+    the sinks; `start="sinks"` reloads Milvus/MongoDB from results.parquet.
+    """
+    if start not in REMATERIALIZE_FROM:
+        raise ValueError(f"cannot re-materialize from {start!r}; choose one of {sorted(REMATERIALIZE_FROM)}")
+    run = find_run(ctx.staging, run_id)
+    info = run.read_run()
+    if info.get("phase") not in ("finalize", "load", "done"):
+        raise ValueError(f"run {run_id} is in phase {info.get('phase')!r}: its batches are not settled yet")
+    run.update_run(phase=REMATERIALIZE_FROM[start])
+    return finish(ctx, job_for_run(ctx, run), run)
