@@ -95,8 +95,8 @@ def batch_round(ctx: RunContext, job: Job, run: RunStore, mapper: Mapper) -> tup
     """
     ledger = Ledger(run)
     api = ctx.api
-    before = {r.name: (r.state, r.batch_status) for r in ledger.all()}
     records = ledger.all()
+    before = {r.name: (r.state, r.batch_status) for r in records}
     mapper(functools.partial(batches.poll_shard, run, api), [r.name for r in records if r.state == "submitted"])
     records = ledger.all()
     max_attempts = ctx.settings.limits.max_attempts
