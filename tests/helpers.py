@@ -47,11 +47,9 @@ def assert_every_unit_settled_once(ctx: RunContext, run: RunStore) -> tuple[pl.D
 
 def server_batches(ctx: RunContext, run_id: str) -> list[dict[str, Any]]:
     """Every batch the provider holds for this run (through the SDK)."""
-    out = []
-    for b in ctx.api.client.batches.list(limit=100):
-        if (b.metadata or {}).get("batchyard_run") == run_id:
-            out.append(b.model_dump())
-    return out
+    # through the pipeline's own retrying client: the server may be injecting transient errors
+    every = ctx.api._call("list batches", lambda: [b.model_dump() for b in ctx.api.client.batches.list(limit=100)])
+    return [b for b in every if (b["metadata"] or {}).get("batchyard_run") == run_id]
 
 
 def assert_one_batch_per_submission(ctx: RunContext, run: RunStore) -> None:

@@ -12,6 +12,7 @@ import pytest
 from batchyard import runner
 from batchyard.context import RunContext
 from batchyard.jobs.inference import InferenceJob
+from batchyard.storage.ledger import Ledger
 from batchyard.targets import CompanyTarget, Targets
 from tests.helpers import assert_every_unit_settled_once, assert_one_batch_per_submission, run_of
 
@@ -109,3 +110,58 @@ def test_template_syntax_in_chunk_text_reaches_the_model_verbatim(ctx: RunContex
     line = json.loads(ctx.staging.read_bytes(run.rel("shards", shard)).splitlines()[0])
     user = line["body"]["messages"][1]["content"]
     assert nasty in user
+
+
+BATCH_FAULTS = {
+    "request_errors": ({"request_error_rate": 0.3, "seed": 2}, {"max_attempts": 5}),
+    "expiry": ({"expire_after_requests": 3, "expire_batches": 1}, {}),
+    "server_cancel": ({"cancel_after_requests": 2, "cancel_batches": 1, "cancelling_s": 0.2}, {}),
+    "validation_failure": ({"validation_failure": True, "validation_fail_batches": 1}, {}),
+    # the server counts about 10k tokens per shard of 8 requests: one shard fits the cap, two do not
+    "token_limit": ({"enqueued_token_cap": 15_000}, {"enqueued_token_budget": 1_000_000}),
+    "transient_http": ({"transient_error_rate": 0.3, "seed": 9}, {}),
+}
+
+
+@pytest.mark.parametrize("fault", sorted(BATCH_FAULTS))
+def test_inference_survives_every_batch_outcome(settings_factory: Any, tmp_path: Path, fault: str) -> None:
+    from batchyard.seed import seed_store, targets_for
+
+    faults, limits = BATCH_FAULTS[fault]
+    local = {"faults": faults, "seconds_per_request": 0.02 if fault == "token_limit" else 0.0}
+    prompts = tmp_path / "prompts-copy"
+    shutil.copytree(REPO / "prompts", prompts)
+    s = settings_factory(prompts_dir=str(prompts), provider={"local": local},
+                         limits={"max_requests_per_batch": 8, **limits})
+    with RunContext(s) as c:
+        report = seed_store(c.store, 30, fields=s.mongo.fields, seed=5, n_companies=1)
+        info = runner.execute(c, InferenceJob(c, targets_for(report), "risks"))
+        run = run_of(c, info)
+        results, failures = assert_every_unit_settled_once(c, run)
+        assert_one_batch_per_submission(c, run)
+        assert results.height + failures.height == 30
+        assert results.height >= 27, failures.select("unit_id", "code", "message").to_dicts()
+        records = Ledger(run).all()
+        seen = {h.status for r in records for h in r.history}
+        expected = {"expiry": "batch:expired", "server_cancel": "batch:cancelled",
+                    "validation_failure": "batch:failed", "token_limit": "batch:failed"}.get(fault)
+        if expected:
+            assert expected in seen, sorted(seen)
+        if fault == "token_limit":
+            assert any(r.submission > 1 for r in records), "a token-limit failure must requeue the shard"
+
+
+def test_a_shard_that_never_fits_the_token_cap_fails_instead_of_looping(settings_factory: Any, tmp_path: Path) -> None:
+    from batchyard.seed import seed_store, targets_for
+
+    prompts = tmp_path / "prompts-copy"
+    shutil.copytree(REPO / "prompts", prompts)
+    s = settings_factory(prompts_dir=str(prompts), provider={"local": {"faults": {"enqueued_token_cap": 3_000}}},
+                         limits={"max_requests_per_batch": 8})
+    with RunContext(s) as c:
+        report = seed_store(c.store, 12, fields=s.mongo.fields, seed=5, n_companies=1)
+        info = runner.execute(c, InferenceJob(c, targets_for(report), "risks"))
+        results, failures = assert_every_unit_settled_once(c, run_of(c, info))
+        assert results.height == 0 and set(failures["code"]) == {"token_limit_exceeded"}
+        assert "lower limits.max_tokens_per_batch" in failures["message"][0]
+        assert all(r.submission == 2 for r in Ledger(run_of(c, info)).all())

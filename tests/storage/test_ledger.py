@@ -117,3 +117,25 @@ def test_throttle_resumes_interrupted_submissions_and_waits_for_drain() -> None:
     recs[0] = recs[0].model_copy(update={"state": "collected"})
     chosen = select_submittable(recs, Throttle(token_budget=10**6, batches_per_hour=100, max_live=50), now=0)
     assert [r.shard for r in chosen] == ["s00001", "s00002"]
+
+
+def test_a_requeued_shard_runs_alone() -> None:
+    recs = [record("s00000").model_copy(update={"state": "uploaded", "wait_for_drain": True}),
+            record("s00001"), record("s00002", model="other")]
+    chosen = select_submittable(recs, Throttle(token_budget=10**6, batches_per_hour=100, max_live=50), now=0)
+    assert [r.shard for r in chosen] == ["s00000", "s00002"]  # nothing else of model m beside it
+
+
+def test_validation_errors_with_line_numbers_fail_only_those_lines() -> None:
+    import polars as pl
+
+    from batchyard.stages.batches import _validation_outcomes
+
+    requests = pl.DataFrame({"custom_id": ["a", "b", "c"], "line": ["{}", "{}", "{}"]})
+    rec = record().model_copy(update={"batch_id": "batch_x", "errors": [
+        {"code": "invalid_json", "message": "line 2 is not JSON", "line": 2}]})
+    out = {r["custom_id"]: r for r in _validation_outcomes(requests, rec).iter_rows(named=True)}
+    assert out["b"]["outcome"] == "fail" and "line 2" in out["b"]["message"] and "(b)" in out["b"]["message"]
+    assert out["a"]["outcome"] == out["c"]["outcome"] == "requeue"
+    whole = record().model_copy(update={"batch_id": "batch_y", "errors": [{"code": "invalid_request", "message": "x"}]})
+    assert set(_validation_outcomes(requests, whole)["outcome"]) == {"retry"}

@@ -71,7 +71,8 @@ def select_submittable(records: Sequence[ShardRecord], throttle: Throttle, *, no
     """Shard attempts to submit now, in order, keeping every model under its token budget.
 
     Interrupted submissions (uploading, creating) always continue: their tokens already count.
-    A shard requeued after `token_limit_exceeded` waits until its model has nothing in flight.
+    A shard requeued after `token_limit_exceeded` waits until its model has nothing in flight,
+    then runs alone, so a second token-limit failure proves it can never fit.
     The queue is kept as full as the budget allows: every shard that fits is admitted.
     """
     inflight: dict[str, int] = defaultdict(int)
@@ -83,18 +84,21 @@ def select_submittable(records: Sequence[ShardRecord], throttle: Throttle, *, no
     created = sorted(r.created_at for r in records if r.created_at is not None)
     recent = sum(1 for t in created if now - t < 3600)
     chosen = [r for r in records if r.state in ("uploading", "creating")]
+    exclusive: set[str] = set()  # models whose requeued shard must run alone this round
     for r in records:
         if r.state not in ("planned", "uploaded") or live >= throttle.max_live:
             continue
         if recent + len(chosen) >= throttle.batches_per_hour:
             break
-        if r.wait_for_drain and inflight[r.model] > 0:
+        if r.model in exclusive or (r.wait_for_drain and inflight[r.model] > 0):
             continue
         if inflight[r.model] and inflight[r.model] + r.tokens > throttle.token_budget:
             continue
         chosen.append(r)
         inflight[r.model] += r.tokens
         live += 1
+        if r.wait_for_drain:
+            exclusive.add(r.model)
     return chosen
 
 
@@ -201,8 +205,15 @@ def collect_shard(run: RunStore, api: BatchApi, name: str, parser: ShardParser, 
     requests = attempt_requests(run, rec.shard, rec.attempt)
     if rec.batch_status == "failed":
         if any(e.get("code") == "token_limit_exceeded" for e in rec.errors):
-            return ledger.requeue(rec, "token_limit_exceeded")
-        payload, outcomes, anomalies = pl.DataFrame(), _validation_outcomes(requests, rec), None
+            if rec.submission == 1:
+                return ledger.requeue(rec, "token_limit_exceeded")
+            # it was requeued and ran alone, and still did not fit: waiting cannot help
+            outcomes = _all_fail(requests, "token_limit_exceeded",
+                                 f"shard {name} alone exceeds the provider's enqueued-token limit "
+                                 f"({rec.tokens} tokens planned); lower limits.max_tokens_per_batch")
+        else:
+            outcomes = _validation_outcomes(requests, rec)
+        payload, anomalies = pl.DataFrame(), None
     else:
         output = _download(run, api, rec.output_file_id, "outputs", name)
         crashpoint("during_download")
@@ -219,6 +230,13 @@ def collect_shard(run: RunStore, api: BatchApi, name: str, parser: ShardParser, 
         plan_followup(run, rec, nxt)
     counts = {k: int(v) for k, v in outcomes.group_by("outcome").len().iter_rows()}
     return ledger.move(rec, "collected", outcome=counts)
+
+
+def _all_fail(requests: pl.DataFrame, code: str, message: str) -> pl.DataFrame:
+    return requests.select(
+        "custom_id", outcome=pl.lit("fail"), code=pl.lit(code), message=pl.lit(message),
+        status_code=pl.lit(None, pl.Int64),
+    )
 
 
 def _validation_outcomes(requests: pl.DataFrame, rec: ShardRecord) -> pl.DataFrame:
