@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,43 +32,23 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import httpx
 from rich.console import Console
 from rich.table import Table
+
+from batchyard.localapi.runner import ServerProcess
 
 CRASHES = ("after_create", "during_download")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start_server(work: Path, args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {
-        **os.environ,
+def start_server(work: Path, args: argparse.Namespace) -> ServerProcess:
+    return ServerProcess(work / "server", env={
         "BATCHYARD_PROVIDER__LOCAL__FAULTS__REQUEST_ERROR_RATE": str(args.error_rate),
         "BATCHYARD_PROVIDER__LOCAL__FAULTS__SEED": "17",
         "BATCHYARD_PROVIDER__LOCAL__FAULTS__EXPIRE_AFTER_REQUESTS": "3",
         "BATCHYARD_PROVIDER__LOCAL__FAULTS__EXPIRE_BATCHES": "1",
         "BATCHYARD_PROVIDER__LOCAL__FAULTS__CANCEL_AFTER_REQUESTS": "2",
         "BATCHYARD_PROVIDER__LOCAL__FAULTS__CANCEL_BATCHES": "1",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchyard.cli", "serve", "--port", str(port), "--state-dir", str(work / "server")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    for _ in range(300):
-        try:
-            httpx.get(f"{url}/batches", timeout=1)
-            return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start")
+    }).start()
 
 
 def pipeline_env(work: Path, url: str, args: argparse.Namespace, crash: str | None = None) -> dict[str, str]:
@@ -157,7 +136,8 @@ def main() -> None:
     console = Console()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="batchyard-soak-"))
     work.mkdir(parents=True, exist_ok=True)
-    server, url = start_server(work, args)
+    server = start_server(work, args)
+    url = server.base_url
     timings: dict[str, float] = {}
     try:
         t0 = time.perf_counter()
@@ -175,8 +155,7 @@ def main() -> None:
         timings["embed (3 processes, 2 crashes)"] = time.perf_counter() - t0
         counts = count(work, url, args)
     finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(30)
+        server.stop()
     table = Table(title=f"soak: {args.chunks:,} chunks, {args.error_rate:.0%} request errors, 1 expiry, "
                         f"1 cancel, crashes at {', '.join(CRASHES)}")
     table.add_column("measure")

@@ -9,55 +9,27 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from batchyard.crash import CRASH_POINTS
+from batchyard.localapi.runner import ServerProcess
 
 pytestmark = pytest.mark.crash
 
 N = 60
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[str]:
-    port = free_port()
-    env = {**os.environ, "BATCHYARD_PROVIDER__LOCAL__SECONDS_PER_REQUEST": "0.01"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "batchyard.cli", "serve", "--port", str(port), "--state-dir", str(tmp_path / "server")],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}/v1"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            httpx.get(f"{url}/batches", timeout=1)
-            break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        proc.kill()
-        raise RuntimeError("batchyard serve did not start")
-    yield url
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    env = {"BATCHYARD_PROVIDER__LOCAL__SECONDS_PER_REQUEST": "0.01"}
+    with ServerProcess(tmp_path / "server", env=env) as proc:
+        yield proc.base_url
 
 
 def pipeline_env(tmp_path: Path, server: str, crash: str | None) -> dict[str, str]:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.s3.moto_s3 import S3Endpoint, moto_s3
+from tests.s3.conftest import bucket, s3  # noqa: F401  (shared fixtures)
 from tests.secrets.leaks import SERVER_SIDE_LOGGERS, Sentinels
 
 
@@ -22,18 +22,6 @@ def sentinels() -> Sentinels:
         milvus_token=f"root:SENTINEL-milvus-{tag}",
         mongo_password=f"SENTINELmongo{tag}",
     )
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Endpoint]:
-    """A real local S3 endpoint (moto's threaded server on loopback)."""
-    with moto_s3() as endpoint:
-        yield endpoint
-
-
-@pytest.fixture
-def bucket(s3: S3Endpoint) -> str:
-    return s3.new_bucket()
 
 
 def _import_the_stack() -> None:

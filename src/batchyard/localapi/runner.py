@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -176,3 +179,56 @@ def serve(
     finally:
         worker.stop()
         store.close()
+
+
+class ServerProcess:
+    """`batchyard serve` in a subprocess (it outlives a pipeline that is killed, like OpenAI does).
+
+    `ServerProcess(state_dir, env={...}).start()` picks a free loopback port, waits until the
+    server answers and exposes `base_url`; `stop()` sends SIGTERM. Used by the crash tests and
+    the soak benchmark.
+    """
+
+    def __init__(self, state_dir: str | Path, *, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> None:
+        self.state_dir = Path(state_dir)
+        self.env = {**os.environ, **(env or {})}
+        self.timeout_s = timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.base_url = ""
+
+    def start(self) -> ServerProcess:
+        """Start the subprocess and wait until `/v1/batches` answers."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "batchyard.cli", "serve", "--port", str(port), "--state-dir", str(self.state_dir)],
+            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+        deadline = time.monotonic() + self.timeout_s
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.base_url}/batches", timeout=1)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        self.proc.kill()
+        raise RuntimeError(f"batchyard serve did not answer within {self.timeout_s} s")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL if it does not exit in 10 s."""
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.proc = None
+
+    def __enter__(self) -> ServerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
