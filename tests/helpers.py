@@ -20,6 +20,16 @@ def seed(ctx: RunContext, n: int, *, companies: int = 3, seed: int = 1) -> Any:
     return targets_for(report)
 
 
+def planned_run(ctx: RunContext, job: Any) -> RunStore:
+    """A new run of `job`, snapshotted and planned, with no batch submitted yet."""
+    from batchyard import runner
+
+    run = runner.create_run(ctx, job)
+    runner.snapshot(ctx, job, run)
+    runner.plan(ctx, job, run)
+    return run
+
+
 def run_of(ctx: RunContext, info: dict[str, Any]) -> RunStore:
     return RunStore(ctx.staging, info["job"], info["run_id"])
 

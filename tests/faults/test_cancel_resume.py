@@ -9,7 +9,12 @@ from batchyard.context import RunContext
 from batchyard.jobs.embeddings import EmbeddingsJob
 from batchyard.storage.ledger import Ledger
 from batchyard.storage.runs import find_run
-from tests.helpers import assert_every_unit_settled_once, assert_one_batch_per_submission, seed
+from tests.helpers import (
+    assert_every_unit_settled_once,
+    assert_one_batch_per_submission,
+    planned_run,
+    seed,
+)
 
 N = 90
 
@@ -27,9 +32,7 @@ def test_cancel_records_what_finished_and_resume_completes(settings_factory: Any
     try:
         targets = seed(ctx, N)
         job = EmbeddingsJob(ctx, targets)
-        run = runner.create_run(ctx, job)
-        runner.snapshot(ctx, job, run)
-        runner.plan(ctx, job, run)
+        run = planned_run(ctx, job)
         runner.drive(ctx, job, run, max_rounds=3, poll_interval=0.1)
         live = [r for r in Ledger(run).all() if r.state == "submitted"]
         assert live, "some batches must be live when we cancel"

@@ -80,21 +80,19 @@ def test_prefect_yaml_entrypoints_import_and_asset_graph_is_acyclic() -> None:
 
 
 def test_tracker_flow_drives_open_runs_to_the_end(tmp_path: Path) -> None:
-    from batchyard import runner
     from batchyard.context import RunContext
     from batchyard.jobs.embeddings import EmbeddingsJob
     from batchyard.orchestration.flows import tracker_flow
     from batchyard.settings import Settings
     from batchyard.storage.runs import RunStore
     from batchyard.targets import load_targets
+    from tests.helpers import planned_run
 
     targets = seed_targets(tmp_path, 40)
     over = overrides(tmp_path)
     with RunContext(Settings(_env_file=None, **over)) as ctx:
         job = EmbeddingsJob(ctx, load_targets(targets))
-        run = runner.create_run(ctx, job)
-        runner.snapshot(ctx, job, run)
-        runner.plan(ctx, job, run)
+        run = planned_run(ctx, job)
     # the embedded server persists its state under the staging root, so each tick picks up
     for _ in range(30):
         out = tracker_flow(overrides=over, rounds=1)

@@ -15,6 +15,7 @@ from tests.helpers import (
     assert_every_unit_settled_once,
     assert_one_batch_per_submission,
     assert_vectors_match,
+    planned_run,
     run_of,
     seed,
 )
@@ -104,9 +105,7 @@ def test_an_s3_staged_run_resumes_in_a_new_context(settings_factory: Any, s3: S3
     try:
         targets = seed(ctx, N)
         job = EmbeddingsJob(ctx, targets)
-        run = runner.create_run(ctx, job)
-        runner.snapshot(ctx, job, run)
-        runner.plan(ctx, job, run)
+        run = planned_run(ctx, job)
         partial = runner.drive(ctx, job, run, poll_interval=0, max_rounds=1)
         assert partial["by_state"].get("collected", 0) < partial["shards"], "the run must stop part-way"
         assert run.read_run()["phase"] == "batches"
