@@ -38,7 +38,8 @@ def settings_factory(tmp_path: Path) -> Any:
         base: dict[str, Any] = {
             "staging": {"root": str(tmp_path / "staging")},
             "milvus": {"index_type": "FLAT"},
-            "provider": {"poll_interval_s": 0.05, "backoff_base_s": 0.01, "backoff_max_s": 0.05},
+            "provider": {"poll_interval_s": 0.05, "backoff_base_s": 0.01, "backoff_max_s": 0.05,
+                         "requeue_backoff_s": 0.05},
             "embedding": {"dimensions": 16},
         }
         for key, val in overrides.items():

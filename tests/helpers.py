@@ -26,7 +26,7 @@ def planned_run(ctx: RunContext, job: Any) -> RunStore:
 
     run = runner.create_run(ctx, job)
     runner.snapshot(ctx, job, run)
-    runner.plan(ctx, job, run)
+    runner.plan(ctx, job, run, runner.LocalEngine(ctx, job, run))
     return run
 
 
@@ -35,20 +35,33 @@ def run_of(ctx: RunContext, info: dict[str, Any]) -> RunStore:
 
 
 def tables(ctx: RunContext, run: RunStore) -> tuple[pl.DataFrame, pl.DataFrame]:
-    st = ctx.staging
-    return st.read_parquet(run.rel("results.parquet")), st.read_parquet(run.rel("failures.parquet"))
+    """The run's results and failures datasets."""
+    from batchyard.runner import failures_frame, results_frame
+
+    return results_frame(run), failures_frame(run)
+
+
+def planned_units(ctx: RunContext, run: RunStore) -> set[str]:
+    """Every unit the run's partitions planned."""
+    from batchyard.runner import job_for_run
+
+    job = job_for_run(ctx, run)
+    return {u for part in run.partitions() for u in job.planned_units(part)["unit_id"].to_list()}
 
 
 def assert_every_unit_settled_once(ctx: RunContext, run: RunStore) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Every planned or rejected unit is in results or failures: never both, never neither."""
-    st = ctx.staging
+    """Every planned or rejected unit is in results or failures: never both, never neither.
+
+    A chunk id that repeats in the source fails once per copy (`duplicate_chunk_id`).
+    """
     results, failures = tables(ctx, run)
-    planned = set(st.read_parquet(run.rel("requests.parquet"))["unit_ids"].explode().to_list())
-    rejected = set(st.read_parquet(run.rel("rejects.parquet"))["unit_id"].to_list())
-    res_ids = results["unit_id" if "unit_id" in results.columns else "chunk_id"].to_list()
-    fail_ids = failures["unit_id"].to_list()
+    planned = planned_units(ctx, run)
+    rejected = set(failures.filter(pl.col("stage").is_in(["snapshot", "plan"]))["unit_id"].to_list())
+    res_ids = results["unit_id" if "unit_id" in results.columns else "chunk_id"].to_list() if results.height else []
+    fail_ids = failures.filter(pl.col("code") != "duplicate_chunk_id")["unit_id"].to_list()
     assert len(res_ids) == len(set(res_ids)), "a unit has two results"
     assert len(fail_ids) == len(set(fail_ids)), "a unit has two failures"
+    fail_ids = failures["unit_id"].to_list()
     assert not set(res_ids) & set(fail_ids), "a unit is both a result and a failure"
     assert set(res_ids) | set(fail_ids) == planned | rejected, "a unit is neither a result nor a failure"
     assert failures["message"].null_count() == 0 and failures["code"].null_count() == 0
@@ -64,15 +77,16 @@ def server_batches(ctx: RunContext, run_id: str) -> list[dict[str, Any]]:
 
 def assert_one_batch_per_submission(ctx: RunContext, run: RunStore) -> None:
     """The server holds exactly one batch per shard attempt submission the ledger knows."""
-    from batchyard.storage.ledger import Ledger
+    from batchyard.storage.ledger import run_records
 
     batches = server_batches(ctx, run.run_id)
-    keys = [(b["metadata"]["shard"], b["metadata"]["attempt"], b["metadata"]["submission"]) for b in batches]
+    keys = [(b["metadata"]["partition"], b["metadata"]["shard"], b["metadata"]["attempt"],
+             b["metadata"]["submission"]) for b in batches]
     assert len(keys) == len(set(keys)), f"a shard attempt was submitted twice: {sorted(keys)}"
     expected = set()
-    for rec in Ledger(run).all():
+    for rec in run_records(run):
         for sub in range(1, rec.submission + (1 if rec.batch_id else 0)):
-            expected.add((rec.shard, str(rec.attempt), str(sub)))
+            expected.add((rec.partition, rec.shard, str(rec.attempt), str(sub)))
     assert set(keys) == expected
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -107,3 +108,22 @@ def write_manifest(run: RunStore, key: str, *, rows: int, seconds: float, params
     }
     run.staging.write_json(run.rel("manifests", f"{key}.json"), manifest)
     return manifest
+
+
+_KEY_FORBIDDEN = re.compile(r"[\s#?&%\"'<>\[\]{}|\\^`]")
+
+
+def asset_key(job: Any, key: str, root: str) -> str:
+    """The asset key of one of a job's assets in one staging root.
+
+    `batchyard://<job kind>/<space or task@version>/<asset>@<staging root>`, e.g.
+    `batchyard://embeddings/text-embedding-3-small_256/results@/data/staging`: runs of
+    different embedding spaces, tasks or staging roots never share a key. Characters Prefect
+    refuses in keys become `_`.
+    """
+    if job.kind == "embeddings":
+        scope = f"embeddings/{job.emb.space}"
+    else:
+        scope = f"inference/{job.task.name}@{job.task_version}"
+    where = root.removeprefix("s3://")
+    return _KEY_FORBIDDEN.sub("_", f"batchyard://{scope}/{key}@{where}")[:512]

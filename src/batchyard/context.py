@@ -13,6 +13,9 @@ S3 root only the staged run files are shared; that local state stays on the mach
 from __future__ import annotations
 
 import logging
+import secrets
+import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from batchyard.clients.batch_api import BatchApi
@@ -105,6 +108,7 @@ class RunContext:
 
     def close(self) -> None:
         """Close every client that was opened (saving the MongoDB stand-in)."""
+        unregister(self)
         if self._api is not None:
             self._api.close()
             self._api = None
@@ -123,3 +127,71 @@ class RunContext:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# --------------------------------------------------------------------------- references
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A picklable pointer to a run and the settings it runs with (what a remote task gets).
+
+    `token` names the `RunContext` registered in the process that created the reference;
+    another process (a Dask worker) rebuilds an equivalent context from `profile` and
+    `overrides` instead. Clients are never shipped: each process opens its own.
+    """
+
+    job: str
+    run_id: str
+    token: str
+    profile: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __hash__(self) -> int:
+        return hash((self.job, self.run_id, self.token))
+
+
+_CONTEXTS: dict[str, RunContext] = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def register(ctx: RunContext, *, profile: str | None = None, overrides: dict[str, Any] | None = None) -> str:
+    """Register a context in this process; returns the token a `RunRef` carries."""
+    token = getattr(ctx, "_token", None)
+    if token is None:
+        token = secrets.token_hex(8)
+        ctx._token = token  # type: ignore[attr-defined]
+        ctx._ref_settings = (profile, dict(overrides or {}))  # type: ignore[attr-defined]
+    with _CONTEXTS_LOCK:
+        _CONTEXTS[token] = ctx
+    return str(token)
+
+
+def unregister(ctx: RunContext) -> None:
+    """Forget a context (when it closes)."""
+    token = getattr(ctx, "_token", None)
+    with _CONTEXTS_LOCK:
+        if token is not None:
+            _CONTEXTS.pop(token, None)
+
+
+def run_ref(ctx: RunContext, job: str, run_id: str) -> RunRef:
+    """A reference to a run of this (registered) context."""
+    token = register(ctx)
+    profile, overrides = getattr(ctx, "_ref_settings", (None, {}))
+    return RunRef(job=job, run_id=run_id, token=token, profile=profile, overrides=overrides)
+
+
+def context_for(ref: RunRef) -> RunContext:
+    """The context of a reference: the registered one in this process, else one rebuilt from
+    the reference's profile and overrides (kept for later tasks of the same run)."""
+    with _CONTEXTS_LOCK:
+        ctx = _CONTEXTS.get(ref.token)
+        if ctx is None:
+            from batchyard.settings import load_settings
+
+            ctx = RunContext(load_settings(ref.profile, **ref.overrides))
+            ctx._token = ref.token  # type: ignore[attr-defined]
+            ctx._ref_settings = (ref.profile, ref.overrides)  # type: ignore[attr-defined]
+            _CONTEXTS[ref.token] = ctx
+        return ctx

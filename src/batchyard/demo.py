@@ -31,9 +31,10 @@ def run_demo(
     overrides: dict[str, Any],
     settings: Settings,
     print_run: Callable[[dict[str, Any]], None],
-) -> None:
-    """Run the demo and print what it did."""
+) -> int:
+    """Run the demo and print what it did; returns the exit code of its worst run."""
     from batchyard.context import RunContext
+    from batchyard.runner import exit_code
     from batchyard.seed import seed_store, targets_for
     from batchyard.targets import Targets, write_targets
 
@@ -62,6 +63,7 @@ def run_demo(
     info2 = run_job("inference", small, engine=engine, task=task, overrides=overrides)
     print_run(info2)
     _inference_samples(console, settings, info2, staging_root)
+    return max(exit_code(info), exit_code(info2))
 
 
 def _neighbours(console: Console, settings: Settings, info: dict[str, Any]) -> None:
@@ -72,11 +74,13 @@ def _neighbours(console: Console, settings: Settings, info: dict[str, Any]) -> N
 
     with RunContext(settings) as ctx:
         run = RunStore(ctx.staging, info["job"], info["run_id"])
-        results = ctx.staging.read_parquet(run.rel("results.parquet"))
+        results = run.read_dataset("results")
         if results.height == 0:
             console.print("no new vectors in this run (everything was already embedded): nothing to query")
             return
-        chunks = ctx.staging.read_parquet(run.rel("chunks.parquet"))
+        st = ctx.staging
+        chunks = pl.concat([st.read_parquet(p.rel("chunks", n)) for p in run.partitions()
+                            for n in st.list(p.rel("chunks"), ".parquet")])
         # probe with a repeated passage (boilerplate), so that exact duplicates show up as neighbours
         repeated = chunks.group_by("text_sha256").len().sort("len", descending=True)["text_sha256"][0]
         probe_id = chunks.filter(pl.col("text_sha256") == repeated)["chunk_id"][0]
@@ -105,7 +109,7 @@ def _inference_samples(console: Console, settings: Settings, info: dict[str, Any
 
     with RunContext(settings) as ctx:
         run = RunStore(ctx.staging, info["job"], info["run_id"])
-        results = ctx.staging.read_parquet(run.rel("results.parquet"))
+        results = run.read_dataset("results")
         t = Table(title=f"a few parsed results (run {info['run_id']}, staged under {root})")
         t.add_column("unit")
         t.add_column("parsed output")

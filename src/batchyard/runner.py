@@ -1,52 +1,108 @@
-"""Run a job through every stage, resumably; the same code under Prefect or plain Python.
+"""Run a job through every stage, partition by partition, resumably; the same code under Prefect
+or plain Python.
 
-`start_run` snapshots and plans; `drive` submits, tracks and collects shard attempts until every
-attempt is settled; `finish` writes the final tables and loads the sinks. Each step records its
-phase in run.json, so `resume` picks up wherever a crash, a cancel or a Ctrl-C left the run.
+```
+create_run ─▶ snapshot ─▶ plan ─▶ drive (rounds) ─▶ finish
+  run.json     partitions,   per partition   poll (one list call) · download ended batches ·
+               chunk parts,  (mappable:      collect (mappable: parse, join, follow-ups) ·
+               duplicates    CPU only)       load new results parts · submit · finalize
+```
 
-The `Mapper` runs one function over many shards: a thread pool in plain Python, mapped tasks
-under Prefect (see `batchyard.orchestration`).
+Every step records its progress in staging (run.json, partition.json, the ledger, load
+receipts), so `resume` picks up wherever a crash, a cancel or a Ctrl-C left the run. Results
+are loaded into the sinks as each shard attempt is collected, so a run whose tail is still
+retrying already serves the finished vectors.
+
+An `Engine` runs the CPU-heavy steps (plan per partition, collect per shard attempt): a thread
+pool in plain Python (`LocalEngine`), or Prefect task runs, on threads or on Dask (see
+`batchyard.orchestration`). The I/O steps (Batch API calls, sink writes) always run in the
+driving process: Milvus Lite and the MongoDB stand-in allow one process.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
+from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+import polars as pl
 
 from batchyard import __version__
 from batchyard.assets import write_manifest
+from batchyard.crash import crashpoint
+from batchyard.errors import RunBusy
+from batchyard.schemas import FAILURES
 from batchyard.stages import batches
-from batchyard.storage.ledger import Ledger
-from batchyard.storage.runs import RunStore, driver_id, find_run, new_run_id, utcnow
+from batchyard.stages.partition import (
+    PartitionSpec,
+    bucket_of,
+    plan_partitions,
+    size_targets,
+    unmatched_targets,
+)
+from batchyard.storage.ledger import Ledger, ShardRecord
+from batchyard.storage.runs import PartitionStore, RunStore, driver_id, find_run, new_run_id, utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
     from batchyard.context import RunContext
     from batchyard.jobs.base import Job
-    from batchyard.storage.ledger import ShardRecord
+    from batchyard.targets import Targets
 
-    Mapper = Callable[[Callable[[str], Any], Sequence[str]], list[Any]]
     Progress = Callable[[dict[str, Any]], None]
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
-PHASES = ("snapshot", "plan", "batches", "finalize", "load", "done")
+PHASES = ("snapshot", "plan", "batches", "done")
+LEASE_TTL_MIN_S = 120.0
 
 
-def thread_mapper(workers: int = 8) -> Mapper:
-    """Run a function over shard names in a thread pool (the plain-Python engine)."""
+class Engine(Protocol):
+    """Runs the steps of a run.
 
-    def run(fn: Callable[[str], Any], names: Sequence[str]) -> list[Any]:
-        if not names:
+    `map` runs a mappable CPU step over items, possibly in other processes: `plan` (items:
+    partition ids) and `collect` (items: (partition id, shard-attempt name) pairs); one result
+    per item, in order. `run` runs an I/O step of a round (`track`, `load`, `submit`) once, in
+    this process (under Prefect: one task run per call, whatever the number of shards).
+    """
+
+    def map(self, step: str, items: Sequence[Any]) -> list[Any]: ...
+
+    def run(self, step: str, fn: Callable[[], T]) -> T: ...
+
+
+class LocalEngine:
+    """The plain-Python engine: the steps on a thread pool of this process."""
+
+    def __init__(self, ctx: RunContext, job: Job, run: RunStore, *, workers: int = 8) -> None:
+        self.ctx, self.job, self.store, self.workers = ctx, job, run, workers
+
+    def map(self, step: str, items: Sequence[Any]) -> list[Any]:
+        if not items:
             return []
-        with ThreadPoolExecutor(max_workers=min(workers, len(names))) as pool:
-            return list(pool.map(fn, names))
+        fn = STEPS[step]
 
-    return run
+        def one(item: Any) -> Any:
+            args = item if isinstance(item, tuple) else (item,)
+            return fn(self.ctx, self.job, self.store, *args)
+
+        with ThreadPoolExecutor(max_workers=min(self.workers, len(items))) as pool:
+            return list(pool.map(one, items))
+
+    def run(self, step: str, fn: Callable[[], T]) -> T:
+        return fn()
+
+
+def _emit(on_progress: Progress | None, stage: str, completed: int, total: int | None, **extra: Any) -> None:
+    if on_progress is not None:
+        on_progress({"stage": stage, "completed": completed, "total": total, **extra})
+
+
+# --------------------------------------------------------------------------- create
 
 
 def create_run(ctx: RunContext, job: Job, *, run_id: str | None = None) -> RunStore:
@@ -70,46 +126,204 @@ def create_run(ctx: RunContext, job: Job, *, run_id: str | None = None) -> RunSt
     return run
 
 
-def snapshot(ctx: RunContext, job: Job, run: RunStore) -> dict[str, int]:
-    """Phase `snapshot`: select source rows into chunks.parquet."""
+# --------------------------------------------------------------------------- snapshot
+
+
+def _restricted(targets: Targets, companies: list[str]) -> Targets:
+    keep = set(companies)
+    return targets.model_copy(update={"companies": [c for c in targets.companies if c.company_id in keep]})
+
+
+def _units(specs: list[PartitionSpec]) -> list[list[PartitionSpec]]:
+    """Partitions that one source query fills: a packed partition, or every bucket of a company."""
+    groups: dict[tuple[str, ...], list[PartitionSpec]] = {}
+    for spec in specs:
+        groups.setdefault(tuple(spec.companies), []).append(spec)
+    return list(groups.values())
+
+
+def _clear(part: PartitionStore) -> None:
+    st = part.staging
+    for name in st.list(part.rel("chunks"), ".parquet"):
+        st.delete(part.rel("chunks", name))
+    for name in st.list(part.rel("failures"), ".parquet"):
+        if name.startswith("snapshot-"):
+            st.delete(part.rel("failures", name))
+
+
+def _snapshot_unit(job: Job, run: RunStore, specs: list[PartitionSpec]) -> None:
+    """Page the source rows of one unit into its partitions' chunk parts (by hash bucket)."""
+    parts = [run.partition(s.id) for s in specs]
+    for part in parts:
+        _clear(part)
+    by_bucket = {s.bucket or 0: run.partition(s.id) for s in specs}
+    buckets = specs[0].buckets
+    counts: dict[str, int] = defaultdict(int)
+    rejected: dict[str, int] = defaultdict(int)
+    st = run.staging
+    for page_no, (chunks, rejects) in enumerate(job.source_pages(_restricted(job.targets, specs[0].companies))):
+        for frame, folder, tally in ((chunks, "chunks", counts), (rejects, "failures", rejected)):
+            if frame.height == 0:
+                continue
+            key = "chunk_id" if folder == "chunks" else "unit_id"
+            routed = frame.with_columns(
+                _b=pl.col(key).map_elements(lambda c: bucket_of(c, buckets), return_dtype=pl.Int64)
+                if buckets > 1 else pl.lit(0, pl.Int64)
+            )
+            for (b,), rows in routed.group_by(["_b"]):
+                part = by_bucket[int(b)]  # type: ignore[call-overload]
+                name = f"{page_no:05d}.parquet" if folder == "chunks" else f"snapshot-{page_no:05d}.parquet"
+                st.write_parquet(part.rel(folder, name), rows.drop("_b"))
+                tally[part.pid] += rows.height
+    for spec, part in zip(specs, parts, strict=True):
+        job.after_snapshot(part)
+        part.update_state(
+            phase="plan", companies=spec.companies, bucket=spec.bucket, buckets=spec.buckets,
+            snapshot={"chunks": counts[part.pid], "rejected": rejected[part.pid]},
+        )
+
+
+def _find_duplicates(run: RunStore) -> int:
+    """Chunk ids that repeat across the whole snapshot: `duplicates.parquet` + failures parts."""
+    from batchyard.stages.snapshot import duplicate_failures, find_duplicates
+
+    st = run.staging
+    rels = [p.rel("chunks", n) for p in run.partitions() for n in st.list(p.rel("chunks"), ".parquet")]
+    if not rels:
+        return 0
+    scan = st.scan_parquet(rels, include_file_paths="_path").with_columns(
+        _pid=pl.col("_path").str.extract(r"/p=([^/]+)/chunks/", 1)
+    )
+    dups = find_duplicates(scan.select("chunk_id", "source_id", "company_id", "document_id", "_pid"))
+    if dups.height == 0:
+        return 0
+    located = scan.join(dups.lazy().select("chunk_id").unique(), on="chunk_id", how="semi").select(
+        "chunk_id", "source_id", "_pid"
+    ).collect()
+    st.write_parquet(run.rel("duplicates.parquet"), dups)
+    failures = duplicate_failures(dups).with_columns(
+        _pid=pl.Series(located.sort("chunk_id", "source_id")["_pid"])
+    )
+    for (pid,), rows in failures.group_by(["_pid"]):
+        part = run.partition(str(pid))
+        st.write_parquet(part.rel("failures", "duplicates.parquet"), rows.drop("_pid"))
+    log.warning("%d chunk id(s) repeat in the source; none of their copies is used", dups["chunk_id"].n_unique())
+    return dups.height
+
+
+def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress | None = None) -> dict[str, Any]:
+    """Phase `snapshot`: size the targets into partitions, stage every partition's source rows."""
+    from batchyard.stages.snapshot import iter_orphans
+
     t0 = time.perf_counter()
-    stats = job.snapshot(run)
+    info = run.read_run()
+    fields = ctx.settings.mongo.fields
+    if "partitions" not in info:
+        by_company, by_document = size_targets(ctx.store.chunks, job.targets, fields)
+        specs = plan_partitions(by_company, job.targets.company_ids, ctx.settings.run.partition_max_chunks)
+        unmatched = unmatched_targets(job.targets, by_company, by_document)
+        for target in unmatched:
+            log.warning("target %s matched no chunk in %s", target, ctx.store.label)
+        info = run.update_run(partitions=[s.to_json() for s in specs], targets_unmatched=unmatched,
+                              document_store=ctx.store.label)
+    specs = [PartitionSpec.from_json(p) for p in info["partitions"]]
+    units = _units(specs)
+    for i, unit in enumerate(units):
+        _emit(on_progress, "snapshot", i, len(units), detail=", ".join(unit[0].companies[:3]))
+        if all(run.partition(s.id).read_state().get("snapshot") for s in unit):
+            continue
+        _snapshot_unit(job, run, unit)
+    _emit(on_progress, "snapshot", len(units), len(units))
+    orphans = [r for _, r in iter_orphans(ctx.store.chunks, job.targets, fields, page_size=ctx.page_size)]
+    if orphans:
+        run.staging.write_parquet(run.rel("failures", "snapshot-orphans.parquet"), pl.concat(orphans))
+    duplicates = _find_duplicates(run)
+    crashpoint("after_snapshot")
+    totals: dict[str, Any] = defaultdict(int)
+    for part in run.partitions():
+        for k, v in part.read_state().get("snapshot", {}).items():
+            totals[k] += v
+    stats = {**totals, "partitions": len(specs), "orphans": sum(o.height for o in orphans),
+             "duplicate_ids": duplicates}
     write_manifest(run, "chunks", rows=stats.get("chunks", 0), seconds=time.perf_counter() - t0, params=job.params())
-    run.update_run(phase="plan", snapshot=stats, document_store=ctx.store.label)
+    run.update_run(phase="plan", snapshot=stats)
     return stats
 
 
-def plan(ctx: RunContext, job: Job, run: RunStore) -> dict[str, int]:
-    """Phase `plan`: requests.parquet, shard files and ledger records."""
+# --------------------------------------------------------------------------- plan
+
+
+def plan_one(ctx: RunContext, job: Job, run: RunStore, pid: str) -> dict[str, Any]:
+    """Plan one partition (staging only: runs on any engine worker)."""
+    part = run.partition(pid)
+    state = part.read_state()
+    if state.get("phase") != "plan":
+        return dict(state.get("plan", {}))
+    stats = job.plan_partition(part)
+    part.update_state(phase="batches", plan=stats)
+    return stats
+
+
+def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progress: Progress | None = None
+         ) -> dict[str, Any]:
+    """Phase `plan`: every partition's requests, shard files and ledger records."""
     t0 = time.perf_counter()
-    stats = job.plan(run)
-    write_manifest(run, "requests", rows=stats.get("requests", 0), seconds=time.perf_counter() - t0, params=job.params())
-    run.update_run(phase="batches", state="running", plan=stats)
-    return stats
+    pids = [p.pid for p in run.partitions()]
+    _emit(on_progress, "plan", 0, len(pids))
+    engine.map("plan", pids)
+    totals: dict[str, Any] = defaultdict(int)
+    for part in run.partitions():
+        for k, v in part.read_state().get("plan", {}).items():
+            totals[k] += v
+    totals = {k: round(v, 6) if isinstance(v, float) else v for k, v in totals.items()}
+    _emit(on_progress, "plan", len(pids), len(pids))
+    write_manifest(run, "requests", rows=totals.get("requests", 0), seconds=time.perf_counter() - t0,
+                   params=job.params())
+    run.update_run(phase="batches", state="running", plan=dict(totals))
+    return dict(totals)
 
 
-def batch_round(ctx: RunContext, job: Job, run: RunStore, mapper: Mapper) -> tuple[list[ShardRecord], bool]:
-    """One tracker round: poll live batches, collect ended ones, submit what the budget allows.
+# --------------------------------------------------------------------------- collect and load
 
-    Returns the records after the round and whether anything changed.
-    """
-    ledger = Ledger(run)
-    api = ctx.api
-    records = ledger.all()
-    before = {r.name: (r.state, r.batch_status) for r in records}
-    mapper(functools.partial(batches.poll_shard, run, api), [r.name for r in records if r.state == "submitted"])
-    records = ledger.all()
-    max_attempts = ctx.settings.limits.max_attempts
-    collect = functools.partial(batches.collect_shard, run, api, parser=job, max_attempts=max_attempts)
-    mapper(collect, [r.name for r in records if r.state == "ended"])
-    records = ledger.all()
-    if run.read_run().get("state") != "cancelled":
-        throttle = batches.Throttle.from_limits(ctx.settings.limits)
-        chosen = batches.select_submittable(records, throttle, now=time.time())
-        mapper(functools.partial(batches.submit_shard, run, api), [r.name for r in chosen])
-        records = ledger.all()
-    after = {r.name: (r.state, r.batch_status) for r in records}
-    return records, after != before
+
+def collect_one(ctx: RunContext, job: Job, run: RunStore, pid: str, name: str) -> list[ShardRecord]:
+    """Collect one downloaded shard attempt (staging only: runs on any engine worker)."""
+    retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider)
+    return batches.collect_shard(run.partition(pid), name, job, retries)
+
+
+STEPS: dict[str, Callable[..., Any]] = {"plan": plan_one, "collect": collect_one}
+
+
+def unloaded_parts(part: PartitionStore) -> list[str]:
+    """Results parts of a partition that have no load receipt yet."""
+    done = {n[: -len(".json")] for n in part.staging.list(part.rel("loads"), ".json")}
+    return [n for n in part.parts("results") if n not in done]
+
+
+def load_parts(ctx: RunContext, job: Job, parts: Sequence[PartitionStore]) -> list[dict[str, Any]]:
+    """Load every results part that has no receipt; receipts are written after the sinks are
+    saved, so a crash anywhere in between only means loading that part again (upserts)."""
+    loaded: list[tuple[PartitionStore, str, list[dict[str, Any]]]] = []
+    for part in parts:
+        for name in unloaded_parts(part):
+            frame = part.staging.read_parquet(part.rel("results", f"{name}.parquet"))
+            receipts = job.load_part(part, frame) if frame.height else []
+            loaded.append((part, name, receipts))
+    if not loaded:
+        return []
+    ctx.store.save()
+    crashpoint("before_receipt")
+    out = []
+    for part, name, receipts in loaded:
+        receipt = {"part": name, "partition": part.pid, "rows": sum(r.get("rows", 0) for r in receipts),
+                   "sinks": receipts, "at": utcnow().isoformat()}
+        part.staging.write_json(part.rel("loads", f"{name}.json"), receipt)
+        out.append(receipt)
+    return out
+
+
+# --------------------------------------------------------------------------- drive
 
 
 def settled(records: Sequence[ShardRecord], *, cancelled: bool) -> bool:
@@ -118,67 +332,281 @@ def settled(records: Sequence[ShardRecord], *, cancelled: bool) -> bool:
     return all(r.state == "collected" or r.state in waiting for r in records)
 
 
+class _Driver:
+    """The state of one `drive` call: the partitions it leased and their records in memory.
+
+    The driver is the only writer of its partitions' ledgers (it holds their leases), so it
+    reads them once and keeps them current from what each step returns.
+    """
+
+    def __init__(self, ctx: RunContext, job: Job, run: RunStore, engine: Engine, ttl_s: float) -> None:
+        self.ctx, self.job, self.run, self.engine = ctx, job, run, engine
+        self.owner = driver_id()
+        self.ttl_s = ttl_s
+        self.parts: dict[str, PartitionStore] = {}
+        self.records: dict[str, ShardRecord] = {}
+        self.retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider)
+
+    def claim(self) -> None:
+        busy = []
+        for part in self.run.partitions():
+            if part.read_state().get("phase") == "done":
+                continue
+            try:
+                part.claim(self.owner, self.ttl_s)
+            except RunBusy as exc:
+                busy.append(exc)
+                continue
+            self.parts[part.pid] = part
+            for rec in Ledger(part).all():
+                self.records[rec.key] = rec
+        if busy and not self.parts:
+            raise busy[0]
+
+    def release(self) -> None:
+        for part in self.parts.values():
+            part.release(self.owner)
+
+    def heartbeat(self) -> None:
+        for part in self.parts.values():
+            part.heartbeat(self.owner)
+
+    def keep(self, recs: Sequence[ShardRecord]) -> None:
+        for rec in recs:
+            self.records[rec.key] = rec
+
+    def by_part(self) -> dict[str, list[ShardRecord]]:
+        out: dict[str, list[ShardRecord]] = defaultdict(list)
+        for rec in self.records.values():
+            out[rec.partition].append(rec)
+        return out
+
+    def io(self, fn: Callable[[ShardRecord], ShardRecord], recs: Sequence[ShardRecord]) -> None:
+        """Run an I/O step over records on a small thread pool of this process."""
+        if not recs:
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(recs))) as pool:
+            self.keep(list(pool.map(fn, recs)))
+
+    def track(self) -> int:
+        """Poll every live batch with one list call, record changes, download ended batches."""
+        api = self.ctx.api
+        found = batches.poll_batches(api, self.records.values())
+        for rec in [r for r in self.records.values() if r.batch_id in found and r.state == "submitted"]:
+            self.keep([batches.observe(self.parts[rec.partition], rec, found[rec.batch_id or ""])])
+        ended = [r for r in self.records.values() if r.state == "ended" and not r.downloaded and r.batch_status != "failed"]
+        self.io(lambda r: batches.download_shard(self.parts[r.partition], api, r.name), ended)
+        return len(found)
+
+    def submit(self, chosen: Sequence[ShardRecord]) -> int:
+        api = self.ctx.api
+        self.io(lambda r: batches.submit_shard(self.parts[r.partition], api, r.name), chosen)
+        return len(chosen)
+
+    def round(self, *, cancelled: bool) -> bool:
+        """One tracker round; returns whether anything changed."""
+        before = {k: (r.state, r.batch_status, r.downloaded) for k, r in self.records.items()}
+        if any(r.state == "submitted" or (r.state == "ended" and not r.downloaded) for r in self.records.values()):
+            self.engine.run("track", self.track)
+        ready = [(r.partition, r.name) for r in self.records.values()
+                 if r.state == "ended" and (r.downloaded or r.batch_status == "failed")]
+        for recs in self.engine.map("collect", ready):
+            self.keep(recs)
+        parts = list(self.parts.values())
+        loaded = (self.engine.run("load", lambda: load_parts(self.ctx, self.job, parts))
+                  if any(unloaded_parts(p) for p in parts) else [])
+        if not cancelled:
+            throttle = batches.Throttle.from_limits(self.ctx.settings.limits)
+            chosen = batches.select_submittable(list(self.records.values()), throttle, now=time.time())
+            if chosen:
+                self.engine.run("submit", lambda: self.submit(chosen))
+        self.finalize_done(cancelled=cancelled)
+        after = {k: (r.state, r.batch_status, r.downloaded) for k, r in self.records.items()}
+        return after != before or bool(loaded)
+
+    def finalize_done(self, *, cancelled: bool) -> None:
+        """Finish every leased partition whose shard attempts are settled and loaded."""
+        grouped = self.by_part()
+        for pid, part in self.parts.items():
+            if part.read_state().get("phase") == "done":
+                continue
+            if not settled(grouped.get(pid, []), cancelled=cancelled) or unloaded_parts(part):
+                continue
+            stats = self.job.finalize_partition(part, cancelled=cancelled)
+            part.update_state(phase="done", final=stats, cancelled=cancelled)
+
+    def all_done(self) -> bool:
+        return all(p.read_state().get("phase") == "done" for p in self.parts.values())
+
+    def cancel_live(self) -> int:
+        live = [r for r in self.records.values() if r.state == "submitted"]
+        api = self.ctx.api
+        self.io(lambda r: batches.cancel_shard(self.parts[r.partition], api, r.name), live)
+        return len(live)
+
+    def next_wake(self) -> float | None:
+        waits = [r.not_before for r in self.records.values()
+                 if r.state in ("planned", "uploaded") and r.not_before is not None]
+        return min(waits) if waits else None
+
+
+def _apply_cancel_request(run: RunStore, driver: _Driver) -> bool:
+    """Act on `batchyard cancel`: mark the run cancelled and cancel its live batches."""
+    request = run.cancel_requested()
+    if request is None:
+        return run.read_run().get("state") == "cancelled"
+    run.update_run(state="cancelled", cancel=request)
+    n = driver.cancel_live()
+    run.clear_cancel()
+    log.warning("run %s cancelled (%s): %d live batch(es) asked to cancel", run.run_id, request.get("requested_by"), n)
+    return True
+
+
+def poll_intervals(ctx: RunContext, override: float | None) -> Callable[[int], float]:
+    """Seconds to sleep after `k` rounds without change.
+
+    Real providers: the configured interval. The embedded server answers in seconds, so it
+    starts at 1 s (or less, if configured lower) and backs off by 1.5x while nothing changes.
+    """
+    configured = override if override is not None else ctx.settings.provider.poll_interval_s
+    if override is not None or not ctx.settings.provider.embedded:
+        return lambda k: configured
+    first = min(1.0, configured)
+    return lambda k: min(configured, first * 1.5 ** min(k, 60))
+
+
 def drive(
     ctx: RunContext,
     job: Job,
     run: RunStore,
     *,
-    mapper: Mapper | None = None,
+    engine: Engine | None = None,
     on_progress: Progress | None = None,
     poll_interval: float | None = None,
     max_rounds: int | None = None,
 ) -> dict[str, Any]:
-    """Phase `batches`: rounds until every shard attempt is settled; returns the ledger summary."""
-    mapper = mapper or thread_mapper()
-    interval = poll_interval if poll_interval is not None else ctx.settings.provider.poll_interval_s
-    owner = driver_id()
-    run.claim(owner, ttl_s=max(120.0, 5 * interval))
-    rounds = 0
+    """Phase `batches`: rounds until every leased partition is settled, loaded and finalized.
+
+    Returns the ledger summary of the partitions this process drove. Partitions another live
+    process drives are left to it (RunBusy when all of them are).
+    """
+    engine = engine or LocalEngine(ctx, job, run)
+    interval = poll_intervals(ctx, poll_interval)
+    longest = poll_interval if poll_interval is not None else ctx.settings.provider.poll_interval_s
+    driver = _Driver(ctx, job, run, engine, ttl_s=max(LEASE_TTL_MIN_S, 5 * longest))
+    driver.claim()
+    rounds = idle = 0
     try:
         while True:
-            records, changed = batch_round(ctx, job, run, mapper)
-            cancelled = run.read_run().get("state") == "cancelled"
-            info = batches.summary(records)
-            if on_progress:
-                on_progress(info)
-            if settled(records, cancelled=cancelled):
+            cancelled = _apply_cancel_request(run, driver)
+            changed = driver.round(cancelled=cancelled)
+            info = batches.summary(list(driver.records.values()))
+            _emit(on_progress, "batches", info["by_state"].get("collected", 0), info["shards"], batches=info)
+            if driver.all_done():
                 break
             rounds += 1
             if max_rounds is not None and rounds >= max_rounds:
-                return info
-            run.heartbeat(owner)
+                break
+            driver.heartbeat()
+            idle = 0 if changed else idle + 1
             if not changed:
-                time.sleep(interval)
+                sleep = interval(idle - 1)
+                wake = driver.next_wake()
+                if wake is not None:
+                    sleep = max(0.0, min(sleep, wake - time.time()))
+                time.sleep(sleep)
     finally:
-        run.release(owner)
-    run.update_run(phase="finalize", batches=info)
+        driver.release()
     return info
+
+
+# --------------------------------------------------------------------------- finish and summary
+
+
+def _count_rows(ctx: RunContext, rels: list[str]) -> int:
+    return sum(ctx.staging.count_rows(r) for r in rels)
+
+
+def run_summary(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
+    """Counts over the run's datasets and ledger: results, failures by code, usage, cost."""
+    from batchyard.pricing import estimate
+    from batchyard.storage.ledger import run_records
+
+    st = ctx.staging
+    results = _count_rows(ctx, [r for r in run.dataset_parts("results")])
+    failure_parts = run.dataset_parts("failures")
+    codes = (
+        pl.concat([st.read_parquet(r).select("code") for r in failure_parts]).group_by("code").len()
+        if failure_parts else pl.DataFrame(schema={"code": pl.String, "len": pl.UInt32})
+    )
+    by_code = {str(c): int(n) for c, n in codes.sort("code").iter_rows()}
+    records = run_records(run)
+    usage: dict[str, int] = defaultdict(int)
+    for rec in records:
+        for k, v in (rec.usage or {}).items():
+            if isinstance(v, int):
+                usage[k] += v
+    plan_stats = run.read_run().get("plan", {})
+    cost = estimate(ctx.settings.pricing, job.model, input_tokens=int(plan_stats.get("tokens", 0)))
+    reported = estimate(ctx.settings.pricing, job.model, input_tokens=usage.get("input_tokens", 0),
+                        output_tokens=usage.get("output_tokens", 0))
+    return {
+        "results": results,
+        "failures": sum(by_code.values()),
+        "failures_by_code": by_code,
+        "anomalies": _count_rows(ctx, run.dataset_parts("anomalies")),
+        "shards": len({(r.partition, r.shard) for r in records}),
+        "shard_attempts": len(records),
+        "batches": sum(1 for r in records if r.batch_id) + sum(len(r.past_batches) for r in records),
+        "usage": dict(usage),
+        "cost_estimate_usd": cost["batch_usd"],
+        "cost_reported_usd": reported["batch_usd"],
+    }
 
 
 def finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
-    """Phases `finalize` and `load`: final tables, then sinks."""
+    """Phase `done`: once every partition is done, the run's summary, manifests and state."""
     info = run.read_run()
+    parts = run.partitions()
+    if any(p.read_state().get("phase") != "done" for p in parts):
+        return info
     cancelled = info.get("state") == "cancelled"
-    if info.get("phase") in ("batches", "finalize"):
-        t0 = time.perf_counter()
-        stats = job.finalize(run, cancelled=cancelled)
-        write_manifest(run, "results", rows=stats["results"], seconds=time.perf_counter() - t0, params=job.params())
-        info = run.update_run(phase="load", final=stats)
-    if info.get("phase") == "load":
-        t0 = time.perf_counter()
-        receipts = job.load(run)
-        write_manifest(run, "sinks", rows=sum(r.get("rows", 0) for r in receipts),
-                       seconds=time.perf_counter() - t0, params=job.params())
-        if ctx.settings.provider.delete_remote_files and not cancelled:
-            delete_remote_files(ctx, run)
-        info = run.update_run(phase="done", state="cancelled" if cancelled else "finished", loads=receipts)
-    return info
+    t0 = time.perf_counter()
+    summary = run_summary(ctx, job, run)
+    write_manifest(run, "batches", rows=summary["shard_attempts"], seconds=0.0, params=job.params())
+    write_manifest(run, "results", rows=summary["results"], seconds=time.perf_counter() - t0, params=job.params())
+    loads = [st for p in parts for st in _receipts(p)]
+    write_manifest(run, "sinks", rows=sum(r.get("rows", 0) for r in loads), seconds=0.0, params=job.params())
+    if ctx.settings.provider.delete_remote_files and not cancelled:
+        delete_remote_files(ctx, run)
+    return run.update_run(phase="done", state="cancelled" if cancelled else "finished", final=summary,
+                          loads=_sink_totals(loads))
+
+
+def _receipts(part: PartitionStore) -> list[dict[str, Any]]:
+    st = part.staging
+    return [dict(st.read_json(part.rel("loads", n))) for n in st.list(part.rel("loads"), ".json")]
+
+
+def _sink_totals(receipts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per sink (milvus, mongo.marks, mongo.results): rows, upserted, modified, parts."""
+    totals: dict[tuple[str, str], dict[str, Any]] = {}
+    for receipt in receipts:
+        for r in receipt.get("sinks", []):
+            t = totals.setdefault((r["sink"], r["target"]), {"sink": r["sink"], "target": r["target"], "rows": 0,
+                                                             "upserted": 0, "modified": 0, "parts": 0})
+            for k in ("rows", "upserted", "modified"):
+                t[k] += int(r.get(k, 0))
+            t["parts"] += 1
+    return list(totals.values())
 
 
 def delete_remote_files(ctx: RunContext, run: RunStore) -> int:
     """Delete a run's remote input, output and error files; returns how many were deleted."""
+    from batchyard.storage.ledger import run_records
+
     n = 0
-    for rec in Ledger(run).all():
+    for rec in run_records(run):
         for fid in (rec.file_id, rec.output_file_id, rec.error_file_id):
             if fid:
                 ctx.api.delete_file(fid)
@@ -186,46 +614,86 @@ def delete_remote_files(ctx: RunContext, run: RunStore) -> int:
     return n
 
 
+# --------------------------------------------------------------------------- whole runs
+
+
 def execute(
     ctx: RunContext,
     job: Job,
     *,
     run_id: str | None = None,
-    mapper: Mapper | None = None,
+    engine: Engine | None = None,
     on_progress: Progress | None = None,
+    wait: bool = True,
 ) -> dict[str, Any]:
-    """Run a job end to end (or continue it, when `run_id` names an existing run)."""
+    """Run a job end to end (or continue it, when `run_id` names an existing run).
+
+    `wait=False` snapshots, plans and submits what the throttle allows, then returns: the
+    scheduled tracker (or `resume`) finishes the run.
+    """
     run = RunStore(ctx.staging, job.name, run_id) if run_id else None
     if run is None or not run.exists():
         run = create_run(ctx, job, run_id=run_id)
-    return continue_run(ctx, job, run, mapper=mapper, on_progress=on_progress)
+    return continue_run(ctx, job, run, engine=engine, on_progress=on_progress, wait=wait)
 
 
 def continue_run(
-    ctx: RunContext, job: Job, run: RunStore, *, mapper: Mapper | None = None, on_progress: Progress | None = None
+    ctx: RunContext,
+    job: Job,
+    run: RunStore,
+    *,
+    engine: Engine | None = None,
+    on_progress: Progress | None = None,
+    wait: bool = True,
 ) -> dict[str, Any]:
-    """Carry a run from its recorded phase to the end."""
+    """Carry a run from its recorded phase to the end (or, `wait=False`, to its first submissions)."""
+    engine = engine or LocalEngine(ctx, job, run)
     phase = run.read_run().get("phase", "snapshot")
-    if phase == "snapshot":
-        snapshot(ctx, job, run)
-        phase = "plan"
-    if phase == "plan":
-        plan(ctx, job, run)
-        phase = "batches"
+    if phase in ("snapshot", "plan"):
+        owner = driver_id()
+        run.claim(owner, LEASE_TTL_MIN_S)
+        try:
+            if phase == "snapshot":
+                snapshot(ctx, job, run, on_progress=on_progress)
+                phase = "plan"
+            if phase == "plan":
+                plan(ctx, job, run, engine, on_progress=on_progress)
+                phase = "batches"
+        finally:
+            run.release(owner)
     if phase == "batches":
-        drive(ctx, job, run, mapper=mapper, on_progress=on_progress)
+        drive(ctx, job, run, engine=engine, on_progress=on_progress, max_rounds=None if wait else 1)
+    _emit(on_progress, "finish", 0, None)
     return finish(ctx, job, run)
 
 
-def cancel(ctx: RunContext, run_id: str) -> dict[str, Any]:
-    """Cancel a run: no new submissions, live batches cancelled; `resume` re-enables it."""
+def cancel(ctx: RunContext, run_id: str, *, wait_s: float = 0.0) -> dict[str, Any]:
+    """Cancel a run: no new submissions, live batches cancelled; `resume` re-enables it.
+
+    The request is recorded in the run's staging folder. When a live process drives the run, it
+    acts on it within one poll round (this call waits up to `wait_s` for that); otherwise this
+    process cancels the live batches itself.
+    """
     run = find_run(ctx.staging, run_id)
+    run.request_cancel(by=driver_id())
+    ttl = LEASE_TTL_MIN_S
+    driven = [p for p in run.partitions() if p.lease_holder(ttl) is not None]
+    if driven:
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and run.cancel_requested() is not None:
+            time.sleep(0.2)
+        acted = run.cancel_requested() is None
+        return {"run_id": run_id, "cancelled_batches": None, "driven_by": driven[0].lease_holder(ttl),
+                "acknowledged": acted}
     run.update_run(state="cancelled")
-    ledger = Ledger(run)
-    live = [r.name for r in ledger.all() if r.state == "submitted"]
-    for name in live:
-        batches.cancel_shard(run, ctx.api, name)
-    return {"run_id": run_id, "cancelled_batches": len(live)}
+    live = 0
+    for part in run.partitions():
+        for rec in Ledger(part).all():
+            if rec.state == "submitted":
+                batches.cancel_shard(part, ctx.api, rec.name)
+                live += 1
+    run.clear_cancel()
+    return {"run_id": run_id, "cancelled_batches": live, "driven_by": None, "acknowledged": True}
 
 
 def job_for_run(ctx: RunContext, run: RunStore) -> Job:
@@ -236,34 +704,109 @@ def job_for_run(ctx: RunContext, run: RunStore) -> Job:
     return job_from_params(ctx, info["kind"], info["params"])
 
 
+def reopen(run: RunStore) -> None:
+    """Make a cancelled (or finished-as-cancelled) run resumable: partitions back to `batches`."""
+    info = run.read_run()
+    run.clear_cancel()
+    if info.get("state") != "cancelled":
+        return
+    for part in run.partitions():
+        state = part.read_state()
+        if state.get("phase") == "done" and state.get("cancelled"):
+            part.update_state(phase="batches", cancelled=False)
+    phase = info.get("phase")
+    run.update_run(state="running", phase="batches" if phase == "done" else phase)
+
+
 def resume(
-    ctx: RunContext, run_id: str, *, mapper: Mapper | None = None, on_progress: Progress | None = None
+    ctx: RunContext, run_id: str, *, engine: Engine | None = None, on_progress: Progress | None = None
 ) -> dict[str, Any]:
     """Continue an interrupted or cancelled run from its recorded phase."""
     run = find_run(ctx.staging, run_id)
-    info = run.read_run()
-    if info.get("state") == "cancelled" and info.get("phase") != "done":
-        run.update_run(state="running")
-    elif info.get("phase") == "done" and info.get("state") == "cancelled":
-        run.update_run(state="running", phase="batches")
+    reopen(run)
     job = job_for_run(ctx, run)
-    return continue_run(ctx, job, run, mapper=mapper, on_progress=on_progress)
+    return continue_run(ctx, job, run, engine=engine, on_progress=on_progress)
 
 
-REMATERIALIZE_FROM = {"results": "finalize", "sinks": "load"}
+REMATERIALIZE_FROM = ("results", "sinks")
 
 
 def rematerialize(ctx: RunContext, run_id: str, *, start: str) -> dict[str, Any]:
     """Re-materialize a finished run's assets from staging alone, with no Batch API call.
 
-    `start="results"` rebuilds results/failures from the staged per-attempt outcomes and reloads
-    the sinks; `start="sinks"` reloads Milvus/MongoDB from results.parquet.
+    `start="results"` re-parses every collected shard attempt from its staged output and error
+    files (results, failures and anomalies parts), then reloads the sinks; `start="sinks"`
+    reloads Milvus/MongoDB from the results parts.
     """
     if start not in REMATERIALIZE_FROM:
         raise ValueError(f"cannot re-materialize from {start!r}; choose one of {sorted(REMATERIALIZE_FROM)}")
     run = find_run(ctx.staging, run_id)
     info = run.read_run()
-    if info.get("phase") not in ("finalize", "load", "done"):
+    if info.get("phase") != "done":
         raise ValueError(f"run {run_id} is in phase {info.get('phase')!r}: its batches are not settled yet")
-    run.update_run(phase=REMATERIALIZE_FROM[start])
-    return finish(ctx, job_for_run(ctx, run), run)
+    job = job_for_run(ctx, run)
+    retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider)
+    parts = run.partitions()
+    for part in parts:
+        if start == "results":
+            for rec in Ledger(part).all():
+                if rec.state == "collected" and rec.batch_status != "failed":
+                    batches.recollect_shard(part, rec, job, retries)
+        for name in part.staging.list(part.rel("loads"), ".json"):
+            part.staging.delete(part.rel("loads", name))
+    load_parts(ctx, job, parts)
+    for part in parts:
+        job.finalize_partition(part, cancelled=bool(part.read_state().get("cancelled")))
+    run.update_run(phase="done")
+    return finish(ctx, job, run)
+
+
+def exit_code(info: dict[str, Any]) -> int:
+    """The process exit code a run's outcome maps to (see `batchyard --help`).
+
+    0: every unit succeeded; 3: the run finished but some units failed; 4: the run was
+    cancelled or is unfinished (e.g. detached with `--no-wait`); 5: an integrity check failed.
+    """
+    if info.get("state") == "cancelled" or info.get("phase") != "done":
+        return 4
+    final = info.get("final", {})
+    if final.get("checks_failed"):
+        return 5
+    return 3 if final.get("failures", 0) else 0
+
+
+def partition_table(run: RunStore) -> list[dict[str, Any]]:
+    """Per partition: companies, phase, chunks, requests, shards, results, failures."""
+    out = []
+    records = defaultdict(list)
+    for part in run.partitions():
+        for rec in Ledger(part).all():
+            records[part.pid].append(rec)
+    for part in run.partitions():
+        state = part.read_state()
+        recs = records[part.pid]
+        companies = state.get("companies", [])
+        bucket = state.get("bucket")
+        out.append({
+            "partition": part.pid,
+            "companies": ", ".join(companies[:3]) + (f" (+{len(companies) - 3})" if len(companies) > 3 else "")
+            + (f" [{bucket + 1}/{state.get('buckets')}]" if bucket is not None else ""),
+            "phase": state.get("phase", "snapshot"),
+            "chunks": state.get("snapshot", {}).get("chunks", 0),
+            "requests": state.get("plan", {}).get("requests", 0),
+            "shards": f"{sum(1 for r in recs if r.state == 'collected')}/{len(recs)}",
+            "waiting": sum(1 for r in recs if r.waiting_note),
+            "results": sum(part.staging.count_rows(part.rel("results", f"{n}.parquet")) for n in part.parts("results")),
+            "loaded_parts": len(part.parts("results")) - len(unloaded_parts(part)),
+        })
+    return out
+
+
+def failures_frame(run: RunStore) -> pl.DataFrame:
+    """The run's failures dataset as one frame."""
+    return run.read_dataset("failures", FAILURES)
+
+
+def results_frame(run: RunStore) -> pl.DataFrame:
+    """The run's results dataset as one frame."""
+    return run.read_dataset("results")

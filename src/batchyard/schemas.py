@@ -12,10 +12,11 @@ import polars as pl
 TJob = Literal["embeddings", "inference"]
 TIdKind = Literal["str", "objectid", "int"]
 
-# one row per selected source chunk (chunks.parquet)
+# one row per selected source chunk (p=<partition>/chunks/<page>.parquet)
 CHUNKS = pl.Schema(
     {
-        "chunk_id": pl.String,  # str() of the MongoDB _id; the Milvus primary key
+        "chunk_id": pl.String,  # str() of the chunk id field; the Milvus primary key
+        "source_id": pl.String,  # repr of the document's MongoDB _id (names it in messages)
         "id_kind": pl.String,  # TIdKind: how to turn chunk_id back into the MongoDB _id
         "company_id": pl.String,
         "document_id": pl.String,
@@ -25,7 +26,7 @@ CHUNKS = pl.Schema(
     }
 )
 
-# one row per unit that could not be used, with its reason (failures.parquet and plan rejects)
+# one row per unit that could not be used, with its reason (the failures dataset)
 FAILURES = pl.Schema(
     {
         "unit_id": pl.String,

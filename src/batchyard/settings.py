@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from batchyard.localapi.config import LocalApiConfig
+from batchyard.pricing import PricingSettings
 
 TOverLimit = Literal["truncate", "skip"]
 
@@ -60,6 +61,14 @@ class ProviderSettings(BaseModel):
         ge=3600,
         le=2_592_000,
         description="Expire uploaded input files after this many seconds (OpenAI default: 30 days).",
+    )
+    requeue_backoff_s: float = Field(
+        default=30.0, ge=0, le=86_400,
+        description="Wait before resubmitting unfinished work (expired/cancelled batch, provider "
+        "token limit); doubles with each successive requeue of the same shard.",
+    )
+    requeue_backoff_max_s: float = Field(
+        default=3_600.0, ge=0, le=86_400, description="Longest requeue backoff."
     )
     delete_remote_files: bool = Field(
         default=False,
@@ -192,7 +201,26 @@ class LimitsSettings(BaseModel):
     max_attempts: int = Field(
         default=3, ge=1, le=20, description="Attempts per request; expiry/cancel do not count."
     )
+    max_requeues: int = Field(
+        default=3, ge=0, le=100,
+        description="Times a request may come back unfinished (expired, cancelled) before it "
+        "fails as `requeue_limit`.",
+    )
+    token_limit_wait_s: float = Field(
+        default=86_400.0, ge=0,
+        description="How long a shard refused with `token_limit_exceeded` (a quota shared with "
+        "other runs) keeps being retried, with backoff, before its units fail.",
+    )
     max_live_batches: int = Field(default=500, gt=0, description="Non-terminal batches at once.")
+
+
+class RunSettings(BaseModel):
+    """How a run is split and driven."""
+
+    partition_max_chunks: int = Field(
+        default=100_000, gt=0, le=10_000_000,
+        description="Most chunks in one partition (the unit of snapshot, plan, collect and load).",
+    )
 
 
 class InferenceSettings(BaseModel):
@@ -220,13 +248,15 @@ class Settings(BaseSettings):
         validate_default=True,
     )
 
-    profile: str = Field(default="dev", description="Environment profile name (informational).")
+    profile: str | None = Field(default=None, description="The profile loaded (None: defaults, .env and environment).")
     provider: ProviderSettings = Field(default_factory=ProviderSettings)
     mongo: MongoSettings = Field(default_factory=MongoSettings)
     milvus: MilvusSettings = Field(default_factory=MilvusSettings)
     staging: StagingSettings = Field(default_factory=StagingSettings)
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    run: RunSettings = Field(default_factory=RunSettings)
+    pricing: PricingSettings = Field(default_factory=PricingSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     prompts_dir: str = Field(default="", description="Prompt templates (default: the packaged ones).")
 
@@ -244,25 +274,57 @@ class Settings(BaseSettings):
         return self.model_dump(mode="json")  # SecretStr dumps as '**********'
 
 
+def profile_dirs() -> list[Path]:
+    """Where profiles are looked for, first match wins.
+
+    `$BATCHYARD_PROFILE_DIR`, then `$BATCHYARD_HOME/profiles`, then `./profiles` in the working
+    directory, then the profiles shipped inside the package (dev, test, prod).
+    """
+    dirs: list[Path] = []
+    if os.environ.get(PROFILE_DIR_ENV):
+        dirs.append(Path(os.environ[PROFILE_DIR_ENV]))
+    if os.environ.get("BATCHYARD_HOME"):
+        dirs.append(Path(os.environ["BATCHYARD_HOME"]) / "profiles")
+    dirs.append(Path("profiles"))
+    dirs.append(Path(__file__).parent / "profiles")
+    return dirs
+
+
 def profile_env_file(profile: str) -> Path:
-    """Path of a profile's env file (`profiles/<name>.env` under the working directory)."""
-    base = Path(os.environ.get(PROFILE_DIR_ENV, "profiles"))
-    return base / f"{profile}.env"
+    """The env file of a profile (`<dir>/<name>.env` in the first of `profile_dirs()` that has it).
+
+    Raises:
+        ConfigError: no such profile anywhere (the message lists where it looked).
+    """
+    from batchyard.errors import ConfigError
+
+    if not re.fullmatch(r"[A-Za-z0-9_.-]+", profile):
+        raise ConfigError(f"profile {profile!r}: a profile name is letters, digits, '.', '_' or '-'")
+    for d in profile_dirs():
+        path = d / f"{profile}.env"
+        if path.is_file():
+            return path
+    looked = ", ".join(str(d / f"{profile}.env") for d in profile_dirs())
+    raise ConfigError(f"profile {profile!r} not found (looked for {looked})")
+
+
+def profile_source(profile: str | None = None) -> str | None:
+    """The env file the given (or `BATCHYARD_PROFILE`) profile loads, for `config show`."""
+    profile = profile or os.environ.get("BATCHYARD_PROFILE")
+    return str(profile_env_file(profile).resolve()) if profile else None
 
 
 def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
     """Build settings for a profile: the profile's env file, then `.env`, then the environment.
 
     Raises:
-        FileNotFoundError: a profile was named but its env file does not exist.
+        ConfigError: a profile was named but no env file for it exists.
+        pydantic.ValidationError: a value is invalid.
     """
     profile = profile or os.environ.get("BATCHYARD_PROFILE")
     env_files: list[Path] = []
     if profile:
-        path = profile_env_file(profile)
-        if not path.exists():
-            raise FileNotFoundError(f"profile {profile!r}: env file {path} does not exist")
-        env_files.append(path)
+        env_files.append(profile_env_file(profile))
         overrides.setdefault("profile", profile)
     env_files.append(Path(".env"))
     return Settings(_env_file=tuple(env_files), **overrides)  # type: ignore[call-arg]

@@ -43,16 +43,16 @@ def test_20k_chunks_in_10_plus_shards_exactly_once_then_nothing(tmp_path: Path) 
     from batchyard.context import RunContext
     from batchyard.localapi.executors import hash_embedding
     from batchyard.settings import Settings
-    from batchyard.storage.ledger import Ledger
+    from batchyard.storage.ledger import run_records
     from batchyard.storage.runs import list_runs
 
     s = Settings(_env_file=None, staging={"root": str(tmp_path / "staging")}, milvus={"index_type": "FLAT"})
     with RunContext(s) as ctx:
         runs = list_runs(ctx.staging)
         assert len(runs) == 2
-        recs = Ledger(runs[0]).all()
+        recs = run_records(runs[0])
         assert len(recs) >= 10 and all(r.n_inputs <= 2000 for r in recs)
-        assert Ledger(runs[1]).all() == []  # the second run submitted no batch
+        assert run_records(runs[1]) == []  # the second run submitted no batch
         name = f"chunks_{s.embedding.space}"
         ensure_collection(ctx.milvus, name, dim=256, index_type="FLAT", metric_type="COSINE")
         assert count(ctx.milvus, name) == 20000

@@ -7,7 +7,7 @@ from typing import Any
 from batchyard import runner
 from batchyard.context import RunContext
 from batchyard.jobs.embeddings import EmbeddingsJob
-from batchyard.storage.ledger import Ledger
+from batchyard.storage.ledger import run_records
 from batchyard.storage.runs import find_run
 from tests.helpers import (
     assert_every_unit_settled_once,
@@ -34,7 +34,7 @@ def test_cancel_records_what_finished_and_resume_completes(settings_factory: Any
         job = EmbeddingsJob(ctx, targets)
         run = planned_run(ctx, job)
         runner.drive(ctx, job, run, max_rounds=3, poll_interval=0.1)
-        live = [r for r in Ledger(run).all() if r.state == "submitted"]
+        live = [r for r in run_records(run) if r.state == "submitted"]
         assert live, "some batches must be live when we cancel"
         out = runner.cancel(ctx, run.run_id)
         assert out["cancelled_batches"] == len(live)
@@ -42,7 +42,7 @@ def test_cancel_records_what_finished_and_resume_completes(settings_factory: Any
         assert info["state"] == "cancelled"
         results, failures = assert_every_unit_settled_once(ctx, run)
         assert results.height < N and set(failures["code"]) == {"run_cancelled"}
-        statuses = {r.batch_status for r in Ledger(run).all() if r.attempt == 1}
+        statuses = {r.batch_status for r in run_records(run) if r.attempt == 1}
         assert "cancelled" in statuses
         # resume re-plans only what did not finish and completes the run
         done = runner.resume(ctx, run.run_id)
@@ -62,7 +62,7 @@ def test_remote_files_are_deleted_after_a_successful_load_when_configured(settin
         targets = seed(ctx, 60)
         info = runner.execute(ctx, EmbeddingsJob(ctx, targets))
         assert info["state"] == "finished"
-        ids = {fid for r in Ledger(find_run(ctx.staging, info["run_id"])).all()
+        ids = {fid for r in run_records(find_run(ctx.staging, info["run_id"]))
                for fid in (r.file_id, r.output_file_id, r.error_file_id) if fid}
         assert ids
         remaining = {f.id for f in ctx.api.client.files.list()}

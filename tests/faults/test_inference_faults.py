@@ -12,7 +12,7 @@ import pytest
 from batchyard import runner
 from batchyard.context import RunContext
 from batchyard.jobs.inference import InferenceJob
-from batchyard.storage.ledger import Ledger
+from batchyard.storage.ledger import run_records
 from batchyard.targets import CompanyTarget, Targets
 from tests.helpers import assert_every_unit_settled_once, assert_one_batch_per_submission, run_of
 
@@ -105,9 +105,9 @@ def test_template_syntax_in_chunk_text_reaches_the_model_verbatim(ctx: RunContex
     nasty = "Costs {name} rose {{ x }} and {% if y %}z{% endif %} $var ${HOME} {{text}} \\n 東京"
     targets = insert_chunks(ctx, {"nasty": nasty})
     info = runner.execute(ctx, InferenceJob(ctx, targets, "classify"))
-    run = run_of(ctx, info)
-    shard = ctx.staging.list(run.rel("shards"), ".jsonl")[0]
-    line = json.loads(ctx.staging.read_bytes(run.rel("shards", shard)).splitlines()[0])
+    part = run_of(ctx, info).partitions()[0]
+    shard = ctx.staging.list(part.rel("shards"), ".jsonl")[0]
+    line = json.loads(ctx.staging.read_bytes(part.rel("shards", shard)).splitlines()[0])
     user = line["body"]["messages"][1]["content"]
     assert nasty in user
 
@@ -141,7 +141,7 @@ def test_inference_survives_every_batch_outcome(settings_factory: Any, tmp_path:
         assert_one_batch_per_submission(c, run)
         assert results.height + failures.height == 30
         assert results.height >= 27, failures.select("unit_id", "code", "message").to_dicts()
-        records = Ledger(run).all()
+        records = run_records(run)
         seen = {h.status for r in records for h in r.history}
         expected = {"expiry": "batch:expired", "server_cancel": "batch:cancelled",
                     "validation_failure": "batch:failed", "token_limit": "batch:failed"}.get(fault)
@@ -151,17 +151,40 @@ def test_inference_survives_every_batch_outcome(settings_factory: Any, tmp_path:
             assert any(r.submission > 1 for r in records), "a token-limit failure must requeue the shard"
 
 
-def test_a_shard_that_never_fits_the_token_cap_fails_instead_of_looping(settings_factory: Any, tmp_path: Path) -> None:
+def test_a_shard_over_the_configured_budget_fails_at_once_with_a_clear_reason(
+    settings_factory: Any, tmp_path: Path
+) -> None:
     from batchyard.seed import seed_store, targets_for
 
     prompts = tmp_path / "prompts-copy"
     shutil.copytree(REPO / "prompts", prompts)
+    # the planner may put 8 requests (~10k tokens) in a shard, over the budget it was told
     s = settings_factory(prompts_dir=str(prompts), provider={"local": {"faults": {"enqueued_token_cap": 3_000}}},
-                         limits={"max_requests_per_batch": 8})
+                         limits={"max_requests_per_batch": 8, "enqueued_token_budget": 2_000,
+                                 "max_tokens_per_batch": 50_000})
     with RunContext(s) as c:
         report = seed_store(c.store, 12, fields=s.mongo.fields, seed=5, n_companies=1)
         info = runner.execute(c, InferenceJob(c, targets_for(report), "risks"))
         results, failures = assert_every_unit_settled_once(c, run_of(c, info))
         assert results.height == 0 and set(failures["code"]) == {"token_limit_exceeded"}
-        assert "lower limits.max_tokens_per_batch" in failures["message"][0]
-        assert all(r.submission == 2 for r in Ledger(run_of(c, info)).all())
+        assert "can never fit" in failures["message"][0] and "lower limits.max_tokens_per_batch" in failures["message"][0]
+        assert all(r.submission == 1 for r in run_records(run_of(c, info))), "no retry: it can never fit"
+
+
+def test_a_shard_within_budget_waits_out_a_shared_token_limit_then_fails(settings_factory: Any, tmp_path: Path) -> None:
+    from batchyard.seed import seed_store, targets_for
+
+    prompts = tmp_path / "prompts-copy"
+    shutil.copytree(REPO / "prompts", prompts)
+    # the provider's cap is below the shard, but the configured budget says it fits: another run
+    # might hold the quota, so it is retried with backoff until token_limit_wait_s runs out
+    s = settings_factory(prompts_dir=str(prompts), provider={"local": {"faults": {"enqueued_token_cap": 3_000}},
+                                                             "requeue_backoff_s": 0.05},
+                         limits={"max_requests_per_batch": 8, "token_limit_wait_s": 1.0})
+    with RunContext(s) as c:
+        report = seed_store(c.store, 12, fields=s.mongo.fields, seed=5, n_companies=1)
+        info = runner.execute(c, InferenceJob(c, targets_for(report), "risks"))
+        results, failures = assert_every_unit_settled_once(c, run_of(c, info))
+        assert results.height == 0 and set(failures["code"]) == {"token_limit_exceeded"}
+        assert "token_limit_wait_s" in failures["message"][0]
+        assert all(r.submission > 2 for r in run_records(run_of(c, info))), "retried with backoff before failing"

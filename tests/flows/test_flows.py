@@ -53,8 +53,8 @@ def test_embeddings_flow_materializes_every_asset(tmp_path: Path) -> None:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs()
     names = {r.name for r in runs}
-    assert {"chunks", "requests", "batches", "results"} <= names
-    assert any(n.startswith("submit-s0000") for n in names) and any(n.startswith("collect-s0000") for n in names)
+    assert {"chunks", "requests", "batches", "results", "sinks", "submit", "track", "load"} <= names
+    assert any(n.startswith("plan-p0000") for n in names) and any(n.startswith("collect-p0000-s0000") for n in names)
     # a second flow run finds nothing new
     again = embeddings_flow(targets=targets, overrides=overrides(tmp_path))
     assert again["plan"]["requests"] == 0

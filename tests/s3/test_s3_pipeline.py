@@ -10,7 +10,7 @@ import pytest
 from batchyard import runner
 from batchyard.context import RunContext
 from batchyard.jobs.embeddings import EmbeddingsJob
-from batchyard.storage.ledger import Ledger
+from batchyard.storage.ledger import run_records
 from tests.helpers import (
     assert_every_unit_settled_once,
     assert_one_batch_per_submission,
@@ -63,7 +63,7 @@ def test_embeddings_run_stages_every_artifact_on_s3(settings_factory: Any, s3: S
 
         # every staged artifact is an S3 object
         got = run_keys(s3, bucket, "embeddings", info["run_id"])
-        shards = sorted(r.name for r in Ledger(run).all())
+        shards = sorted(r.name for r in run_records(run))
         assert len(shards) == info["plan"]["shards"] >= 3
         expected = {
             "run.json", "chunks.parquet", "rejects.parquet", "requests.parquet",

@@ -15,6 +15,8 @@ from batchyard.settings import MongoFields
 from batchyard.stages.load import mark_chunks, store_results
 from batchyard.stages.snapshot import (
     REJECT_CODES,
+    duplicate_failures,
+    find_duplicates,
     iter_chunks_for_task,
     iter_id_pages,
     iter_unprocessed_chunks,
@@ -126,13 +128,13 @@ def test_every_reject_kind_has_its_code_and_names_the_chunk(chunks: Any, fields:
     chunks._store["surrogate"] = {"_id": "surrogate", **good, "text": "caf\udce9"}
 
     got, rejects, _ = _scan(chunks, fields, page_size=3)
-    assert sorted(got["chunk_id"]) == ["ok-1", "ok-2"]
+    # NUL is valid text: JSON carries it as \\u0000 and the Batch API accepts it
+    assert sorted(got["chunk_id"]) == ["nul", "ok-1", "ok-2"]
     codes = dict(zip(rejects["unit_id"], rejects["code"], strict=True))
     assert codes == {
         "no-text": "missing_text",
         "null-text": "missing_text",
         "int-text": "text_not_string",
-        "nul": "nul_in_text",
         "blank": "empty_text",
         "no-company": "missing_company",
         "no-document": "missing_document",
@@ -161,14 +163,18 @@ def test_duplicate_chunk_ids_in_a_custom_id_field(chunks: Any) -> None:
         ]
     )
     got, rejects, _ = _scan(chunks, fields, page_size=1)
-    assert got["chunk_id"].to_list() == ["u-1", "u-2"]
-    assert dict(zip(rejects["unit_id"], rejects["code"], strict=True)) == {
-        "u-1": "duplicate_chunk_id",
-        "4": "missing_chunk_id",
-    }
+    assert got["chunk_id"].to_list() == ["u-1", "u-2", "u-1"]
+    assert dict(zip(rejects["unit_id"], rejects["code"], strict=True)) == {"4": "missing_chunk_id"}
+    # the whole snapshot is checked afterwards: no copy of a repeated id is kept, each one fails
+    dups = find_duplicates(got.lazy())
+    assert dups.select("chunk_id", "source_id").rows() == [("u-1", "1"), ("u-1", "3")]
+    failures = duplicate_failures(dups)
+    assert failures["code"].to_list() == ["duplicate_chunk_id"] * 2
+    assert all("(_id 1, 3)" in m for m in failures["message"])
     # marks go through the custom id field
-    mark_chunks(chunks, got, fields=fields, space=SPACE, run_id="r", batch_size=10)
-    assert chunks.count_documents({f"batchyard.{SPACE}.run_id": "r"}) == 2
+    unique = got.filter(pl.col("chunk_id") == "u-2")
+    mark_chunks(chunks, unique, fields=fields, space=SPACE, run_id="r", batch_size=10)
+    assert chunks.count_documents({f"batchyard.{SPACE}.run_id": "r"}) == 1
 
 
 def test_pages_are_projected(chunks: Any, fields: MongoFields) -> None:
@@ -208,10 +214,14 @@ def test_chunk_units_without_a_result(chunks: Any, results: Any, fields: MongoFi
 
 
 def test_document_units_select_whole_documents(chunks: Any, results: Any, fields: MongoFields) -> None:
+    from batchyard.tasks.units import document_unit_id
+
     report = seed_store(chunks, 400, seed=6, n_companies=3)
     all_docs = [d for docs in report.catalog.values() for d in docs]
     done = all_docs[::2]
-    store_results(results, _result_rows(done), task="summary", task_version="v1", run_id="r", batch_size=10)
+    company_of = {d: c for c, docs in report.catalog.items() for d in docs}
+    done_units = [document_unit_id(company_of[d], d) for d in done]
+    store_results(results, _result_rows(done_units), task="summary", task_version="v1", run_id="r", batch_size=10)
     pages = list(
         iter_chunks_for_task(chunks, results, None, fields, task="summary", task_version="v1", unit="document", page_size=6)
     )

@@ -14,14 +14,15 @@ from batchyard.storage.staging import Staging
 
 
 def record(shard: str = "s00000", attempt: int = 1, tokens: int = 100, model: str = "m") -> ShardRecord:
-    return ShardRecord(run_id="r1", job="embeddings", shard=shard, attempt=attempt, endpoint="/v1/embeddings",
-                       model=model, sha256="ab" * 32, n_requests=2, n_inputs=5, bytes=100, tokens=tokens)
+    return ShardRecord(run_id="r1", job="embeddings", partition="p0000", shard=shard, attempt=attempt,
+                       endpoint="/v1/embeddings", model=model, sha256="ab" * 32, n_requests=2, n_inputs=5,
+                       bytes=100, tokens=tokens)
 
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Ledger:
     run = RunStore(Staging(str(tmp_path / "st")), "embeddings", "r1")
-    return Ledger(run)
+    return Ledger(run.partition("p0000"))
 
 
 def test_full_lifecycle_is_recorded_with_history(ledger: Ledger) -> None:
@@ -63,24 +64,26 @@ def test_requeue_bumps_submission_and_changes_metadata(ledger: Ledger) -> None:
     rec = ledger.move(rec, "submitted", batch_id="batch_1")
     first_meta = rec.metadata()
     rec = ledger.observe(rec, {"status": "failed", "errors": {"data": [{"code": "token_limit_exceeded"}]}})
-    rec = ledger.requeue(rec, "token_limit_exceeded")
-    assert rec.state == "uploaded" and rec.submission == 2 and rec.wait_for_drain
-    assert rec.batch_id is None and rec.past_batches == ["batch_1"]
+    rec = ledger.requeue(rec, "token_limit_exceeded", not_before=1000.0, since=900.0)
+    assert rec.state == "uploaded" and rec.submission == 2 and rec.not_before == 1000.0
+    assert rec.batch_id is None and rec.past_batches == ["batch_1"] and rec.token_limit_since == 900.0
     assert rec.metadata()["submission"] == "2" != first_meta["submission"]
+    assert rec.metadata()["partition"] == "p0000"
     assert not rec.in_flight
+    assert rec.waiting_note and "token limit" in rec.waiting_note
 
 
 def test_corrupt_or_missing_record_is_a_clear_error(ledger: Ledger) -> None:
     with pytest.raises(LedgerError, match="no ledger record"):
         ledger.load("s00009.1")
-    ledger.run.staging.write_bytes(ledger.run.rel("ledger", "s00001.1.json"), b"{not json")
+    ledger.part.staging.write_bytes(ledger.part.rel("ledger", "s00001.1.json"), b"{not json")
     with pytest.raises(LedgerError, match="corrupt"):
         ledger.load("s00001.1")
 
 
 def test_write_is_atomic_no_temp_files_left(ledger: Ledger) -> None:
     ledger.create(record())
-    folder = Path(ledger.run.staging.path(ledger.run.rel("ledger")))
+    folder = Path(ledger.part.staging.path(ledger.part.rel("ledger")))
     assert sorted(p.name for p in folder.iterdir()) == ["s00000.1.json"]
 
 
@@ -108,22 +111,21 @@ def test_throttle_admits_a_lone_oversized_shard_and_respects_hourly_cap() -> Non
     assert len(chosen) == 2
 
 
-def test_throttle_resumes_interrupted_submissions_and_waits_for_drain() -> None:
+def test_throttle_resumes_interrupted_submissions_and_honours_backoff() -> None:
     recs = [record("s00000").model_copy(update={"state": "creating"}),
-            record("s00001").model_copy(update={"state": "uploaded", "wait_for_drain": True}),
+            record("s00001").model_copy(update={"state": "uploaded", "not_before": 100.0}),
             record("s00002", model="other")]
-    chosen = select_submittable(recs, Throttle(token_budget=10**6, batches_per_hour=100, max_live=50), now=0)
-    assert [r.shard for r in chosen] == ["s00000", "s00002"]  # s00001 waits: model m still has work in flight
-    recs[0] = recs[0].model_copy(update={"state": "collected"})
-    chosen = select_submittable(recs, Throttle(token_budget=10**6, batches_per_hour=100, max_live=50), now=0)
-    assert [r.shard for r in chosen] == ["s00001", "s00002"]
+    chosen = select_submittable(recs, Throttle(token_budget=10**6, batches_per_hour=100, max_live=50), now=50.0)
+    assert [r.shard for r in chosen] == ["s00000", "s00002"]  # s00001 waits for its backoff
+    chosen = select_submittable(recs, Throttle(token_budget=10**6, batches_per_hour=100, max_live=50), now=100.0)
+    assert [r.shard for r in chosen] == ["s00000", "s00001", "s00002"]
 
 
-def test_a_requeued_shard_runs_alone() -> None:
-    recs = [record("s00000").model_copy(update={"state": "uploaded", "wait_for_drain": True}),
-            record("s00001"), record("s00002", model="other")]
-    chosen = select_submittable(recs, Throttle(token_budget=10**6, batches_per_hour=100, max_live=50), now=0)
-    assert [r.shard for r in chosen] == ["s00000", "s00002"]  # nothing else of model m beside it
+def test_requeue_backoff_doubles_and_is_capped() -> None:
+    from batchyard.stages.batches import Retries
+
+    r = Retries(max_attempts=3, max_requeues=3, backoff_s=30, backoff_max_s=100, token_budget=10, token_limit_wait_s=5)
+    assert [r.delay(n) for n in (1, 2, 3, 4)] == [30, 60, 100, 100]
 
 
 def test_validation_errors_with_line_numbers_fail_only_those_lines() -> None:

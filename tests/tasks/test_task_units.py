@@ -87,14 +87,14 @@ def test_document_units_join_chunks_in_chunk_index_order() -> None:
     )
     units, rejects = build_units(chunks, "document", token_budget=1000, encoding=ENC)
     assert units.schema == UNITS and rejects.height == 0
-    by_id = {r["unit_id"]: r for r in units.iter_rows(named=True)}
+    by_id = {r["document_id"]: r for r in units.iter_rows(named=True)}
     assert set(by_id) == {"A", "B"}
     assert by_id["A"]["chunk_ids"] == ["a0", "a1", "a10"]  # numeric, not string, order
     assert by_id["A"]["text"] == "A first\n\nA second\n\nA eleventh"
     assert by_id["B"]["chunk_ids"] == ["b0", "b2"]
     assert by_id["B"]["text"] == "first\n\nthird"
     for row in by_id.values():
-        assert row["document_id"] == row["unit_id"] and row["company_id"] == "acme"
+        assert row["unit_id"] == f"acme/{row['document_id']}" and row["company_id"] == "acme"
         assert row["truncated"] is False
         assert row["n_tokens"] == _tokens(row["text"])
         assert row["text_sha256"] == _sha(row["text"])
@@ -163,15 +163,22 @@ def test_document_rejects() -> None:
         ]
     )
     units, rejects = build_units(chunks, "document", token_budget=100, encoding=ENC)
-    assert units["unit_id"].to_list() == ["GOOD"]
+    # a document id shared by two companies is two units, one per company
+    assert sorted(units["unit_id"].to_list()) == ["acme/GOOD", "one/SHARED", "two/SHARED"]
     assert rejects.schema == FAILURES
     got = dict(zip(rejects["unit_id"], rejects["code"], strict=True))
     assert got == {
-        "EMPTY": "empty_text",
-        "SHARED": "ambiguous_document",
+        "acme/EMPTY": "empty_text",
         "n0": "missing_document_id",
     }
     assert set(rejects["stage"]) == {"plan"}
+
+
+def test_document_unit_ids_are_unambiguous() -> None:
+    from batchyard.tasks.units import document_unit_id
+
+    assert document_unit_id("acme", "10-K 2025") == "acme/10-K%202025"
+    assert document_unit_id("a/b", "c") != document_unit_id("a", "b/c")
 
 
 def test_empty_input_and_bad_arguments() -> None:
@@ -215,7 +222,7 @@ def test_document_units_invariants_on_random_documents() -> None:
     units, rejects = build_units(chunks, "document", token_budget=budget, encoding=ENC)
     frame = chunks.with_columns(blank=pl.col("text").str.strip_chars().str.len_chars() == 0)
     for row in units.iter_rows(named=True):
-        doc = frame.filter(pl.col("document_id") == row["unit_id"], ~pl.col("blank")).sort(
+        doc = frame.filter(pl.col("document_id") == row["document_id"], ~pl.col("blank")).sort(
             "chunk_index"
         )
         ids, texts = doc["chunk_id"].to_list(), doc["text"].to_list()
@@ -232,5 +239,5 @@ def test_document_units_invariants_on_random_documents() -> None:
         else:
             assert row["text"] == "\n\n".join(texts) and k == len(ids)
     rejected = set(rejects["unit_id"])
-    assert rejected | set(units["unit_id"]) == set(chunks["document_id"])
+    assert rejected | set(units["unit_id"]) == {f"acme/{d}" for d in chunks["document_id"]}
     assert not rejected & set(units["unit_id"])

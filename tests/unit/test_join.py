@@ -118,13 +118,27 @@ def test_missing_line_after_expiry_is_requeued_not_retried() -> None:
 
 
 def test_next_attempt_spends_budget_only_on_retries() -> None:
-    reqs = requests(4).with_columns(spent=pl.Series([0, 2, 2, 0]), line=pl.lit("{}"))
+    reqs = requests(4).with_columns(spent=pl.Series([0, 2, 2, 0]), requeues=pl.lit(0, pl.Int64), line=pl.lit("{}"))
     outcomes = pl.DataFrame(
         [("emb-0", "requeue", "batch_expired", "m", None), ("emb-1", "requeue", "batch_expired", "m", None),
          ("emb-2", "retry", "server_error", "m", 500), ("emb-3", "fail", "invalid_request", "m", 400)],
         schema=join.OUTCOMES, orient="row",
     )
-    nxt, failed = join.next_attempt(reqs, outcomes, max_attempts=3)
+    nxt, failed = join.next_attempt(reqs, outcomes, max_attempts=3, max_requeues=3)
     assert nxt["custom_id"].to_list() == ["emb-0", "emb-1"]
     assert nxt["attempt"].to_list() == [2, 2] and nxt["spent"].to_list() == [0, 2]
+    assert nxt["requeues"].to_list() == [1, 1]
     assert failed.sort("custom_id")["custom_id"].to_list() == ["emb-2", "emb-3"]
+
+
+def test_requeues_are_bounded_by_max_requeues() -> None:
+    reqs = requests(2).with_columns(spent=pl.lit(0, pl.Int64), requeues=pl.Series([2, 3]), line=pl.lit("{}"))
+    outcomes = pl.DataFrame(
+        [("emb-0", "requeue", "batch_expired", "m", None), ("emb-1", "requeue", "batch_cancelled", "m", None)],
+        schema=join.OUTCOMES, orient="row",
+    )
+    nxt, failed = join.next_attempt(reqs, outcomes, max_attempts=3, max_requeues=3)
+    assert nxt["custom_id"].to_list() == ["emb-0"] and nxt["requeues"].to_list() == [3]
+    row = failed.row(0, named=True)
+    assert row["custom_id"] == "emb-1" and row["code"] == "requeue_limit"
+    assert "came back unfinished 4 times (last: batch_cancelled)" in row["message"]

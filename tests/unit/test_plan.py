@@ -18,6 +18,7 @@ def chunks(texts: list[str | None], company: str = "acme") -> pl.DataFrame:
     return pl.DataFrame(
         {
             "chunk_id": [f"{company}/doc/{i:05d}" for i in range(len(texts))],
+            "source_id": [f"'{company}/doc/{i:05d}'" for i in range(len(texts))],
             "id_kind": ["str"] * len(texts),
             "company_id": [company] * len(texts),
             "document_id": ["doc"] * len(texts),
@@ -32,9 +33,7 @@ def chunks(texts: list[str | None], company: str = "acme") -> pl.DataFrame:
 def build(df: pl.DataFrame, limits: LimitsSettings, dims: int | None = 8) -> pl.DataFrame:
     ok, _ = plan.prepare_inputs(df, limits=limits, encoding="cl100k_base")
     reqs = plan.embedding_requests(ok, model="text-embedding-3-small", dimensions=dims, limits=limits)
-    sl = plan.ShardLimits.from_settings(limits)
-    reqs = plan.assign_shards(reqs, sl)
-    plan.check_shards(reqs, sl)
+    plan.check_shards(reqs, plan.ShardLimits.from_settings(limits))
     return reqs
 
 
@@ -162,4 +161,50 @@ def test_byte_running_sum_does_not_wrap_past_4gib() -> None:
                                                    max_tokens=100))
     sums = out.group_by("shard").agg(pl.col("bytes").cast(pl.Int64).sum())["bytes"]
     assert sums.max() <= 4_100_000_000
-    assert out["shard"].to_list() == ["s00000", "s00000", "s00001", "s00002"]
+    assert out["shard"].to_list() == ["s00000", "s00000", "s00001", "s00001"]
+
+
+def test_embedding_shards_fill_a_small_token_budget() -> None:
+    # issue: with a 25,000-token budget, 62 requests became 57 shards (44% average fill)
+    limits = LimitsSettings(enqueued_token_budget=25_000)
+    texts = [f"segment {i}: " + "revenue margin guidance " * (20 + (i * 37) % 300) for i in range(600)]
+    reqs = build(chunks(texts), limits)
+    stats = plan.shard_stats(reqs)
+    assert stats["tokens"].max() <= 25_000
+    full = stats.head(stats.height - 1)  # the last shard holds what is left
+    assert full["tokens"].mean() / 25_000 >= 0.95
+    assert reqs["tokens"].max() <= 25_000, "a request never exceeds the shard budget"
+
+
+def test_request_level_packing_fills_shards_when_requests_are_under_half_the_cap() -> None:
+    import random
+
+    rng = random.Random(7)
+    n = 400
+    tokens = [rng.randint(500, 12_499) for _ in range(n)]  # all under half of 25,000
+    reqs = pl.DataFrame({"custom_id": [f"u-{i}" for i in range(n)], "tokens": tokens, "n_inputs": [1] * n,
+                         "bytes": [t * 4 for t in tokens]})
+    limits = plan.ShardLimits(max_requests=50_000, max_bytes=10**9, max_inputs=50_000, max_tokens=25_000)
+    out = plan.assign_shards(reqs, limits)
+    stats = out.group_by("shard").agg(pl.col("tokens").sum()).sort("shard")
+    assert stats["tokens"].max() <= 25_000
+    assert stats["tokens"].head(stats.height - 1).mean() / 25_000 >= 0.8
+    assert sorted(out["custom_id"]) == sorted(reqs["custom_id"])
+
+
+def test_nul_characters_are_sent_unchanged_and_round_trip() -> None:
+    text = "before\x00after \x00\x00 end"
+    reqs = build(chunks([text]), LimitsSettings())
+    line = reqs["line"][0]
+    assert "\\u0000" in line  # JSON escapes it
+    assert json.loads(line)["body"]["input"] == [text]
+    assert json.loads(plan.shard_bytes(reqs["line"]).decode().strip())["body"]["input"][0] == text
+
+
+def test_repeated_texts_are_planned_once() -> None:
+    df = chunks(["boilerplate text", "unique one", "boilerplate text", "boilerplate text"])
+    ok, _ = plan.prepare_inputs(df, limits=LimitsSettings(), encoding="cl100k_base")
+    reps, aliases = plan.split_duplicates(ok)
+    assert reps["chunk_id"].to_list() == ["acme/doc/00000", "acme/doc/00001"]
+    assert dict(zip(aliases["chunk_id"], aliases["rep_chunk_id"], strict=True)) == {
+        "acme/doc/00002": "acme/doc/00000", "acme/doc/00003": "acme/doc/00000"}

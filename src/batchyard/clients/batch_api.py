@@ -12,6 +12,7 @@ every retry of `create_batch` first looks for a batch with the same metadata and
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import openai
@@ -65,6 +66,9 @@ class BatchApi:
     def __init__(self, client: openai.OpenAI, settings: ProviderSettings) -> None:
         self.client = client
         self.settings = settings
+        self.calls: Counter[str] = Counter()
+        """Calls made, by operation (`upload`, `create`, `retrieve`, `list`, ...; `list_pages`
+        counts the pages a list call fetched), for reports and tests."""
 
     @classmethod
     def connect(cls, settings: ProviderSettings, *, base_url: str | None = None, api_key: str | None = None) -> BatchApi:
@@ -86,6 +90,7 @@ class BatchApi:
     def _call(self, operation: str, fn: Callable[[], T], *, on_retry: Callable[[], T | None] | None = None) -> T:
         """Run an API call with backoff; `on_retry` may return a result that makes retrying moot."""
         s = self.settings
+        self.calls[operation.split(" ", 1)[0]] += 1
         try:
             return self._retrying(operation, fn, on_retry)
         except BatchyardError as exc:
@@ -191,6 +196,30 @@ class BatchApi:
     def retrieve(self, batch_id: str) -> dict[str, Any]:
         """A batch as plain JSON data."""
         return self._call(f"retrieve {batch_id}", lambda: self.client.batches.retrieve(batch_id).model_dump(mode="json"))
+
+    def list_batches(self, wanted: set[str], *, since: float) -> dict[str, dict[str, Any]]:
+        """The batches in `wanted`, from the list endpoint (newest first), by id.
+
+        Pages of 100 are fetched until every wanted batch was seen or the page reaches batches
+        created before `since` (the oldest one wanted, minus some slack). A batch the list did
+        not show is simply absent from the result.
+        """
+        def scan() -> dict[str, dict[str, Any]]:
+            found: dict[str, dict[str, Any]] = {}
+            self.calls["list_pages"] += 1
+            page = self.client.batches.list(limit=100)
+            while True:
+                for b in page.data:
+                    if b.id in wanted:
+                        found[b.id] = b.model_dump(mode="json")
+                    if len(found) == len(wanted) or b.created_at < since:
+                        return found
+                if not page.has_next_page():
+                    return found
+                self.calls["list_pages"] += 1
+                page = page.get_next_page()
+
+        return self._call("list batches", scan)
 
     def cancel(self, batch_id: str) -> dict[str, Any]:
         """Ask the server to cancel a batch."""

@@ -19,6 +19,7 @@ directory and no concurrent writers to one collection: load from one task at a t
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -300,3 +301,41 @@ def count(client: MilvusClient, name: str, *, filter: str = "") -> int:
         collection_name=name, filter=filter, output_fields=["count(*)"], consistency_level="Strong"
     )
     return int(res[0]["count(*)"]) if res else 0
+
+
+def vectors_by_text(client: MilvusClient, name: str, shas: list[str], *, batch: int = 500) -> pl.DataFrame:
+    """One stored vector per text sha256 found in the collection (for re-using embeddings).
+
+    Returns columns text_sha256, donor_chunk_id, donor_run_id, vector (`Array(Float32, dim)`);
+    an empty frame when the collection does not exist yet or no sha is stored.
+    """
+    schema = {"text_sha256": pl.String, "donor_chunk_id": pl.String, "donor_run_id": pl.String}
+    if not shas or not client.has_collection(name):
+        return pl.DataFrame(schema={**schema, VECTOR_FIELD: pl.List(pl.Float32)})
+    dim = collection_dim(client, name)
+    client.load_collection(name)
+    rows: dict[str, dict[str, Any]] = {}
+    for start in range(0, len(shas), batch):
+        wanted = [s for s in shas[start : start + batch] if s not in rows]
+        if not wanted:
+            continue
+        res = client.query(
+            collection_name=name,
+            filter=f"text_sha256 in {json.dumps(wanted)}",
+            output_fields=["chunk_id", "text_sha256", "run_id", VECTOR_FIELD],
+            consistency_level="Strong",
+        )
+        for hit in res:
+            rows.setdefault(hit["text_sha256"], hit)
+    if not rows:
+        return pl.DataFrame(schema={**schema, VECTOR_FIELD: pl.Array(pl.Float32, dim)})
+    hits = list(rows.values())
+    return pl.DataFrame(
+        {
+            "text_sha256": [h["text_sha256"] for h in hits],
+            "donor_chunk_id": [h["chunk_id"] for h in hits],
+            "donor_run_id": [h["run_id"] for h in hits],
+            VECTOR_FIELD: np.asarray([h[VECTOR_FIELD] for h in hits], dtype=np.float32),
+        },
+        schema={**schema, VECTOR_FIELD: pl.Array(pl.Float32, dim)},
+    )

@@ -1,8 +1,9 @@
 """A job is one kind of batch work (embeddings, or one inference task) over the same stages.
 
-The stages are shared: snapshot → plan → (submit, track, collect per shard) → finalize → load.
-A job supplies only what differs: which rows to select, how to build request lines, how to
-parse one attempt's output lines, what a result row holds, and where results are loaded.
+The stages are shared: snapshot → plan → (submit, track, collect, load per shard attempt) →
+finalize, all per partition. A job supplies only what differs: which rows to select, how to
+build request lines, how to parse one attempt's output lines, what a result row holds, and
+where results are loaded.
 """
 
 from __future__ import annotations
@@ -12,18 +13,17 @@ from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
-from batchyard.crash import crashpoint
-from batchyard.schemas import CHUNKS, FAILURES, empty_failures
+from batchyard.schemas import CHUNKS, FAILURES
 from batchyard.stages import plan as planning
 from batchyard.stages.batches import write_shards
-from batchyard.stages.join import ANOMALIES
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable
+    from collections.abc import Iterator
 
     from batchyard.context import RunContext
     from batchyard.storage.ledger import ShardRecord
-    from batchyard.storage.runs import RunStore
+    from batchyard.storage.runs import PartitionStore
+    from batchyard.targets import Targets
 
 
 UNIT_ROWS: dict[str, pl.DataType] = {
@@ -37,6 +37,7 @@ UNIT_ROWS: dict[str, pl.DataType] = {
     "attempt": pl.Int64(),
     "shard": pl.String(),
     "batch_id": pl.String(),
+    "lane": pl.String(),
 }
 
 
@@ -52,8 +53,9 @@ class Job(ABC):
 
     kind: str = ""
 
-    def __init__(self, ctx: RunContext) -> None:
+    def __init__(self, ctx: RunContext, targets: Targets) -> None:
         self.ctx = ctx
+        self.targets = targets
 
     @property
     @abstractmethod
@@ -75,12 +77,15 @@ class Job(ABC):
         """Run parameters recorded in run.json (no secrets)."""
 
     @abstractmethod
-    def snapshot(self, run: RunStore) -> dict[str, int]:
-        """Select source rows into chunks.parquet (+ rejects); returns counts."""
+    def source_pages(self, targets: Targets) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+        """(chunks page, rejects page) pairs of the source rows to process for `targets`."""
+
+    def after_snapshot(self, part: PartitionStore) -> None:  # noqa: B027 - optional hook
+        """Extra I/O once a partition's chunks are staged (embeddings look up reusable vectors)."""
 
     @abstractmethod
-    def plan(self, run: RunStore) -> dict[str, int]:
-        """Build requests.parquet, shard files and ledger records; returns counts."""
+    def plan_partition(self, part: PartitionStore) -> dict[str, int]:
+        """Plan one partition: units, requests.parquet, shard files, ledger records; counts."""
 
     @abstractmethod
     def parse_attempt(
@@ -96,45 +101,51 @@ class Job(ABC):
     def payload_schema(self) -> dict[str, pl.DataType]:
         """Columns of settled unit rows (so that a run with no output still has typed tables)."""
 
+    def expand_units(self, part: PartitionStore, units: pl.DataFrame) -> pl.DataFrame:
+        """Unit rows of one attempt, plus rows for units served by the same request."""
+        return units
+
     @abstractmethod
-    def result_rows(self, run: RunStore, ok: pl.DataFrame) -> pl.DataFrame:
+    def result_rows(self, part: PartitionStore, ok: pl.DataFrame) -> pl.DataFrame:
         """Typed result rows from settled `ok` unit rows."""
 
     @abstractmethod
-    def load(self, run: RunStore) -> list[dict[str, Any]]:
-        """Load results.parquet into the sinks; returns load receipts."""
+    def planned_units(self, part: PartitionStore) -> pl.DataFrame:
+        """Every unit the partition's plan accounts for (column `unit_id`)."""
+
+    @abstractmethod
+    def load_part(self, part: PartitionStore, results: pl.DataFrame) -> list[dict[str, Any]]:
+        """Load one results part into the sinks (idempotent upserts); returns load receipts."""
 
     # shared
 
-    def write_snapshot(self, run: RunStore, pages: Iterable[tuple[pl.DataFrame, pl.DataFrame]]) -> dict[str, int]:
-        """Stream (chunks page, rejects page) pairs into chunks.parquet and rejects.parquet."""
-        rejects = []
-        with run.staging.parquet_writer(run.rel("chunks.parquet"), CHUNKS) as out:
-            for page, bad in pages:
-                out.write(page)
-                if bad.height:
-                    rejects.append(bad)
-        rej = pl.concat(rejects).cast(FAILURES) if rejects else empty_failures()  # type: ignore[arg-type]
-        run.staging.write_parquet(run.rel("rejects.parquet"), rej)
-        crashpoint("after_snapshot")
-        return {"chunks": out.rows, "rejected": rej.height}
+    def chunks(self, part: PartitionStore) -> pl.DataFrame:
+        """The partition's snapshot, without chunk ids that repeat in the source."""
+        st = part.staging
+        rels = [part.rel("chunks", n) for n in st.list(part.rel("chunks"), ".parquet")]
+        frame = pl.concat([st.read_parquet(r) for r in rels]) if rels else CHUNKS.to_frame()
+        dup_rel = part.run.rel("duplicates.parquet")
+        if st.exists(dup_rel):
+            dups = st.read_parquet(dup_rel).select("chunk_id").unique()
+            frame = frame.join(dups, on="chunk_id", how="anti")
+        return frame
 
     def write_plan(
-        self, run: RunStore, requests: pl.DataFrame, rejects: pl.DataFrame, units: pl.DataFrame
+        self, part: PartitionStore, requests: pl.DataFrame, rejects: pl.DataFrame, units: pl.DataFrame
     ) -> dict[str, int]:
-        """Cut requests into shards under the limits; write rejects, requests.parquet, shards, ledger.
+        """Cut requests into shards (if the job did not); write plan rejects, requests, shards, ledger.
 
         Idempotent: planning again after a crash rewrites the same files. Returns plan counts
         (`units` is the planned input or unit frame, with a `truncated` flag).
         """
         limits = planning.ShardLimits.from_settings(self.ctx.settings.limits)
-        requests = planning.assign_shards(requests, limits)
+        if requests.height and requests["shard"].null_count():
+            requests = planning.assign_shards(requests, limits)
         planning.check_shards(requests, limits)
-        st = run.staging
-        snapshot_rejects = st.read_parquet(run.rel("rejects.parquet")).filter(pl.col("stage") == "snapshot")
-        st.write_parquet(run.rel("rejects.parquet"), pl.concat([snapshot_rejects, rejects.cast(FAILURES)]))  # type: ignore[arg-type]
-        st.write_parquet(run.rel("requests.parquet"), requests)
-        records = write_shards(run, requests, job=self.name, endpoint=self.endpoint, model=self.model)
+        st = part.staging
+        st.write_parquet(part.rel("failures", "plan.parquet"), rejects.cast(FAILURES))  # type: ignore[arg-type]
+        st.write_parquet(part.rel("requests.parquet"), requests)
+        records = write_shards(part, requests, job=self.name, endpoint=self.endpoint, model=self.model)
         return {
             "units": units.height,
             "truncated": int(units["truncated"].sum()) if units.height else 0,
@@ -144,60 +155,41 @@ class Job(ABC):
             "tokens": int(requests["tokens"].sum()) if requests.height else 0,
         }
 
-    def planned_units(self, run: RunStore) -> pl.DataFrame:
-        """Every unit the plan sent (from requests.parquet)."""
-        req = run.staging.read_parquet(run.rel("requests.parquet"))
-        return req.select(pl.col("unit_ids").explode().alias("unit_id")).unique(maintain_order=True)
+    def settled_units(self, part: PartitionStore, *, include_final: bool = False) -> pl.DataFrame:
+        """Unit ids already in the partition's results or failures parts (one column, unit_id)."""
+        st = part.staging
+        ids = []
+        for name in part.parts("results"):
+            frame = st.read_parquet(part.rel("results", f"{name}.parquet"))
+            if frame.height:
+                ids.append(frame.select(pl.col(self.result_key).alias("unit_id")))
+        for name in part.parts("failures"):
+            if name == "final" and not include_final:
+                continue
+            ids.append(st.read_parquet(part.rel("failures", f"{name}.parquet")).select("unit_id"))
+        return pl.concat(ids) if ids else pl.DataFrame(schema={"unit_id": pl.String})
 
-    def finalize(self, run: RunStore, *, cancelled: bool = False) -> dict[str, int]:
-        """Write results.parquet, failures.parquet and anomalies.parquet from the settled attempts.
+    @property
+    def result_key(self) -> str:
+        """The unit id column of a result row."""
+        return "unit_id"
 
-        Every planned unit ends in exactly one of results and failures.
+    def finalize_partition(self, part: PartitionStore, *, cancelled: bool = False) -> dict[str, int]:
+        """Write the partition's `final` failures part: planned units that nothing settled.
+
+        Every planned unit ends in exactly one of results and failures. Rewritten whole each
+        time, so a cancelled partition that is resumed later settles those units properly.
         """
-        st = run.staging
-        parsed_files = [run.rel("parsed", n) for n in st.list(run.rel("parsed"), ".parquet")]
-        parsed = (
-            pl.concat([st.read_parquet(p) for p in parsed_files], how="diagonal_relaxed")
-            if parsed_files
-            else pl.DataFrame(schema={"unit_id": pl.String, "final": pl.String, "attempt": pl.Int64})
-        )
-        parsed = with_columns_of(parsed, self.payload_schema())
-        ok = parsed.filter(pl.col("final") == "ok").sort("attempt").unique("unit_id", keep="first", maintain_order=True)
-        results = self.result_rows(run, ok)
-        failed = (
-            parsed.filter((pl.col("final") == "fail") & ~pl.col("unit_id").is_in(ok["unit_id"].implode()))
-            .sort("attempt")
-            .unique("unit_id", keep="last", maintain_order=True)
-        )
-        fail_rows = failed.select(
-            "unit_id",
-            stage=pl.lit("batch"),
-            code=pl.col("code").fill_null("failed"),
-            message=pl.col("message").fill_null("failed"),
-            attempt="attempt",
-            batch_id="batch_id",
-            raw=pl.col("raw_text") if "raw_text" in failed.columns else pl.lit(None, pl.String),
-        ).cast(FAILURES)  # type: ignore[arg-type]
-        rejects = st.read_parquet(run.rel("rejects.parquet")) if st.exists(run.rel("rejects.parquet")) else empty_failures()
-        planned = self.planned_units(run)
-        settled = pl.concat([ok.select("unit_id"), fail_rows.select("unit_id")])
-        unresolved = planned.filter(~pl.col("unit_id").is_in(settled["unit_id"].implode()))
+        planned = self.planned_units(part)
+        settled = self.settled_units(part)
+        unresolved = planned.join(settled, on="unit_id", how="anti")
         why = "the run was cancelled before this unit finished" if cancelled else "no attempt settled this unit"
-        unresolved_rows = unresolved.select(
+        rows = unresolved.select(
             "unit_id", stage=pl.lit("batch"), code=pl.lit("run_cancelled" if cancelled else "unresolved"),
             message=pl.format("unit {}: {}", "unit_id", pl.lit(why)), attempt=pl.lit(None, pl.Int64),
             batch_id=pl.lit(None, pl.String), raw=pl.lit(None, pl.String),
         ).cast(FAILURES)  # type: ignore[arg-type]
-        failures = pl.concat([rejects.cast(FAILURES), fail_rows, unresolved_rows])  # type: ignore[arg-type]
-        anomaly_files = [run.rel("anomalies", n) for n in st.list(run.rel("anomalies"), ".parquet")]
-        anomalies = pl.concat([st.read_parquet(p) for p in anomaly_files]) if anomaly_files else ANOMALIES.to_frame()
-        st.write_parquet(run.rel("results.parquet"), results)
-        st.write_parquet(run.rel("failures.parquet"), failures)
-        st.write_parquet(run.rel("anomalies.parquet"), anomalies)
-        return {
-            "results": results.height,
-            "failures": failures.height,
-            "rejected": rejects.height,
-            "anomalies": anomalies.height,
-            "unresolved": unresolved_rows.height,
-        }
+        rel = part.rel("failures", "final.parquet")
+        if rows.height or part.staging.exists(rel):
+            part.staging.write_parquet(rel, rows)
+        return {"planned": planned.height, "unresolved": rows.height}

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from batchyard.crash import crashpoint
-from batchyard.jobs.base import Job
+from batchyard.jobs.base import Job, with_columns_of
 from batchyard.stages import plan as planning
 from batchyard.stages.join import INFERENCE_ROWS, inference_outcomes, read_json_lines
 from batchyard.tasks.prompts import resolve_prompts_dir
@@ -17,9 +17,11 @@ from batchyard.tasks.units import build_units
 from batchyard.tokens import encoding_for_model
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from batchyard.context import RunContext
     from batchyard.storage.ledger import ShardRecord
-    from batchyard.storage.runs import RunStore
+    from batchyard.storage.runs import PartitionStore
     from batchyard.targets import Targets
 
 
@@ -29,8 +31,7 @@ class InferenceJob(Job):
     kind = "inference"
 
     def __init__(self, ctx: RunContext, targets: Targets, task_name: str) -> None:
-        super().__init__(ctx)
-        self.targets = targets
+        super().__init__(ctx, targets)
         self.task = get_task(task_name)
         self.inf = ctx.settings.inference
         self.prompts_dir = resolve_prompts_dir(ctx.settings.prompts_dir)
@@ -68,29 +69,28 @@ class InferenceJob(Job):
             "limits": self.ctx.settings.limits.model_dump(mode="json"),
         }
 
-    def snapshot(self, run: RunStore) -> dict[str, int]:
+    def source_pages(self, targets: Targets) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
         from batchyard.stages.snapshot import iter_chunks_for_task
 
         mongo = self.ctx.settings.mongo
         store = self.ctx.store
-        return self.write_snapshot(run, iter_chunks_for_task(
-            store.chunks, store.collection(self.results_collection), self.targets, mongo.fields,
+        return iter_chunks_for_task(
+            store.chunks, store.collection(self.results_collection), targets, mongo.fields,
             task=self.task.name, task_version=self.task_version, unit=self.task.unit, page_size=self.ctx.page_size,
-        ))
+        )
 
-    def plan(self, run: RunStore) -> dict[str, int]:
-        chunks = run.staging.read_parquet(run.rel("chunks.parquet"))
+    def plan_partition(self, part: PartitionStore) -> dict[str, int]:
         encoding = encoding_for_model(self.model)
         budget = self.inf.document_token_budget
-        units, rejects = build_units(chunks, self.task.unit, token_budget=budget, encoding=encoding)
-        run.staging.write_parquet(run.rel("units.parquet"), units)
+        units, rejects = build_units(self.chunks(part), self.task.unit, token_budget=budget, encoding=encoding)
+        part.staging.write_parquet(part.rel("units.parquet"), units)
         bodies = self.task.request_bodies(
             units, model=self.model, endpoint=self.endpoint, temperature=self.inf.temperature,
             max_output_tokens=self.inf.max_output_tokens, prompts_dir=self.prompts_dir,
         )
         bodies = bodies.with_columns(tokens=planning.token_counts(bodies["body"], encoding))
         requests = planning.inference_requests(bodies, endpoint=self.endpoint)
-        return self.write_plan(run, requests, rejects, units)
+        return self.write_plan(part, requests, rejects, units)
 
     def parse_attempt(
         self, requests: pl.DataFrame, output: bytes, errors: bytes, batch: ShardRecord
@@ -125,25 +125,32 @@ class InferenceJob(Job):
     def payload_schema(self) -> dict[str, pl.DataType]:
         return {k: v for k, v in INFERENCE_ROWS.items() if k != "custom_id"}
 
-    def result_rows(self, run: RunStore, ok: pl.DataFrame) -> pl.DataFrame:
-        units = run.staging.read_parquet(run.rel("units.parquet")).drop("text")
+    def result_rows(self, part: PartitionStore, ok: pl.DataFrame) -> pl.DataFrame:
+        units = part.staging.read_parquet(part.rel("units.parquet")).drop("text")
         cols = [c for c in INFERENCE_ROWS.names() if c != "custom_id"]
+        ok = with_columns_of(ok, self.payload_schema())
         return (
-            ok.select("unit_id", "custom_id", "batch_id", "shard", "attempt", *cols)
+            ok.select("unit_id", "custom_id", "batch_id", "shard", "attempt", "lane", *cols)
             .join(units, on="unit_id", how="left")
             .with_columns(
                 task=pl.lit(self.task.name),
                 task_version=pl.lit(self.task_version),
                 model=pl.lit(self.model),
-                run_id=pl.lit(run.run_id),
+                run_id=pl.lit(part.run_id),
+                partition=pl.lit(part.pid),
             )
         )
 
-    def load(self, run: RunStore) -> list[dict[str, Any]]:
+    def planned_units(self, part: PartitionStore) -> pl.DataFrame:
+        rel = part.rel("units.parquet")
+        if not part.staging.exists(rel):
+            return pl.DataFrame(schema={"unit_id": pl.String})
+        return part.staging.read_parquet(rel).select("unit_id")
+
+    def load_part(self, part: PartitionStore, results: pl.DataFrame) -> list[dict[str, Any]]:
         from batchyard.stages.load import store_results
 
         s = self.ctx.settings
-        results = run.staging.read_parquet(run.rel("results.parquet"))
         # the task decides what of its parsed output is stored (default: all of it)
         results = results.with_columns(
             parsed=pl.col("parsed").map_elements(
@@ -153,9 +160,6 @@ class InferenceJob(Job):
         crashpoint("during_load")
         receipt = store_results(
             self.ctx.store.collection(self.results_collection), results, task=self.task.name,
-            task_version=self.task_version, run_id=run.run_id, batch_size=s.mongo.write_batch_size,
+            task_version=self.task_version, run_id=part.run_id, batch_size=s.mongo.write_batch_size,
         )
-        self.ctx.store.save()
-        out = receipt.model_dump(mode="json")
-        run.staging.write_json(run.rel("loads", "mongo.json"), out)
-        return [out]
+        return [receipt.model_dump(mode="json")]

@@ -1,19 +1,22 @@
 """Prefect flows and tasks: the asset graph of `batchyard.assets`, materialized by Prefect.
 
-Each stage is a materializing task (`@materialize`) whose asset key is
-`batchyard://<job>/<asset>`, so Prefect records lineage chunks → requests → batches → results
-→ sinks. Shard work (submit, poll, collect) runs as mapped tasks, one task run per shard per
-round. Tasks pass run ids and shard names, never frames (clients are opened inside the flow).
-Terminal errors are not retried; transient ones are, with backoff.
+Each stage is a materializing task (`@materialize`) whose asset key names the job, the
+embedding space or task version, and the staging root (see `asset_key`), so Prefect records
+lineage source → chunks → requests → batches → results → sinks. The CPU-heavy steps (plan per
+partition, collect per shard attempt) are mapped task runs that take only plain, picklable
+arguments (a `RunRef`, a partition id, a shard name) and open what they need from settings:
+they run on the flow's thread pool by default, or on Dask workers with
+`orchestration.task_runner = "dask"`. The I/O steps of a tracker round (poll every batch with
+one list call, download, load, submit) are one task run each per round, whatever the number of
+shards.
 
 The core library never imports Prefect: this module only wraps `batchyard.runner`.
 """
 
 from __future__ import annotations
 
-import functools
 import os
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 for _k, _v in {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -22,9 +25,9 @@ for _k, _v in {
 }.items():
     os.environ.setdefault(_k, _v)
 
-from collections.abc import Callable  # noqa: E402
+from collections.abc import Callable, Sequence  # noqa: E402
 
-from prefect import flow, get_run_logger, task, unmapped  # noqa: E402
+from prefect import flow, get_run_logger, task  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
     create_progress_artifact,
     create_table_artifact,
@@ -35,17 +38,16 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from batchyard import runner  # noqa: E402
 from batchyard.assets import ASSETS  # noqa: E402
-from batchyard.context import RunContext  # noqa: E402
+from batchyard.context import RunContext, RunRef, context_for, register, run_ref  # noqa: E402
 from batchyard.errors import RunBusy, TerminalError  # noqa: E402
 from batchyard.settings import load_settings  # noqa: E402
 from batchyard.storage.runs import RunStore, find_run  # noqa: E402
 from batchyard.targets import load_targets  # noqa: E402
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
-
     from batchyard.jobs.base import Job
 
+T = TypeVar("T")
 
 PROGRESS_HOOKS: list[Callable[[dict[str, Any]], None]] = []
 """Extra progress callbacks (the CLI's progress bar registers one while a flow runs)."""
@@ -62,130 +64,152 @@ def _transient_only(task: Any, task_run: Any, state: Any) -> bool:
     return False
 
 
+# --------------------------------------------------------------------------- mapped steps
+
+
+def _resolve(ref: RunRef) -> tuple[RunContext, Job, RunStore]:
+    ctx = context_for(ref)
+    run = RunStore(ctx.staging, ref.job, ref.run_id)
+    return ctx, _job(ctx, run), run
+
+
+_JOBS: dict[tuple[int, str], Job] = {}
+
+
+def _job(ctx: RunContext, run: RunStore) -> Job:
+    key = (id(ctx), run.run_id)
+    if key not in _JOBS:
+        _JOBS[key] = runner.job_for_run(ctx, run)
+    return _JOBS[key]
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
+      task_run_name="plan-{pid}")
+def plan_task(ref: RunRef, pid: str) -> dict[str, Any]:
+    """Plan one partition (staging only)."""
+    ctx, job, run = _resolve(ref)
+    return runner.plan_one(ctx, job, run, pid)
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=_transient_only,
+      task_run_name="collect-{pid}-{name}")
+def collect_task(ref: RunRef, pid: str, name: str) -> list[Any]:
+    """Parse and settle one downloaded shard attempt (staging only)."""
+    ctx, job, run = _resolve(ref)
+    return runner.collect_one(ctx, job, run, pid, name)
+
+
 @task(cache_policy=NO_CACHE, retries=3, retry_delay_seconds=[2, 10, 30], retry_condition_fn=_transient_only,
-      task_run_name="{op}-{name}")
-def shard_op(op: str, name: str, fn: Callable[[str], Any]) -> Any:
-    """One shard step (submit, poll or collect) for one shard attempt."""
-    rec = fn(name)
-    return {"name": name, "state": rec.state, "batch_status": rec.batch_status}
+      task_run_name="{step}")
+def round_step(step: str, fn: Callable[[], Any]) -> Any:
+    """One I/O step of a tracker round (track, load, submit), in the flow's process."""
+    return fn()
 
 
-def prefect_mapper(fn: Callable[[str], Any], names: Sequence[str]) -> list[Any]:
-    """Map a shard step over shard names as Prefect task runs."""
-    if not names:
-        return []
-    base = fn.func if isinstance(fn, functools.partial) else fn
-    op = getattr(base, "__name__", "shard").removesuffix("_shard")
-    return list(shard_op.map(op, list(names), unmapped(fn)).result())
+class PrefectEngine:
+    """Runs a run's steps as Prefect task runs (thread pool or Dask, per the flow's task runner)."""
+
+    def __init__(self, ref: RunRef) -> None:
+        self.ref = ref
+
+    def map(self, step: str, items: Sequence[Any]) -> list[Any]:
+        if not items:
+            return []
+        if step == "plan":
+            futures = [plan_task.submit(self.ref, pid) for pid in items]
+        elif step == "collect":
+            futures = [collect_task.submit(self.ref, pid, name) for pid, name in items]
+        else:
+            raise ValueError(f"unknown mapped step {step!r}")
+        return [f.result() for f in futures]
+
+    def run(self, step: str, fn: Callable[[], T]) -> T:
+        return round_step(step, fn)  # type: ignore[no-any-return]
 
 
-def _asset(job: Job, key: str) -> Asset:
+# --------------------------------------------------------------------------- assets
+
+
+def asset_key(job: Job, key: str, root: str) -> str:
+    """`batchyard://<job>/<space or task@version>/<asset>` (plus the staging root)."""
+    from batchyard.assets import asset_key as make_key
+
+    return make_key(job, key, root)
+
+
+def _asset(job: Job, key: str, root: str) -> Asset:
     spec = next(a for a in ASSETS if a.key == key)
-    return Asset(key=f"batchyard://{job.name}/{key}", properties={"description": spec.description})
+    return Asset(key=asset_key(job, key, root), properties={"description": spec.description})
 
 
-def _stage_task(job: Job, key: str, fn: Callable[..., Any]) -> Any:
+def _stage_task(job: Job, key: str, root: str, fn: Callable[[], T]) -> T:
     spec = next(a for a in ASSETS if a.key == key)
-    deps = [_asset(job, d) for d in spec.deps]
-    return materialize(_asset(job, key), cache_policy=NO_CACHE, task_run_name=key, asset_deps=deps)(fn)
+    deps = [_asset(job, d, root) for d in spec.deps]
+    stage = materialize(_asset(job, key, root), cache_policy=NO_CACHE, task_run_name=key, asset_deps=deps)(fn)
+    return stage()  # type: ignore[no-any-return]
 
 
-def _run_stages(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
-    logger = get_run_logger()
-    progress_id = create_progress_artifact(0.0, description=f"{job.name} run {run.run_id}: shards collected")
+def _progress_hook(job: Job, run: RunStore) -> Callable[[dict[str, Any]], None]:
+    progress_id = create_progress_artifact(
+        0.0, key=f"{run.run_id.lower()}-progress", description=f"{job.name} run {run.run_id}: shards collected"
+    )
 
-    def on_progress(info: dict[str, Any]) -> None:
-        total = max(info["shards"], 1)
-        done = info["by_state"].get("collected", 0)
-        update_progress_artifact(progress_id, 100.0 * done / total)
+    def on_progress(event: dict[str, Any]) -> None:
+        if event.get("stage") == "batches" and event.get("total"):
+            update_progress_artifact(progress_id, 100.0 * event["completed"] / max(event["total"], 1))
         for hook in PROGRESS_HOOKS:
-            hook(info)
+            hook(event)
 
+    return on_progress
+
+
+def _run_stages(ctx: RunContext, job: Job, run: RunStore, *, wait: bool = True) -> dict[str, Any]:
+    logger = get_run_logger()
+    root = ctx.staging.root
+    engine = PrefectEngine(run_ref(ctx, job.name, run.run_id))
+    on_progress = _progress_hook(job, run)
     phase = run.read_run().get("phase")
     if phase == "snapshot":
-        stats = _stage_task(job, "chunks", lambda: runner.snapshot(ctx, job, run))()
+        stats = _stage_task(job, "chunks", root, lambda: runner.snapshot(ctx, job, run, on_progress=on_progress))
         logger.info("snapshot: %s", stats)
         phase = "plan"
     if phase == "plan":
-        stats = _stage_task(job, "requests", lambda: runner.plan(ctx, job, run))()
+        stats = _stage_task(job, "requests", root, lambda: runner.plan(ctx, job, run, engine, on_progress=on_progress))
         logger.info("plan: %s", stats)
         phase = "batches"
     if phase == "batches":
-        # the tracker loop runs in the flow; its shard steps are mapped task runs
-        summary = runner.drive(ctx, job, run, mapper=prefect_mapper, on_progress=on_progress)
-        _stage_task(job, "batches", lambda: summary)()
-    info = _stage_task(job, "results", lambda: runner.finish(ctx, job, run))()
-    update_progress_artifact(progress_id, 100.0)
+        summary = runner.drive(ctx, job, run, engine=engine, on_progress=on_progress,
+                               max_rounds=None if wait else 1)
+        logger.info("batches: %s", summary)
+    return _finish(ctx, job, run)
+
+
+def _finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
+    """Materialize batches, results and sinks once the run is done, with its summary artifact."""
+    if any(p.read_state().get("phase") != "done" for p in run.partitions()):
+        return run.read_run()
+    root = ctx.staging.root
+    info = runner.finish(ctx, job, run)
+    _stage_task(job, "batches", root, lambda: info.get("final", {}).get("shard_attempts"))
+    _stage_task(job, "results", root, lambda: info.get("final", {}).get("results"))
+    _stage_task(job, "sinks", root, lambda: info.get("loads"))
     final = info.get("final", {})
+    rows = {**info.get("plan", {}), **{k: v for k, v in final.items() if not isinstance(v, dict)}}
     create_table_artifact(
-        [{"metric": k, "value": v} for k, v in {**info.get("plan", {}), **final}.items()],
-        key=f"{job.name}-summary".replace("_", "-").lower(),
-        description=f"{job.name} run {run.run_id}",
+        [{"metric": k, "value": v} for k, v in rows.items()],
+        key=f"{run.run_id.lower()}-summary",
+        description=f"{job.name} run {run.run_id}: {info.get('state')}",
     )
     return info
 
 
-@flow(name="batchyard-embeddings", log_prints=False)
-def embeddings_flow(targets: str, run_id: str | None = None, profile: str | None = None,
-                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Embed the target chunks and load them into Milvus and MongoDB."""
-    from batchyard.jobs.embeddings import EmbeddingsJob
-
-    settings = load_settings(profile, **(overrides or {}))
-    with RunContext(settings) as ctx:
-        job = EmbeddingsJob(ctx, load_targets(targets))
-        run = _open_run(ctx, job, run_id)
-        return _run_stages(ctx, job, run)
+# --------------------------------------------------------------------------- flows
 
 
-@flow(name="batchyard-inference", log_prints=False)
-def inference_flow(task_name: str, targets: str, run_id: str | None = None, profile: str | None = None,
-                   overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run one inference task over the targets and store results in MongoDB."""
-    from batchyard.jobs.inference import InferenceJob
-
-    settings = load_settings(profile, **(overrides or {}))
-    with RunContext(settings) as ctx:
-        job = InferenceJob(ctx, load_targets(targets), task_name)
-        run = _open_run(ctx, job, run_id)
-        return _run_stages(ctx, job, run)
-
-
-@flow(name="batchyard-resume", log_prints=False)
-def resume_flow(run_id: str, profile: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Continue an interrupted or cancelled run from its recorded phase."""
-    settings = load_settings(profile, **(overrides or {}))
-    with RunContext(settings) as ctx:
-        run = find_run(ctx.staging, run_id)
-        info = run.read_run()
-        if info.get("state") == "cancelled":
-            run.update_run(state="running", phase="batches" if info.get("phase") == "done" else info.get("phase"))
-        job = runner.job_for_run(ctx, run)
-        return _run_stages(ctx, job, run)
-
-
-@flow(name="batchyard-tracker", log_prints=False)
-def tracker_flow(profile: str | None = None, overrides: dict[str, Any] | None = None, rounds: int = 1) -> list[dict[str, Any]]:
-    """Scheduled tracker: one cheap round over every unfinished run (poll, collect, submit)."""
-    settings = load_settings(profile, **(overrides or {}))
-    out = []
-    with RunContext(settings) as ctx:
-        from batchyard.storage.runs import list_runs
-
-        for run in list_runs(ctx.staging):
-            info = run.read_run()
-            if info.get("phase") != "batches" or info.get("state") == "cancelled":
-                continue
-            job = runner.job_for_run(ctx, run)
-            try:
-                summary = runner.drive(ctx, job, run, mapper=prefect_mapper, poll_interval=0, max_rounds=rounds)
-            except RunBusy as exc:  # another flow is driving it right now
-                out.append({"run_id": run.run_id, "skipped": str(exc)})
-                continue
-            if run.read_run().get("phase") == "finalize":  # settled in this round: finish it
-                runner.finish(ctx, job, run)
-            out.append({"run_id": run.run_id, **summary})
-    return out
+def _context(profile: str | None, overrides: dict[str, Any] | None) -> RunContext:
+    ctx = RunContext(load_settings(profile, **(overrides or {})))
+    register(ctx, profile=profile, overrides=overrides)
+    return ctx
 
 
 def _open_run(ctx: RunContext, job: Job, run_id: str | None) -> RunStore:
@@ -194,3 +218,59 @@ def _open_run(ctx: RunContext, job: Job, run_id: str | None) -> RunStore:
         if existing.exists():
             return existing
     return runner.create_run(ctx, job, run_id=run_id)
+
+
+@flow(name="batchyard-embeddings", log_prints=False)
+def embeddings_flow(targets: str, run_id: str | None = None, profile: str | None = None,
+                    overrides: dict[str, Any] | None = None, wait: bool = True) -> dict[str, Any]:
+    """Embed the target chunks and load them into Milvus and MongoDB."""
+    from batchyard.jobs.embeddings import EmbeddingsJob
+
+    with _context(profile, overrides) as ctx:
+        job = EmbeddingsJob(ctx, load_targets(targets))
+        run = _open_run(ctx, job, run_id)
+        return _run_stages(ctx, job, run, wait=wait)
+
+
+@flow(name="batchyard-inference", log_prints=False)
+def inference_flow(task_name: str, targets: str, run_id: str | None = None, profile: str | None = None,
+                   overrides: dict[str, Any] | None = None, wait: bool = True) -> dict[str, Any]:
+    """Run one inference task over the targets and store results in MongoDB."""
+    from batchyard.jobs.inference import InferenceJob
+
+    with _context(profile, overrides) as ctx:
+        job = InferenceJob(ctx, load_targets(targets), task_name)
+        run = _open_run(ctx, job, run_id)
+        return _run_stages(ctx, job, run, wait=wait)
+
+
+@flow(name="batchyard-resume", log_prints=False)
+def resume_flow(run_id: str, profile: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Continue an interrupted or cancelled run from its recorded phase."""
+    with _context(profile, overrides) as ctx:
+        run = find_run(ctx.staging, run_id)
+        runner.reopen(run)
+        return _run_stages(ctx, _job(ctx, run), run)
+
+
+@flow(name="batchyard-tracker", log_prints=False)
+def tracker_flow(profile: str | None = None, overrides: dict[str, Any] | None = None, rounds: int = 1) -> list[dict[str, Any]]:
+    """Scheduled tracker: a few cheap rounds over every unfinished run (poll, collect, load, submit)."""
+    out: list[dict[str, Any]] = []
+    with _context(profile, overrides) as ctx:
+        from batchyard.storage.runs import list_runs
+
+        for run in list_runs(ctx.staging):
+            info = run.read_run()
+            if info.get("phase") != "batches":
+                continue
+            job = _job(ctx, run)
+            engine = PrefectEngine(run_ref(ctx, job.name, run.run_id))
+            try:
+                summary = runner.drive(ctx, job, run, engine=engine, poll_interval=0, max_rounds=rounds)
+            except RunBusy as exc:  # another process drives every open partition right now
+                out.append({"run_id": run.run_id, "skipped": str(exc)})
+                continue
+            _finish(ctx, job, run)
+            out.append({"run_id": run.run_id, **summary})
+    return out

@@ -1,15 +1,23 @@
-"""Submit, track and collect shard attempts through the Batch API and the ledger.
+"""Submit, track, download and collect shard attempts through the Batch API and the ledger.
 
-Each function handles one shard attempt and is safe to call again after a crash at any point:
-intent is in the ledger before every remote side effect, an interrupted upload or create
-adopts what the server already has (matched by file name or batch metadata), and downloads
-and parsing are idempotent rewrites. `select_submittable` is the pure throttle.
+Each function handles one shard attempt (or, for polling, one round over many) and is safe to
+call again after a crash at any point: intent is in the ledger before every remote side
+effect, an interrupted upload or create adopts what the server already has (matched by file
+name or batch metadata), and downloads and parsing are idempotent rewrites.
+
+The work splits by what it needs, so that each part can run where it belongs:
+
+- `submit_shard`, `poll_batches`, `download_shard`, `cancel_shard`: talk to the Batch API (I/O);
+- `collect_shard`: staging only (CPU: parse, join, follow-up plan), so it can run in another
+  process or on a Dask worker;
+- `select_submittable`, `requeue_delay`: pure decisions.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,25 +27,26 @@ import polars as pl
 
 from batchyard.crash import crashpoint
 from batchyard.errors import ApiTerminalError, LedgerError
+from batchyard.schemas import FAILURES
 from batchyard.stages.join import OUTCOMES, next_attempt
 from batchyard.stages.plan import shard_bytes
 from batchyard.storage.ledger import Ledger, ShardRecord
 from batchyard.storage.runs import utcnow
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Iterable, Sequence
 
     from batchyard.clients.batch_api import BatchApi
-    from batchyard.settings import LimitsSettings
-    from batchyard.storage.runs import RunStore
+    from batchyard.settings import LimitsSettings, ProviderSettings
+    from batchyard.storage.runs import PartitionStore
 
 log = logging.getLogger(__name__)
 
-_SLACK_S = 300.0  # clock skew allowed when adopting remote objects
+_SLACK_S = 300.0  # clock skew allowed when adopting remote objects or scanning batch lists
 
 
 class ShardParser(Protocol):
-    """What a job provides to turn one attempt's files into per-unit rows."""
+    """What a job provides to turn one attempt's files into per-unit rows and results."""
 
     def parse_attempt(
         self, requests: pl.DataFrame, output: bytes, errors: bytes, batch: ShardRecord
@@ -48,6 +57,46 @@ class ShardParser(Protocol):
     def payload_keys(self) -> list[str]:
         """Join keys of the payload rows: ["custom_id"] or ["custom_id", "unit_id"]."""
         ...
+
+    def payload_schema(self) -> dict[str, pl.DataType]:
+        """Columns of the payload rows (typed nulls when an attempt produced none)."""
+        ...
+
+    def expand_units(self, part: PartitionStore, units: pl.DataFrame) -> pl.DataFrame:
+        """Unit rows plus the rows of units served by the same request (aliases)."""
+        ...
+
+    def result_rows(self, part: PartitionStore, ok: pl.DataFrame) -> pl.DataFrame:
+        """Typed result rows from settled `ok` unit rows."""
+        ...
+
+
+@dataclass(frozen=True)
+class Retries:
+    """How failed and unfinished work is retried (from settings)."""
+
+    max_attempts: int
+    max_requeues: int
+    backoff_s: float
+    backoff_max_s: float
+    token_budget: int
+    token_limit_wait_s: float
+
+    @classmethod
+    def from_settings(cls, limits: LimitsSettings, provider: ProviderSettings) -> Retries:
+        """From the limits and provider settings."""
+        return cls(
+            max_attempts=limits.max_attempts,
+            max_requeues=limits.max_requeues,
+            backoff_s=provider.requeue_backoff_s,
+            backoff_max_s=provider.requeue_backoff_max_s,
+            token_budget=limits.enqueued_token_budget,
+            token_limit_wait_s=limits.token_limit_wait_s,
+        )
+
+    def delay(self, n: int) -> float:
+        """Seconds to wait before the n-th successive requeue (n >= 1): base, 2x base, 4x ..."""
+        return min(self.backoff_s * 2 ** max(0, n - 1), self.backoff_max_s)
 
 
 # throttle
@@ -71,9 +120,9 @@ def select_submittable(records: Sequence[ShardRecord], throttle: Throttle, *, no
     """Shard attempts to submit now, in order, keeping every model under its token budget.
 
     Interrupted submissions (uploading, creating) always continue: their tokens already count.
-    A shard requeued after `token_limit_exceeded` waits until its model has nothing in flight,
-    then runs alone, so a second token-limit failure proves it can never fit.
-    The queue is kept as full as the budget allows: every shard that fits is admitted.
+    A shard held back by a backoff (`not_before`) waits. The queue is kept as full as the budget
+    allows: every shard that fits is admitted; a shard larger than the whole budget is still
+    admitted when nothing else of its model is in flight, so a run can never deadlock.
     """
     inflight: dict[str, int] = defaultdict(int)
     live = 0
@@ -84,38 +133,35 @@ def select_submittable(records: Sequence[ShardRecord], throttle: Throttle, *, no
     created = sorted(r.created_at for r in records if r.created_at is not None)
     recent = sum(1 for t in created if now - t < 3600)
     chosen = [r for r in records if r.state in ("uploading", "creating")]
-    exclusive: set[str] = set()  # models whose requeued shard must run alone this round
     for r in records:
         if r.state not in ("planned", "uploaded") or live >= throttle.max_live:
             continue
         if recent + len(chosen) >= throttle.batches_per_hour:
             break
-        if r.model in exclusive or (r.wait_for_drain and inflight[r.model] > 0):
+        if r.not_before is not None and r.not_before > now:
             continue
         if inflight[r.model] and inflight[r.model] + r.tokens > throttle.token_budget:
             continue
         chosen.append(r)
         inflight[r.model] += r.tokens
         live += 1
-        if r.wait_for_drain:
-            exclusive.add(r.model)
     return chosen
 
 
 # submit
 
 
-def submit_shard(run: RunStore, api: BatchApi, name: str) -> ShardRecord:
+def submit_shard(part: PartitionStore, api: BatchApi, name: str) -> ShardRecord:
     """Upload a shard attempt and create its batch (resuming whatever a crash interrupted)."""
-    ledger = Ledger(run)
+    ledger = Ledger(part)
     rec = ledger.load(name)
     resumed = rec.state
     if rec.state == "planned":
         rec = ledger.move(rec, "uploading", intent_at=_iso_now())
     if rec.state == "uploading":
-        data = run.staging.read_bytes(run.rel("shards", f"{name}.jsonl"))
+        data = part.staging.read_bytes(part.rel("shards", f"{name}.jsonl"))
         if hashlib.sha256(data).hexdigest() != rec.sha256:
-            raise LedgerError(name, "shard file does not match its recorded sha256")
+            raise LedgerError(rec.key, "shard file does not match its recorded sha256")
         file_id = None
         if resumed == "uploading":
             file_id = api.find_file(rec.upload_filename, len(data), since=_since(rec))
@@ -123,16 +169,17 @@ def submit_shard(run: RunStore, api: BatchApi, name: str) -> ShardRecord:
         crashpoint("after_upload")
         rec = ledger.move(rec, "uploaded", file_id=file_id)
     if rec.state == "uploaded":
-        rec = ledger.move(rec, "creating", intent_at=_iso_now(), wait_for_drain=False)
+        rec = ledger.move(rec, "creating", intent_at=_iso_now())
     if rec.state == "creating":
         batch = api.find_batch(rec.metadata(), since=_since(rec)) if resumed == "creating" else None
         if batch is not None:
-            log.warning("shard %s: adopted existing batch %s", name, batch["id"])
+            log.warning("shard %s: adopted existing batch %s", rec.key, batch["id"])
         batch = batch or api.create_batch(rec.file_id or "", rec.endpoint, rec.metadata(), since=_since(rec))
         crashpoint("after_create")
         rec = ledger.move(
             rec, "submitted", batch_id=batch["id"], batch_status=batch["status"], created_at=float(batch["created_at"])
         )
+        log.info("shard %s: batch %s created (%s)", rec.key, rec.batch_id, rec.batch_status)
     return rec
 
 
@@ -150,20 +197,39 @@ def _since(rec: ShardRecord) -> float:
 # track
 
 
-def poll_shard(run: RunStore, api: BatchApi, name: str) -> ShardRecord:
-    """Fetch a submitted batch's status into the ledger."""
-    ledger = Ledger(run)
-    rec = ledger.load(name)
-    if rec.state != "submitted" or rec.batch_id is None:
-        return rec
-    batch = api.retrieve(rec.batch_id)
+def poll_batches(api: BatchApi, records: Iterable[ShardRecord]) -> dict[str, dict[str, Any]]:
+    """Current state of every submitted batch among `records`, by batch id.
+
+    One paginated list call (newest first), stopping at the oldest open batch, instead of one
+    retrieve per shard; a tracked batch the list did not show (a server that orders otherwise)
+    is retrieved on its own.
+    """
+    open_recs = [r for r in records if r.state == "submitted" and r.batch_id]
+    if not open_recs:
+        return {}
+    wanted = {r.batch_id for r in open_recs if r.batch_id}
+    oldest = min(r.created_at or 0.0 for r in open_recs) - _SLACK_S
+    found = api.list_batches(wanted, since=oldest)
+    for batch_id in sorted(wanted - found.keys()):
+        log.debug("batch %s not in the list: retrieving it", batch_id)
+        found[batch_id] = api.retrieve(batch_id)
     crashpoint("during_poll")
-    return ledger.observe(rec, batch)
+    return found
 
 
-def cancel_shard(run: RunStore, api: BatchApi, name: str) -> ShardRecord:
+def observe(part: PartitionStore, rec: ShardRecord, batch: dict[str, Any]) -> ShardRecord:
+    """Record a polled batch when it changed; moves to `ended` when its status is terminal."""
+    if batch["status"] == rec.batch_status and batch.get("request_counts") == rec.request_counts:
+        return rec
+    new = Ledger(part).observe(rec, batch)
+    if new.batch_status != rec.batch_status:
+        log.info("shard %s: batch %s is %s", rec.key, rec.batch_id, new.batch_status)
+    return new
+
+
+def cancel_shard(part: PartitionStore, api: BatchApi, name: str) -> ShardRecord:
     """Ask the server to cancel a live batch; the tracker collects what finished."""
-    ledger = Ledger(run)
+    ledger = Ledger(part)
     rec = ledger.load(name)
     if rec.state != "submitted" or not rec.batch_id or rec.batch_status == "cancelling":
         return rec
@@ -175,61 +241,138 @@ def cancel_shard(run: RunStore, api: BatchApi, name: str) -> ShardRecord:
     return ledger.observe(rec, batch)
 
 
-# collect
+# download (I/O) and collect (staging only)
 
 
-def attempt_requests(run: RunStore, shard: str, attempt: int) -> pl.DataFrame:
+def _download(part: PartitionStore, api: BatchApi, file_id: str | None, folder: str, name: str) -> None:
+    if not file_id:
+        return
+    rel = part.rel(folder, f"{name}.jsonl")
+    if not part.staging.exists(rel):
+        part.staging.write_bytes(rel, api.content(file_id))
+
+
+def download_shard(part: PartitionStore, api: BatchApi, name: str) -> ShardRecord:
+    """Fetch an ended batch's output and error files into staging (idempotent)."""
+    ledger = Ledger(part)
+    rec = ledger.load(name)
+    if rec.state != "ended" or rec.downloaded:
+        return rec
+    _download(part, api, rec.output_file_id, "outputs", name)
+    crashpoint("during_download")
+    _download(part, api, rec.error_file_id, "errors", name)
+    return ledger.move(rec, "ended", downloaded=True)
+
+
+def _read(part: PartitionStore, folder: str, name: str) -> bytes:
+    rel = part.rel(folder, f"{name}.jsonl")
+    return part.staging.read_bytes(rel) if part.staging.exists(rel) else b""
+
+
+def attempt_requests(part: PartitionStore, shard: str, attempt: int) -> pl.DataFrame:
     """The plan rows of one shard attempt."""
     if attempt == 1:
-        return run.staging.read_parquet(run.rel("requests.parquet")).filter(pl.col("shard") == shard)
-    return run.staging.read_parquet(run.rel("followups", f"{shard}.{attempt}.parquet"))
+        return part.staging.read_parquet(part.rel("requests.parquet")).filter(pl.col("shard") == shard)
+    return part.staging.read_parquet(part.rel("followups", f"{shard}.{attempt}.parquet"))
 
 
-def _download(run: RunStore, api: BatchApi, file_id: str | None, folder: str, name: str) -> bytes:
-    if not file_id:
-        return b""
-    rel = run.rel(folder, f"{name}.jsonl")
-    if run.staging.exists(rel):
-        return run.staging.read_bytes(rel)
-    data = api.content(file_id)
-    run.staging.write_bytes(rel, data)
-    return data
+def collect_shard(
+    part: PartitionStore, name: str, parser: ShardParser, retries: Retries, *, now: float | None = None
+) -> list[ShardRecord]:
+    """Parse and settle a downloaded shard attempt from staging (no API call).
 
-
-def collect_shard(run: RunStore, api: BatchApi, name: str, parser: ShardParser, *, max_attempts: int) -> ShardRecord:
-    """Download, join and settle an ended shard attempt; plan its follow-up attempt if needed."""
-    ledger = Ledger(run)
+    Writes the attempt's unit rows (`parsed/`), its results part, its failures part and
+    anomalies, plans the follow-up attempt for what did not finish, and moves the record to
+    `collected`. A batch that failed with `token_limit_exceeded` is requeued instead (with
+    backoff), unless the shard alone exceeds the token budget or has waited too long.
+    Returns the records it wrote (the collected or requeued one, and a new follow-up).
+    """
+    now = time.time() if now is None else now
+    ledger = Ledger(part)
     rec = ledger.load(name)
-    if rec.state != "ended":
-        return rec
-    requests = attempt_requests(run, rec.shard, rec.attempt)
+    if rec.state != "ended" or not (rec.downloaded or rec.batch_status == "failed"):
+        return [rec]
+    requests = attempt_requests(part, rec.shard, rec.attempt)
+    payload, anomalies = pl.DataFrame(), None
     if rec.batch_status == "failed":
         if any(e.get("code") == "token_limit_exceeded" for e in rec.errors):
-            if rec.submission == 1:
-                return ledger.requeue(rec, "token_limit_exceeded")
-            # it was requeued and ran alone, and still did not fit: waiting cannot help
-            outcomes = _all_fail(requests, "token_limit_exceeded",
-                                 f"shard {name} alone exceeds the provider's enqueued-token limit "
-                                 f"({rec.tokens} tokens planned); lower limits.max_tokens_per_batch")
+            verdict = _token_limit(rec, retries, now)
+            if verdict is None:
+                since = rec.token_limit_since or now
+                delay = retries.delay(rec.submission)
+                log.warning("shard %s: token_limit_exceeded; resubmitting in %.0f s", rec.key, delay)
+                return [ledger.requeue(rec, "token_limit_exceeded", not_before=now + delay, since=since)]
+            outcomes = _all_fail(requests, "token_limit_exceeded", verdict)
         else:
             outcomes = _validation_outcomes(requests, rec)
-        payload, anomalies = pl.DataFrame(), None
     else:
-        output = _download(run, api, rec.output_file_id, "outputs", name)
-        crashpoint("during_download")
-        errors = _download(run, api, rec.error_file_id, "errors", name)
+        output, errors = _read(part, "outputs", name), _read(part, "errors", name)
         payload, outcomes, anomalies = parser.parse_attempt(requests, output, errors, rec)
     crashpoint("before_collect")
-    nxt, failed = next_attempt(requests, outcomes, max_attempts=max_attempts)
+    nxt, failed = next_attempt(requests, outcomes, max_attempts=retries.max_attempts,
+                               max_requeues=retries.max_requeues)
+    _write_attempt(part, rec, parser, requests, outcomes, failed, payload, anomalies)
+    written = []
+    if nxt.height:
+        requeued = outcomes.filter(pl.col("outcome") == "requeue").height > 0
+        written.append(plan_followup(part, rec, nxt, now=now, retries=retries, requeued=requeued))
+    counts = {k: int(v) for k, v in outcomes.group_by("outcome").len().iter_rows()}
+    return [ledger.move(rec, "collected", outcome=counts), *written]
+
+
+def recollect_shard(part: PartitionStore, rec: ShardRecord, parser: ShardParser, retries: Retries) -> None:
+    """Rebuild a collected attempt's parsed, results, failures and anomalies parts from its
+    staged output and error files (`batchyard rerun --from results`); no API call, no new
+    follow-up (the one planned at collection stays as it was)."""
+    requests = attempt_requests(part, rec.shard, rec.attempt)
+    output, errors = _read(part, "outputs", rec.name), _read(part, "errors", rec.name)
+    payload, outcomes, anomalies = parser.parse_attempt(requests, output, errors, rec)
+    _, failed = next_attempt(requests, outcomes, max_attempts=retries.max_attempts, max_requeues=retries.max_requeues)
+    _write_attempt(part, rec, parser, requests, outcomes, failed, payload, anomalies)
+
+
+def _write_attempt(
+    part: PartitionStore, rec: ShardRecord, parser: ShardParser, requests: pl.DataFrame, outcomes: pl.DataFrame,
+    failed: pl.DataFrame, payload: pl.DataFrame, anomalies: pl.DataFrame | None,
+) -> None:
     units = _unit_rows(requests, outcomes, failed, rec)
     units = units.join(payload, on=parser.payload_keys(), how="left") if payload.height else units
-    run.staging.write_parquet(run.rel("parsed", f"{name}.parquet"), units)
+    units = units.with_columns(
+        pl.lit(None, dtype).alias(col) for col, dtype in parser.payload_schema().items() if col not in units.columns
+    )
+    units = parser.expand_units(part, units)
+    st, name = part.staging, rec.name
+    st.write_parquet(part.rel("parsed", f"{name}.parquet"), units)
+    ok = units.filter(pl.col("final") == "ok")
+    st.write_parquet(part.rel("results", f"{name}.parquet"), parser.result_rows(part, ok))
+    st.write_parquet(part.rel("failures", f"{name}.parquet"), failure_rows(units.filter(pl.col("final") == "fail")))
     if anomalies is not None and anomalies.height:
-        run.staging.write_parquet(run.rel("anomalies", f"{name}.parquet"), anomalies)
-    if nxt.height:
-        plan_followup(run, rec, nxt)
-    counts = {k: int(v) for k, v in outcomes.group_by("outcome").len().iter_rows()}
-    return ledger.move(rec, "collected", outcome=counts)
+        st.write_parquet(part.rel("anomalies", f"{name}.parquet"), anomalies)
+
+
+def _token_limit(rec: ShardRecord, retries: Retries, now: float) -> str | None:
+    """Why a token-limited shard fails for good, or None when it should wait and retry."""
+    if rec.tokens > retries.token_budget:
+        return (f"shard {rec.key} has {rec.tokens} tokens, more than limits.enqueued_token_budget "
+                f"({retries.token_budget}): it can never fit; lower limits.max_tokens_per_batch")
+    since = rec.token_limit_since or now
+    if now - since > retries.token_limit_wait_s:
+        return (f"shard {rec.key} ({rec.tokens} tokens) was refused with token_limit_exceeded for "
+                f"{now - since:.0f} s, over limits.token_limit_wait_s ({retries.token_limit_wait_s:.0f} s)")
+    return None
+
+
+def failure_rows(units: pl.DataFrame) -> pl.DataFrame:
+    """FAILURES rows for settled `fail` unit rows (each message names its unit)."""
+    return units.select(
+        "unit_id",
+        stage=pl.lit("batch"),
+        code=pl.col("code").fill_null("failed"),
+        message=pl.format("unit {}: {}", "unit_id", pl.col("message").fill_null("failed")),
+        attempt="attempt",
+        batch_id="batch_id",
+        raw=pl.col("raw_text") if "raw_text" in units.columns else pl.lit(None, pl.String),
+    ).cast(FAILURES)  # type: ignore[arg-type]
 
 
 def _all_fail(requests: pl.DataFrame, code: str, message: str) -> pl.DataFrame:
@@ -260,59 +403,77 @@ def _validation_outcomes(requests: pl.DataFrame, rec: ShardRecord) -> pl.DataFra
 
 def _unit_rows(requests: pl.DataFrame, outcomes: pl.DataFrame, failed: pl.DataFrame, rec: ShardRecord) -> pl.DataFrame:
     """Per unit: its request's outcome, settled as ok / fail (final) / pending (follow-up)."""
-    final_fail = failed["custom_id"].implode()
+    final = failed.select("custom_id", f_code="code", f_message="message")
     return (
         requests.select("custom_id", "unit_ids")
         .explode("unit_ids")
         .rename({"unit_ids": "unit_id"})
         .join(outcomes, on="custom_id", how="left")
+        .join(final, on="custom_id", how="left")
         .with_columns(
             final=pl.when(pl.col("outcome") == "ok")
             .then(pl.lit("ok"))
-            .when(pl.col("custom_id").is_in(final_fail))
+            .when(pl.col("f_code").is_not_null() | pl.col("custom_id").is_in(final["custom_id"].implode()))
             .then(pl.lit("fail"))
             .otherwise(pl.lit("pending")),
+            code=pl.coalesce("f_code", "code"),
+            message=pl.coalesce("f_message", "message"),
             attempt=pl.lit(rec.attempt, pl.Int64),
             shard=pl.lit(rec.shard),
             batch_id=pl.lit(rec.batch_id, pl.String),
+            lane=pl.lit(rec.lane),
         )
+        .drop("f_code", "f_message")
     )
 
 
-def plan_followup(run: RunStore, rec: ShardRecord, nxt: pl.DataFrame) -> ShardRecord:
-    """Write the follow-up attempt's plan, shard file (identical lines) and ledger record."""
+def plan_followup(
+    part: PartitionStore, rec: ShardRecord, nxt: pl.DataFrame, *, now: float, retries: Retries, requeued: bool
+) -> ShardRecord:
+    """Write the follow-up attempt's plan, shard file (identical lines) and ledger record.
+
+    A follow-up that carries unfinished (expired/cancelled) work waits `retries.delay(n)` for
+    the n-th successive requeue of this shard, so a provider that keeps expiring batches is
+    not hammered.
+    """
     attempt = rec.attempt + 1
     name = f"{rec.shard}.{attempt}"
-    ledger = Ledger(run)
+    ledger = Ledger(part)
     if ledger.exists(name):
         return ledger.load(name)
     nxt = nxt.with_columns(attempt=pl.lit(attempt, pl.Int64))
-    run.staging.write_parquet(run.rel("followups", f"{name}.parquet"), nxt)
+    part.staging.write_parquet(part.rel("followups", f"{name}.parquet"), nxt)
     data = shard_bytes(nxt["line"])
-    run.staging.write_bytes(run.rel("shards", f"{name}.jsonl"), data)
+    part.staging.write_bytes(part.rel("shards", f"{name}.jsonl"), data)
+    requeues = rec.requeues + 1 if requeued else 0
     return ledger.create(
         ShardRecord(
-            run_id=rec.run_id, job=rec.job, shard=rec.shard, attempt=attempt, endpoint=rec.endpoint,
-            model=rec.model, sha256=hashlib.sha256(data).hexdigest(), n_requests=nxt.height,
-            n_inputs=int(nxt["n_inputs"].sum()), bytes=len(data), tokens=int(nxt["tokens"].sum()),
+            run_id=rec.run_id, job=rec.job, partition=rec.partition, shard=rec.shard, attempt=attempt,
+            endpoint=rec.endpoint, model=rec.model, lane=rec.lane, sha256=hashlib.sha256(data).hexdigest(),
+            n_requests=nxt.height, n_inputs=int(nxt["n_inputs"].sum()), bytes=len(data),
+            tokens=int(nxt["tokens"].sum()), requeues=requeues,
+            not_before=now + retries.delay(requeues) if requeued else None,
         )
     )
 
 
-def write_shards(run: RunStore, requests: pl.DataFrame, *, job: str, endpoint: str, model: str) -> list[ShardRecord]:
+def write_shards(
+    part: PartitionStore, requests: pl.DataFrame, *, job: str, endpoint: str, model: str
+) -> list[ShardRecord]:
     """Write the first attempt's shard files and `planned` ledger records."""
-    ledger = Ledger(run)
+    ledger = Ledger(part)
     out = []
-    for (shard,), part in requests.group_by(["shard"], maintain_order=True):
-        data = shard_bytes(part["line"])
+    for (shard,), rows in requests.group_by(["shard"], maintain_order=True):
+        data = shard_bytes(rows["line"])
         name = f"{shard}.1"
-        run.staging.write_bytes(run.rel("shards", f"{name}.jsonl"), data)
+        part.staging.write_bytes(part.rel("shards", f"{name}.jsonl"), data)
         out.append(
             ledger.create(
                 ShardRecord(
-                    run_id=run.run_id, job=job, shard=str(shard), attempt=1, endpoint=endpoint, model=model,
-                    sha256=hashlib.sha256(data).hexdigest(), n_requests=part.height,
-                    n_inputs=int(part["n_inputs"].sum()), bytes=len(data), tokens=int(part["tokens"].sum()),
+                    run_id=part.run_id, job=job, partition=part.pid, shard=str(shard), attempt=1,
+                    endpoint=endpoint, model=model, sha256=hashlib.sha256(data).hexdigest(),
+                    n_requests=rows.height, n_inputs=int(rows["n_inputs"].sum()), bytes=len(data),
+                    tokens=int(rows["tokens"].sum()),
                 )
             )
         )
@@ -327,4 +488,8 @@ def summary(records: Sequence[ShardRecord]) -> dict[str, Any]:
         by_state[r.state] += 1
         if r.batch_status:
             by_status[r.batch_status] += 1
-    return {"shards": len(records), "by_state": dict(by_state), "by_status": dict(by_status)}
+    waiting = sum(1 for r in records if r.waiting_note)
+    out: dict[str, Any] = {"shards": len(records), "by_state": dict(by_state), "by_status": dict(by_status)}
+    if waiting:
+        out["waiting"] = waiting
+    return out

@@ -306,20 +306,39 @@ def inference_outcomes(
 
 
 def next_attempt(
-    requests: pl.DataFrame, outcomes: pl.DataFrame, *, max_attempts: int
+    requests: pl.DataFrame, outcomes: pl.DataFrame, *, max_attempts: int, max_requeues: int
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Requests for the follow-up attempt, and requests that finally failed.
+    """Requests for the follow-up attempt, and requests that finally failed (with outcomes).
 
-    `requests` carries `spent` (attempts that used budget so far). `requeue` keeps the budget,
-    `retry` spends one attempt, and a request whose budget is gone fails with its last error.
+    `requests` carries `spent` (attempts that used budget so far) and `requeues` (times it came
+    back unfinished). `retry` spends one attempt and fails with its last error once the budget
+    is gone; `requeue` (expired, cancelled) spends none, but a request that comes back
+    unfinished more than `max_requeues` times fails as `requeue_limit`, so a provider that
+    keeps expiring batches cannot keep a run open forever.
     """
     j = requests.join(outcomes, on="custom_id", how="inner")
-    j = j.with_columns(spent=pl.col("spent") + (pl.col("outcome") == "retry").cast(pl.Int64))
-    again = j.filter(
-        (pl.col("outcome") == "requeue") | ((pl.col("outcome") == "retry") & (pl.col("spent") < max_attempts))
+    requeue, retry = pl.col("outcome") == "requeue", pl.col("outcome") == "retry"
+    j = j.with_columns(
+        spent=pl.col("spent") + retry.cast(pl.Int64),
+        requeues=pl.col("requeues") + requeue.cast(pl.Int64),
     )
+    again = j.filter((requeue & (pl.col("requeues") <= max_requeues)) | (retry & (pl.col("spent") < max_attempts)))
     failed = j.filter(
-        (pl.col("outcome") == "fail") | ((pl.col("outcome") == "retry") & (pl.col("spent") >= max_attempts))
+        (pl.col("outcome") == "fail")
+        | (retry & (pl.col("spent") >= max_attempts))
+        | (requeue & (pl.col("requeues") > max_requeues))
+    )
+    over = requeue & (pl.col("requeues") > max_requeues)
+    failed = failed.with_columns(
+        code=pl.when(over).then(pl.lit("requeue_limit")).otherwise(pl.col("code")),
+        message=pl.when(over)
+        .then(
+            pl.format(
+                "request {} came back unfinished {} times (last: {}); limits.max_requeues is {}",
+                "custom_id", "requeues", pl.col("code").fill_null("unfinished"), pl.lit(max_requeues),
+            )
+        )
+        .otherwise(pl.col("message")),
     )
     nxt = again.select(requests.columns).with_columns(attempt=pl.col("attempt") + 1)
     return nxt, failed

@@ -1,9 +1,9 @@
 """Snapshot: select the chunks a run must process from MongoDB, page by page.
 
-This module reads MongoDB and yields Polars pages; the caller writes them to staging. Memory
-stays flat however large the collection: each query is one `_id` range
-(`{"_id": {"$gt": last}}` + the targets filter, sorted by `_id`, `limit(page_size)`, projected to
-the fields needed), and each yielded page holds at most `page_size` chunks.
+This module reads MongoDB and yields Polars pages; the caller routes them to partitions and
+writes them to staging. Memory stays flat however large the collection: each query is one `_id`
+range (`{"_id": {"$gt": last}}` + the targets filter, sorted by `_id`, `limit(page_size)`,
+projected to the fields needed), and each yielded page holds at most `page_size` chunks.
 
 `_id` values of three BSON type brackets are scanned, in MongoDB's sort order: numbers (ints),
 strings, then ObjectIds. A range query only matches its own bracket, so each bracket is paged on
@@ -11,17 +11,22 @@ its own. Non-integer numbers are rejected (`unsupported_id_type`); `_id`s of oth
 dates, documents) are not scanned at all (paging is always by `_id`, even when `fields.chunk_id`
 names another field).
 
-Two selections:
+Selections:
 
 - `iter_unprocessed_chunks`: embeddings. A chunk is unprocessed when it has no mark for the
   embedding space, or the sha256 of its text differs from the mark's `text_sha256`.
 - `iter_chunks_for_task`: inference. A chunk unit is selected when the results collection has no
   result for (task, task_version, unit_id = chunk_id); with `unit="document"` a document is
-  selected when there is no result for (task, task_version, unit_id = document_id), and all its
-  chunks are yielded.
+  selected when there is no result for (task, task_version, unit_id = its document key, see
+  `document_unit_id`), and all its chunks are yielded.
+- `iter_orphans`: chunks of a targeted document that have no company: a targets filter cannot
+  reach them by company, so they are looked up by document and rejected (`missing_company`).
 
 Bad chunks are never fatal: each becomes a row of the rejects page (`FAILURES` schema,
-stage "snapshot") with one of the `REJECT_CODES` and a message naming the chunk.
+stage "snapshot") with one of the `REJECT_CODES` and a message naming the chunk. A chunk id
+that repeats in the source (possible with a custom `fields.chunk_id`) is caught after the whole
+snapshot (`find_duplicates`): no copy is used, and each copy fails as `duplicate_chunk_id`.
+Text containing NUL characters is valid: JSON carries it as `\\u0000`.
 """
 
 from __future__ import annotations
@@ -48,14 +53,13 @@ REJECT_CODES = {
     "text_not_string": "the text field is not a string",
     "empty_text": "the text is empty or only whitespace",
     "lone_surrogate": "the text is not valid UTF-8 (lone surrogate / undecodable bytes)",
-    "nul_in_text": "the text contains a NUL character",
     "missing_company": "the company field is missing, empty or not a string",
     "missing_document": "the document field is missing, empty or not a string",
     "missing_chunk_id": "the chunk id field is missing or null",
     "unsupported_id_type": "the chunk id is not a string, an integer or an ObjectId",
     "chunk_id_too_long": f"the chunk id is longer than {MAX_CHUNK_ID_BYTES} UTF-8 bytes",
     "bad_chunk_index": "the chunk index is not an integer",
-    "duplicate_chunk_id": "another chunk has the same chunk id",
+    "duplicate_chunk_id": "another chunk in the source has the same chunk id",
 }
 
 # (first-page lower bound, id kind of that bracket), in MongoDB's BSON sort order
@@ -147,6 +151,7 @@ class _Page:
 @dataclass
 class _Row:
     chunk_id: str
+    source_id: str
     id_kind: str
     company_id: str
     document_id: str
@@ -207,10 +212,6 @@ def _classify(doc: dict[str, Any], fields: MongoFields, page: _Page) -> _Row | N
         _reject(page, chunk_id, "lone_surrogate",
                 f"{ref}: text is not valid UTF-8 (lone surrogate at character {exc.start})")
         return None
-    if "\x00" in text:
-        _reject(page, chunk_id, "nul_in_text",
-                f"{ref}: text contains a NUL character at position {text.index(chr(0))}")
-        return None
     if not text.strip():
         _reject(page, chunk_id, "empty_text", f"{ref}: text is empty or only whitespace")
         return None
@@ -235,7 +236,7 @@ def _classify(doc: dict[str, Any], fields: MongoFields, page: _Page) -> _Row | N
             _reject(page, chunk_id, "bad_chunk_index",
                     f"{ref}: field {fields.chunk_index!r} is {_describe(index)}, not an integer")
             return None
-    return _Row(chunk_id, kind, company, document, index, text, sha)
+    return _Row(chunk_id, _describe(doc.get("_id")), kind, company, document, index, text, sha)
 
 
 def _string_field(doc: dict[str, Any], path: str) -> str | None:
@@ -254,6 +255,7 @@ def _string_field(doc: dict[str, Any], path: str) -> str | None:
 def _append(page: _Page, row: _Row) -> None:
     c = page.chunks
     c["chunk_id"].append(row.chunk_id)
+    c["source_id"].append(row.source_id)
     c["id_kind"].append(row.id_kind)
     c["company_id"].append(row.company_id)
     c["document_id"].append(row.document_id)
@@ -343,22 +345,13 @@ class _Selector:
         self.fields = fields
         self.page_size = page_size
         self.page = _Page()
-        self.seen: set[str] | None = None if fields.chunk_id == "_id" else set()
 
     def add(self, docs: list[dict[str, Any]], keep: Any) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
         rows: list[_Row] = []
         for doc in docs:
             row = _classify(doc, self.fields, self.page)
-            if row is None:
-                continue
-            if self.seen is not None:
-                if row.chunk_id in self.seen:
-                    _reject(self.page, row.chunk_id, "duplicate_chunk_id",
-                            f"chunk {row.chunk_id!r} (_id={_describe(doc.get('_id'))}): "
-                            f"{self.fields.chunk_id!r} repeats an earlier chunk's id")
-                    continue
-                self.seen.add(row.chunk_id)
-            rows.append(row)
+            if row is not None:
+                rows.append(row)
         for row, wanted in zip(rows, keep(rows, docs), strict=True):
             if wanted:
                 _append(self.page, row)
@@ -462,7 +455,71 @@ def iter_chunks_for_task(
                 if (_string_field(d, fields.company), _string_field(d, fields.document)) in wanted
             ]
             yield from selector.add(picked, _keep_all)
+    # chunks of a targeted company without a document belong to no document unit: rejected
+    whole = [c.company_id for c in targets.companies if c.documents is None] if targets is not None else None
+    no_doc: dict[str, Any] = {fields.document: {"$in": [None, ""]}}
+    if whole is None or whole:
+        no_doc_query = _and(query, no_doc) if whole is None else {fields.company: {"$in": whole}, **no_doc}
+        for docs in iter_id_pages(chunks, no_doc_query, projection, page_size):
+            yield from selector.add(docs, _keep_all)
     yield from selector.finish()
+
+
+def iter_orphans(
+    collection: Any, targets: Targets, fields: MongoFields, *, page_size: int
+) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+    """Rejects for chunks of a targeted document that lack a company (no chunk is yielded).
+
+    Such a chunk names a targeted document but no company, so no targets filter selects it by
+    company; each one fails as `missing_company`, named, instead of vanishing from the run.
+    """
+    documents = sorted({d for c in targets.companies for d in (c.documents or [])})
+    if not documents:
+        return
+    query = {fields.document: {"$in": documents}, fields.company: {"$in": [None, ""]}}
+    selector = _Selector(fields, page_size)
+    for docs in iter_id_pages(collection, query, _projection(fields), page_size):
+        yield from selector.add(docs, _keep_all)
+    yield from selector.finish()
+
+
+def find_duplicates(chunks: pl.LazyFrame) -> pl.DataFrame:
+    """Rows (chunk_id, source_id, company_id, document_id) whose chunk_id occurs more than once.
+
+    `chunks` is the lazily scanned snapshot of a whole run; only two columns are read to find
+    the repeated ids, so this stays cheap at millions of chunks.
+    """
+    repeated = chunks.group_by("chunk_id").agg(pl.len().alias("n")).filter(pl.col("n") > 1).select("chunk_id")
+    return (
+        chunks.join(repeated, on="chunk_id", how="semi")
+        .select("chunk_id", "source_id", "company_id", "document_id")
+        .sort("chunk_id", "source_id")
+        .collect()
+    )
+
+
+def duplicate_failures(dups: pl.DataFrame) -> pl.DataFrame:
+    """One `duplicate_chunk_id` failure per copy, naming every source document of that id."""
+    if dups.height == 0:
+        return FAILURES.to_frame()
+    sources = dups.group_by("chunk_id").agg(pl.col("source_id").str.join(", ").alias("all"))
+    return (
+        dups.join(sources, on="chunk_id")
+        .select(
+            unit_id="chunk_id",
+            stage=pl.lit(STAGE),
+            code=pl.lit("duplicate_chunk_id"),
+            message=pl.format(
+                "chunk {} (_id={}): the same chunk id is carried by several source documents "
+                "(_id {}); none of them is embedded until the ids are unique",
+                pl.col("chunk_id"), pl.col("source_id"), pl.col("all"),
+            ),
+            attempt=pl.lit(0, pl.Int64),
+            batch_id=pl.lit(None, pl.String),
+            raw=pl.lit(None, pl.String),
+        )
+        .cast(FAILURES)  # type: ignore[arg-type]
+    )
 
 
 def _keep_all(rows: list[_Row], docs: list[dict[str, Any]]) -> list[bool]:
@@ -484,7 +541,9 @@ def _documents_without_result(
     key: dict[str, str],
     page_size: int,
 ) -> list[tuple[str, str]]:
-    """(company, document) pairs of the targeted chunks with no result (document unit_id)."""
+    """(company, document) pairs of the targeted chunks with no result for their document unit."""
+    from batchyard.tasks.units import document_unit_id
+
     pipeline: list[dict[str, Any]] = []
     if query:
         pipeline.append({"$match": query})
@@ -497,8 +556,8 @@ def _documents_without_result(
     pairs.sort()
     pending: list[tuple[str, str]] = []
     for group in _groups(pairs, max(1, page_size)):
-        done = _done_units(results, key, sorted({d for _, d in group}))
-        pending.extend(p for p in group if p[1] not in done)
+        done = _done_units(results, key, sorted({document_unit_id(c, d) for c, d in group}))
+        pending.extend(p for p in group if document_unit_id(*p) not in done)
     return pending
 
 

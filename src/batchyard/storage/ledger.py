@@ -6,17 +6,20 @@ S3 alike. Intent is recorded before each remote side effect:
 ```
 planned ──▶ uploading ──▶ uploaded ──▶ creating ──▶ submitted ──▶ ended ──▶ collected
                │ crash: look for the      │ crash: adopt the batch     (batch terminal; files
-               │ uploaded file, else      │ whose metadata matches,    downloaded and parsed
-               ▼ upload again             ▼ else create               in `collected`)
+               │ uploaded file, else      │ whose metadata matches,    downloaded into staging
+               ▼ upload again             ▼ else create               (`downloaded`), then parsed
+                                                                      in `collected`)
 ```
 
 `requeue()` sends a shard whose batch failed with `token_limit_exceeded` back to `uploaded`
-with `submission + 1`; the batch metadata carries the submission number, so adoption after a
-crash never confuses the failed batch with its successor.
+with `submission + 1` and a `not_before` time (exponential backoff); the batch metadata carries
+the submission number, so adoption after a crash never confuses the failed batch with its
+successor. Records live per partition (`p=<id>/ledger/`); `run_records` reads a whole run.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, Field
@@ -25,7 +28,7 @@ from batchyard.errors import LedgerError
 from batchyard.storage.runs import utcnow
 
 if TYPE_CHECKING:
-    from batchyard.storage.runs import RunStore
+    from batchyard.storage.runs import PartitionStore, RunStore
 
 TShardState = Literal["planned", "uploading", "uploaded", "creating", "submitted", "ended", "collected"]
 TBatchStatus = Literal[
@@ -41,7 +44,7 @@ _NEXT: dict[str, set[str]] = {
     "uploaded": {"creating"},
     "creating": {"submitted"},
     "submitted": {"submitted", "ended"},
-    "ended": {"collected", "uploaded"},
+    "ended": {"ended", "collected", "uploaded"},
     "collected": set(),
 }
 
@@ -59,6 +62,7 @@ class ShardRecord(BaseModel):
 
     run_id: str
     job: str
+    partition: str = ""
     shard: str
     attempt: int
     endpoint: str
@@ -69,8 +73,11 @@ class ShardRecord(BaseModel):
     bytes: int
     tokens: int
     state: TShardState = "planned"
+    lane: str = "batch"
     submission: int = 1
-    wait_for_drain: bool = False
+    not_before: float | None = None
+    requeues: int = 0
+    token_limit_since: float | None = None
     file_id: str | None = None
     batch_id: str | None = None
     batch_status: str | None = None
@@ -78,6 +85,7 @@ class ShardRecord(BaseModel):
     created_at: float | None = None
     output_file_id: str | None = None
     error_file_id: str | None = None
+    downloaded: bool = False
     request_counts: dict[str, int] | None = None
     usage: dict[str, Any] | None = None
     errors: list[dict[str, Any]] = Field(default_factory=list)
@@ -91,15 +99,21 @@ class ShardRecord(BaseModel):
         return f"{self.shard}.{self.attempt}"
 
     @property
+    def key(self) -> str:
+        """`<partition>/<shard>.<attempt>`: unique within the run."""
+        return f"{self.partition}/{self.name}"
+
+    @property
     def upload_filename(self) -> str:
-        """The file name given to the Files API (unique per run and attempt)."""
-        return f"{self.run_id}.{self.name}.jsonl"
+        """The file name given to the Files API (unique per run, partition and attempt)."""
+        return f"{self.run_id}.{self.partition}.{self.name}.jsonl"
 
     def metadata(self) -> dict[str, str]:
         """Batch metadata that identifies this submission (used to adopt after a crash)."""
         return {
             "batchyard_run": self.run_id,
             "batchyard_job": self.job,
+            "partition": self.partition,
             "shard": self.shard,
             "attempt": str(self.attempt),
             "submission": str(self.submission),
@@ -110,11 +124,18 @@ class ShardRecord(BaseModel):
     def in_flight(self) -> bool:
         """Counts against the enqueued-token budget: submission under way or batch not terminal.
 
-        A shard requeued after `token_limit_exceeded` waits in `uploaded` and does not count.
+        A shard waiting in `uploaded` (before its create, or requeued) does not count.
         """
-        if self.state == "uploaded":
-            return not self.wait_for_drain
         return self.state in ("uploading", "creating", "submitted")
+
+    @property
+    def waiting_note(self) -> str | None:
+        """Why a shard is held back, for `status` (None when it is not waiting)."""
+        if self.state in ("planned", "uploaded") and self.not_before:
+            at = datetime.fromtimestamp(self.not_before, UTC).strftime("%H:%M:%S")
+            why = "token limit" if self.token_limit_since is not None and self.submission > 1 else "backoff"
+            return f"waiting ({why}) until {at} UTC"
+        return None
 
 
 def shard_name(shard: str, attempt: int) -> str:
@@ -131,33 +152,33 @@ def parse_shard_name(name: str) -> tuple[str, int]:
 
 
 class Ledger:
-    """Reads and writes shard records of one run; every state change goes through here."""
+    """Reads and writes shard records of one partition; every state change goes through here."""
 
-    def __init__(self, run: RunStore) -> None:
-        self.run = run
+    def __init__(self, part: PartitionStore) -> None:
+        self.part = part
 
     def _rel(self, name: str) -> str:
-        return self.run.rel("ledger", f"{name}.json")
+        return self.part.rel("ledger", f"{name}.json")
 
     def exists(self, name: str) -> bool:
         """Whether a record exists."""
-        return self.run.staging.exists(self._rel(name))
+        return self.part.staging.exists(self._rel(name))
 
     def load(self, name: str) -> ShardRecord:
         """One record."""
         try:
-            return ShardRecord.model_validate(self.run.staging.read_json(self._rel(name)))
+            return ShardRecord.model_validate(self.part.staging.read_json(self._rel(name)))
         except FileNotFoundError as exc:
             raise LedgerError(name, "no ledger record") from exc
         except ValueError as exc:
             raise LedgerError(name, f"corrupt ledger record: {exc}") from exc
 
     def all(self) -> list[ShardRecord]:
-        """Every record of the run, in name order."""
-        return [self.load(n) for n in self.run.shard_names()]
+        """Every record of the partition, in name order."""
+        return [self.load(n) for n in self.part.shard_names()]
 
     def _save(self, rec: ShardRecord) -> ShardRecord:
-        self.run.staging.write_json(self._rel(rec.name), rec.model_dump(mode="json"))
+        self.part.staging.write_json(self._rel(rec.name), rec.model_dump(mode="json"))
         return rec
 
     def create(self, rec: ShardRecord) -> ShardRecord:
@@ -194,21 +215,31 @@ class Ledger:
         updated = rec.model_copy(update={**fields, "state": state, "history": history})
         return self._save(updated)
 
-    def requeue(self, rec: ShardRecord, reason: str) -> ShardRecord:
-        """Send an `ended` shard back to `uploaded` for a new submission of the same file."""
+    def requeue(self, rec: ShardRecord, reason: str, *, not_before: float, since: float) -> ShardRecord:
+        """Send an `ended` shard back to `uploaded` for a new submission of the same file.
+
+        It is not submitted before `not_before`; `since` is when it first hit this reason.
+        """
         return self.move(
             rec,
             "uploaded",
             note=f"requeued: {reason}",
             submission=rec.submission + 1,
-            wait_for_drain=True,
+            not_before=not_before,
+            token_limit_since=since,
             past_batches=[*rec.past_batches, rec.batch_id or ""],
             batch_id=None,
             batch_status=None,
             created_at=None,
             output_file_id=None,
             error_file_id=None,
+            downloaded=False,
             request_counts=None,
             usage=None,
             errors=[],
         )
+
+
+def run_records(run: RunStore) -> list[ShardRecord]:
+    """Every shard-attempt record of every partition of a run."""
+    return [rec for part in run.partitions() for rec in Ledger(part).all()]

@@ -229,11 +229,18 @@ class Staging:
             return pl.read_parquet(io.BytesIO(self.read_bytes(rel)))
         return pl.read_parquet(self.path(rel))
 
-    def scan_parquet(self, rels: list[str]) -> pl.LazyFrame:
+    def scan_parquet(self, rels: list[str], **kwargs: Any) -> pl.LazyFrame:
         """Lazily scan several Parquet files as one frame (on S3 through Polars' own client)."""
         if self.is_s3:
-            return pl.scan_parquet([self.path(r) for r in rels], storage_options=self.polars_options())
-        return pl.scan_parquet([self.path(r) for r in rels])
+            return pl.scan_parquet([self.path(r) for r in rels], storage_options=self.polars_options(), **kwargs)
+        return pl.scan_parquet([self.path(r) for r in rels], **kwargs)
+
+    def count_rows(self, rel: str) -> int:
+        """Rows of a Parquet file, from its footer (0 when it does not exist)."""
+        if not self.exists(rel):
+            return 0
+        with self.fs.open(self.path(rel), "rb") as fh:
+            return int(pq.ParquetFile(fh).metadata.num_rows)
 
     def polars_options(self) -> dict[str, str]:
         """`storage_options` for Polars on this S3 root (Polars' names, not s3fs's).

@@ -3,7 +3,8 @@
 `build_units` is pure: staged chunks in (`batchyard.schemas.CHUNKS`), units and plan rejects out.
 
 - chunk unit: `unit_id` = chunk_id; text over the token budget is truncated on a token boundary.
-- document unit: `unit_id` = document_id; the document's non-empty chunks, in chunk_index order
+- document unit: `unit_id` = `document_unit_id(company_id, document_id)`, so that two companies'
+  documents of the same name are two units; the document's non-empty chunks, in chunk_index order
   (chunk_id breaks ties), joined with a blank line while they fit in the budget. Chunks past the
   budget are left out and `truncated` is set; if even the first chunk is over budget, it is
   truncated. Empty chunks inside a document are skipped silently (they add nothing).
@@ -11,14 +12,13 @@
 Rejects (`batchyard.schemas.FAILURES`, stage `plan`):
 - `empty_text`: chunk unit with empty/whitespace text; document unit whose chunks all are.
 - `missing_document_id`: document unit over chunks without a document_id.
-- `ambiguous_document`: a document_id whose chunks carry more than one company_id (document ids
-  must be unique across companies for document units to map back to one source).
 """
 
 from __future__ import annotations
 
 import hashlib
 from typing import Literal
+from urllib.parse import quote
 
 import polars as pl
 
@@ -39,6 +39,15 @@ UNITS = pl.Schema(
         "truncated": pl.Boolean,
     }
 )
+
+
+def document_unit_id(company_id: str, document_id: str) -> str:
+    """The unit id of a document: `<company>/<document>`, each part percent-encoded.
+
+    Unambiguous (a `/` inside an id is encoded), readable for plain ids, and unique across
+    companies: `acme/10-K` and `globex/10-K` are two units.
+    """
+    return f"{quote(company_id, safe='')}/{quote(document_id, safe='')}"
 
 
 def _sha256(text: str) -> str:
@@ -145,24 +154,17 @@ def _document_units(
             )
         )
     chunks = chunks.filter(pl.col("document_id").is_not_null())
-    ambiguous = (
-        chunks.group_by("document_id", maintain_order=True)
-        .agg(pl.col("company_id").unique().sort())
-        .filter(pl.col("company_id").list.len() > 1)
-    )
-    if ambiguous.height:
-        rejects.append(
-            _rejects(
-                ambiguous.select(pl.col("document_id").alias("unit_id")),
-                "ambiguous_document",
-                "document_id appears under more than one company_id",
-            )
+    keys = chunks.select("company_id", "document_id").unique()
+    keys = keys.with_columns(
+        unit_id=pl.Series(
+            [document_unit_id(c, d) for c, d in keys.iter_rows()], dtype=pl.String
         )
-        chunks = chunks.join(ambiguous.select("document_id"), on="document_id", how="anti")
-    doc_has_text = (~blank).any().over("document_id")
+    )
+    chunks = chunks.join(keys, on=["company_id", "document_id"], how="left")
+    doc_has_text = (~blank).any().over("unit_id")
     empty_docs = (
         chunks.filter(~doc_has_text)
-        .select(pl.col("document_id").alias("unit_id"))
+        .select("unit_id")
         .unique(maintain_order=True)
     )
     if empty_docs.height:
@@ -172,21 +174,22 @@ def _document_units(
             )
         )
 
-    kept = chunks.filter(~blank).sort(["document_id", "chunk_index", "chunk_id"], nulls_last=True)
+    kept = chunks.filter(~blank).sort(["unit_id", "chunk_index", "chunk_id"], nulls_last=True)
     sep_tokens = count_tokens([SEPARATOR], encoding)[0]
     # running token count of the joined text (estimate: chunk tokens + separator tokens);
     # the exact count of each joined text is checked below
     kept = kept.with_columns(
         pl.Series("n", count_tokens(kept.get_column("text").to_list(), encoding), dtype=pl.Int64)
-    ).with_columns(cum=(pl.col("n") + sep_tokens).cum_sum().over("document_id") - sep_tokens)
+    ).with_columns(cum=(pl.col("n") + sep_tokens).cum_sum().over("unit_id") - sep_tokens)
     fits_estimate = pl.col("cum") <= budget
-    docs = kept.group_by("document_id", maintain_order=True).agg(
+    docs = kept.group_by("unit_id", maintain_order=True).agg(
         pl.col("company_id").first(),
+        pl.col("document_id").first(),
         pl.col("chunk_id").filter(fits_estimate).alias("chunk_ids"),
         pl.col("text").filter(fits_estimate).str.join(SEPARATOR).alias("text"),
         pl.len().alias("n_chunks"),
     )
-    doc_ids = docs.get_column("document_id").to_list()
+    doc_ids = docs.get_column("unit_id").to_list()
     chunk_ids = docs.get_column("chunk_ids").to_list()
     texts = docs.get_column("text").to_list()
     n_chunks = docs.get_column("n_chunks").to_list()
@@ -199,10 +202,10 @@ def _document_units(
     ]
     parts_of: dict[str, tuple[list[str], list[str]]] = {}
     if fix:
-        cut_docs = kept.filter(pl.col("document_id").is_in([doc_ids[i] for i in fix]))
+        cut_docs = kept.filter(pl.col("unit_id").is_in([doc_ids[i] for i in fix]))
         parts_of = {
             d: (ids, parts)
-            for d, ids, parts in cut_docs.group_by("document_id", maintain_order=True)
+            for d, ids, parts in cut_docs.group_by("unit_id", maintain_order=True)
             .agg("chunk_id", "text")
             .iter_rows()
         }
@@ -217,7 +220,7 @@ def _document_units(
         {
             "unit_id": doc_ids,
             "company_id": docs.get_column("company_id"),
-            "document_id": doc_ids,
+            "document_id": docs.get_column("document_id"),
             "chunk_ids": chunk_ids,
             "text": texts,
             "text_sha256": [_sha256(t) for t in texts],

@@ -1,0 +1,53 @@
+"""Logging: batchyard's own lines in, known noise out, in the CLI and in Prefect flows alike.
+
+- `configure_logging(level)`: the CLI's handler for batchyard's loggers, and the noise filters.
+- `silence_noise()`: loggers of libraries that are chatty or print spurious tracebacks:
+  Milvus Lite answers a client probe (`AllocTimestamp`) it does not implement, and gRPC logs
+  that as an ERROR with a traceback on every load; HTTP client request lines; uvicorn access
+  lines; Prefect's telemetry notice and events-worker warnings.
+"""
+
+from __future__ import annotations
+
+import logging
+
+NOISY = {
+    "httpx": logging.WARNING,
+    "httpx2": logging.WARNING,
+    "openai": logging.WARNING,
+    "uvicorn": logging.WARNING,
+    "uvicorn.access": logging.WARNING,
+    "uvicorn.error": logging.WARNING,
+    "pymilvus": logging.WARNING,
+    "grpc._server": logging.CRITICAL,
+    "botocore": logging.WARNING,
+    "aiobotocore": logging.WARNING,
+    "s3fs": logging.WARNING,
+    "fsspec": logging.WARNING,
+    "werkzeug": logging.WARNING,
+    "prefect.events.clients": logging.CRITICAL,
+    "prefect._internal.events.worker": logging.CRITICAL,
+    "prefect.server.services.telemetry": logging.CRITICAL,
+    "prefect.telemetry": logging.CRITICAL,
+}
+
+
+def silence_noise() -> None:
+    """Raise the level of the known noisy loggers (idempotent)."""
+    for name, level in NOISY.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def configure_logging(level: int = logging.WARNING) -> None:
+    """One stderr handler for batchyard's loggers at `level`, and the noise silenced."""
+    silence_noise()
+    root = logging.getLogger("batchyard")
+    root.setLevel(level)
+    if not any(getattr(h, "_batchyard", False) for h in root.handlers):
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler._batchyard = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    for handler in root.handlers:
+        if getattr(handler, "_batchyard", False):
+            handler.setLevel(level)
