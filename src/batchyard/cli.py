@@ -559,17 +559,37 @@ def status(
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(help="Bind address.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Bind address (other than loopback only with API keys, or --insecure).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port.")] = 8765,
     state_dir: Annotated[Path, typer.Option(help="Where files and batches persist.")] = Path(".batchyard-server"),
+    insecure: Annotated[bool, typer.Option("--insecure", help="Serve a non-loopback address without API keys (anyone who reaches it can read every file).")] = False,
 ) -> None:
-    """Run the local OpenAI-compatible Batch API server (files + batches) in the foreground."""
+    """Run the local OpenAI-compatible Batch API server (files + batches) in the foreground.
+
+    With provider.local.api_keys (BATCHYARD_PROVIDER__LOCAL__API_KEYS='["<key>"]') or
+    provider.local.api_keys_file set, every request needs `Authorization: Bearer <key>`.
+    """
+    from batchyard.localapi.runner import ServeError, ServeRefused
     from batchyard.localapi.runner import serve as serve_forever
+    from batchyard.localapi.store import StateDirLockedError
 
     s = _settings(_overrides())
     cfg = s.provider.local.model_copy(update={"host": host, "port": port})
-    console.print(f"batchyard Batch API server on http://{host}:{port}/v1 (state in {state_dir})")
-    serve_forever(cfg, state_dir)
+    access = "API key required" if cfg.api_keys or cfg.api_keys_file else "no API key: loopback only"
+    if insecure and not (cfg.api_keys or cfg.api_keys_file):
+        access = "no API key: --insecure"
+
+    def ready(url: str) -> None:
+        console.print(f"batchyard Batch API server on http://{host}:{port}/v1 ({access}; state in {state_dir})")
+
+    try:
+        serve_forever(cfg, state_dir, on_ready=ready, insecure=insecure)
+    except ServeRefused as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+    except (ServeError, StateDirLockedError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command(epilog=EPILOG)

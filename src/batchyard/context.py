@@ -2,7 +2,8 @@
 
 Clients open on first use and close with the context. With no API key configured, the batch
 provider is the local Batch API server started in-process (state under the staging root), so
-everything runs offline; it is reached over HTTP through the `openai` SDK like any provider.
+everything runs offline; it is reached over HTTP through the `openai` SDK like any provider,
+with a random key made for this process (the port is reachable by every local user).
 
 Local state (the embedded server's files and batches, the MongoDB stand-in, Milvus Lite) lives
 in `staging.local_dir()`: the staging root itself when it is a directory, and
@@ -50,13 +51,19 @@ class RunContext:
         if self._api is None:
             provider = self.settings.provider
             if provider.embedded:
+                from pydantic import SecretStr
+
+                from batchyard.localapi.auth import generate_key
                 from batchyard.localapi.runner import LocalServer
 
-                state_dir = provider.local.state_dir or str(self.staging.local_dir(".localapi"))
-                self._server = LocalServer(provider.local, state_dir)
+                # a key of this process only: other local users cannot use the port meanwhile
+                key = generate_key()
+                local = provider.local.model_copy(update={"api_keys": [SecretStr(key)], "api_keys_file": None})
+                state_dir = local.state_dir or str(self.staging.local_dir(".localapi"))
+                self._server = LocalServer(local, state_dir)
                 self._server.start()
                 log.info("embedded local Batch API server at %s", self._server.base_url)
-                self._api = BatchApi.connect(provider, base_url=self._server.base_url, api_key="local")
+                self._api = BatchApi.connect(provider, base_url=self._server.base_url, api_key=key)
             else:
                 self._api = BatchApi.connect(provider)
         return self._api

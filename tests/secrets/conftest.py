@@ -21,6 +21,7 @@ def sentinels() -> Sentinels:
         s3_secret=f"s3SENTINELsecret{tag}",
         milvus_token=f"root:SENTINEL-milvus-{tag}",
         mongo_password=f"SENTINELmongo{tag}",
+        server_key=f"sk-SENTINEL-server-{tag}",
     )
 
 

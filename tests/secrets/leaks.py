@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -23,9 +25,12 @@ class Sentinels:
     s3_secret: str
     milvus_token: str
     mongo_password: str
+    server_key: str
+    """A key the local Batch API server accepts (`provider.local.api_keys`)."""
 
     def values(self) -> list[str]:
-        return [self.api_key, self.s3_key, self.s3_secret, self.milvus_token, self.mongo_password]
+        return [self.api_key, self.s3_key, self.s3_secret, self.milvus_token, self.mongo_password,
+                self.server_key]
 
     def forms(self) -> list[str]:
         """Each secret and its base64 (gRPC and basic-auth headers carry base64)."""
@@ -60,3 +65,14 @@ def no_leak(sent: Sentinels, where: str, data: Any) -> None:
         data = repr(data)
     found = sent.found_in(data)
     assert not found, f"a secret leaked into {where}: {found}"
+
+
+def no_leak_in_files_logs_or_output(sent: Sentinels, files: Iterable[Path], caplog: pytest.LogCaptureFixture,
+                                    capfd: pytest.CaptureFixture[str]) -> None:
+    """No sentinel in any of the files, the captured log records, or stdout/stderr so far."""
+    for path in files:
+        no_leak(sent, str(path), path.read_bytes())
+    no_leak(sent, "log records", log_text(caplog))
+    out, err = capfd.readouterr()
+    no_leak(sent, "stdout", out)
+    no_leak(sent, "stderr", err)

@@ -17,15 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from batchyard import runner
 from batchyard.clients.batch_api import BatchApi
 from batchyard.context import RunContext
 from batchyard.errors import ApiTerminalError, ApiTransientError, BatchyardError
 from batchyard.jobs.embeddings import EmbeddingsJob
+from batchyard.localapi.config import LocalApiConfig
+from batchyard.localapi.runner import LocalServer
 from batchyard.settings import ProviderSettings
 from tests.helpers import seed
-from tests.secrets.leaks import Sentinels, log_text, no_leak
+from tests.secrets.leaks import Sentinels, log_text, no_leak, no_leak_in_files_logs_or_output
 
 
 def dead_port() -> int:
@@ -90,6 +93,18 @@ def unauthorized() -> Iterator[tuple[str, list[str]]]:
         httpd.server_close()
 
 
+def run_refused(settings: Any) -> ApiTerminalError:
+    """Run an embeddings job on 20 chunks against a provider that refuses it; the error."""
+    ctx = RunContext(settings)
+    try:
+        targets = seed(ctx, 20)
+        with pytest.raises(ApiTerminalError) as ei:
+            runner.execute(ctx, EmbeddingsJob(ctx, targets))
+    finally:
+        ctx.close()
+    return ei.value
+
+
 @pytest.mark.parametrize("retries", [0, 1])
 def test_connection_error_on_a_dead_port_carries_no_key(sentinels: Sentinels, retries: int,
                                                         debug_logs: pytest.LogCaptureFixture) -> None:
@@ -137,20 +152,24 @@ def test_a_run_against_a_provider_that_rejects_the_key_stages_no_key(
     url, seen = unauthorized
     settings = settings_factory(provider={"api_key": sentinels.api_key, "base_url": url},
                                 limits={"max_inputs_per_batch": 10, "max_inputs_per_request": 5})
-    ctx = RunContext(settings)
-    try:
-        targets = seed(ctx, 20)
-        with pytest.raises(ApiTerminalError) as ei:
-            runner.execute(ctx, EmbeddingsJob(ctx, targets))
-    finally:
-        ctx.close()
+    exc = run_refused(settings)
     assert seen and all(h == f"Bearer {sentinels.api_key}" for h in seen)
-    check_error(sentinels, ei.value)
+    check_error(sentinels, exc)
     staged = [p for p in (tmp_path / "staging").rglob("*") if p.is_file()]
     assert any(p.name == "run.json" for p in staged) and any(p.parent.name == "ledger" for p in staged)
-    for p in staged:
-        no_leak(sentinels, str(p), p.read_bytes())
-    no_leak(sentinels, "log records", log_text(debug_logs))
-    out, err = capfd.readouterr()
-    no_leak(sentinels, "stdout", out)
-    no_leak(sentinels, "stderr", err)
+    no_leak_in_files_logs_or_output(sentinels, staged, debug_logs, capfd)
+
+
+def test_a_run_with_a_key_the_local_server_does_not_accept_leaks_neither_key(
+    settings_factory: Any, sentinels: Sentinels, tmp_path: Path, debug_logs: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """The real local server, keyed with `server_key`; the pipeline presents `api_key`."""
+    config = LocalApiConfig(api_keys=[SecretStr(sentinels.server_key)])
+    with LocalServer(config, tmp_path / "server-state") as server:
+        exc = run_refused(settings_factory(provider={"api_key": sentinels.api_key, "base_url": server.base_url}))
+        assert server.store is not None and server.store.list_files() == [], "nothing got in"
+    assert exc.status == 401 and "Incorrect API key provided" in str(exc)
+    check_error(sentinels, exc)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    no_leak_in_files_logs_or_output(sentinels, files, debug_logs, capfd)

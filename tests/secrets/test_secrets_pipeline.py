@@ -1,19 +1,24 @@
 """Sentinel secrets through whole runs: they reach the clients and nothing else.
 
 Embeddings and one inference task run (plain engine) against a local Batch API server the test
-starts, with an S3 staging root on a local moto server and a Milvus token, every secret a unique
-sentinel. Every log record at DEBUG, stdout/stderr, every staged object, every local state file,
-run.json, manifests and the settings' reprs are then searched for each sentinel (and its base64).
+starts, keyed with sentinel keys, with an S3 staging root on a local moto server and a Milvus
+token, every secret a unique sentinel. Every log record at DEBUG, stdout/stderr, every staged
+object, every local state file, run.json, manifests and the settings' reprs are then searched for
+each sentinel (and its base64). A run on the embedded server is searched for the random key
+batchyard made for it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from pydantic import SecretStr
 
 from batchyard import runner
 from batchyard.context import RunContext
@@ -23,15 +28,17 @@ from batchyard.localapi.config import LocalApiConfig
 from batchyard.localapi.runner import LocalServer
 from tests.helpers import assert_every_unit_settled_once, run_of, seed
 from tests.s3.moto_s3 import S3Endpoint
-from tests.secrets.leaks import Sentinels, log_text, no_leak
+from tests.secrets.leaks import Sentinels, log_text, no_leak, no_leak_in_files_logs_or_output
 
 N = 24
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[LocalServer]:
-    """The local Batch API server, started by the test (not embedded by batchyard)."""
-    srv = LocalServer(LocalApiConfig(), tmp_path / "localapi-state").start()
+def server(tmp_path: Path, sentinels: Sentinels) -> Iterator[LocalServer]:
+    """The local Batch API server, started by the test (not embedded by batchyard), accepting
+    two sentinel keys: the pipeline's `provider.api_key` and another one."""
+    keys = [SecretStr(sentinels.server_key), SecretStr(sentinels.api_key)]
+    srv = LocalServer(LocalApiConfig(api_keys=keys), tmp_path / "localapi-state").start()
     yield srv
     srv.stop()
 
@@ -40,7 +47,8 @@ def server(tmp_path: Path) -> Iterator[LocalServer]:
 def secret_settings(settings_factory: Any, sentinels: Sentinels, server: LocalServer, s3: S3Endpoint,
                     bucket: str) -> Any:
     return settings_factory(
-        provider={"api_key": sentinels.api_key, "base_url": server.base_url},
+        provider={"api_key": sentinels.api_key, "base_url": server.base_url,
+                  "local": {"api_keys": [sentinels.server_key]}},
         staging=s3.staging(bucket, "runs", key=sentinels.s3_key, secret=sentinels.s3_secret),
         # Milvus Lite ignores the token (it has no authentication); it is accepted and unused
         milvus={"token": sentinels.milvus_token},
@@ -58,10 +66,12 @@ def test_settings_never_show_secrets(secret_settings: Any, sentinels: Sentinels)
     assert masked["staging"]["s3_access_key_id"] == "**********"
     assert masked["staging"]["s3_secret_access_key"] == "**********"
     assert masked["milvus"]["token"] == "**********"
+    assert masked["provider"]["local"]["api_keys"] == ["**********"]
     for where, text in {
         "repr(settings)": repr(s), "str(settings)": str(s), "settings.masked()": json.dumps(masked),
         "model_dump_json()": s.model_dump_json(), "repr(settings.staging)": repr(s.staging),
         "repr(settings.provider)": repr(s.provider), "repr(settings.milvus)": repr(s.milvus),
+        "repr(settings.provider.local)": repr(s.provider.local),
     }.items():
         no_leak(sentinels, where, text)
 
@@ -69,6 +79,8 @@ def test_settings_never_show_secrets(secret_settings: Any, sentinels: Sentinels)
 def test_runs_leak_no_secret_anywhere(secret_settings: Any, sentinels: Sentinels, s3: S3Endpoint, bucket: str,
                                       server: LocalServer, tmp_path: Path, debug_logs: pytest.LogCaptureFixture,
                                       capfd: pytest.CaptureFixture[str]) -> None:
+    # the server really wants a key (else this test proves nothing about the keys)
+    assert httpx.get(f"{server.base_url}/files").status_code == 401
     ctx = RunContext(secret_settings)
     try:
         targets = seed(ctx, N)
@@ -126,3 +138,27 @@ def test_runs_leak_no_secret_anywhere(secret_settings: Any, sentinels: Sentinels
     out, err = capfd.readouterr()
     no_leak(sentinels, "stdout", out)
     no_leak(sentinels, "stderr", err)
+
+
+def test_the_embedded_servers_key_leaks_nowhere(settings_factory: Any, sentinels: Sentinels, tmp_path: Path,
+                                                debug_logs: pytest.LogCaptureFixture,
+                                                capfd: pytest.CaptureFixture[str]) -> None:
+    settings = settings_factory(limits={"max_inputs_per_batch": 10, "max_inputs_per_request": 5})
+    assert settings.provider.embedded
+    ctx = RunContext(settings)
+    try:
+        targets = seed(ctx, N)
+        info = runner.execute(ctx, EmbeddingsJob(ctx, targets))
+        assert info["state"] == "finished" and info["final"]["results"] == N
+        key = ctx.api.client.api_key
+        assert ctx._server is not None
+        state = ctx._server.state_dir
+        assert httpx.get(f"{ctx._server.base_url}/files").status_code == 401
+    finally:
+        ctx.close()
+    sent = dataclasses.replace(sentinels, server_key=key)
+    local = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.is_relative_to(state) for p in local) and any(p.name == "run.json" for p in local)
+    no_leak(sent, "run info", json.dumps(info, default=str))
+    assert len(debug_logs.records) > 100, "DEBUG capture works"
+    no_leak_in_files_logs_or_output(sent, local, debug_logs, capfd)

@@ -1,4 +1,4 @@
-"""Configuration of the local Batch API server: executors, pacing and fault injection."""
+"""Configuration of the local Batch API server: access keys, limits, executors, pacing, faults."""
 
 from __future__ import annotations
 
@@ -60,6 +60,25 @@ class LocalApiConfig(BaseModel):
 
     host: str = Field(default="127.0.0.1", description="Bind address (loopback by default).")
     port: int = Field(default=0, ge=0, le=65535, description="Port (0: pick a free one).")
+    api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Keys the server accepts as `Authorization: Bearer <key>` on every route but "
+        "/healthz (at least 16 characters each), as JSON: "
+        "BATCHYARD_PROVIDER__LOCAL__API_KEYS='[\"<key>\"]'. Without any key the server binds "
+        "loopback only (`batchyard serve --insecure` overrides). The embedded server ignores "
+        "them: it makes its own random key for each process.",
+    )
+    api_keys_file: str | None = Field(
+        default=None,
+        description="A file of further keys for `batchyard serve`: one key per line, blank lines "
+        "and lines starting with `#` ignored. Keep it owner-only (chmod 600).",
+    )
+    max_upload_bytes: int = Field(
+        default=200 * 1024 * 1024,
+        gt=0,
+        description="Largest file accepted by POST /v1/files (the Batch API's 200 MB input file "
+        "limit); a larger upload gets 413 and is never held in memory whole.",
+    )
     state_dir: str | None = Field(
         default=None, description="Where files and batches persist (default: <staging root>/.localapi)."
     )

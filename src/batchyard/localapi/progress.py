@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from batchyard.localapi import shapes
+from batchyard.localapi.store import open_private
 from batchyard.localapi.texts import embedding_inputs
 
 if TYPE_CHECKING:
@@ -90,7 +91,7 @@ class Job:
         self._cursor = 0
         for e in scan_progress(progress, repair=True):
             self._count(e.index, e.ok, e.input_tokens, e.output_tokens)
-        self._fh = open(progress, "ab")  # noqa: SIM115 - closed in close()
+        self._fh = open_private(progress, "ab")  # closed in close()
 
     def _count(self, index: int, ok: bool, in_tok: int, out_tok: int) -> None:
         self.done.add(index)

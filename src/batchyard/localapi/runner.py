@@ -1,8 +1,13 @@
-"""Running the local Batch API server: in a background thread (`LocalServer`) or blocking (`serve`)."""
+"""Running the local Batch API server: in a background thread (`LocalServer`) or blocking (`serve`).
+
+Both apply the same rules before they bind (`auth`): configured keys must be usable, and an
+address other than loopback needs keys unless the caller passes `insecure=True`.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -10,28 +15,47 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
 import httpx
 import uvicorn
 
+from batchyard.localapi.auth import ServeError, ServeRefused, check_bind, load_api_keys
 from batchyard.localapi.config import LocalApiConfig
 from batchyard.localapi.server import create_app
 from batchyard.localapi.store import Store
 from batchyard.localapi.worker import Worker
 
+__all__ = ["LocalServer", "ServeError", "ServeRefused", "ServerProcess", "announce", "serve"]
+
+log = logging.getLogger(__name__)
+
 START_TIMEOUT_S = 20.0
 
 
+def _check_access(config: LocalApiConfig, insecure: bool) -> list[str]:
+    """The configured keys; refuses unusable keys and a non-loopback bind without keys (only a
+    warning when `insecure`)."""
+    keys = load_api_keys(config)
+    warning = check_bind(config.host, keys, insecure=insecure)
+    if warning:
+        log.warning(warning)
+    return keys
+
+
 def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (port 0: a free one)."""
+    """A listening socket on host:port (port 0: a free one); ServeError when that fails."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
 
@@ -50,12 +74,14 @@ class LocalServer:
     `base_url` is then `http://<host>:<port>/v1` for `openai.OpenAI(base_url=...)`.
     `stop()` stops the worker (after its current chunk) and the HTTP server. A new server on
     the same `state_dir` resumes unfinished batches. Do not set `faults.exit_after_requests`
-    in-process: it SIGKILLs the whole process.
+    in-process: it SIGKILLs the whole process. With `config.api_keys` set, clients need one of
+    them; without, a non-loopback `config.host` is refused (ServeRefused) unless `insecure`.
     """
 
-    def __init__(self, config: LocalApiConfig, state_dir: str | Path) -> None:
+    def __init__(self, config: LocalApiConfig, state_dir: str | Path, *, insecure: bool = False) -> None:
         self.config = config
         self.state_dir = Path(state_dir)
+        self.insecure = insecure
         self.store: Store | None = None
         self.worker: Worker | None = None
         self._server: uvicorn.Server | None = None
@@ -74,10 +100,11 @@ class LocalServer:
         """Start the worker and the HTTP server; returns self once the server answers."""
         if self._thread is not None:
             return self
+        keys = _check_access(self.config, self.insecure)
         self.store = Store(self.state_dir)
         try:
             self.worker = Worker(self.store, self.config)
-            app = create_app(self.config, self.store, self.worker)
+            app = create_app(self.config, self.store, self.worker, keys)
             self._sock = _bind(self.config.host, self.config.port)
             self.port = self._sock.getsockname()[1]
             self._server = uvicorn.Server(
@@ -158,16 +185,24 @@ def serve(
     config: LocalApiConfig,
     state_dir: str | Path,
     on_ready: Callable[[str], None] | None = None,
+    *,
+    insecure: bool = False,
 ) -> None:
     """Run the server in the foreground until SIGINT/SIGTERM (for `batchyard serve`).
 
     `on_ready(base_url)` is called once the socket is bound (with the real port when
     `config.port == 0`); `announce` prints that URL on stderr.
+
+    Raises:
+        ServeRefused: unusable keys, or a non-loopback host without keys and not `insecure`.
+        ServeError: the address cannot be bound.
+        StateDirLockedError: another server holds `state_dir`.
     """
+    keys = _check_access(config, insecure)
     store = Store(state_dir)
     worker = Worker(store, config)
     try:
-        app = create_app(config, store, worker)
+        app = create_app(config, store, worker, keys)
         sock = _bind(config.host, config.port)
         server = uvicorn.Server(
             uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
@@ -185,13 +220,24 @@ class ServerProcess:
     """`batchyard serve` in a subprocess (it outlives a pipeline that is killed, like OpenAI does).
 
     `ServerProcess(state_dir, env={...}).start()` picks a free loopback port, waits until the
-    server answers and exposes `base_url`; `stop()` sends SIGTERM. Used by the crash tests and
-    the soak benchmark.
+    server answers (any HTTP answer, 401 included) and exposes `base_url`; `stop()` sends
+    SIGTERM. `args` are extra `serve` options; `output` (a path) keeps the server's stdout and
+    stderr. Used by the crash tests, the soak benchmark and the `serve` tests.
     """
 
-    def __init__(self, state_dir: str | Path, *, env: dict[str, str] | None = None, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        state_dir: str | Path,
+        *,
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+        output: str | Path | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
         self.state_dir = Path(state_dir)
         self.env = {**os.environ, **(env or {})}
+        self.args = list(args)
+        self.output = Path(output) if output is not None else None
         self.timeout_s = timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url = ""
@@ -201,19 +247,24 @@ class ServerProcess:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = int(s.getsockname()[1])
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "batchyard.cli", "serve", "--port", str(port), "--state-dir", str(self.state_dir)],
-            env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        cmd = [sys.executable, "-m", "batchyard.cli", "serve", "--port", str(port),
+               "--state-dir", str(self.state_dir), *self.args]
+        with open(self.output, "ab") if self.output else contextlib.nullcontext(subprocess.DEVNULL) as out:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=out)
         self.base_url = f"http://127.0.0.1:{port}/v1"
         deadline = time.monotonic() + self.timeout_s
         while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                code, self.proc = self.proc.returncode, None
+                raise RuntimeError(f"batchyard serve exited with code {code} during start-up")
             try:
                 httpx.get(f"{self.base_url}/batches", timeout=1)
                 return self
             except httpx.HTTPError:
                 time.sleep(0.2)
         self.proc.kill()
+        self.proc.wait()
+        self.proc = None
         raise RuntimeError(f"batchyard serve did not answer within {self.timeout_s} s")
 
     def stop(self) -> None:

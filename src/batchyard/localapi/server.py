@@ -1,8 +1,15 @@
 """The HTTP app: OpenAI's Files and Batches endpoints over a `Store`, driven by a `Worker`.
 
-Errors are answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. Any
-Bearer token is accepted. With `faults.transient_error_rate` > 0 a share of API calls is
-answered 429/500/503 before any work is done (429 carries `retry-after: 0`).
+Errors are answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. With
+keys configured, `auth.BearerAuth` sits in front of every route but /healthz and answers a
+missing or wrong key 401 before anything else runs. With `faults.transient_error_rate` > 0 a
+share of API calls is answered 429/500/503 before any work is done (429 carries
+`retry-after: 0`).
+
+Uploads are streamed: the multipart body is spooled (in memory up to 1 MB, then to a temporary
+file) while its bytes are counted, and the upload is refused with 413 as soon as it passes
+`config.max_upload_bytes` (at once when Content-Length already says so), so a large upload is
+never held in memory whole.
 """
 
 from __future__ import annotations
@@ -11,16 +18,19 @@ import copy
 import random
 import threading
 import time
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartParser
 
 from batchyard.localapi import shapes
+from batchyard.localapi.auth import BearerAuth, KeyRing, load_api_keys
 
 if TYPE_CHECKING:
     from batchyard.localapi.config import LocalApiConfig
@@ -38,7 +48,8 @@ SDK_BATCH_ENDPOINTS = (
     "/v1/images/edits",
     "/v1/videos",
 )
-MAX_UPLOAD_BYTES = 512 * 1024 * 1024
+MULTIPART_OVERHEAD_BYTES = 64 * 1024
+"""Room for the multipart framing and the form fields around the file in an upload's body."""
 MIN_EXPIRES_S, MAX_EXPIRES_S = 3600, 2_592_000
 
 
@@ -103,14 +114,65 @@ def check_metadata(metadata: Any) -> dict[str, str] | None:
     return dict(metadata)
 
 
+def _too_large(limit: int) -> shapes.ApiError:
+    mb = f"{limit / 1024 / 1024:g} MB" if limit >= 1024 * 1024 else f"{limit:,} bytes"
+    return shapes.ApiError(
+        413, f"File is too large: the maximum size is {mb}.", param="file", code="file_too_large"
+    )
+
+
+async def _capped(stream: AsyncIterator[bytes], cap: int, limit: int) -> AsyncIterator[bytes]:
+    """The request body, refused with 413 once more than `cap` bytes have arrived."""
+    seen = 0
+    async for chunk in stream:
+        seen += len(chunk)
+        if seen > cap:
+            raise _too_large(limit)
+        yield chunk
+
+
+async def read_upload(request: Request, limit: int) -> FormData:
+    """The multipart form of an upload, its file spooled and at most `limit` bytes (else 413)."""
+    try:
+        declared = int(request.headers.get("content-length") or 0)
+    except ValueError:
+        raise shapes.ApiError(400, "Invalid Content-Length header.") from None
+    if declared > limit + MULTIPART_OVERHEAD_BYTES:
+        raise _too_large(limit)
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise _missing("file")
+    body = _capped(request.stream(), limit + MULTIPART_OVERHEAD_BYTES, limit)
+    parser = MultiPartParser(request.headers, body, max_files=1, max_fields=16)
+    try:
+        form = await parser.parse()  # closes its spooled files itself when it fails
+    except shapes.ApiError:
+        raise
+    except Exception as exc:
+        raise shapes.ApiError(400, f"Invalid multipart body: {exc}") from None
+    part = form.get("file")
+    if isinstance(part, UploadFile) and part.size is not None and part.size > limit:
+        await form.close()
+        raise _too_large(limit)
+    return form
+
+
 def _limit(value: int, hi: int) -> int:
     if not 1 <= value <= hi:
         raise _invalid("limit", f"Invalid 'limit': {value}. Expected a value between 1 and {hi}.")
     return value
 
 
-def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
-    """The FastAPI app of the local Batch API server."""
+def create_app(
+    config: LocalApiConfig, store: Store, worker: Worker, api_keys: Sequence[str] | None = None
+) -> FastAPI:
+    """The FastAPI app of the local Batch API server, keyed when there are keys.
+
+    `api_keys` are the keys already loaded from `config` (None: load them here).
+
+    Raises:
+        ServeRefused: a configured key or key file is unusable.
+    """
+    keys = KeyRing(load_api_keys(config) if api_keys is None else api_keys)
     app = FastAPI(
         title="batchyard local Batch API", docs_url=None, redoc_url=None, openapi_url=None
     )
@@ -159,6 +221,9 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
                 return JSONResponse(body, status_code=status, headers=headers)
         return await call_next(request)
 
+    if keys:  # added last, so it runs first: nothing is done for a request without a key
+        app.add_middleware(BearerAuth, keys=keys)
+
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
@@ -172,13 +237,13 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
 
     @app.post("/v1/files")
     async def upload_file(request: Request) -> JSONResponse:
-        size = int(request.headers.get("content-length") or 0)
-        if size > MAX_UPLOAD_BYTES + 64 * 1024:
-            raise shapes.ApiError(413, "File is too large: the maximum size is 512 MB.")
+        form = await read_upload(request, config.max_upload_bytes)
         try:
-            form = await request.form(max_files=1, max_fields=16)
-        except Exception as exc:
-            raise shapes.ApiError(400, f"Invalid multipart body: {exc}") from None
+            return JSONResponse(await _store_upload(form))
+        finally:
+            await form.close()
+
+    async def _store_upload(form: FormData) -> dict[str, Any]:
         upload_part = form.get("file")
         if not isinstance(upload_part, UploadFile):
             raise _missing("file")
@@ -198,15 +263,13 @@ def create_app(config: LocalApiConfig, store: Store, worker: Worker) -> FastAPI:
         )
         if ttl is None and purpose == "batch":
             ttl = shapes.BATCH_FILE_TTL_S
-        content = await upload_part.read()
-        meta = await run_in_threadpool(
+        return await run_in_threadpool(
             store.add_file,
-            content,
+            upload_part.file,
             filename=upload_part.filename or "upload.jsonl",
             purpose=purpose,
             expires_after_s=ttl,
         )
-        return JSONResponse(meta)
 
     @app.get("/v1/files")
     def list_files(

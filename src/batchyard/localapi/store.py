@@ -11,6 +11,10 @@ Layout::
 
 Every JSON document is written atomically (temp file + `os.replace`). All state is also kept in
 memory; the lock `Store.lock` serialises mutations between the HTTP threads and the worker.
+
+The files hold chunk texts and model outputs, so they are owner-only: every file is created
+0o600 (`open_private`) and the state_dir (when the store creates it) and its sub-directories are
+0o700, whatever the umask.
 """
 
 from __future__ import annotations
@@ -20,11 +24,12 @@ import copy
 import fcntl
 import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from batchyard.localapi import shapes
 
@@ -41,14 +46,29 @@ COUNTER_NAMES = (
 )
 
 
+PRIVATE_FILE_MODE = 0o600
+PRIVATE_DIR_MODE = 0o700
+COPY_CHUNK_BYTES = 1024 * 1024
+
+
 class StateDirLockedError(RuntimeError):
     """Another live server holds this state_dir."""
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, PRIVATE_FILE_MODE)
+
+
+def open_private(path: Path, mode: str) -> IO[Any]:
+    """`open(path, mode)`, creating the file owner-only (0o600) if it does not exist."""
+    encoding = None if "b" in mode else "utf-8"
+    return open(path, mode, encoding=encoding, opener=_private_opener)
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON to `path` via a temp file in the same directory and `os.replace`."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    with open_private(tmp, "w") as fh:
         json.dump(data, fh, separators=(",", ":"), ensure_ascii=False)
         fh.flush()
         os.fsync(fh.fileno())
@@ -65,10 +85,14 @@ class Store:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        if not self.root.exists():
+            self.root.mkdir(parents=True)
+            os.chmod(self.root, PRIVATE_DIR_MODE)
         for sub in ("files", "blobs", "batches", "progress"):
-            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            (self.root / sub).mkdir(exist_ok=True)
+            os.chmod(self.root / sub, PRIVATE_DIR_MODE)  # also tightens an older state_dir
         self.lock = threading.RLock()
-        self._lock_fh = open(self.root / "lock", "a+")  # noqa: SIM115 - held for the store's life
+        self._lock_fh = open_private(self.root / "lock", "a+")  # held for the store's life
         try:
             fcntl.flock(self._lock_fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
@@ -122,13 +146,13 @@ class Store:
         return self.root / "blobs" / f".{tag}.{os.getpid()}.{threading.get_ident()}.tmp"
 
     def add_file(
-        self, content: bytes, *, filename: str, purpose: str, expires_after_s: int | None
+        self, content: IO[bytes], *, filename: str, purpose: str, expires_after_s: int | None
     ) -> dict[str, Any]:
-        """Store an uploaded file and return its FileObject."""
+        """Store an uploaded file (copied from `content` in chunks) and return its FileObject."""
         file_id = shapes.new_id("file-")
         tmp = self.tmp_blob_path(file_id)
-        with open(tmp, "wb") as fh:
-            fh.write(content)
+        with open_private(tmp, "wb") as fh:
+            shutil.copyfileobj(content, fh, COPY_CHUNK_BYTES)
             fh.flush()
             os.fsync(fh.fileno())
         return self.register_file(

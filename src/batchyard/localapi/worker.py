@@ -27,6 +27,7 @@ from batchyard.localapi import shapes
 from batchyard.localapi.executors import ExecResult, Executor, error_result, make_executor
 from batchyard.localapi.faults import find_marker, request_error_hit
 from batchyard.localapi.progress import Job, ProgressEntry, scan_progress
+from batchyard.localapi.store import open_private
 from batchyard.localapi.texts import user_text
 from batchyard.localapi.validation import RequestLine, token_limit_message, validate_input
 
@@ -442,7 +443,7 @@ class Worker:
             return None
         file_id = "file-" + _stable_hex(f"{batch_id}:{kind}")
         tmp = self.store.tmp_blob_path(file_id)
-        with open(progress, "rb") as src, open(tmp, "wb") as dst:
+        with open(progress, "rb") as src, open_private(tmp, "wb") as dst:
             for item in items:
                 if isinstance(item, str):
                     dst.write(item.encode("utf-8"))
