@@ -63,22 +63,28 @@ def test_embeddings_run_stages_every_artifact_on_s3(settings_factory: Any, s3: S
 
         # every staged artifact is an S3 object
         got = run_keys(s3, bucket, "embeddings", info["run_id"])
-        shards = sorted(r.name for r in run_records(run))
-        assert len(shards) == info["plan"]["shards"] >= 3
+        records = run_records(run)
+        assert len(records) == info["plan"]["shards"] >= 3
+        per_part = {
+            f"p={r.partition}/{f}" for r in records
+            for f in (f"shards/{r.name}.jsonl", f"ledger/{r.name}.json", f"outputs/{r.name}.jsonl",
+                      f"parsed/{r.name}.parquet", f"results/{r.name}.parquet", f"failures/{r.name}.parquet",
+                      f"loads/{r.name}.json")
+        }
+        partitions = {f"p={p.pid}/{f}" for p in run.partitions()
+                      for f in ("partition.json", "inputs.parquet", "requests.parquet", "reuse.parquet",
+                                "failures/plan.parquet")}
         expected = {
-            "run.json", "chunks.parquet", "rejects.parquet", "requests.parquet",
-            "results.parquet", "failures.parquet", "anomalies.parquet",
-            "manifests/chunks.json", "manifests/requests.json", "manifests/results.json", "manifests/sinks.json",
-            "loads/milvus.json", "loads/mongo.json",
-            *(f"shards/{s}.jsonl" for s in shards), *(f"ledger/{s}.json" for s in shards),
-            *(f"outputs/{s}.jsonl" for s in shards), *(f"parsed/{s}.parquet" for s in shards),
+            "run.json", *(f"manifests/{a}.json" for a in ("chunks", "requests", "batches", "results", "sinks")),
+            *per_part, *partitions,
         }
         assert expected <= got, f"missing on S3: {sorted(expected - got)}"
-        unexpected = {k for k in got - expected if not k.startswith(("errors/", "anomalies/", "followups/"))}
+        unexpected = {k for k in got - expected
+                      if not any(f"/{d}/" in k for d in ("errors", "anomalies", "followups", "chunks"))}
         assert not unexpected, f"unexpected objects: {sorted(unexpected)}"
         assert ctx.staging.read_json(run.rel("run.json"))["state"] == "finished"
         manifest = ctx.staging.read_json(run.rel("manifests", "results.json"))
-        assert manifest["rows"] == N and manifest["paths"][0] == run.rel("results.parquet")
+        assert manifest["rows"] == N
         receipts = {r["sink"]: r for r in info["loads"]}
         assert receipts["milvus"]["rows"] == N
 
@@ -87,7 +93,7 @@ def test_embeddings_run_stages_every_artifact_on_s3(settings_factory: Any, s3: S
         assert local == tmp_path / ".batchyard" / "s3" / bucket / "runs"
         assert sorted(p.name for p in local.iterdir()) == [".localapi", ".mongo-standin", "milvus.db"]
         assert not (tmp_path / "staging").exists()
-        staged_names = {"run.json", "chunks.parquet", "requests.parquet", "results.parquet", "failures.parquet"}
+        staged_names = {"run.json", "partition.json", "inputs.parquet", "requests.parquet"}
         assert not [f for f in local_files(tmp_path) if Path(f).name in staged_names]
 
         # the run is listed and found through S3
@@ -124,7 +130,8 @@ def test_an_s3_staged_run_resumes_in_a_new_context(settings_factory: Any, s3: S3
         assert_one_batch_per_submission(ctx, run)
         assert_vectors_match(ctx, results, job.collection, job.dims)
         got = run_keys(s3, bucket, "embeddings", run_id)
-        assert {"results.parquet", "failures.parquet", "manifests/sinks.json", "loads/milvus.json"} <= got
+        assert {"manifests/sinks.json", "manifests/results.json"} <= got
+        assert any(k.startswith("p=p0000/results/") for k in got) and any(k.startswith("p=p0000/loads/") for k in got)
         # a finished run resumes to the same result without new work
         again = runner.resume(ctx, run_id)
         assert again["final"] == info["final"]

@@ -106,7 +106,7 @@ def test_flow_parameters_carry_no_secrets(monkeypatch: pytest.MonkeyPatch, senti
 
     for name in FLOWS:
         params = set(inspect.signature(getattr(flows, name).fn).parameters)
-        assert params <= {"targets", "task_name", "run_id", "profile", "overrides", "rounds"}, (name, params)
+        assert params <= {"targets", "task_name", "run_id", "profile", "overrides", "rounds", "wait"}, (name, params)
 
     for key, val in secret_env(sentinels).items():
         monkeypatch.setenv(key, val)
@@ -135,7 +135,7 @@ def test_deployment_parameters_and_work_pool_env_carry_no_secrets() -> None:
     env_names = {f"BATCHYARD_{p.upper().replace('.', '__')}" for p in secret_fields()}
     for dep in spec["deployments"]:
         params = dep.get("parameters") or {}
-        assert set(params) <= {"targets", "task_name", "run_id", "profile", "overrides", "rounds"}, dep["name"]
+        assert set(params) <= {"targets", "task_name", "run_id", "profile", "overrides", "rounds", "wait"}, dep["name"]
         assert not (params.get("overrides") or {}).keys() - {"staging", "limits"}, dep["name"]
         job_env = ((dep.get("work_pool") or {}).get("job_variables") or {}).get("env") or {}
         assert not env_names & set(job_env), dep["name"]

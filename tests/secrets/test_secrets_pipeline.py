@@ -106,7 +106,7 @@ def test_runs_leak_no_secret_anywhere(secret_settings: Any, sentinels: Sentinels
         for run in runs:
             no_leak(sentinels, f"{run.rel('run.json')}", ctx.staging.read_bytes(run.rel("run.json")))
             manifests = ctx.staging.list(run.rel("manifests"), ".json")
-            assert len(manifests) == 4
+            assert len(manifests) == 5
             for name in manifests:
                 no_leak(sentinels, name, ctx.staging.read_bytes(run.rel("manifests", name)))
         for where, obj in {"run info": [emb, inf], "provider label": ctx.provider_label,
