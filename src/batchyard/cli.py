@@ -202,7 +202,7 @@ def seed(
 def _progress() -> tuple[Progress, Any]:
     progress = Progress(
         TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err_console, transient=False,
+        TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err_console, transient=True,
     )
     bar = progress.add_task("starting", total=None, detail="")
 

@@ -32,6 +32,14 @@ class FaultConfig(BaseModel):
         default=None, ge=0, description="A batch expires after processing this many requests."
     )
     expire_batches: int | None = Field(default=None, ge=0, description="Only the first N batches expire.")
+    expire_after_fraction: float | None = Field(
+        default=None, ge=0, lt=1,
+        description="A batch expires once this share of its requests is done (rounded down: a "
+        "one-request batch expires with nothing done).",
+    )
+    cancel_after_fraction: float | None = Field(
+        default=None, ge=0, lt=1, description="The server cancels a batch once this share of its requests is done."
+    )
     cancel_after_requests: int | None = Field(
         default=None, ge=0, description="The server cancels a batch after this many requests."
     )

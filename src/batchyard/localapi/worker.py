@@ -260,13 +260,15 @@ class Worker:
         f, now = self.faults, time.time()
         processed = len(job.done)
         if job.remaining and self._fault_due(
-            f.cancel_after_requests, f.cancel_batches, "cancelled_by_server", processed
+            _threshold(f.cancel_after_requests, f.cancel_after_fraction, len(job.requests)), f.cancel_batches,
+            "cancelled_by_server", processed
         ):
             self.store.bump("cancelled_by_server")
             self._set_cancelling(batch_id, "server")
             return now
         if job.remaining and self._fault_due(
-            f.expire_after_requests, f.expire_batches, "expired", processed
+            _threshold(f.expire_after_requests, f.expire_after_fraction, len(job.requests)), f.expire_batches,
+            "expired", processed
         ):
             self.store.bump("expired")
             return self._finish(batch_id, "expired")
@@ -281,7 +283,7 @@ class Worker:
             return now
         if now < job.next_at:
             return job.next_at
-        chunk = job.next_chunk(*self._chunk_limits(rec["batch"]["endpoint"], processed))
+        chunk = job.next_chunk(*self._chunk_limits(rec["batch"]["endpoint"], processed, len(job.requests)))
         results = self._execute(rec["batch"]["endpoint"], chunk, batch_id)
         job.record(chunk, results)
         total_processed = self.store.bump("processed_requests", len(chunk))
@@ -297,7 +299,7 @@ class Worker:
         self._maybe_exit(total_processed)
         return time.time()
 
-    def _chunk_limits(self, endpoint: str, processed: int) -> tuple[int, int | None]:
+    def _chunk_limits(self, endpoint: str, processed: int, total: int) -> tuple[int, int | None]:
         """(max requests, max embedding inputs) of the next chunk, stopping at fault thresholds."""
         f = self.faults
         if self.config.seconds_per_request > 0:
@@ -308,7 +310,8 @@ class Worker:
             max_requests = 2 * self.config.forward_concurrency
         else:
             max_requests = CHAT_REQUESTS_PER_CHUNK
-        for limit in (f.cancel_after_requests, f.expire_after_requests):
+        for limit in (_threshold(f.cancel_after_requests, f.cancel_after_fraction, total),
+                      _threshold(f.expire_after_requests, f.expire_after_fraction, total)):
             if limit is not None and processed < limit:
                 max_requests = min(max_requests, limit - processed)
         if f.exit_after_requests is not None and not self.store.counters()["exit_kills"]:
@@ -460,6 +463,15 @@ class Worker:
             expires_after_s=ttl,
         )
         return file_id
+
+
+def _threshold(count: int | None, fraction: float | None, total: int) -> int | None:
+    """Requests after which a fault hits: an absolute count, or a share of the batch (rounded down)."""
+    if count is not None:
+        return count
+    if fraction is not None:
+        return int(fraction * total)
+    return None
 
 
 def _stable_hex(key: str) -> str:
