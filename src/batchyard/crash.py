@@ -18,6 +18,7 @@ CRASH_POINTS = (
     "during_download",
     "before_collect",
     "during_load",
+    "before_receipt",
 )
 
 

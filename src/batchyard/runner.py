@@ -97,6 +97,15 @@ class LocalEngine:
         return fn()
 
 
+def add_timings(run: RunStore, **seconds: float) -> None:
+    """Add seconds spent per stage to run.json's `timings` (they accumulate across resumes)."""
+    info = run.read_run()
+    timings = dict(info.get("timings", {}))
+    for stage, s in seconds.items():
+        timings[stage] = round(timings.get(stage, 0.0) + s, 3)
+    run.update_run(timings=timings)
+
+
 def _emit(on_progress: Progress | None, stage: str, completed: int, total: int | None, **extra: Any) -> None:
     if on_progress is not None:
         on_progress({"stage": stage, "completed": completed, "total": total, **extra})
@@ -247,6 +256,7 @@ def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress 
              "duplicate_ids": duplicates}
     write_manifest(run, "chunks", rows=stats.get("chunks", 0), seconds=time.perf_counter() - t0, params=job.params())
     run.update_run(phase="plan", snapshot=stats)
+    add_timings(run, snapshot=time.perf_counter() - t0)
     return stats
 
 
@@ -280,6 +290,7 @@ def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progres
     write_manifest(run, "requests", rows=totals.get("requests", 0), seconds=time.perf_counter() - t0,
                    params=job.params())
     run.update_run(phase="batches", state="running", plan=dict(totals))
+    add_timings(run, plan=time.perf_counter() - t0)
     return dict(totals)
 
 
@@ -345,6 +356,7 @@ class _Driver:
         self.ttl_s = ttl_s
         self.parts: dict[str, PartitionStore] = {}
         self.records: dict[str, ShardRecord] = {}
+        self.seconds: dict[str, float] = defaultdict(float)
         self.retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider)
 
     def claim(self) -> None:
@@ -403,23 +415,30 @@ class _Driver:
         self.io(lambda r: batches.submit_shard(self.parts[r.partition], api, r.name), chosen)
         return len(chosen)
 
+    def timed(self, stage: str, fn: Callable[[], T]) -> T:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+
     def round(self, *, cancelled: bool) -> bool:
         """One tracker round; returns whether anything changed."""
         before = {k: (r.state, r.batch_status, r.downloaded) for k, r in self.records.items()}
         if any(r.state == "submitted" or (r.state == "ended" and not r.downloaded) for r in self.records.values()):
-            self.engine.run("track", self.track)
+            self.timed("track", lambda: self.engine.run("track", self.track))
         ready = [(r.partition, r.name) for r in self.records.values()
                  if r.state == "ended" and (r.downloaded or r.batch_status == "failed")]
-        for recs in self.engine.map("collect", ready):
+        for recs in self.timed("collect", lambda: self.engine.map("collect", ready)):
             self.keep(recs)
         parts = list(self.parts.values())
-        loaded = (self.engine.run("load", lambda: load_parts(self.ctx, self.job, parts))
+        loaded = (self.timed("load", lambda: self.engine.run("load", lambda: load_parts(self.ctx, self.job, parts)))
                   if any(unloaded_parts(p) for p in parts) else [])
         if not cancelled:
             throttle = batches.Throttle.from_limits(self.ctx.settings.limits)
             chosen = batches.select_submittable(list(self.records.values()), throttle, now=time.time())
             if chosen:
-                self.engine.run("submit", lambda: self.submit(chosen))
+                self.timed("submit", lambda: self.engine.run("submit", lambda: self.submit(chosen)))
         self.finalize_done(cancelled=cancelled)
         after = {k: (r.state, r.batch_status, r.downloaded) for k, r in self.records.items()}
         return after != before or bool(loaded)
@@ -514,9 +533,10 @@ def drive(
                 wake = driver.next_wake()
                 if wake is not None:
                     sleep = max(0.0, min(sleep, wake - time.time()))
-                time.sleep(sleep)
+                driver.timed("wait", lambda: time.sleep(sleep))
     finally:
         driver.release()
+        add_timings(run, **driver.seconds)
     return info
 
 

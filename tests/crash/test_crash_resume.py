@@ -22,7 +22,7 @@ from batchyard.localapi.runner import ServerProcess
 
 pytestmark = pytest.mark.crash
 
-N = 60
+N = 240  # 4 partitions (60 chunks each at most), about 48 shards of 5 inputs
 
 
 @pytest.fixture
@@ -41,8 +41,9 @@ def pipeline_env(tmp_path: Path, server: str, crash: str | None) -> dict[str, st
         "BATCHYARD_PROVIDER__POLL_INTERVAL_S": "0.1",
         "BATCHYARD_MILVUS__INDEX_TYPE": "FLAT",
         "BATCHYARD_EMBEDDING__DIMENSIONS": "16",
-        "BATCHYARD_LIMITS__MAX_INPUTS_PER_BATCH": "20",
+        "BATCHYARD_LIMITS__MAX_INPUTS_PER_BATCH": "5",
         "BATCHYARD_LIMITS__MAX_INPUTS_PER_REQUEST": "5",
+        "BATCHYARD_RUN__PARTITION_MAX_CHUNKS": "60",
     })
     if crash:
         env["BATCHYARD_CRASH_AT"] = crash
@@ -71,7 +72,7 @@ def only_run(tmp_path: Path, job: str) -> str:
 @pytest.mark.parametrize("point", CRASH_POINTS)
 def test_embeddings_crash_then_resume(tmp_path: Path, server: str, point: str) -> None:
     env = pipeline_env(tmp_path, server, None)
-    seeded = cli(["seed", "--chunks", str(N), "--companies", "2", "--targets-out", "t.yaml"], env, tmp_path)
+    seeded = cli(["seed", "--chunks", str(N), "--companies", "4", "--targets-out", "t.yaml"], env, tmp_path)
     assert seeded.returncode == 0, seeded.stderr
     crashed = cli(["embed", "--targets", "t.yaml", "--engine", "local"], pipeline_env(tmp_path, server, point), tmp_path)
     assert crashed.returncode == -signal.SIGKILL, f"expected a SIGKILL at {point}: {crashed.stderr[-2000:]}"
@@ -90,7 +91,9 @@ def test_embeddings_crash_then_resume(tmp_path: Path, server: str, point: str) -
 
     with RunContext(settings_for(tmp_path, server)) as ctx:
         run = RunStore(ctx.staging, "embeddings", run_id)
-        assert run.read_run()["state"] == "finished"
+        info = run.read_run()
+        assert info["state"] == "finished"
+        assert len(info["partitions"]) >= 4 and info["plan"]["shards"] >= 40
         results, failures = assert_every_unit_settled_once(ctx, run)
         assert results.height == N and failures.height == 0
         assert_one_batch_per_submission(ctx, run)
