@@ -1,10 +1,11 @@
-"""The embeddings join before `stages/decode.py`, kept only as a reference row for `bench_join.py`.
+"""The embeddings join before `stages/decode.py`: `bench_join.py`'s reference row, and the oracle
+of the equivalence test in `tests/unit/test_join.py`.
 
 This is `read_embedding_lines` + `embedding_outcomes` as they were until the msgspec/block-base64
 rewrite: Polars parses the whole nested NDJSON struct (base64 text included), explodes the
 `data` lists, decodes with `str.decode("base64")`, joins on string keys and reinterprets the
-bytes as `Array(Float32, dims)`. `dedupe` and `_request_outcomes` did not change, so they come
-from the pipeline. Nothing in `src/` uses this module.
+bytes as `Array(Float32, dims)`. `dedupe`, `_request_outcomes` and the `wrong_dimensions` rows
+did not change, so they come from the pipeline. Nothing in `src/` uses this module.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import io
 
 import polars as pl
 
-from batchyard.stages.join import _anomalies, _request_outcomes, split_lines
+from batchyard.stages.join import _anomalies, _request_outcomes, split_lines, wrong_dimensions
 
 _ERR = pl.Struct({"message": pl.String, "code": pl.String, "type": pl.String})
 _EMB_LINE = pl.Schema(
@@ -101,20 +102,7 @@ def embedding_outcomes(
         "custom_id", "unit_id", "vector"
     )
     outcomes = _request_outcomes(requests, flat, batch_ended_as)
-    wrong = bad_reqs.select(
-        "custom_id",
-        outcome=pl.lit("fail"),
-        code=pl.lit("wrong_dimensions"),
-        message=pl.format(
-            "request {}: {} input(s) without a {}-dim vector (first: input {}, got {} bytes)",
-            "custom_id",
-            "n",
-            pl.lit(dims),
-            "first",
-            pl.col("nbytes").fill_null(0),
-        ),
-        status_code=pl.lit(200, pl.Int64),
-    )
+    wrong = wrong_dimensions(bad_reqs, dims)
     outcomes = pl.concat(
         [outcomes.filter(~pl.col("custom_id").is_in(wrong["custom_id"].implode())), wrong]
     )

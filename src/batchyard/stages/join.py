@@ -185,38 +185,48 @@ def embedding_outcomes(
     if bad_reqs.height:
         vectors = vectors.filter(~pl.col("custom_id").is_in(bad_reqs["custom_id"].implode()))
     outcomes = _request_outcomes(requests, lines.drop("data"), batch_ended_as)
-    wrong = bad_reqs.select(
+    wrong = wrong_dimensions(bad_reqs, dims)
+    outcomes = pl.concat([outcomes.filter(~pl.col("custom_id").is_in(wrong["custom_id"].implode())), wrong])
+    return vectors, outcomes
+
+
+def wrong_dimensions(bad_reqs: pl.DataFrame, dims: int) -> pl.DataFrame:
+    """`fail` outcomes for requests with inputs lacking a `dims`-float vector.
+
+    `bad_reqs` has one row per such request: custom_id, n (inputs without a vector), first (the
+    first such input) and nbytes (what that input decoded to; null or negative when nothing).
+    """
+    return bad_reqs.select(
         "custom_id",
         outcome=pl.lit("fail"),
         code=pl.lit("wrong_dimensions"),
         message=pl.format(
             "request {}: {} input(s) without a {}-dim vector (first: input {}, got {} bytes)",
-            "custom_id", "n", pl.lit(dims), "first", pl.col("nbytes").clip(lower_bound=0),
+            "custom_id", "n", pl.lit(dims), "first", pl.col("nbytes").clip(lower_bound=0).fill_null(0),
         ),
         status_code=pl.lit(200, pl.Int64),
     )
-    outcomes = pl.concat([outcomes.filter(~pl.col("custom_id").is_in(wrong["custom_id"].implode())), wrong])
-    return vectors, outcomes
 
 
 def _decode_answers(answered: pl.DataFrame, matrix: np.ndarray) -> np.ndarray:
-    """Decode the vectors of answered requests into `matrix` rows (one per planned input).
+    """Decode the answered requests' vectors into `matrix`, one row per planned input.
 
-    Row r is input `r - start` of its request, where `start` is the rows of earlier requests.
-    The first `data` entry with an index wins; entries with an index outside the request are
-    ignored. Returns the decoded byte length per row, -1 where no valid base64 came back.
+    Rows follow `answered` (request order), then input order: entry `data[k]` of request j goes
+    to row `starts[j] + data[k].index`. The first entry for an index wins; later ones, and
+    indexes outside the request, are ignored. Returns the decoded byte length per row, -1 where
+    no entry or no valid base64 came back.
     """
     units = answered["unit_ids"].list.len().to_numpy().astype(np.int64)
     starts = np.cumsum(units) - units
     entries = [d or [] for d in answered["data"].to_list()]
+    # flat arrays over all entries: which request, which index
     counts = np.fromiter(map(len, entries), np.int64, count=len(entries))
-    total = int(counts.sum())
-    index = np.fromiter(
-        (-1 if it.index is None else it.index for items in entries for it in items), np.int64, count=total
-    )
     request = np.repeat(np.arange(len(entries)), counts)
+    index = np.fromiter(
+        (-1 if it.index is None else it.index for items in entries for it in items), np.int64, count=int(counts.sum())
+    )
     inside = np.flatnonzero((index >= 0) & (index < units[request]))
-    rows, first = np.unique(starts[request[inside]] + index[inside], return_index=True)
+    rows, first = np.unique(starts[request[inside]] + index[inside], return_index=True)  # first entry per row
     raws = [it.embedding for items in entries for it in items]
     nbytes = np.full(len(matrix), -1, np.int64)
     nbytes[rows] = decode_vectors([raws[i] for i in inside[first]], rows, matrix)
