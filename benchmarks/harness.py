@@ -57,19 +57,24 @@ def peak_rss_mb() -> float:
 
 
 class Stopwatch:
-    """Times named stages; after each one also notes the process's peak RSS so far."""
+    """Times named stages (wall and CPU); after each one also notes the process's peak RSS so far.
+
+    CPU time (`time.process_time`: user + system, all threads) beside wall time shows how much of
+    a slow run was waiting for a core that other work on the machine held.
+    """
 
     def __init__(self) -> None:
         self.stages: list[dict[str, float | str]] = []
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         yield
         self.stages.append(
             {
                 "stage": name,
                 "seconds": round(time.perf_counter() - start, 3),
+                "cpu_seconds": round(time.process_time() - cpu, 3),
                 "peak_rss_mb": peak_rss_mb(),
             }
         )
@@ -200,8 +205,10 @@ def stages_table(title: str, variants: dict[str, dict[str, Any]]) -> Table:
     t.add_column("variant")
     t.add_column("stage")
     t.add_column("seconds", justify="right")
+    t.add_column("CPU s", justify="right")
     t.add_column("peak RSS so far MB", justify="right")
     for name, res in variants.items():
         for s in res["stages"]:
-            t.add_row(name, str(s["stage"]), f"{s['seconds']:.2f}", f"{s['peak_rss_mb']:,.0f}")
+            cpu = f"{s['cpu_seconds']:.2f}" if "cpu_seconds" in s else ""
+            t.add_row(name, str(s["stage"]), f"{s['seconds']:.2f}", cpu, f"{s['peak_rss_mb']:,.0f}")
     return t

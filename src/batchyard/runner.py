@@ -21,6 +21,7 @@ driving process: Milvus Lite and the MongoDB stand-in allow one process.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections import defaultdict
@@ -533,7 +534,7 @@ def drive(
                 wake = driver.next_wake()
                 if wake is not None:
                     sleep = max(0.0, min(sleep, wake - time.time()))
-                driver.timed("wait", lambda: time.sleep(sleep))
+                driver.timed("wait", functools.partial(time.sleep, sleep))
     finally:
         driver.release()
         add_timings(run, **driver.seconds)

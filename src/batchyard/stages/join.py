@@ -13,15 +13,23 @@ Every planned request ends a shard attempt with exactly one outcome:
 
 Lines that match no planned request, repeat a custom_id, or are not JSON are anomalies: recorded,
 never silently dropped.
+
+Embeddings lines are parsed and their vectors decoded by `stages/decode.py` (msgspec, block
+base64). The base64 text never becomes a Polars or Python string: the lines frame carries each
+line's `data` entries as one Python object (a `pl.Object` cell of `msgspec.Raw` views), and
+`embedding_outcomes` decodes them straight into one float32 matrix that becomes the `vector`
+column without a copy.
 """
 
 from __future__ import annotations
 
-import io
 import json
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import polars as pl
+
+from batchyard.stages.decode import Line, decode_vectors, parse_lines
 
 if TYPE_CHECKING:
     from batchyard.tasks.base import InferenceTask
@@ -45,24 +53,15 @@ ANOMALIES = pl.Schema(
     {"source": pl.String, "line": pl.Int64, "custom_id": pl.String, "code": pl.String, "message": pl.String}
 )
 
-_ERR = pl.Struct({"message": pl.String, "code": pl.String, "type": pl.String})
-_EMB_LINE = pl.Schema(
+EMB_LINES = pl.Schema(
     {
         "custom_id": pl.String,
-        "response": pl.Struct(
-            {
-                "status_code": pl.Int64,
-                "body": pl.Struct(
-                    {
-                        "data": pl.List(pl.Struct({"index": pl.Int64, "embedding": pl.String})),
-                        "model": pl.String,
-                        "usage": pl.Struct({"prompt_tokens": pl.Int64, "total_tokens": pl.Int64}),
-                        "error": _ERR,
-                    }
-                ),
-            }
-        ),
-        "error": pl.Struct({"code": pl.String, "message": pl.String}),
+        "status_code": pl.Int64,  # response.status_code
+        "http_code": pl.String,  # response.body.error.code
+        "http_msg": pl.String,  # response.body.error.message
+        "err_code": pl.String,  # error.code (a line without response)
+        "err_msg": pl.String,  # error.message
+        "data": pl.Object,  # response.body.data: list[decode.Item] or None
     }
 )
 
@@ -100,15 +99,38 @@ def split_lines(data: bytes, source: str) -> tuple[list[bytes], list[dict[str, A
 
 
 def read_embedding_lines(data: bytes, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Parse an embeddings output/error file natively; falls back to line checks when malformed."""
-    if not data.strip():
-        return _EMB_LINE.to_frame(), _anomalies([])
-    try:
-        return pl.read_ndjson(io.BytesIO(data), schema=_EMB_LINE), _anomalies([])
-    except Exception:
-        good, bad = split_lines(data, source)
-        frame = pl.read_ndjson(io.BytesIO(b"\n".join(good)), schema=_EMB_LINE) if good else _EMB_LINE.to_frame()
-        return frame, _anomalies(bad)
+    """One `EMB_LINES` row per parsed line of an embeddings output/error file, plus anomalies."""
+    lines, malformed = parse_lines(data)
+    bad = [
+        {"source": source, "line": m.line, "custom_id": None, "code": "malformed_line",
+         "message": f"{source} line {m.line} is not a valid batch output line: {m.reason}"[:500]}
+        for m in malformed
+    ]
+    return _lines_frame(lines), _anomalies(bad)
+
+
+def _lines_frame(lines: list[Line]) -> pl.DataFrame:
+    """Parsed lines as an `EMB_LINES` frame (one row per line)."""
+    resp = [ln.response for ln in lines]
+    body = [r.body if r else None for r in resp]
+    http_err = [b.error if b else None for b in body]
+    return pl.DataFrame(
+        {
+            "custom_id": [ln.custom_id for ln in lines],
+            "status_code": [r.status_code if r else None for r in resp],
+            "http_code": [_text(e.code) if e else None for e in http_err],
+            "http_msg": [e.message if e else None for e in http_err],
+            "err_code": [_text(ln.error.code) if ln.error else None for ln in lines],
+            "err_msg": [ln.error.message if ln.error else None for ln in lines],
+            "data": pl.Series([b.data if b else None for b in body], dtype=pl.Object),
+        },
+        schema=EMB_LINES,
+    )
+
+
+def _text(code: str | int | None) -> str | None:
+    """An error code as text (some servers send numbers)."""
+    return code if code is None or isinstance(code, str) else str(code)
 
 
 def dedupe(lines: pl.DataFrame, planned: pl.Series, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -135,69 +157,80 @@ def embedding_outcomes(
 
     Args:
         requests: the attempt's plan (custom_id, unit_ids, ...).
-        lines: output and error lines together, deduplicated, `_EMB_LINE` schema.
+        lines: output and error lines together, deduplicated, `EMB_LINES` schema.
         dims: expected vector length.
         batch_ended_as: the batch's terminal status (decides what a missing line means).
 
     Returns:
         (vectors: custom_id, unit_id, vector; outcomes: OUTCOMES schema, one row per request)
     """
-    resp = pl.col("response")
-    flat = lines.select(
-        "custom_id",
-        status_code=resp.struct.field("status_code"),
-        data=resp.struct.field("body").struct.field("data"),
-        http_code=resp.struct.field("body").struct.field("error").struct.field("code"),
-        http_msg=resp.struct.field("body").struct.field("error").struct.field("message"),
-        err_code=pl.col("error").struct.field("code"),
-        err_msg=pl.col("error").struct.field("message"),
+    ok_lines = lines.filter(pl.col("status_code") == 200).unique("custom_id", keep="first", maintain_order=True)
+    answered = requests.select("custom_id", "unit_ids").join(
+        ok_lines.select("custom_id", "data"), on="custom_id", how="inner", maintain_order="left"
     )
-    ok_lines = flat.filter(pl.col("status_code") == 200)
-    got = (
-        ok_lines.select("custom_id", "data")
-        .explode("data")
-        .unnest("data")
-        .filter(pl.col("index").is_not_null())
-        .unique(["custom_id", "index"], keep="first")
-        .select("custom_id", "index", raw=pl.col("embedding").str.decode("base64", strict=False))
-        .with_columns(nbytes=pl.col("raw").bin.size())
-    )
-    # one row per planned input of an answered request: (custom_id, unit_id, index)
-    items = (
-        requests.select("custom_id", "unit_ids")
-        .join(ok_lines.select("custom_id"), on="custom_id", how="semi")
-        .with_columns(index=pl.int_ranges(pl.col("unit_ids").list.len()))
-        .explode("unit_ids", "index")
-        .rename({"unit_ids": "unit_id"})
-        .join(got, on=["custom_id", "index"], how="left")
-    )
-    items = items.with_columns(
-        vector=pl.when(pl.col("nbytes") == dims * 4)
-        .then(pl.col("raw"))
-        .otherwise(None)
-        .bin.reinterpret(dtype=pl.Array(pl.Float32, dims), endianness="little"),
-    ).drop("raw")
-    bad_items = items.filter(pl.col("vector").is_null())
+    # one slot per planned input of an answered request, in request order: (custom_id, unit_id, index)
+    slots = answered.select(
+        "custom_id", unit_id="unit_ids", index=pl.int_ranges(pl.col("unit_ids").list.len())
+    ).explode("unit_id", "index")
+    matrix = np.empty((slots.height, dims), np.float32)
+    nbytes = _decode_answers(answered, matrix)
+    slots = slots.with_columns(nbytes=pl.Series(nbytes), vector=pl.Series(matrix))  # no copy
     # a request is ok only when every input came back with the right length
-    bad_reqs = bad_items.group_by("custom_id").agg(
-        n=pl.len(), first=pl.col("index").first(), nbytes=pl.col("nbytes").first()
+    bad_reqs = (
+        slots.filter(pl.col("nbytes") != dims * 4)
+        .group_by("custom_id", maintain_order=True)
+        .agg(n=pl.len(), first=pl.col("index").first(), nbytes=pl.col("nbytes").first())
     )
-    vectors = items.filter(~pl.col("custom_id").is_in(bad_reqs["custom_id"].implode())).select(
-        "custom_id", "unit_id", "vector"
-    )
-    outcomes = _request_outcomes(requests, flat, batch_ended_as)
-    wrong = bad_reqs.select(
+    vectors = slots.select("custom_id", "unit_id", "vector")
+    if bad_reqs.height:
+        vectors = vectors.filter(~pl.col("custom_id").is_in(bad_reqs["custom_id"].implode()))
+    outcomes = _request_outcomes(requests, lines.drop("data"), batch_ended_as)
+    wrong = wrong_dimensions(bad_reqs, dims)
+    outcomes = pl.concat([outcomes.filter(~pl.col("custom_id").is_in(wrong["custom_id"].implode())), wrong])
+    return vectors, outcomes
+
+
+def wrong_dimensions(bad_reqs: pl.DataFrame, dims: int) -> pl.DataFrame:
+    """`fail` outcomes for requests with inputs lacking a `dims`-float vector.
+
+    `bad_reqs` has one row per such request: custom_id, n (inputs without a vector), first (the
+    first such input) and nbytes (what that input decoded to; null or negative when nothing).
+    """
+    return bad_reqs.select(
         "custom_id",
         outcome=pl.lit("fail"),
         code=pl.lit("wrong_dimensions"),
         message=pl.format(
             "request {}: {} input(s) without a {}-dim vector (first: input {}, got {} bytes)",
-            "custom_id", "n", pl.lit(dims), "first", pl.col("nbytes").fill_null(0),
+            "custom_id", "n", pl.lit(dims), "first", pl.col("nbytes").clip(lower_bound=0).fill_null(0),
         ),
         status_code=pl.lit(200, pl.Int64),
     )
-    outcomes = pl.concat([outcomes.filter(~pl.col("custom_id").is_in(wrong["custom_id"].implode())), wrong])
-    return vectors, outcomes
+
+
+def _decode_answers(answered: pl.DataFrame, matrix: np.ndarray) -> np.ndarray:
+    """Decode the answered requests' vectors into `matrix`, one row per planned input.
+
+    Rows follow `answered` (request order), then input order: entry `data[k]` of request j goes
+    to row `starts[j] + data[k].index`. The first entry for an index wins; later ones, and
+    indexes outside the request, are ignored. Returns the decoded byte length per row, -1 where
+    no entry or no valid base64 came back.
+    """
+    units = answered["unit_ids"].list.len().to_numpy().astype(np.int64)
+    starts = np.cumsum(units) - units
+    entries = [d or [] for d in answered["data"].to_list()]
+    # flat arrays over all entries: which request, which index
+    counts = np.fromiter(map(len, entries), np.int64, count=len(entries))
+    request = np.repeat(np.arange(len(entries)), counts)
+    index = np.fromiter(
+        (-1 if it.index is None else it.index for items in entries for it in items), np.int64, count=int(counts.sum())
+    )
+    inside = np.flatnonzero((index >= 0) & (index < units[request]))
+    rows, first = np.unique(starts[request[inside]] + index[inside], return_index=True)  # first entry per row
+    raws = [it.embedding for items in entries for it in items]
+    nbytes = np.full(len(matrix), -1, np.int64)
+    nbytes[rows] = decode_vectors([raws[i] for i in inside[first]], rows, matrix)
+    return nbytes
 
 
 def _request_outcomes(requests: pl.DataFrame, flat: pl.DataFrame, batch_ended_as: str) -> pl.DataFrame:
