@@ -310,14 +310,17 @@ def _run_prefect(kind: str, targets: Path | None, *, task: str | None, run_id: s
         _fail(exc)
     if hook is not None:
         flows.PROGRESS_HOOKS.append(hook)
+    settings = _settings(overrides)
     try:
         if kind == "embeddings":
-            return flows.embeddings_flow(targets=str(targets), run_id=run_id, profile=profile, overrides=overrides,
-                                         wait=wait)
+            return flows.with_runner(flows.embeddings_flow, settings)(
+                targets=str(targets), run_id=run_id, profile=profile, overrides=overrides, wait=wait)
         if kind == "inference":
-            return flows.inference_flow(task_name=task or "", targets=str(targets), run_id=run_id,
-                                        profile=profile, overrides=overrides, wait=wait)
-        return flows.resume_flow(run_id=run_id or "", profile=profile, overrides=overrides)
+            return flows.with_runner(flows.inference_flow, settings)(
+                task_name=task or "", targets=str(targets), run_id=run_id, profile=profile, overrides=overrides,
+                wait=wait)
+        return flows.with_runner(flows.resume_flow, settings)(run_id=run_id or "", profile=profile,
+                                                              overrides=overrides)
     except RuntimeError as exc:
         if "ephemeral Prefect API server" in str(exc):
             _fail(BatchyardError(

@@ -99,6 +99,12 @@ class RunContext:
         size = self.settings.mongo.page_size
         return max(size, 200_000) if self.store.is_standin else size
 
+    def release_store(self) -> None:
+        """Close the document store now (a stand-in is saved and unlocked); the next use reopens it."""
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+
     # vector store
 
     @property

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
+import socket
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -271,7 +273,7 @@ def plan_one(ctx: RunContext, job: Job, run: RunStore, pid: str) -> dict[str, An
     if state.get("phase") != "plan":
         return dict(state.get("plan", {}))
     stats = job.plan_partition(part)
-    part.update_state(phase="batches", plan=stats)
+    part.update_state(phase="batches", plan=stats, planned_by=f"{socket.gethostname()}:{os.getpid()}")
     return stats
 
 
@@ -361,9 +363,18 @@ class _Driver:
         self.retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider)
 
     def claim(self) -> None:
+        """Lease open partitions (at most `run.partitions_per_driver` at a time) and load their records.
+
+        Called at the start and after every round, so a driver that finished its share takes
+        partitions nobody holds. RunBusy when no partition could be leased at the start.
+        """
+        limit = self.ctx.settings.run.partitions_per_driver
         busy = []
         for part in self.run.partitions():
-            if part.read_state().get("phase") == "done":
+            open_now = [p for p in self.parts.values() if p.read_state().get("phase") != "done"]
+            if limit is not None and len(open_now) >= limit:
+                break
+            if part.pid in self.parts or part.read_state().get("phase") == "done":
                 continue
             try:
                 part.claim(self.owner, self.ttl_s)
@@ -435,6 +446,8 @@ class _Driver:
         parts = list(self.parts.values())
         loaded = (self.timed("load", lambda: self.engine.run("load", lambda: load_parts(self.ctx, self.job, parts)))
                   if any(unloaded_parts(p) for p in parts) else [])
+        if loaded and self.ctx.settings.run.partitions_per_driver is not None:
+            self.ctx.release_store()  # other drivers of this run take their turn with the stand-in
         if not cancelled:
             throttle = batches.Throttle.from_limits(self.ctx.settings.limits)
             chosen = batches.select_submittable(list(self.records.values()), throttle, now=time.time())
@@ -523,7 +536,9 @@ def drive(
             info = batches.summary(list(driver.records.values()))
             _emit(on_progress, "batches", info["by_state"].get("collected", 0), info["shards"], batches=info)
             if driver.all_done():
-                break
+                driver.claim()  # a share of partitions is done: take open ones nobody drives
+                if driver.all_done():
+                    break
             rounds += 1
             if max_rounds is not None and rounds >= max_rounds:
                 break

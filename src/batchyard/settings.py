@@ -221,6 +221,24 @@ class RunSettings(BaseModel):
         default=100_000, gt=0, le=10_000_000,
         description="Most chunks in one partition (the unit of snapshot, plan, collect and load).",
     )
+    partitions_per_driver: int | None = Field(
+        default=None, gt=0,
+        description="Most partitions one process drives at a time (None: all it can lease). Set it "
+        "when several workers share a run, so each takes a share; the embedded MongoDB stand-in is "
+        "then opened only for each load, so the processes can take turns with it.",
+    )
+
+
+class OrchestrationSettings(BaseModel):
+    """Where Prefect runs the CPU-heavy tasks (plan per partition, collect per shard attempt)."""
+
+    task_runner: Literal["threads", "dask"] = Field(
+        default="threads",
+        description="threads: the flow's thread pool (default). dask: prefect-dask's DaskTaskRunner, on "
+        "`dask_address` or a local cluster of `dask_workers` processes.",
+    )
+    dask_address: str | None = Field(default=None, description="Scheduler address of an existing Dask cluster.")
+    dask_workers: int = Field(default=2, gt=0, le=512, description="Worker processes of a local Dask cluster.")
 
 
 class InferenceSettings(BaseModel):
@@ -257,6 +275,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     run: RunSettings = Field(default_factory=RunSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
+    orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     prompts_dir: str = Field(default="", description="Prompt templates (default: the packaged ones).")
 

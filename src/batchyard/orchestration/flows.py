@@ -46,6 +46,7 @@ from batchyard.targets import load_targets  # noqa: E402
 
 if TYPE_CHECKING:
     from batchyard.jobs.base import Job
+    from batchyard.settings import Settings
 
 T = TypeVar("T")
 
@@ -127,6 +128,37 @@ class PrefectEngine:
         return round_step(step, fn)  # type: ignore[no-any-return]
 
 
+# --------------------------------------------------------------------------- task runners
+
+
+def task_runner_for(settings: Settings) -> Any:
+    """The Prefect task runner `orchestration.task_runner` names.
+
+    `threads`: the flow's thread pool. `dask`: prefect-dask's `DaskTaskRunner`, on the cluster
+    at `dask_address`, or on a local cluster of `dask_workers` processes (one thread each: the
+    tokenizer and the decoders hold the GIL, so processes are what adds cores).
+    """
+    orch = settings.orchestration
+    if orch.task_runner == "threads":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner()
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        raise TerminalError("orchestration.task_runner is 'dask' but prefect-dask is not installed: "
+                            "pip install 'batchyard[dask]'") from exc
+    if orch.dask_address:
+        return DaskTaskRunner(address=orch.dask_address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": orch.dask_workers, "processes": True,
+                                          "threads_per_worker": 1, "dashboard_address": None})
+
+
+def with_runner(flow_fn: Any, settings: Settings) -> Any:
+    """`flow_fn` with the task runner the settings ask for."""
+    return flow_fn.with_options(task_runner=task_runner_for(settings))
+
+
 # --------------------------------------------------------------------------- assets
 
 
@@ -169,12 +201,16 @@ def _run_stages(ctx: RunContext, job: Job, run: RunStore, *, wait: bool = True) 
     engine = PrefectEngine(run_ref(ctx, job.name, run.run_id))
     on_progress = _progress_hook(job, run)
     phase = run.read_run().get("phase")
+    # each stage runs first and is materialized after, with its figures: submitting mapped
+    # tasks from inside a task would ship that task's context (its closure) to Dask
     if phase == "snapshot":
-        stats = _stage_task(job, "chunks", root, lambda: runner.snapshot(ctx, job, run, on_progress=on_progress))
+        stats = runner.snapshot(ctx, job, run, on_progress=on_progress)
+        _stage_task(job, "chunks", root, lambda: stats)
         logger.info("snapshot: %s", stats)
         phase = "plan"
     if phase == "plan":
-        stats = _stage_task(job, "requests", root, lambda: runner.plan(ctx, job, run, engine, on_progress=on_progress))
+        stats = runner.plan(ctx, job, run, engine, on_progress=on_progress)
+        _stage_task(job, "requests", root, lambda: stats)
         logger.info("plan: %s", stats)
         phase = "batches"
     if phase == "batches":
