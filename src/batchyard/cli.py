@@ -353,6 +353,8 @@ def _print_run(info: dict[str, Any]) -> None:
     t.add_row("document store", str(info.get("document_store")))
     t.add_row("provider", str(info.get("provider")))
     console.print(t)
+    if info.get("phase") == "done" and not info.get("plan", {}).get("units") and not info.get("final", {}).get("failures"):
+        console.print("nothing to do: every targeted unit is up to date (its assets are fresh); nothing was submitted")
     if info.get("phase") != "done":
         console.print(f"run {info['run_id']} is not finished (phase {info.get('phase')}): the scheduled tracker "
                       f"or `batchyard resume {info['run_id']}` finishes it")
@@ -558,6 +560,34 @@ def status(
             st.add_row(rec.key, rec.state, rec.batch_status or "", str(rec.n_requests), str(rec.n_inputs),
                        str(rec.tokens), rec.batch_id or "", note)
         console.print(st)
+
+
+@app.command()
+def assets(
+    job: Annotated[str | None, typer.Option("--job", help="Only this job (embeddings, inference-<task>).")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """Every asset of the latest run of each job: data version, when, fresh or stale (and why).
+
+    An asset is stale when the source has new or changed chunks, its code version, the task's
+    prompt version or the settings that feed it changed, or one of its checks failed.
+    """
+    from batchyard import runner
+    from batchyard.context import RunContext
+
+    with RunContext(_settings(_overrides())) as ctx:
+        rows = _guarded(lambda: {"rows": runner.asset_status(ctx, job_name=job)})["rows"]
+    if as_json:
+        _emit_json(rows)
+        return
+    t = Table(title="assets", title_justify="left")
+    for col in ("scope", "asset", "partition", "run", "data version", "materialized", "status", "reason"):
+        t.add_column(col, no_wrap=col in ("asset", "partition", "run", "status"))
+    for r in rows:
+        color = "green" if r["status"] == "fresh" else "yellow"
+        t.add_row(r["scope"], r["asset"], r["partition"], r["run_id"], (r["data_version"] or "")[:12],
+                  (r["materialized_at"] or "")[:19], f"[{color}]{r['status']}[/{color}]", "; ".join(r["reasons"]))
+    console.print(t)
 
 
 @app.command()

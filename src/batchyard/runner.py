@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 import polars as pl
 
 from batchyard import __version__
-from batchyard.assets import write_manifest
+from batchyard.assets import run_checks, write_manifest, write_run_manifests
 from batchyard.crash import crashpoint
 from batchyard.errors import RunBusy
 from batchyard.schemas import FAILURES
@@ -189,10 +189,10 @@ def _snapshot_unit(job: Job, run: RunStore, specs: list[PartitionSpec]) -> None:
                 tally[part.pid] += rows.height
     for spec, part in zip(specs, parts, strict=True):
         job.after_snapshot(part)
-        part.update_state(
-            phase="plan", companies=spec.companies, bucket=spec.bucket, buckets=spec.buckets,
-            snapshot={"chunks": counts[part.pid], "rejected": rejected[part.pid]},
-        )
+        stats = {"chunks": counts[part.pid], "rejected": rejected[part.pid]}
+        write_manifest(part, "chunks", rows=counts[part.pid], seconds=0.0, params=job.params(), metadata=stats)
+        part.update_state(phase="plan", companies=spec.companies, bucket=spec.bucket, buckets=spec.buckets,
+                          snapshot=stats)
 
 
 def _find_duplicates(run: RunStore) -> int:
@@ -257,7 +257,6 @@ def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress 
             totals[k] += v
     stats = {**totals, "partitions": len(specs), "orphans": sum(o.height for o in orphans),
              "duplicate_ids": duplicates}
-    write_manifest(run, "chunks", rows=stats.get("chunks", 0), seconds=time.perf_counter() - t0, params=job.params())
     run.update_run(phase="plan", snapshot=stats)
     add_timings(run, snapshot=time.perf_counter() - t0)
     return stats
@@ -272,7 +271,11 @@ def plan_one(ctx: RunContext, job: Job, run: RunStore, pid: str) -> dict[str, An
     state = part.read_state()
     if state.get("phase") != "plan":
         return dict(state.get("plan", {}))
+    t0 = time.perf_counter()
     stats = job.plan_partition(part)
+    checks = [c.to_json() for c in run_checks(ctx, job, part, "requests")]
+    write_manifest(part, "requests", rows=stats.get("requests", 0), seconds=time.perf_counter() - t0,
+                   params=job.params(), metadata=stats, checks=checks)
     part.update_state(phase="batches", plan=stats, planned_by=f"{socket.gethostname()}:{os.getpid()}")
     return stats
 
@@ -290,8 +293,6 @@ def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progres
             totals[k] += v
     totals = {k: round(v, 6) if isinstance(v, float) else v for k, v in totals.items()}
     _emit(on_progress, "plan", len(pids), len(pids))
-    write_manifest(run, "requests", rows=totals.get("requests", 0), seconds=time.perf_counter() - t0,
-                   params=job.params())
     run.update_run(phase="batches", state="running", plan=dict(totals))
     add_timings(run, plan=time.perf_counter() - t0)
     return dict(totals)
@@ -465,8 +466,7 @@ class _Driver:
                 continue
             if not settled(grouped.get(pid, []), cancelled=cancelled) or unloaded_parts(part):
                 continue
-            stats = self.job.finalize_partition(part, cancelled=cancelled)
-            part.update_state(phase="done", final=stats, cancelled=cancelled)
+            materialize_partition(self.ctx, self.job, part, grouped.get(pid, []), cancelled=cancelled)
 
     def all_done(self) -> bool:
         return all(p.read_state().get("phase") == "done" for p in self.parts.values())
@@ -481,6 +481,39 @@ class _Driver:
         waits = [r.not_before for r in self.records.values()
                  if r.state in ("planned", "uploaded") and r.not_before is not None]
         return min(waits) if waits else None
+
+
+def materialize_partition(ctx: RunContext, job: Job, part: PartitionStore, records: Sequence[ShardRecord], *,
+                          cancelled: bool) -> dict[str, Any]:
+    """Finish a settled, loaded partition: its `final` failures, then the batches, results and
+    sinks manifests with their checks; the partition is then done."""
+    t0 = time.perf_counter()
+    stats = job.finalize_partition(part, cancelled=cancelled)
+    params = job.params()
+    st = part.staging
+    statuses: dict[str, int] = defaultdict(int)
+    for rec in records:
+        statuses[rec.batch_status or rec.state] += 1
+    write_manifest(part, "batches", rows=len(records), seconds=0.0, params=params,
+                   metadata={"shards": len({r.shard for r in records}), "attempts": len(records),
+                             "batches": sum(1 for r in records if r.batch_id) + sum(len(r.past_batches) for r in records),
+                             "by_status": dict(statuses), "tokens": sum(r.tokens for r in records if r.attempt == 1)})
+    results = sum(st.count_rows(part.rel("results", f"{n}.parquet")) for n in part.parts("results"))
+    fails = [st.read_parquet(part.rel("failures", f"{n}.parquet")).select("code") for n in part.parts("failures")]
+    by_code = ({str(c): int(n) for c, n in pl.concat(fails).group_by("code").len().sort("code").iter_rows()}
+               if fails else {})
+    checks = [c.to_json() for c in run_checks(ctx, job, part, "results")]
+    write_manifest(part, "results", rows=results, seconds=time.perf_counter() - t0, params=params,
+                   metadata={"results": results, "failures": sum(by_code.values()), "failures_by_code": by_code,
+                             **stats}, checks=checks)
+    loads = _receipts(part)
+    sink_checks = [c.to_json() for c in run_checks(ctx, job, part, "sinks")]
+    write_manifest(part, "sinks", rows=sum(r.get("rows", 0) for r in loads), seconds=0.0, params=params,
+                   metadata={"parts": len(loads), "sinks": _sink_totals(loads)}, checks=sink_checks)
+    failed = [c["name"] for c in checks + sink_checks if not c["passed"]]
+    if failed:
+        log.error("partition %s of run %s failed check(s): %s", part.pid, part.run_id, ", ".join(failed))
+    return part.update_state(phase="done", final=stats, cancelled=cancelled, checks_failed=failed)
 
 
 def _apply_cancel_request(run: RunStore, driver: _Driver) -> bool:
@@ -607,12 +640,10 @@ def finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
     if any(p.read_state().get("phase") != "done" for p in parts):
         return info
     cancelled = info.get("state") == "cancelled"
-    t0 = time.perf_counter()
     summary = run_summary(ctx, job, run)
-    write_manifest(run, "batches", rows=summary["shard_attempts"], seconds=0.0, params=job.params())
-    write_manifest(run, "results", rows=summary["results"], seconds=time.perf_counter() - t0, params=job.params())
+    manifests = write_run_manifests(run)
+    summary["checks_failed"] = sorted({c for m in manifests.values() for c in m["checks_failed"]})
     loads = [st for p in parts for st in _receipts(p)]
-    write_manifest(run, "sinks", rows=sum(r.get("rows", 0) for r in loads), seconds=0.0, params=job.params())
     if ctx.settings.provider.delete_remote_files and not cancelled:
         delete_remote_files(ctx, run)
     return run.update_run(phase="done", state="cancelled" if cancelled else "finished", final=summary,
@@ -792,7 +823,7 @@ def rematerialize(ctx: RunContext, run_id: str, *, start: str) -> dict[str, Any]
             part.staging.delete(part.rel("loads", name))
     load_parts(ctx, job, parts)
     for part in parts:
-        job.finalize_partition(part, cancelled=bool(part.read_state().get("cancelled")))
+        materialize_partition(ctx, job, part, Ledger(part).all(), cancelled=bool(part.read_state().get("cancelled")))
     run.update_run(phase="done")
     return finish(ctx, job, run)
 
@@ -846,3 +877,63 @@ def failures_frame(run: RunStore) -> pl.DataFrame:
 def results_frame(run: RunStore) -> pl.DataFrame:
     """The run's results dataset as one frame."""
     return run.read_dataset("results")
+
+
+# --------------------------------------------------------------------------- asset freshness
+
+
+def current_job(ctx: RunContext, run: RunStore) -> Job:
+    """The job a run would be with today's settings, code and prompts (for staleness)."""
+    from batchyard.targets import Targets
+
+    info = run.read_run()
+    targets = Targets.model_validate(info["params"]["targets"])
+    if info["kind"] == "embeddings":
+        from batchyard.jobs.embeddings import EmbeddingsJob
+
+        return EmbeddingsJob(ctx, targets)
+    from batchyard.jobs.inference import InferenceJob
+
+    return InferenceJob(ctx, targets, info["params"]["task"])
+
+
+def pending_by_company(job: Job) -> dict[str, int]:
+    """Units the source holds that `job` would select now, per company (reads the source)."""
+    counts: dict[str, int] = defaultdict(int)
+    for chunks, _ in job.source_pages(job.targets):
+        if chunks.height == 0:
+            continue
+        unit = "chunk" if job.kind == "embeddings" else job.task.unit  # type: ignore[attr-defined]
+        key = "chunk_id" if unit == "chunk" else "document_id"
+        for company, n in chunks.group_by("company_id").agg(pl.col(key).n_unique()).iter_rows():
+            counts[str(company)] += int(n)
+    return dict(counts)
+
+
+def asset_status(ctx: RunContext, *, job_name: str | None = None) -> list[dict[str, Any]]:
+    """Every asset of the latest run of each job scope: data version, when, fresh or stale and why."""
+    from batchyard.assets import job_scope, staleness
+    from batchyard.storage.runs import list_runs
+
+    latest: dict[str, tuple[RunStore, Job]] = {}
+    for run in list_runs(ctx.staging):
+        if job_name is not None and run.job != job_name:
+            continue
+        info = run.read_run()
+        if info.get("state") == "dry_run" or "partitions" not in info:
+            continue
+        job = current_job(ctx, run)
+        recorded = (f"embeddings/{info['params']['space']}" if info["kind"] == "embeddings"
+                    else f"inference/{info['params']['task']}@{info['params']['task_version']}")
+        latest[recorded] = (run, job)  # runs are listed oldest first
+    out: list[dict[str, Any]] = []
+    for scope, (run, job) in sorted(latest.items()):
+        pending = pending_by_company(job)
+        for status in staleness(ctx, job, run, pending):
+            row = status.to_json()
+            row["scope"] = scope
+            if job_scope(job) != scope:
+                row["status"] = "stale"
+                row["reasons"] = [*row["reasons"], f"now {job_scope(job)}"]
+            out.append(row)
+    return out

@@ -53,11 +53,56 @@ def test_embeddings_flow_materializes_every_asset(tmp_path: Path) -> None:
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs()
     names = {r.name for r in runs}
-    assert {"chunks", "requests", "batches", "results", "sinks", "submit", "track", "load"} <= names
+    assert {"submit", "track", "load"} <= names
+    assert {f"{a}-p0000" for a in ("chunks", "requests", "batches", "results", "sinks")} <= names
     assert any(n.startswith("plan-p0000") for n in names) and any(n.startswith("collect-p0000-s0000") for n in names)
+    events = asset_events(info["run_id"], expect=("chunks", "requests", "batches", "results", "sinks"))
+    by_key = {e.resource.id.split("@")[0]: e for e in events}
+    space = "text_embedding_3_small_16"
+    for asset in ("chunks", "requests", "batches", "results", "sinks"):
+        event = by_key[f"batchyard://embeddings/{space}/{asset}"]
+        payload = event.payload
+        assert payload["run_id"] == info["run_id"] and payload["partition"] == "p0000"
+        assert payload["data_version"] and payload["code_version"] and payload["staging_path"]
+        assert isinstance(payload["rows"], int)
+    assert by_key[f"batchyard://embeddings/{space}/results"].payload["failures_by_code"] == {}
+    assert by_key[f"batchyard://embeddings/{space}/results"].payload["checks"]["every_unit_once"] == "passed"
+    assert by_key[f"batchyard://embeddings/{space}/requests"].payload["tokens"] > 0
+    upstream = {r.id for r in by_key[f"batchyard://embeddings/{space}/chunks"].related}
+    assert "mongodb://standin/batchyard/chunks" in upstream  # the source collection is an asset
+    assert any(k.startswith("milvus://") for k in by_key)  # so are the collections results land in
+    assert any(k.startswith("mongodb://standin/batchyard/chunks/batchyard.") for k in by_key)
     # a second flow run finds nothing new
     again = embeddings_flow(targets=targets, overrides=overrides(tmp_path))
     assert again["plan"]["requests"] == 0
+
+
+def asset_events(run_id: str, *, expect: tuple[str, ...] = ("batches", "results", "sinks"),
+                 wait_s: float = 30.0) -> list[Any]:
+    """The asset materialization events of a run (events reach the API a few seconds late)."""
+    import time
+
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.events.worker import EventsWorker
+
+    EventsWorker.drain_all()
+    deadline = time.monotonic() + wait_s
+    found: list[Any] = []
+    while time.monotonic() < deadline:
+        with get_client(sync_client=True) as client:
+            page = client.read_events(EventFilter(event=EventNameFilter(name=[
+                "prefect.asset.materialization.succeeded"])), limit=50)
+            events = list(page.events)
+            while page.next_page:
+                page = client.read_events_page(page.next_page)
+                events += page.events
+        found = [e for e in events if e.payload.get("run_id") == run_id]
+        names = {e.resource.id.split("@")[0].rsplit("/", 1)[-1] for e in found}
+        if set(expect) <= names:
+            break
+        time.sleep(0.5)
+    return found
 
 
 def test_inference_flow_runs_a_task(tmp_path: Path) -> None:
@@ -102,3 +147,7 @@ def test_tracker_flow_drives_open_runs_to_the_end(tmp_path: Path) -> None:
             break
     assert info["state"] == "finished" and info["final"]["results"] == 40
     assert out and out[0]["run_id"] == run.run_id
+    # the tracker emits what a flow emits when it finishes a run: materializations with metadata
+    events = {e.resource.id.split("@")[0].rsplit("/", 1)[-1]: e for e in asset_events(run.run_id)}
+    assert {"batches", "results", "sinks"} <= set(events)
+    assert events["results"].payload["rows"] == 40 and events["sinks"].payload["checks"]["sinks_match_results"] == "passed"

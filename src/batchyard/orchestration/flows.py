@@ -37,7 +37,6 @@ from prefect.assets import Asset, materialize  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
 
 from batchyard import runner  # noqa: E402
-from batchyard.assets import ASSETS  # noqa: E402
 from batchyard.context import RunContext, RunRef, context_for, register, run_ref  # noqa: E402
 from batchyard.errors import RunBusy, TerminalError  # noqa: E402
 from batchyard.settings import load_settings  # noqa: E402
@@ -162,23 +161,59 @@ def with_runner(flow_fn: Any, settings: Settings) -> Any:
 # --------------------------------------------------------------------------- assets
 
 
-def asset_key(job: Job, key: str, root: str) -> str:
-    """`batchyard://<job>/<space or task@version>/<asset>` (plus the staging root)."""
-    from batchyard.assets import asset_key as make_key
-
-    return make_key(job, key, root)
+def _asset(key: str, description: str = "") -> Asset:
+    return Asset(key=key, properties={"description": description[:2500]} if description else None)
 
 
-def _asset(job: Job, key: str, root: str) -> Asset:
-    spec = next(a for a in ASSETS if a.key == key)
-    return Asset(key=asset_key(job, key, root), properties={"description": spec.description})
+def _materialize_stage(ctx: RunContext, job: Job, run: RunStore, asset: str) -> None:
+    """One materialization per partition of `asset`, with its manifest's figures as metadata.
 
+    Upstream: the previous asset of the graph (for `chunks`, the MongoDB source collection);
+    `sinks` also materializes the Milvus and MongoDB collections the results went to. Each of
+    the asset's checks becomes a `batchyard.asset.check.passed|failed` event.
+    """
+    from prefect.assets import add_asset_metadata
+    from prefect.events import emit_event
 
-def _stage_task(job: Job, key: str, root: str, fn: Callable[[], T]) -> T:
-    spec = next(a for a in ASSETS if a.key == key)
-    deps = [_asset(job, d, root) for d in spec.deps]
-    stage = materialize(_asset(job, key, root), cache_policy=NO_CACHE, task_run_name=key, asset_deps=deps)(fn)
-    return stage()  # type: ignore[no-any-return]
+    from batchyard.assets import (
+        ASSET_BY_KEY,
+        asset_key,
+        read_manifest,
+        source_asset_key,
+        target_asset_keys,
+    )
+
+    root = ctx.staging.root
+    spec = ASSET_BY_KEY[asset]
+    key = asset_key(job, asset, root)
+    deps = [_asset(asset_key(job, d, root)) for d in spec.deps] or [_asset(source_asset_key(ctx), "MongoDB chunks")]
+    targets = [_asset(k, "where the results are stored") for k in target_asset_keys(ctx, job)] if asset == "sinks" else []
+    for part in run.partitions():
+        manifest = read_manifest(part, asset)
+        if manifest is None:
+            continue
+        checks = manifest.get("checks", [])
+        metadata = {
+            "run_id": run.run_id, "partition": part.pid, "rows": manifest["rows"],
+            "data_version": manifest["data_version"], "code_version": manifest["code_version"],
+            "inputs": manifest["inputs"], "staging_path": manifest["paths"][0], **manifest.get("metadata", {}),
+            "checks": {c["name"]: "passed" if c["passed"] else f"failed: {c['detail']}" for c in checks},
+        }
+
+        def body(metadata: dict[str, Any] = metadata) -> int:
+            for target in [key, *(t.key for t in targets)]:
+                add_asset_metadata(target, metadata)
+            return int(metadata["rows"])
+
+        materialize(_asset(key, spec.description), *targets, by="batchyard", cache_policy=NO_CACHE,
+                    task_run_name=f"{asset}-{part.pid}", asset_deps=deps)(body)()
+        for check in checks:
+            emit_event(
+                event=f"batchyard.asset.check.{'passed' if check['passed'] else 'failed'}",
+                resource={"prefect.resource.id": key, "batchyard.check": check["name"],
+                          "batchyard.partition": part.pid, "batchyard.run": run.run_id},
+                payload={"detail": check["detail"], **check.get("metadata", {})},
+            )
 
 
 def _progress_hook(job: Job, run: RunStore) -> Callable[[dict[str, Any]], None]:
@@ -197,7 +232,6 @@ def _progress_hook(job: Job, run: RunStore) -> Callable[[dict[str, Any]], None]:
 
 def _run_stages(ctx: RunContext, job: Job, run: RunStore, *, wait: bool = True) -> dict[str, Any]:
     logger = get_run_logger()
-    root = ctx.staging.root
     engine = PrefectEngine(run_ref(ctx, job.name, run.run_id))
     on_progress = _progress_hook(job, run)
     phase = run.read_run().get("phase")
@@ -205,12 +239,12 @@ def _run_stages(ctx: RunContext, job: Job, run: RunStore, *, wait: bool = True) 
     # tasks from inside a task would ship that task's context (its closure) to Dask
     if phase == "snapshot":
         stats = runner.snapshot(ctx, job, run, on_progress=on_progress)
-        _stage_task(job, "chunks", root, lambda: stats)
+        _materialize_stage(ctx, job, run, "chunks")
         logger.info("snapshot: %s", stats)
         phase = "plan"
     if phase == "plan":
         stats = runner.plan(ctx, job, run, engine, on_progress=on_progress)
-        _stage_task(job, "requests", root, lambda: stats)
+        _materialize_stage(ctx, job, run, "requests")
         logger.info("plan: %s", stats)
         phase = "batches"
     if phase == "batches":
@@ -224,11 +258,9 @@ def _finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
     """Materialize batches, results and sinks once the run is done, with its summary artifact."""
     if any(p.read_state().get("phase") != "done" for p in run.partitions()):
         return run.read_run()
-    root = ctx.staging.root
     info = runner.finish(ctx, job, run)
-    _stage_task(job, "batches", root, lambda: info.get("final", {}).get("shard_attempts"))
-    _stage_task(job, "results", root, lambda: info.get("final", {}).get("results"))
-    _stage_task(job, "sinks", root, lambda: info.get("loads"))
+    for asset in ("batches", "results", "sinks"):
+        _materialize_stage(ctx, job, run, asset)
     final = info.get("final", {})
     rows = {**info.get("plan", {}), **{k: v for k, v in final.items() if not isinstance(v, dict)}}
     create_table_artifact(

@@ -1,0 +1,99 @@
+"""The asset graph: data versions that chain, checks that run, staleness that tells why."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from batchyard import runner
+from batchyard.assets import ASSETS, read_manifest
+from batchyard.context import RunContext
+from batchyard.jobs.embeddings import EmbeddingsJob
+from batchyard.jobs.inference import InferenceJob
+from tests.helpers import planned_run, run_of, seed
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def statuses(ctx: RunContext) -> dict[tuple[str, str, str], dict[str, Any]]:
+    return {(r["scope"].split("/")[0], r["asset"], r["partition"]): r for r in runner.asset_status(ctx)}
+
+
+def test_the_manifest_chain_walks_from_sinks_back_to_chunks(settings_factory: Any) -> None:
+    with RunContext(settings_factory(run={"partition_max_chunks": 30})) as ctx:
+        info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, 60)))
+        run = run_of(ctx, info)
+        assert len(run.partitions()) >= 2
+        for store in (run, *run.partitions()):
+            manifest = read_manifest(store, "sinks")
+            chain = ["sinks"]
+            while manifest is not None and manifest["inputs"]:
+                assert "missing" not in manifest["inputs"].values(), (store.rel(), manifest["asset"])
+                (upstream,) = manifest["inputs"]
+                manifest = read_manifest(store, upstream)
+                chain.append(upstream)
+            assert chain == ["sinks", "results", "batches", "requests", "chunks"]
+            assert manifest is not None and manifest["data_version"] != "missing"
+        checks = {c["name"]: c["passed"] for p in run.partitions() for a in ASSETS
+                  for c in (read_manifest(p, a.key) or {}).get("checks", [])}
+        assert checks == {"unique_custom_ids": True, "every_unit_once": True, "vectors_valid": True,
+                          "sinks_match_results": True}
+        assert info["final"]["checks_failed"] == [] and runner.exit_code(info) == 0
+
+
+def test_assets_go_stale_with_new_chunks_and_fresh_after_the_next_run(settings_factory: Any) -> None:
+    with RunContext(settings_factory()) as ctx:
+        targets = seed(ctx, 40, companies=1)
+        runner.execute(ctx, EmbeddingsJob(ctx, targets))
+        assert {r["status"] for r in statuses(ctx).values()} == {"fresh"}
+        # a new chunk in the targeted company: chunks and everything downstream are stale
+        first = ctx.store.chunks.find_one({})
+        ctx.store.chunks.insert_one({**first, "_id": first["_id"] + "-new", "text": "a brand new passage"})
+        stale = statuses(ctx)
+        assert stale[("embeddings", "chunks", "p0000")]["reasons"] == ["1 new or changed source unit(s)"]
+        assert stale[("embeddings", "sinks", "p0000")]["reasons"] == ["upstream is stale"]
+        # a changed text is seen too
+        ctx.store.chunks.update_one({"_id": first["_id"]}, {"$set": {"text": first["text"] + " (restated)"}})
+        assert statuses(ctx)[("embeddings", "chunks", "p0000")]["reasons"] == ["2 new or changed source unit(s)"]
+        runner.execute(ctx, EmbeddingsJob(ctx, targets))
+        assert {r["status"] for r in statuses(ctx).values()} == {"fresh"}
+        # settings that feed the data version
+        ctx.settings.limits.max_inputs_per_batch = 7
+        reasons = statuses(ctx)[("embeddings", "chunks", "p0000")]["reasons"]
+        assert any("limits.max_inputs_per_batch" in r for r in reasons)
+
+
+def test_editing_a_prompt_makes_the_task_assets_stale(settings_factory: Any, tmp_path: Path) -> None:
+    prompts = tmp_path / "prompts-copy"
+    shutil.copytree(REPO / "prompts", prompts)
+    with RunContext(settings_factory(prompts_dir=str(prompts))) as ctx:
+        targets = seed(ctx, 12, companies=1)
+        runner.execute(ctx, InferenceJob(ctx, targets, "classify"))
+        assert {r["status"] for r in statuses(ctx).values()} == {"fresh"}
+        prompt = next((prompts / "classify").glob("*.md"))
+        prompt.write_text(prompt.read_text() + "\nBe concise.\n")
+        rows = statuses(ctx)
+        chunks = rows[("inference", "chunks", "p0000")]
+        assert chunks["status"] == "stale" and any("task_version" in r for r in chunks["reasons"])
+        runner.execute(ctx, InferenceJob(ctx, targets, "classify"))
+        rows = statuses(ctx)
+        fresh_scope = [r for r in runner.asset_status(ctx) if r["run_id"] == max(r["run_id"] for r in rows.values())]
+        assert {r["status"] for r in fresh_scope} == {"fresh"}
+
+
+def test_a_failed_check_marks_the_asset_stale_and_the_run_exits_5(settings_factory: Any) -> None:
+    with RunContext(settings_factory()) as ctx:
+        targets = seed(ctx, 30, companies=1)
+        job = EmbeddingsJob(ctx, targets)
+        run = planned_run(ctx, job)
+        # a source chunk is deleted while the run is in flight: its vector loads, its mark cannot
+        gone = ctx.store.chunks.find_one({})["_id"]
+        ctx.store.chunks.delete_one({"_id": gone})
+        runner.drive(ctx, job, run)
+        info = runner.finish(ctx, job, run)
+        assert info["final"]["checks_failed"] == ["sinks_match_results"] and runner.exit_code(info) == 5
+        sinks = statuses(ctx)[("embeddings", "sinks", "p0000")]
+        assert sinks["status"] == "stale" and sinks["reasons"] == ["failed check(s): sinks_match_results"]
+        detail = read_manifest(run.partition("p0000"), "sinks")["checks"][0]["detail"]
+        assert "marks=29" in detail and "milvus=30" in detail
