@@ -31,6 +31,8 @@ def cli(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str, floa
     t0 = time.monotonic()
     out = subprocess.run([sys.executable, "-m", "batchyard.cli", *args], cwd=cwd, env=env, capture_output=True,
                          text=True, timeout=3600)
+    if out.returncode not in (0, 3, 4):
+        raise RuntimeError(f"batchyard {' '.join(args)} exited {out.returncode}: {out.stderr[-2000:]}")
     return out.returncode, out.stdout, time.monotonic() - t0
 
 
