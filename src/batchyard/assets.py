@@ -220,7 +220,7 @@ def write_manifest(
 
 def write_run_manifests(run: RunStore) -> dict[str, dict[str, Any]]:
     """The run's roll-up manifests: per asset, a version over its partitions' versions."""
-    out = {}
+    out: dict[str, dict[str, Any]] = {}
     parts = run.partitions()
     for spec in ASSETS:
         manifests = [m for p in parts if (m := read_manifest(p, spec.key)) is not None]
@@ -352,8 +352,9 @@ def _sinks_match_results(ctx: RunContext, job: Job, part: PartitionStore) -> Che
     else:
         units = results["unit_id"].to_list()
         coll = ctx.store.collection(job.results_collection)  # type: ignore[attr-defined]
-        stored = sum(coll.count_documents({"task": job.task.name, "task_version": job.task_version,  # type: ignore[attr-defined]
-                                           "unit_id": {"$in": units[i : i + 1000]}})
+        task, version = job.task.name, job.task_version  # type: ignore[attr-defined]
+        stored = sum(int(coll.count_documents({"task": task, "task_version": version,
+                                               "unit_id": {"$in": units[i : i + 1000]}}))
                      for i in range(0, len(units), 1000))
         metadata = {"results": len(units), "mongo": stored}
         ok = stored == len(units)

@@ -121,6 +121,7 @@ class BatchApi:
                     return fn()
         except RetryError as exc:
             last = exc.last_attempt.exception()
+            assert last is not None  # a failed attempt always carries its exception
             raise ApiTransientError(operation, _status(last), _message(last)) from None
         except openai.OpenAIError as exc:
             if is_transient(exc):  # pragma: no cover - tenacity handles these

@@ -237,7 +237,7 @@ def _request_outcomes(requests: pl.DataFrame, flat: pl.DataFrame, batch_ended_as
     """One outcome per planned request from its line (or the lack of one)."""
     joined = requests.select("custom_id").join(flat, on="custom_id", how="left")
     missing_outcome = "retry" if batch_ended_as == "completed" else "requeue"
-    rows = []
+    rows: list[tuple[Any, ...]] = []
     for r in joined.iter_rows(named=True):
         sc, cid = r["status_code"], r["custom_id"]
         if sc == 200:

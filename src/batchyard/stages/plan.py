@@ -36,16 +36,16 @@ if TYPE_CHECKING:
 
 REQUESTS = pl.Schema(
     {
-        "custom_id": pl.String,
-        "shard": pl.String,
-        "attempt": pl.Int64,
-        "spent": pl.Int64,  # attempts that used retry budget before this one
-        "requeues": pl.Int64,  # times it came back unfinished (expired/cancelled) before this one
-        "unit_ids": pl.List(pl.String),
-        "n_inputs": pl.Int64,
-        "tokens": pl.Int64,
-        "bytes": pl.Int64,
-        "line": pl.String,
+        "custom_id": pl.String(),
+        "shard": pl.String(),
+        "attempt": pl.Int64(),
+        "spent": pl.Int64(),  # attempts that used retry budget before this one
+        "requeues": pl.Int64(),  # times it came back unfinished (expired/cancelled) before this one
+        "unit_ids": pl.List(pl.String()),
+        "n_inputs": pl.Int64(),
+        "tokens": pl.Int64(),
+        "bytes": pl.Int64(),
+        "line": pl.String(),
     }
 )
 
@@ -182,7 +182,8 @@ def embedding_requests(
     enc = pl.struct(pl.col("text").alias("t")).struct.json_encode().str.len_bytes().cast(pl.Int64) - len('{"t":}')
     df = df.with_columns(nbytes=enc)
     empty = pl.DataFrame({"custom_id": ["e" * _EMB_ID_LEN], "texts": [[]]}, schema={"custom_id": pl.String, "texts": pl.List(pl.String)})
-    overhead = int(_lines(empty, "/v1/embeddings", pl.struct(**body))["line"].str.len_bytes()[0]) + 1
+    body_struct = pl.struct([expr.alias(name) for name, expr in body.items()])
+    overhead = int(_lines(empty, "/v1/embeddings", body_struct)["line"].str.len_bytes()[0]) + 1
     req, shard = _next_fit(
         df["tokens"].to_numpy(), df["nbytes"].to_numpy(), overhead=overhead,
         max_inputs_per_request=limits.max_inputs_per_request,
@@ -204,7 +205,7 @@ def embedding_requests(
             n_inputs=pl.col("unit_ids").list.len().cast(pl.Int64),
         )
     )
-    out = _with_bytes(_lines(reqs, "/v1/embeddings", pl.struct(**body)), keep=["shard_no"])
+    out = _with_bytes(_lines(reqs, "/v1/embeddings", body_struct), keep=["shard_no"])
     return out.with_columns(shard=_shard_ids(pl.col("shard_no"))).select(REQUESTS.names())
 
 
@@ -265,8 +266,8 @@ def _next_fit(
     return req, shard
 
 
-def _shard_ids(number: pl.Expr, prefix: str = "s") -> pl.Expr:
-    return pl.format("{}{}", pl.lit(prefix), number.cast(pl.String).str.zfill(5))
+def _shard_ids(number: pl.Expr | pl.Series, prefix: str = "s") -> pl.Expr:
+    return pl.format("{}{}", pl.lit(prefix), pl.lit(number).cast(pl.String).str.zfill(5))
 
 
 def inference_requests(bodies: pl.DataFrame, *, endpoint: str) -> pl.DataFrame:

@@ -18,6 +18,7 @@ S3 and resumed elsewhere finds its staged files but not that local state.
 
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import logging
@@ -161,7 +162,7 @@ class Staging:
         names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._ls(rel_dir)]
         return sorted(n for n in names if n.endswith(suffix) and not n.startswith(".tmp-"))
 
-    def list_dirs(self, rel_dir: str) -> list[str]:
+    def list_dirs(self, rel_dir: str) -> builtins.list[str]:
         """Sorted sub-directory names of a directory."""
         names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._ls(rel_dir) if e["type"] == "directory"]
         return sorted(names)
@@ -229,7 +230,7 @@ class Staging:
             return pl.read_parquet(io.BytesIO(self.read_bytes(rel)))
         return pl.read_parquet(self.path(rel))
 
-    def scan_parquet(self, rels: list[str], **kwargs: Any) -> pl.LazyFrame:
+    def scan_parquet(self, rels: builtins.list[str], **kwargs: Any) -> pl.LazyFrame:
         """Lazily scan several Parquet files as one frame (on S3 through Polars' own client)."""
         if self.is_s3:
             return pl.scan_parquet([self.path(r) for r in rels], storage_options=self.polars_options(), **kwargs)

@@ -327,7 +327,7 @@ class InferenceTask:
             finish = reason if status == "incomplete" and reason else status
             truncated = status == "incomplete" and reason != "content_filter"
             filtered = status == "incomplete" and reason == "content_filter"
-        common = {"raw_text": text, "finish_reason": finish, "usage": usage}
+        common: dict[str, Any] = {"raw_text": text, "finish_reason": finish, "usage": usage}
         if refusal:
             return ParseOutcome(
                 "refusal", refusal=refusal, error=f"model refused: {refusal}", **common

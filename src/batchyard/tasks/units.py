@@ -29,14 +29,14 @@ SEPARATOR = "\n\n"
 
 UNITS = pl.Schema(
     {
-        "unit_id": pl.String,
-        "company_id": pl.String,
-        "document_id": pl.String,
-        "chunk_ids": pl.List(pl.String),
-        "text": pl.String,
-        "text_sha256": pl.String,
-        "n_tokens": pl.Int64,
-        "truncated": pl.Boolean,
+        "unit_id": pl.String(),
+        "company_id": pl.String(),
+        "document_id": pl.String(),
+        "chunk_ids": pl.List(pl.String()),
+        "text": pl.String(),
+        "text_sha256": pl.String(),
+        "n_tokens": pl.Int64(),
+        "truncated": pl.Boolean(),
     }
 )
 
