@@ -267,7 +267,8 @@ def _next_fit(
 
 
 def _shard_ids(number: pl.Expr | pl.Series, prefix: str = "s") -> pl.Expr:
-    return pl.format("{}{}", pl.lit(prefix), pl.lit(number).cast(pl.String).str.zfill(5))
+    expr = number if isinstance(number, pl.Expr) else pl.lit(number)
+    return pl.format("{}{}", pl.lit(prefix), expr.cast(pl.String).str.zfill(5))
 
 
 def inference_requests(bodies: pl.DataFrame, *, endpoint: str) -> pl.DataFrame:
