@@ -235,20 +235,23 @@ def create_app(
         if request.method != "POST" or request.url.path not in SYNC_PATHS:
             return await call_next(request)
         at = time.monotonic()
-        seen: dict[str, Any] = {}
+        seen: dict[str, Any] = {"status": 499}  # 499 stays if the client hung up first
         request.state.sync_call = seen  # filled in by the route once it has read the body
-        response: Response = await call_next(request)
-        sync.record(
-            SyncCall(
-                at=at,
-                path=request.url.path,
-                status=response.status_code,
-                tokens=seen.get("tokens", 0),
-                digest=seen.get("digest", ""),
-                arrival=seen.get("arrival", 0),
+        try:
+            response: Response = await call_next(request)
+            seen["status"] = response.status_code
+            return response
+        finally:
+            sync.record(
+                SyncCall(
+                    at=at,
+                    path=request.url.path,
+                    status=seen["status"],
+                    tokens=seen.get("tokens", 0),
+                    digest=seen.get("digest", ""),
+                    arrival=seen.get("arrival", 0),
+                )
             )
-        )
-        return response
 
     if keys:  # added last, so it runs first: nothing is done for a request without a key
         app.add_middleware(BearerAuth, keys=keys)

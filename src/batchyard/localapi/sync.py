@@ -14,8 +14,9 @@ arrived, so a retry draws afresh and a run is reproducible whatever the order in
 concurrent calls arrive.
 
 Every call that passed the key check is recorded as a `SyncCall` (arrival time, status, prompt
-tokens): tests read `LocalServer.sync_calls()` to check, from the server's side, that a client
-kept to the rates it was configured with.
+tokens) once it was answered (a slow call only after its delay): tests read
+`LocalServer.sync_calls()` to check, from the server's side, that a client kept to the rates it
+was configured with.
 """
 
 from __future__ import annotations
