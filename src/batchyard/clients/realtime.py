@@ -42,7 +42,10 @@ consumes nothing and says how long to wait. When the tokens are refused after th
 was granted, that slot is spent unused (as a server counts a rejected call; at most one per
 request that had to wait for its tokens), which can only make the lane slower, never faster
 than configured. So in any window of `rate_window_s`, the
-requests started (retries included) and their tokens stay within the configured rates.
+requests started (retries included) and their tokens stay within the configured rates. Each
+window is counted `arrival_margin_s` longer than that: a burst of calls granted together reaches
+the server spread over tens of ms, and without the margin the server, counting by arrival, could
+see the next window's first calls and this window's last ones inside one window.
 """
 
 from __future__ import annotations
@@ -107,6 +110,14 @@ class RealtimeSettings(BaseModel):
         "rata (rounded down): 60 is per minute; 1 spreads them evenly, as a provider that "
         "enforces per-minute limits per second would want.",
     )
+    arrival_margin_s: float = Field(
+        default=0.2,
+        ge=0,
+        le=10,
+        description="Each window is counted this much longer, so that calls the network and the "
+        "threads delay unevenly (by up to this much) still reach the server within the rates "
+        "counted over exactly rate_window_s (costs margin/window of the throughput).",
+    )
     concurrency: int = Field(default=8, gt=0, le=256, description="Requests in flight at most.")
     max_retries: int = Field(
         default=6, ge=0, le=50, description="Retries of one request (429, 408/409/5xx, timeouts)."
@@ -137,7 +148,7 @@ class RateLimits:
 
     def __init__(self, settings: RealtimeSettings) -> None:
         share = settings.rate_window_s / 60
-        window_ms = max(1, round(settings.rate_window_s * 1000))
+        window_ms = max(1, round((settings.rate_window_s + settings.arrival_margin_s) * 1000))
         self.window_s = settings.rate_window_s
         self.max_requests = max(1, math.floor(settings.requests_per_minute * share))
         self.max_tokens = max(1, math.floor(settings.tokens_per_minute * share))
