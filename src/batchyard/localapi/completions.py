@@ -57,14 +57,18 @@ class Completion:
 
 
 def simulate_completion(
-    endpoint: str, custom_id: str, body: dict[str, Any], *, text_markers: bool
+    endpoint: str, body: dict[str, Any], *, choice: int = 0, text_markers: bool
 ) -> Completion:
-    """Deterministic answer (seeded by custom_id and the prompt) honouring the output format."""
+    """Deterministic answer honouring the output format, seeded by the prompt and `choice`.
+
+    The answer depends on the request body alone (like a model at temperature 0), so the same
+    body gets the same answer in a batch and on the synchronous endpoint.
+    """
     prompt = user_text(endpoint, body)
     marker = find_marker(prompt) if text_markers else None
     if marker == "refusal":
         return Completion(None, REFUSAL_TEXT)
-    material = custom_id + "\x00" + dumps(body.get("messages") or body.get("input") or "")
+    material = f"{choice}\x00" + dumps(body.get("messages") or body.get("input") or "")
     rng = random.Random(hashlib.sha256(material.encode("utf-8")).digest())
     words = words_from(strip_markers(prompt))
     kind, schema = response_format(endpoint, body)

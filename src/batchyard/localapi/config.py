@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, SecretStr
 
@@ -57,10 +57,42 @@ class FaultConfig(BaseModel):
         description="Honour `[[fault:<kind>]]` markers in request text (refusal, invalid_json, "
         "schema_violation, truncated, error400, error500).",
     )
+    sync_429_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of synchronous calls (/v1/embeddings, /v1/chat/completions, "
+        "/v1/responses) answered 429 with a Retry-After, as a rate limit would.",
+    )
+    sync_retry_after_s: float = Field(
+        default=1.0,
+        ge=0,
+        le=3600,
+        description="Retry-After of those 429s: whole seconds (rounded up) in `retry-after`, "
+        "and the exact value in `retry-after-ms` when it is not a whole number of seconds.",
+    )
+    sync_5xx_rate: float = Field(
+        default=0.0, ge=0, le=1, description="Share of synchronous calls answered with a 5xx."
+    )
+    sync_5xx_statuses: list[Annotated[int, Field(ge=500, le=599)]] = Field(
+        default=[500, 502, 503], min_length=1, description="Statuses those 5xx are drawn from."
+    )
+    sync_slow_rate: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Share of synchronous calls answered only after sync_slow_s (a client with "
+        "a shorter timeout times out; the server still does the work).",
+    )
+    sync_slow_s: float = Field(default=5.0, ge=0, le=600, description="Delay of a slow answer.")
     exit_after_requests: int | None = Field(
         default=None, ge=1, description="Kill the server process (SIGKILL) after N processed requests."
     )
-    seed: int = Field(default=0, description="Seed for rate-based faults (deterministic per custom_id).")
+    seed: int = Field(
+        default=0,
+        description="Seed for rate-based faults (deterministic per custom_id; for synchronous "
+        "calls per request body and how many times that body arrived).",
+    )
 
 
 class LocalApiConfig(BaseModel):

@@ -30,7 +30,8 @@ from batchyard.localapi.completions import (
     responses_body,
     simulate_completion,
 )
-from batchyard.localapi.texts import embedding_inputs
+from batchyard.localapi.faults import find_marker
+from batchyard.localapi.texts import embedding_inputs, user_text
 from batchyard.localapi.vectors import (
     base64_rows,
     float_json_rows,
@@ -54,6 +55,7 @@ __all__ = [
     "error_result",
     "hash_embedding",
     "make_executor",
+    "marker_error",
 ]
 
 
@@ -70,6 +72,20 @@ class ExecResult:
 def error_result(status: int, message: str | None = None) -> ExecResult:
     """An HTTP error answer with an OpenAI error body."""
     return ExecResult(status, dumps(shapes.status_error_body(status, message)))
+
+
+def marker_error(endpoint: str, body: dict[str, Any], *, text_markers: bool) -> ExecResult | None:
+    """The HTTP error a `[[fault:error400]]` or `[[fault:error500]]` marker asks for, else None.
+
+    Shared by the batch worker and the synchronous endpoints, so a marked request fails the same
+    way in both lanes.
+    """
+    marker = find_marker(user_text(endpoint, body)) if text_markers else None
+    if marker not in ("error400", "error500"):
+        return None
+    return error_result(
+        int(marker[-3:]), f"Injected error: the request text carries [[fault:{marker}]]."
+    )
 
 
 # ---------------------------------------------------------------------------- executors
@@ -222,12 +238,7 @@ class SchemaChatExecutor(Executor):
         n = body.get("n") if self.endpoint == "/v1/chat/completions" else 1
         n = n if isinstance(n, int) and 1 <= n <= 16 else 1
         answers = [
-            simulate_completion(
-                self.endpoint,
-                item.custom_id if i == 0 else f"{item.custom_id}#{i}",
-                body,
-                text_markers=self.text_markers,
-            )
+            simulate_completion(self.endpoint, body, choice=i, text_markers=self.text_markers)
             for i in range(n)
         ]
         encoding = encoding_for_model(model)

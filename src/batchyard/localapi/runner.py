@@ -26,6 +26,7 @@ from batchyard.localapi.auth import ServeError, ServeRefused, check_bind, load_a
 from batchyard.localapi.config import LocalApiConfig
 from batchyard.localapi.server import create_app
 from batchyard.localapi.store import Store
+from batchyard.localapi.sync import SyncCall, SyncEndpoints
 from batchyard.localapi.worker import Worker
 
 __all__ = ["LocalServer", "ServeError", "ServeRefused", "ServerProcess", "announce", "serve"]
@@ -87,6 +88,7 @@ class LocalServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._sock: socket.socket | None = None
+        self._sync: SyncEndpoints | None = None
         self.port: int | None = None
 
     @property
@@ -95,6 +97,13 @@ class LocalServer:
         if self.port is None:
             raise RuntimeError("the local Batch API server is not running")
         return f"http://{_url_host(self.config.host)}:{self.port}/v1"
+
+    def sync_calls(self) -> list[SyncCall]:
+        """Every synchronous call the server received since it started, oldest first.
+
+        Kept after `stop()`, so a test can read them once the server is down.
+        """
+        return self._sync.calls() if self._sync is not None else []
 
     def start(self) -> LocalServer:
         """Start the worker and the HTTP server; returns self once the server answers."""
@@ -105,6 +114,7 @@ class LocalServer:
         try:
             self.worker = Worker(self.store, self.config)
             app = create_app(self.config, self.store, self.worker, keys)
+            self._sync = app.state.sync
             self._sock = _bind(self.config.host, self.config.port)
             self.port = self._sock.getsockname()[1]
             self._server = uvicorn.Server(

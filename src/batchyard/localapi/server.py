@@ -1,5 +1,9 @@
 """The HTTP app: OpenAI's Files and Batches endpoints over a `Store`, driven by a `Worker`.
 
+It also answers the synchronous endpoints (`POST /v1/embeddings`, `/v1/chat/completions`,
+`/v1/responses`) with the worker's executors, for the real-time lane (see `sync`); every such
+call is recorded (`app.state.sync.calls()`).
+
 Errors are answered in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`. With
 keys configured, `auth.BearerAuth` sits in front of every route but /healthz and answers a
 missing or wrong key 401 before anything else runs. With `faults.transient_error_rate` > 0 a
@@ -14,6 +18,7 @@ never held in memory whole.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import random
 import threading
@@ -31,6 +36,7 @@ from starlette.formparsers import MultiPartParser
 
 from batchyard.localapi import shapes
 from batchyard.localapi.auth import BearerAuth, KeyRing, load_api_keys
+from batchyard.localapi.sync import SYNC_PATHS, SyncCall, SyncEndpoints
 
 if TYPE_CHECKING:
     from batchyard.localapi.config import LocalApiConfig
@@ -221,12 +227,60 @@ def create_app(
                 return JSONResponse(body, status_code=status, headers=headers)
         return await call_next(request)
 
+    sync = SyncEndpoints(faults, worker.executor)
+    app.state.sync = sync
+
+    @app.middleware("http")  # outside the transient faults: their answers are recorded too
+    async def _record_sync(request: Request, call_next: Any) -> Response:
+        if request.method != "POST" or request.url.path not in SYNC_PATHS:
+            return await call_next(request)
+        at = time.monotonic()
+        seen: dict[str, Any] = {"status": 499}  # 499 stays if the client hung up first
+        request.state.sync_call = seen  # filled in by the route once it has read the body
+        try:
+            response: Response = await call_next(request)
+            seen["status"] = response.status_code
+            return response
+        finally:
+            sync.record(
+                SyncCall(
+                    at=at,
+                    path=request.url.path,
+                    status=seen["status"],
+                    tokens=seen.get("tokens", 0),
+                    digest=seen.get("digest", ""),
+                    arrival=seen.get("arrival", 0),
+                )
+            )
+
     if keys:  # added last, so it runs first: nothing is done for a request without a key
         app.add_middleware(BearerAuth, keys=keys)
 
     @app.get("/healthz")
     def healthz() -> dict[str, str]:
         return {"status": "ok"}
+
+    # ------------------------------------------------------------------ synchronous endpoints
+    async def sync_call(request: Request) -> Response:
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > config.max_upload_bytes:
+            raise _too_large(config.max_upload_bytes)
+        raw = await request.body()
+        answer = await run_in_threadpool(sync.answer, request.url.path, raw)
+        seen = getattr(request.state, "sync_call", None)
+        if isinstance(seen, dict):
+            seen.update(tokens=answer.tokens, digest=answer.digest, arrival=answer.arrival)
+        if answer.delay_s > 0:
+            await asyncio.sleep(answer.delay_s)
+        return Response(
+            answer.body,
+            status_code=answer.status,
+            headers=answer.headers,
+            media_type="application/json",
+        )
+
+    for path in SYNC_PATHS:
+        app.add_api_route(path, sync_call, methods=["POST"], include_in_schema=False)
 
     # ------------------------------------------------------------------ files
     def _file_or_404(file_id: str) -> dict[str, Any]:

@@ -307,3 +307,27 @@ def token_limit_message(model: str, cap: int) -> str:
         f"Enqueued token limit reached for {model} in organization org-local. Limit: {cap:,} "
         "enqueued tokens. Please try again once some in_progress batches have been completed."
     )
+
+
+def validate_body(endpoint: str, body: Any) -> RequestLine:
+    """Check one synchronous request body like a batch line's body; its prompt tokens counted.
+
+    Raises:
+        shapes.ApiError: 400 in OpenAI's shape for the first problem (the `param` without the
+            `body.` prefix a batch line error carries).
+    """
+    errs = _Errors()
+    if not isinstance(body, dict):
+        errs.add("invalid_value", "The request body must be a JSON object.")
+    elif not isinstance(body.get("model"), str) or not body["model"]:
+        errs.add("missing_required_parameter", "Missing required parameter: 'model'.", param="model")
+    elif _check_body(endpoint, body, 1, errs):
+        result = ValidationResult(model=body["model"])
+        result.requests.append(RequestLine(0, 1, "sync", body))
+        _count_tokens(result, endpoint, errs)
+        if not errs.items:
+            return result.requests[0]
+    first = errs.items[0]
+    param = first["param"].removeprefix("body.") if first["param"] else None
+    message = first["message"].replace("'body.", "'")
+    raise shapes.ApiError(400, message, param=param, code=first["code"])

@@ -24,11 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from batchyard.localapi import shapes
-from batchyard.localapi.executors import ExecResult, Executor, error_result, make_executor
-from batchyard.localapi.faults import find_marker, request_error_hit
+from batchyard.localapi.executors import (
+    ExecResult,
+    Executor,
+    error_result,
+    make_executor,
+    marker_error,
+)
+from batchyard.localapi.faults import request_error_hit
 from batchyard.localapi.progress import Job, ProgressEntry, scan_progress
 from batchyard.localapi.store import open_private
-from batchyard.localapi.texts import user_text
 from batchyard.localapi.validation import RequestLine, token_limit_message, validate_input
 
 if TYPE_CHECKING:
@@ -68,6 +73,10 @@ class Worker:
         for rec in store.batch_records():  # progress files of finished batches are not needed
             if rec["batch"]["status"] in shapes.TERMINAL_STATUSES:
                 store.progress_path(rec["batch"]["id"]).unlink(missing_ok=True)
+
+    def executor(self, endpoint: str) -> Executor:
+        """The executor of `endpoint` (the synchronous endpoints share the worker's)."""
+        return self._executors[endpoint]
 
     # ------------------------------------------------------------------ thread control
     def start(self) -> None:
@@ -338,12 +347,9 @@ class Worker:
         results: list[ExecResult | None] = [None] * len(items)
         run: list[int] = []
         for pos, item in enumerate(items):
-            marker = find_marker(user_text(endpoint, item.body)) if f.text_markers else None
-            if marker in ("error400", "error500"):
-                status = int(marker[-3:])
-                results[pos] = error_result(
-                    status, f"Injected error: the request text carries [[fault:{marker}]]."
-                )
+            marked = marker_error(endpoint, item.body, text_markers=f.text_markers)
+            if marked is not None:
+                results[pos] = marked
             elif request_error_hit(
                 f.seed, item.custom_id, f.request_error_rate, None if f.request_error_sticky else batch_id
             ):
