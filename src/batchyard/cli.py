@@ -72,6 +72,19 @@ Engine = Annotated[EngineChoice, typer.Option(help="prefect (flows, tasks, artif
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
 
 
+class LaneChoice(enum.StrEnum):
+    """Which lane requests take."""
+
+    batch = "batch"
+    realtime = "realtime"
+    auto = "auto"
+
+
+LaneOption = Annotated[LaneChoice | None, typer.Option(
+    "--lane", help="batch (Batch API, half price, up to 24 h), realtime (synchronous calls, same bodies), "
+    "or auto (real-time under lane.auto_max_tokens, and for a small retry tail). Default: lane.mode.")]
+
+
 @app.callback()
 def main(
     profile: Annotated[str | None, typer.Option(help="Environment profile: profiles/<name>.env.")] = None,
@@ -103,10 +116,12 @@ def _usage_error(exc: BaseException) -> NoReturn:
     _fail(exc, EXIT_USAGE)
 
 
-def _overrides(**limits: Any) -> dict[str, Any]:
+def _overrides(lane: str | None = None, **limits: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if _state.get("root"):
         out["staging"] = {"root": _state["root"]}
+    if lane is not None:
+        out["lane"] = {"mode": lane}
     lim = {k: v for k, v in limits.items() if v is not None}
     if "max_inputs_per_batch" in lim:
         lim.setdefault("max_inputs_per_request", min(2048, lim["max_inputs_per_batch"]))
@@ -344,6 +359,9 @@ def _print_run(info: dict[str, Any]) -> None:
     by_code = info.get("final", {}).get("failures_by_code")
     if by_code:
         t.add_row("failures", ", ".join(f"{k}={v}" for k, v in by_code.items()))
+    lanes = info.get("final", {}).get("lanes")
+    if lanes:
+        t.add_row("lanes", ", ".join(f"{k}: {v['tokens']:,} tokens, ${v['usd']:.4f}" for k, v in lanes.items()))
     for r in info.get("loads", []):
         t.add_row(f"load {r.get('sink')}", f"{r.get('target')}: rows={r.get('rows')}, upserted={r.get('upserted')}, "
                   f"modified={r.get('modified')}, parts={r.get('parts')}")
@@ -392,10 +410,12 @@ def embed(
     run_id: Annotated[str | None, typer.Option(help="Continue or name this run.")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the batches (default), or submit and "
                                        "return: the scheduled tracker finishes the run.")] = True,
+    lane: LaneOption = None,
     as_json: AsJson = False,
 ) -> None:
     """Embed the target chunks that are new or changed; load Milvus; mark MongoDB."""
-    over = _overrides(max_inputs_per_batch=max_inputs_per_batch, max_requests_per_batch=max_requests_per_batch)
+    over = _overrides(lane=lane.value if lane else None, max_inputs_per_batch=max_inputs_per_batch,
+                      max_requests_per_batch=max_requests_per_batch)
     info = _guarded(lambda: _run_job("embeddings", targets, engine=engine, run_id=run_id, overrides=over,
                                      wait=wait, show_progress=not as_json))
     _report(info, as_json)
@@ -410,10 +430,11 @@ def infer(
     run_id: Annotated[str | None, typer.Option(help="Continue or name this run.")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the batches (default), or submit and "
                                        "return: the scheduled tracker finishes the run.")] = True,
+    lane: LaneOption = None,
     as_json: AsJson = False,
 ) -> None:
     """Run an inference task over the target units without a result for its version."""
-    over = _overrides(max_requests_per_batch=max_requests_per_batch)
+    over = _overrides(lane=lane.value if lane else None, max_requests_per_batch=max_requests_per_batch)
     info = _guarded(lambda: _run_job("inference", targets, engine=engine, task=task, run_id=run_id,
                                      overrides=over, wait=wait, show_progress=not as_json))
     _report(info, as_json)

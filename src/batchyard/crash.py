@@ -20,6 +20,7 @@ CRASH_POINTS = (
     "during_load",
     "before_receipt",
 )
+REALTIME_CRASH_POINTS = ("during_realtime",)
 
 
 def crashpoint(name: str) -> None:

@@ -25,6 +25,7 @@ import functools
 import logging
 import os
 import socket
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import ThreadPoolExecutor
@@ -51,8 +52,10 @@ from batchyard.storage.runs import PartitionStore, RunStore, driver_id, find_run
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
+    from batchyard.clients.realtime import RateLimits
     from batchyard.context import RunContext
     from batchyard.jobs.base import Job
+    from batchyard.settings import LaneSettings
     from batchyard.targets import Targets
 
     Progress = Callable[[dict[str, Any]], None]
@@ -293,9 +296,17 @@ def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progres
             totals[k] += v
     totals = {k: round(v, 6) if isinstance(v, float) else v for k, v in totals.items()}
     _emit(on_progress, "plan", len(pids), len(pids))
-    run.update_run(phase="batches", state="running", plan=dict(totals))
+    lane = choose_lane(ctx.settings.lane, int(totals.get("tokens", 0)))
+    run.update_run(phase="batches", state="running", plan=dict(totals), lane=lane)
     add_timings(run, plan=time.perf_counter() - t0)
     return dict(totals)
+
+
+def choose_lane(settings: LaneSettings, tokens: int) -> str:
+    """The lane of a run's first pass: `batch` or `realtime` (auto: by its planned tokens)."""
+    if settings.mode == "auto":
+        return "realtime" if tokens < settings.auto_max_tokens else "batch"
+    return settings.mode
 
 
 # --------------------------------------------------------------------------- collect and load
@@ -303,7 +314,7 @@ def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progres
 
 def collect_one(ctx: RunContext, job: Job, run: RunStore, pid: str, name: str) -> list[ShardRecord]:
     """Collect one downloaded shard attempt (staging only: runs on any engine worker)."""
-    retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider)
+    retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider, ctx.settings.lane)
     return batches.collect_shard(run.partition(pid), name, job, retries)
 
 
@@ -361,7 +372,10 @@ class _Driver:
         self.parts: dict[str, PartitionStore] = {}
         self.records: dict[str, ShardRecord] = {}
         self.seconds: dict[str, float] = defaultdict(float)
-        self.retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider)
+        self.lane = str(run.read_run().get("lane", "batch"))
+        self.cancel_event = threading.Event()
+        self._limits: RateLimits | None = None
+        self.retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider, ctx.settings.lane)
 
     def claim(self) -> None:
         """Lease open partitions (at most `run.partitions_per_driver` at a time) and load their records.
@@ -428,6 +442,39 @@ class _Driver:
         self.io(lambda r: batches.submit_shard(self.parts[r.partition], api, r.name), chosen)
         return len(chosen)
 
+    def realtime(self, chosen: Sequence[ShardRecord]) -> int:
+        """Send shard attempts through the real-time lane (sharing one set of client-side limits)."""
+        from batchyard.clients.realtime import RateLimits
+
+        lane = self.ctx.settings.lane
+        if self._limits is None:
+            self._limits = RateLimits(lane.realtime)
+        client = self.ctx.api.client
+        limits = self._limits
+        self.io(lambda r: batches.run_realtime(self.parts[r.partition], client, r.name, lane, limits=limits,
+                                               cancel=self.cancel_event), chosen)
+        return len(chosen)
+
+    def realtime_due(self) -> list[ShardRecord]:
+        """Shard attempts the real-time lane takes now.
+
+        Interrupted real-time attempts; every waiting attempt when the run's lane is real-time;
+        follow-ups routed there (past the requeue limit); and, with `lane.mode = auto`, the
+        retry tail of a batch run: once its first pass is submitted, the waiting follow-ups when
+        they total fewer than `lane.tail_max_tokens`.
+        """
+        recs = list(self.records.values())
+        resumed = [r for r in recs if r.state == "submitted" and r.lane == "realtime"]
+        waiting = [r for r in recs if r.state in ("planned", "uploaded")]
+        if self.lane == "realtime":
+            return resumed + waiting
+        routed = [r for r in waiting if r.lane == "realtime"]
+        lane = self.ctx.settings.lane
+        first_pass_out = all(r.state not in ("planned", "uploaded") for r in recs if r.attempt == 1)
+        if lane.mode == "auto" and first_pass_out and waiting and sum(r.tokens for r in waiting) < lane.tail_max_tokens:
+            return resumed + waiting
+        return resumed + routed
+
     def timed(self, stage: str, fn: Callable[[], T]) -> T:
         t0 = time.perf_counter()
         try:
@@ -450,8 +497,13 @@ class _Driver:
         if loaded and self.ctx.settings.run.partitions_per_driver is not None:
             self.ctx.release_store()  # other drivers of this run take their turn with the stand-in
         if not cancelled:
+            rt = self.realtime_due()
+            if rt:
+                self.timed("realtime", lambda: self.engine.run("realtime", lambda: self.realtime(rt)))
+            taken = {r.key for r in rt}
             throttle = batches.Throttle.from_limits(self.ctx.settings.limits)
-            chosen = batches.select_submittable(list(self.records.values()), throttle, now=time.time())
+            waiting = [r for r in self.records.values() if r.key not in taken]
+            chosen = batches.select_submittable(waiting, throttle, now=time.time())
             if chosen:
                 self.timed("submit", lambda: self.engine.run("submit", lambda: self.submit(chosen)))
         self.finalize_done(cancelled=cancelled)
@@ -472,7 +524,7 @@ class _Driver:
         return all(p.read_state().get("phase") == "done" for p in self.parts.values())
 
     def cancel_live(self) -> int:
-        live = [r for r in self.records.values() if r.state == "submitted"]
+        live = [r for r in self.records.values() if r.state == "submitted" and r.lane == "batch"]
         api = self.ctx.api
         self.io(lambda r: batches.cancel_shard(self.parts[r.partition], api, r.name), live)
         return len(live)
@@ -520,8 +572,12 @@ def _apply_cancel_request(run: RunStore, driver: _Driver) -> bool:
     """Act on `batchyard cancel`: mark the run cancelled and cancel its live batches."""
     request = run.cancel_requested()
     if request is None:
-        return run.read_run().get("state") == "cancelled"
+        cancelled = run.read_run().get("state") == "cancelled"
+        if cancelled:
+            driver.cancel_event.set()
+        return cancelled
     run.update_run(state="cancelled", cancel=request)
+    driver.cancel_event.set()
     n = driver.cancel_live()
     run.clear_cancel()
     log.warning("run %s cancelled (%s): %d live batch(es) asked to cancel", run.run_id, request.get("requested_by"), n)
@@ -619,6 +675,12 @@ def run_summary(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
     cost = estimate(ctx.settings.pricing, job.model, input_tokens=int(plan_stats.get("tokens", 0)))
     reported = estimate(ctx.settings.pricing, job.model, input_tokens=usage.get("input_tokens", 0),
                         output_tokens=usage.get("output_tokens", 0))
+    sent: dict[str, int] = defaultdict(int)
+    for rec in records:
+        if rec.batch_id or rec.past_batches:
+            sent[rec.lane] += rec.tokens * (1 + len(rec.past_batches))
+    by_lane = {lane: {"tokens": n, "usd": estimate(ctx.settings.pricing, job.model, input_tokens=n)[
+        "batch_usd" if lane == "batch" else "realtime_usd"]} for lane, n in sorted(sent.items())}
     return {
         "results": results,
         "failures": sum(by_code.values()),
@@ -629,7 +691,9 @@ def run_summary(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
         "batches": sum(1 for r in records if r.batch_id) + sum(len(r.past_batches) for r in records),
         "usage": dict(usage),
         "cost_estimate_usd": cost["batch_usd"],
+        "cost_estimate_realtime_usd": cost["realtime_usd"],
         "cost_reported_usd": reported["batch_usd"],
+        "lanes": by_lane,
     }
 
 
@@ -812,7 +876,7 @@ def rematerialize(ctx: RunContext, run_id: str, *, start: str) -> dict[str, Any]
     if info.get("phase") != "done":
         raise ValueError(f"run {run_id} is in phase {info.get('phase')!r}: its batches are not settled yet")
     job = job_for_run(ctx, run)
-    retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider)
+    retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider, ctx.settings.lane)
     parts = run.partitions()
     for part in parts:
         if start == "results":

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from batchyard.clients.realtime import RealtimeSettings
 from batchyard.localapi.config import LocalApiConfig
 from batchyard.pricing import PricingSettings
 
@@ -229,6 +230,30 @@ class RunSettings(BaseModel):
     )
 
 
+class LaneSettings(BaseModel):
+    """Which lane requests take: the Batch API (half price, up to 24 h) or real-time calls."""
+
+    mode: Literal["batch", "realtime", "auto"] = Field(
+        default="batch",
+        description="batch: the Batch API. realtime: the synchronous endpoints, same request bodies. "
+        "auto: real-time when the run's planned tokens are under `auto_max_tokens`, else batch, "
+        "and a backfill's retry tail real-time once it is under `tail_max_tokens`.",
+    )
+    auto_max_tokens: int = Field(default=100_000, ge=0, description="auto: runs under this many tokens go real-time.")
+    tail_max_tokens: int = Field(
+        default=100_000, ge=0,
+        description="auto: once the first pass of a batch run is settled, the remaining follow-ups "
+        "(expired, cancelled, failed or requeue-limited requests) go real-time when they total "
+        "fewer tokens than this.",
+    )
+    realtime: RealtimeSettings = Field(default_factory=RealtimeSettings,
+                                       description="Rates, concurrency and retries of the real-time lane.")
+    slice_requests: int = Field(
+        default=100, gt=0, le=50_000,
+        description="Real-time answers are staged every this many requests, so a crash re-sends at most one slice.",
+    )
+
+
 class OrchestrationSettings(BaseModel):
     """Where Prefect runs the CPU-heavy tasks (plan per partition, collect per shard attempt)."""
 
@@ -276,6 +301,7 @@ class Settings(BaseSettings):
     run: RunSettings = Field(default_factory=RunSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
+    lane: LaneSettings = Field(default_factory=LaneSettings)
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     prompts_dir: str = Field(default="", description="Prompt templates (default: the packaged ones).")
 

@@ -8,6 +8,8 @@ name or batch metadata), and downloads and parsing are idempotent rewrites.
 The work splits by what it needs, so that each part can run where it belongs:
 
 - `submit_shard`, `poll_batches`, `download_shard`, `cancel_shard`: talk to the Batch API (I/O);
+- `run_realtime`: the same request lines through the synchronous endpoints (the real-time lane),
+  answered into the same output and error files, so collecting cannot tell the lanes apart;
 - `collect_shard`: staging only (CPU: parse, join, follow-up plan), so it can run in another
   process or on a Dask worker;
 - `select_submittable`, `requeue_delay`: pure decisions.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import threading
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -37,7 +40,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
 
     from batchyard.clients.batch_api import BatchApi
-    from batchyard.settings import LimitsSettings, ProviderSettings
+    from batchyard.clients.realtime import RateLimits
+    from batchyard.settings import LaneSettings, LimitsSettings, ProviderSettings
     from batchyard.storage.runs import PartitionStore
 
 log = logging.getLogger(__name__)
@@ -81,10 +85,13 @@ class Retries:
     backoff_max_s: float
     token_budget: int
     token_limit_wait_s: float
+    realtime_tail: bool = False
+    """auto lane: requests past the requeue limit go to a real-time follow-up instead of failing."""
 
     @classmethod
-    def from_settings(cls, limits: LimitsSettings, provider: ProviderSettings) -> Retries:
-        """From the limits and provider settings."""
+    def from_settings(cls, limits: LimitsSettings, provider: ProviderSettings,
+                      lane: LaneSettings | None = None) -> Retries:
+        """From the limits, provider and lane settings."""
         return cls(
             max_attempts=limits.max_attempts,
             max_requeues=limits.max_requeues,
@@ -92,6 +99,7 @@ class Retries:
             backoff_max_s=provider.requeue_backoff_max_s,
             token_budget=limits.enqueued_token_budget,
             token_limit_wait_s=limits.token_limit_wait_s,
+            realtime_tail=lane is not None and lane.mode == "auto",
         )
 
     def delay(self, n: int) -> float:
@@ -194,6 +202,60 @@ def _since(rec: ShardRecord) -> float:
     return datetime.fromisoformat(rec.intent_at).timestamp() - _SLACK_S
 
 
+# the real-time lane
+
+
+def run_realtime(
+    part: PartitionStore,
+    client: Any,
+    name: str,
+    settings: LaneSettings,
+    *,
+    limits: RateLimits | None = None,
+    cancel: threading.Event | None = None,
+) -> ShardRecord:
+    """Send a shard attempt's lines to the synchronous endpoints; stage the answers like a batch's.
+
+    The answers are staged every `settings.slice_requests` requests
+    (`outputs/<name>.rt/<slice>.jsonl`, errors alike), so a crash re-sends at most one slice and
+    a resumed attempt skips the slices already answered. Once every slice is answered, they are
+    joined into `outputs/<name>.jsonl` and `errors/<name>.jsonl` and the attempt is `ended` as a
+    `completed` batch of the `realtime` lane.
+    """
+    from batchyard.clients.realtime import run_shard
+
+    ledger = Ledger(part)
+    rec = ledger.load(name)
+    if rec.state in ("planned", "uploaded"):
+        rec = ledger.move(rec, "submitted", lane="realtime", batch_id=f"realtime:{rec.key}#{rec.submission}",
+                          batch_status="in_progress", created_at=time.time(), intent_at=_iso_now())
+    if rec.state != "submitted" or rec.lane != "realtime":
+        return rec
+    st = part.staging
+    lines = st.read_bytes(part.rel("shards", f"{name}.jsonl")).splitlines()
+    tokens = attempt_requests(part, rec.shard, rec.attempt)["tokens"].to_list()
+    step = settings.slice_requests
+    for k, lo in enumerate(range(0, len(lines), step)):
+        out_rel = part.rel("outputs", f"{name}.rt", f"{k:05d}.jsonl")
+        if st.exists(out_rel):
+            continue
+        answered = run_shard(client, zip(lines[lo : lo + step], tokens[lo : lo + step], strict=True),
+                             settings.realtime, limits=limits, cancel=cancel)
+        st.write_bytes(part.rel("errors", f"{name}.rt", f"{k:05d}.jsonl"), answered.errors)
+        st.write_bytes(out_rel, answered.output)  # last: its presence marks the slice answered
+        crashpoint("during_realtime")
+    slices = st.list(part.rel("outputs", f"{name}.rt"), ".jsonl")
+    output = b"".join(st.read_bytes(part.rel("outputs", f"{name}.rt", n)) for n in slices)
+    errors = b"".join(st.read_bytes(part.rel("errors", f"{name}.rt", n)) for n in slices)
+    st.write_bytes(part.rel("outputs", f"{name}.jsonl"), output)
+    st.write_bytes(part.rel("errors", f"{name}.jsonl"), errors)
+    n_out, n_err = output.count(b"\n"), errors.count(b"\n")
+    log.info("shard %s: %d request(s) answered real-time (%d ok lines, %d error lines)",
+             rec.key, len(lines), n_out, n_err)
+    counts = {"total": len(lines), "completed": n_out, "failed": n_err}
+    return ledger.observe(rec, {"status": "completed", "request_counts": counts}, downloaded=True)
+
+
 # track
 
 
@@ -204,7 +266,7 @@ def poll_batches(api: BatchApi, records: Iterable[ShardRecord]) -> dict[str, dic
     retrieve per shard; a tracked batch the list did not show (a server that orders otherwise)
     is retrieved on its own.
     """
-    open_recs = [r for r in records if r.state == "submitted" and r.batch_id]
+    open_recs = [r for r in records if r.state == "submitted" and r.batch_id and r.lane == "batch"]
     if not open_recs:
         return {}
     wanted = {r.batch_id for r in open_recs if r.batch_id}
@@ -309,13 +371,16 @@ def collect_shard(
         output, errors = _read(part, "outputs", name), _read(part, "errors", name)
         payload, outcomes, anomalies = parser.parse_attempt(requests, output, errors, rec)
     crashpoint("before_collect")
+    keep = retries.realtime_tail and rec.lane == "batch"
     nxt, failed = next_attempt(requests, outcomes, max_attempts=retries.max_attempts,
-                               max_requeues=retries.max_requeues)
+                               max_requeues=retries.max_requeues, keep_over_limit=keep)
     _write_attempt(part, rec, parser, requests, outcomes, failed, payload, anomalies)
     written = []
     if nxt.height:
         requeued = outcomes.filter(pl.col("outcome") == "requeue").height > 0
-        written.append(plan_followup(part, rec, nxt, now=now, retries=retries, requeued=requeued))
+        over_limit = bool((nxt["requeues"] > retries.max_requeues).any())
+        written.append(plan_followup(part, rec, nxt, now=now, retries=retries, requeued=requeued,
+                                     lane="realtime" if over_limit else rec.lane))
     counts = {k: int(v) for k, v in outcomes.group_by("outcome").len().iter_rows()}
     return [ledger.move(rec, "collected", outcome=counts), *written]
 
@@ -428,7 +493,8 @@ def _unit_rows(requests: pl.DataFrame, outcomes: pl.DataFrame, failed: pl.DataFr
 
 
 def plan_followup(
-    part: PartitionStore, rec: ShardRecord, nxt: pl.DataFrame, *, now: float, retries: Retries, requeued: bool
+    part: PartitionStore, rec: ShardRecord, nxt: pl.DataFrame, *, now: float, retries: Retries, requeued: bool,
+    lane: str = "batch",
 ) -> ShardRecord:
     """Write the follow-up attempt's plan, shard file (identical lines) and ledger record.
 
@@ -449,7 +515,7 @@ def plan_followup(
     return ledger.create(
         ShardRecord(
             run_id=rec.run_id, job=rec.job, partition=rec.partition, shard=rec.shard, attempt=attempt,
-            endpoint=rec.endpoint, model=rec.model, lane=rec.lane, sha256=hashlib.sha256(data).hexdigest(),
+            endpoint=rec.endpoint, model=rec.model, lane=lane, sha256=hashlib.sha256(data).hexdigest(),
             n_requests=nxt.height, n_inputs=int(nxt["n_inputs"].sum()), bytes=len(data),
             tokens=int(nxt["tokens"].sum()), requeues=requeues,
             not_before=now + retries.delay(requeues) if requeued else None,

@@ -339,7 +339,8 @@ def inference_outcomes(
 
 
 def next_attempt(
-    requests: pl.DataFrame, outcomes: pl.DataFrame, *, max_attempts: int, max_requeues: int
+    requests: pl.DataFrame, outcomes: pl.DataFrame, *, max_attempts: int, max_requeues: int,
+    keep_over_limit: bool = False,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Requests for the follow-up attempt, and requests that finally failed (with outcomes).
 
@@ -347,7 +348,9 @@ def next_attempt(
     back unfinished). `retry` spends one attempt and fails with its last error once the budget
     is gone; `requeue` (expired, cancelled) spends none, but a request that comes back
     unfinished more than `max_requeues` times fails as `requeue_limit`, so a provider that
-    keeps expiring batches cannot keep a run open forever.
+    keeps expiring batches cannot keep a run open forever. With `keep_over_limit` (the
+    real-time lane takes such requests instead), they go to the follow-up, `requeues` above
+    the limit.
     """
     j = requests.join(outcomes, on="custom_id", how="inner")
     requeue, retry = pl.col("outcome") == "requeue", pl.col("outcome") == "retry"
@@ -355,11 +358,12 @@ def next_attempt(
         spent=pl.col("spent") + retry.cast(pl.Int64),
         requeues=pl.col("requeues") + requeue.cast(pl.Int64),
     )
-    again = j.filter((requeue & (pl.col("requeues") <= max_requeues)) | (retry & (pl.col("spent") < max_attempts)))
+    limit = pl.lit(True) if keep_over_limit else pl.col("requeues") <= max_requeues
+    again = j.filter((requeue & limit) | (retry & (pl.col("spent") < max_attempts)))
     failed = j.filter(
         (pl.col("outcome") == "fail")
         | (retry & (pl.col("spent") >= max_attempts))
-        | (requeue & (pl.col("requeues") > max_requeues))
+        | (requeue & ~limit)
     )
     over = requeue & (pl.col("requeues") > max_requeues)
     failed = failed.with_columns(

@@ -39,9 +39,9 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "expired",
 LIVE_STATES: frozenset[str] = frozenset({"uploading", "uploaded", "creating", "submitted"})
 
 _NEXT: dict[str, set[str]] = {
-    "planned": {"uploading"},
+    "planned": {"uploading", "submitted"},  # submitted at once: the real-time lane
     "uploading": {"uploaded"},
-    "uploaded": {"creating"},
+    "uploaded": {"creating", "submitted"},
     "creating": {"submitted"},
     "submitted": {"submitted", "ended"},
     "ended": {"ended", "collected", "uploaded"},
@@ -197,8 +197,8 @@ class Ledger:
             updated.history = [*rec.history, StatusEvent(status=state, at=utcnow().isoformat(), note=note)]
         return self._save(updated)
 
-    def observe(self, rec: ShardRecord, batch: dict[str, Any]) -> ShardRecord:
-        """Record a polled batch; moves to `ended` when its status is terminal."""
+    def observe(self, rec: ShardRecord, batch: dict[str, Any], **extra: Any) -> ShardRecord:
+        """Record a polled batch (and `extra` fields); moves to `ended` when its status is terminal."""
         status = batch["status"]
         fields = {
             "batch_status": status,
@@ -212,7 +212,7 @@ class Ledger:
         if status != rec.batch_status:
             history = [*history, StatusEvent(status=f"batch:{status}", at=utcnow().isoformat())]
         state: TShardState = "ended" if status in TERMINAL_STATUSES else "submitted"
-        updated = rec.model_copy(update={**fields, "state": state, "history": history})
+        updated = rec.model_copy(update={**fields, **extra, "state": state, "history": history})
         return self._save(updated)
 
     def requeue(self, rec: ShardRecord, reason: str, *, not_before: float, since: float) -> ShardRecord:

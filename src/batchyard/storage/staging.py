@@ -158,8 +158,8 @@ class Staging:
             return []
 
     def list(self, rel_dir: str, suffix: str = "") -> list[str]:
-        """Sorted file names (not paths) in a directory; empty when it does not exist."""
-        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._ls(rel_dir)]
+        """Sorted file names (not paths, not sub-directories) in a directory; empty when it does not exist."""
+        names = [e["name"].rstrip("/").rsplit("/", 1)[-1] for e in self._ls(rel_dir) if e["type"] != "directory"]
         return sorted(n for n in names if n.endswith(suffix) and not n.startswith(".tmp-"))
 
     def list_dirs(self, rel_dir: str) -> builtins.list[str]:

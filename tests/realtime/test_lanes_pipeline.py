@@ -1,0 +1,119 @@
+"""Two lanes, one pipeline: the same planned requests through the Batch API or real-time calls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from batchyard import runner
+from batchyard.context import RunContext
+from batchyard.jobs.embeddings import EmbeddingsJob
+from batchyard.storage.ledger import run_records
+from tests.helpers import (
+    assert_every_unit_settled_once,
+    assert_vectors_match,
+    run_of,
+    seed,
+    server_batches,
+)
+
+COLS = ["chunk_id", "company_id", "document_id", "chunk_index", "text_sha256", "sent_sha256", "truncated",
+        "vector_source"]
+
+
+FAST = {"requests_per_minute": 100_000, "tokens_per_minute": 100_000_000}
+
+
+def embed(settings_factory: Any, root: Path, n: int, **lane: Any) -> tuple[RunContext, dict[str, Any]]:
+    s = settings_factory(staging={"root": str(root)}, lane={"realtime": FAST, **lane},
+                         limits={"max_inputs_per_batch": 400, "max_inputs_per_request": 100})
+    ctx = RunContext(s)
+    info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, n, seed=11)))
+    return ctx, info
+
+
+def milvus_rows(ctx: RunContext) -> pl.DataFrame:
+    job = EmbeddingsJob(ctx, None)  # type: ignore[arg-type]
+    rows = ctx.milvus.query(job.collection, filter="chunk_index >= -1", output_fields=["*"], limit=16384)
+    return pl.DataFrame([{**r, "vector": [float(x) for x in r["vector"]]} for r in rows]).drop("run_id").sort("chunk_id")
+
+
+def test_batch_and_realtime_give_identical_results_and_sinks(settings_factory: Any, tmp_path: Path) -> None:
+    a, batch = embed(settings_factory, tmp_path / "batch", 2_000, mode="batch")
+    b, realtime = embed(settings_factory, tmp_path / "realtime", 2_000, mode="realtime")
+    try:
+        assert batch["final"]["results"] == realtime["final"]["results"] == 2_000
+        ra = assert_every_unit_settled_once(a, run_of(a, batch))[0].sort("chunk_id")
+        rb = assert_every_unit_settled_once(b, run_of(b, realtime))[0].sort("chunk_id")
+        assert ra.select(COLS).equals(rb.select(COLS))
+        assert np.array_equal(np.stack(ra["vector"].to_numpy()), np.stack(rb["vector"].to_numpy()))
+        assert set(ra["lane"]) == {"batch"} and set(rb["lane"]) == {"realtime"}
+        assert milvus_rows(a).equals(milvus_rows(b))
+        # the ledger names the lane; the provider holds no batch of the real-time run
+        assert {r.lane for r in run_records(run_of(b, realtime))} == {"realtime"}
+        assert server_batches(b, realtime["run_id"]) == [] and server_batches(a, batch["run_id"])
+        lanes = realtime["final"]["lanes"]
+        assert set(lanes) == {"realtime"} and lanes["realtime"]["usd"] > batch["final"]["lanes"]["batch"]["usd"]
+        # rerun works the same on a real-time run: re-parse the staged answers, reload
+        again = runner.rematerialize(b, realtime["run_id"], start="results")
+        assert again["final"]["results"] == 2_000 and again["final"]["checks_failed"] == []
+    finally:
+        a.close()
+        b.close()
+
+
+def test_auto_sends_a_small_run_realtime_and_a_large_one_batch(settings_factory: Any, tmp_path: Path) -> None:
+    small, info_small = embed(settings_factory, tmp_path / "small", 50, mode="auto", auto_max_tokens=50_000)
+    large, info_large = embed(settings_factory, tmp_path / "large", 600, mode="auto", auto_max_tokens=50_000)
+    try:
+        assert info_small["plan"]["tokens"] < 50_000 <= info_large["plan"]["tokens"]
+        assert info_small["lane"] == "realtime" and info_large["lane"] == "batch"
+        assert {r.lane for r in run_records(run_of(small, info_small))} == {"realtime"}
+        assert {r.lane for r in run_records(run_of(large, info_large))} == {"batch"}
+        assert info_small["final"]["results"] == 50 and info_large["final"]["results"] == 600
+    finally:
+        small.close()
+        large.close()
+
+
+def test_auto_finishes_the_tail_of_an_expiring_backfill_realtime(settings_factory: Any, tmp_path: Path) -> None:
+    # every batch expires half done; the tail goes real-time instead of waiting for batch windows
+    s = settings_factory(
+        lane={"mode": "auto", "auto_max_tokens": 0, "tail_max_tokens": 10**9, "realtime": FAST},
+        provider={"local": {"faults": {"expire_after_fraction": 0.5}}, "requeue_backoff_s": 30.0},
+        limits={"max_inputs_per_batch": 40, "max_inputs_per_request": 10},
+    )
+    with RunContext(s) as ctx:
+        info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, 120)))
+        assert info["lane"] == "batch" and runner.exit_code(info) == 0
+        results, failures = assert_every_unit_settled_once(ctx, run_of(ctx, info))
+        assert results.height == 120 and failures.height == 0
+        lanes = {r.lane for r in run_records(run_of(ctx, info))}
+        assert lanes == {"batch", "realtime"}
+        assert set(results["lane"]) == {"batch", "realtime"}
+        assert_vectors_match(ctx, results, EmbeddingsJob(ctx, None).collection, 16)  # type: ignore[arg-type]
+        assert info["timings"].get("wait", 0) < 30, "the tail did not wait out a 30 s requeue backoff"
+
+
+def test_realtime_under_a_429_storm_stores_each_result_once(settings_factory: Any) -> None:
+    s = settings_factory(
+        lane={"mode": "realtime", "slice_requests": 5,
+              "realtime": {"requests_per_minute": 6000, "tokens_per_minute": 100_000_000, "rate_window_s": 1.0,
+                           "backoff_base_s": 0.01, "max_retries": 20}},
+        provider={"local": {"faults": {"sync_429_rate": 0.5, "sync_retry_after_s": 0.05, "seed": 4}}},
+        limits={"max_inputs_per_batch": 20, "max_inputs_per_request": 2},
+    )
+    with RunContext(s) as ctx:
+        info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, 80)))
+        results, failures = assert_every_unit_settled_once(ctx, run_of(ctx, info))
+        assert results.height == 80 and failures.height == 0
+        calls = ctx._server.sync_calls()  # type: ignore[union-attr]
+        assert sum(1 for c in calls if c.status == 429) > 0, "the storm happened"
+        assert sum(1 for c in calls if c.status == 200) == info["plan"]["requests"], "each request answered once"
+        job = EmbeddingsJob(ctx, None)  # type: ignore[arg-type]
+        from batchyard.clients.milvus import count
+
+        assert count(ctx.milvus, job.collection) == 80
