@@ -1,6 +1,12 @@
-"""Deployable entrypoint: batch embeddings (see prefect.yaml)."""
+"""Deployable entrypoint: batch embeddings (see prefect.yaml).
 
-from batchyard.orchestration.flows import embeddings_flow
+The flow gets the task runner of the worker's environment (`deployable`), e.g.
+`BATCHYARD_ORCHESTRATION__TASK_RUNNER=dask`.
+"""
+
+from batchyard.orchestration import flows
+
+embeddings_flow = flows.deployable(flows.embeddings_flow)
 
 __all__ = ["embeddings_flow"]
 

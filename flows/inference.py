@@ -1,6 +1,12 @@
-"""Deployable entrypoint: one batch inference task (see prefect.yaml)."""
+"""Deployable entrypoint: one batch inference task (see prefect.yaml).
 
-from batchyard.orchestration.flows import inference_flow
+The flow gets the task runner of the worker's environment (`deployable`), e.g.
+`BATCHYARD_ORCHESTRATION__TASK_RUNNER=dask`.
+"""
+
+from batchyard.orchestration import flows
+
+inference_flow = flows.deployable(flows.inference_flow)
 
 __all__ = ["inference_flow"]
 

@@ -1,6 +1,10 @@
-"""Deployable entrypoint: the scheduled tracker (poll, collect, submit for every open run)."""
+"""Deployable entrypoints: the scheduled tracker (poll, collect, submit for every open run) and
+`resume` (see prefect.yaml), with the task runner of the worker's environment (`deployable`)."""
 
-from batchyard.orchestration.flows import resume_flow, tracker_flow
+from batchyard.orchestration import flows
+
+tracker_flow = flows.deployable(flows.tracker_flow)
+resume_flow = flows.deployable(flows.resume_flow)
 
 __all__ = ["resume_flow", "tracker_flow"]
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 # a loaded 2-core machine can take far longer than Prefect's default 20 s to start its
 # temporary server on the first run
 for _k, _v in {
+    "DO_NOT_TRACK": "1",  # no first-run telemetry notice from the Prefect SDK
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_UI_ENABLED": "false",
     "PREFECT_LOGGING_LEVEL": "ERROR",

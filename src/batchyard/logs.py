@@ -1,6 +1,7 @@
 """Logging: batchyard's own lines in, known noise out, in the CLI and in Prefect flows alike.
 
-- `configure_logging(level)`: the CLI's handler for batchyard's loggers, and the noise filters.
+- `configure_logging(level)`: the CLI's handler for batchyard's loggers, and the noise filters;
+  `terminal_level()` tells flows that the CLI chose a level (they keep it, not INFO).
 - `silence_noise()`: loggers of libraries that are chatty or print spurious tracebacks:
   Milvus Lite answers a client probe (`AllocTimestamp`) it does not implement, and gRPC logs
   that as an ERROR with a traceback on every load; HTTP client request lines; uvicorn access
@@ -10,6 +11,8 @@
 from __future__ import annotations
 
 import logging
+
+_terminal: dict[str, int] = {}
 
 NOISY = {
     "httpx": logging.WARNING,
@@ -26,6 +29,7 @@ NOISY = {
     "fsspec": logging.WARNING,
     "werkzeug": logging.WARNING,
     "prefect.events.clients": logging.CRITICAL,
+    "EventsWorker": logging.ERROR,  # Prefect's queue services log under their class name
     "prefect._internal.events.worker": logging.CRITICAL,
     "prefect.server.services.telemetry": logging.CRITICAL,
     "prefect.telemetry": logging.CRITICAL,
@@ -38,9 +42,15 @@ def silence_noise() -> None:
         logging.getLogger(name).setLevel(level)
 
 
+def terminal_level() -> int | None:
+    """The level `configure_logging` set for this process (None: it was not called)."""
+    return _terminal.get("level")
+
+
 def configure_logging(level: int = logging.WARNING) -> None:
     """One stderr handler for batchyard's loggers at `level`, and the noise silenced."""
     silence_noise()
+    _terminal["level"] = level
     root = logging.getLogger("batchyard")
     root.setLevel(level)
     if not any(getattr(h, "_batchyard", False) for h in root.handlers):

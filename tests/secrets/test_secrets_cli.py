@@ -20,6 +20,9 @@ from tests.secrets.leaks import Sentinels, no_leak
 REPO = Path(__file__).resolve().parents[2]
 
 
+FLOW_PARAMS = {"targets", "task_name", "run_id", "profile", "overrides", "rounds", "wait", "options"}
+
+
 def secret_fields(model: type[BaseModel] = Settings, prefix: str = "") -> list[str]:
     """Dotted paths of every SecretStr field in the settings tree."""
     out = []
@@ -106,7 +109,12 @@ def test_flow_parameters_carry_no_secrets(monkeypatch: pytest.MonkeyPatch, senti
 
     for name in FLOWS:
         params = set(inspect.signature(getattr(flows, name).fn).parameters)
-        assert params <= {"targets", "task_name", "run_id", "profile", "overrides", "rounds", "wait"}, (name, params)
+        assert params <= FLOW_PARAMS, (name, params)
+    # typed run options (what deployments pass) hold no secret, and name none
+    from batchyard.orchestration.options import RunOptions
+
+    assert secret_fields(RunOptions) == []
+    assert not {f.rsplit(".", 1)[-1] for f in secret_fields()} & set(RunOptions.model_fields)
 
     for key, val in secret_env(sentinels).items():
         monkeypatch.setenv(key, val)
@@ -135,7 +143,10 @@ def test_deployment_parameters_and_work_pool_env_carry_no_secrets() -> None:
     env_names = {f"BATCHYARD_{p.upper().replace('.', '__')}" for p in secret_fields()}
     for dep in spec["deployments"]:
         params = dep.get("parameters") or {}
-        assert set(params) <= {"targets", "task_name", "run_id", "profile", "overrides", "rounds", "wait"}, dep["name"]
+        assert set(params) <= FLOW_PARAMS, dep["name"]
         assert not (params.get("overrides") or {}).keys() - {"staging", "limits"}, dep["name"]
+        from batchyard.orchestration.options import RunOptions
+
+        RunOptions.model_validate(params.get("options") or {})  # only typed, secret-free options
         job_env = ((dep.get("work_pool") or {}).get("job_variables") or {}).get("env") or {}
         assert not env_names & set(job_env), dep["name"]

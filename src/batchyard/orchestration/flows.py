@@ -10,24 +10,37 @@ they run on the flow's thread pool by default, or on Dask workers with
 one list call, download, load, submit) are one task run each per round, whatever the number of
 shards.
 
+Operations (see the README's deploy section):
+
+- every flow takes typed `options` (`orchestration.options`) besides its keyword arguments;
+- a deployment run with no profile uses `$BATCHYARD_PROFILE`, else the Prefect Variable
+  `batchyard_profile` (`prefect variable set batchyard_profile prod`), else the defaults;
+- batchyard's log records (INFO and up, from any thread) go to the flow run's logs, and the
+  known noise is silenced as in the CLI;
+- cancelling a flow run in Prefect cancels its batchyard run (`on_cancellation`), as
+  `batchyard cancel` does: the flow run carries the run id as a tag, `batchyard-run:<id>`.
+
 The core library never imports Prefect: this module only wraps `batchyard.runner`.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any, TypeVar
 
 for _k, _v in {
+    "DO_NOT_TRACK": "1",  # no first-run telemetry notice, no analytics calls from the SDK
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_UI_ENABLED": "false",
     "PREFECT_LOGGING_LEVEL": "WARNING",
 }.items():
     os.environ.setdefault(_k, _v)
 
-from collections.abc import Callable, Sequence  # noqa: E402
+from collections.abc import Callable, Iterator, Sequence  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 
-from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect import flow, task  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
     create_progress_artifact,
     create_table_artifact,
@@ -35,19 +48,33 @@ from prefect.artifacts import (  # noqa: E402
 )
 from prefect.assets import Asset, materialize  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
+from prefect.context import FlowRunContext  # noqa: E402
+from prefect.exceptions import MissingContextError  # noqa: E402
+from prefect.logging.handlers import APILogHandler  # noqa: E402
 
 from batchyard import runner  # noqa: E402
 from batchyard.context import RunContext, RunRef, context_for, register, run_ref  # noqa: E402
 from batchyard.errors import RunBusy, TerminalError  # noqa: E402
+from batchyard.logs import silence_noise, terminal_level  # noqa: E402
+from batchyard.orchestration.options import RunOptions, SettingsOptions, merge_overrides  # noqa: E402
 from batchyard.settings import load_settings  # noqa: E402
 from batchyard.storage.runs import RunStore, find_run  # noqa: E402
 from batchyard.targets import load_targets  # noqa: E402
 
 if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun, State
+
     from batchyard.jobs.base import Job
     from batchyard.settings import Settings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+RUN_TAG = "batchyard-run:"
+"""Tag prefix that names the batchyard run a flow run drives (what `on_cancellation` cancels)."""
+
+PROFILE_VARIABLE = "batchyard_profile"
+"""The Prefect Variable that names the profile of deployment runs given none."""
 
 PROGRESS_HOOKS: list[Callable[[dict[str, Any]], None]] = []
 """Extra progress callbacks (the CLI's progress bar registers one while a flow runs)."""
@@ -158,6 +185,12 @@ def with_runner(flow_fn: Any, settings: Settings) -> Any:
     return flow_fn.with_options(task_runner=task_runner_for(settings))
 
 
+def deployable(flow_fn: Any) -> Any:
+    """`flow_fn` as a deployment runs it (`flows/*.py`): with the task runner of the settings of
+    its environment, e.g. `BATCHYARD_ORCHESTRATION__TASK_RUNNER=dask` in the worker's."""
+    return with_runner(flow_fn, load_settings())
+
+
 # --------------------------------------------------------------------------- assets
 
 
@@ -221,17 +254,27 @@ def _progress_hook(job: Job, run: RunStore) -> Callable[[dict[str, Any]], None]:
         0.0, key=f"{run.run_id.lower()}-progress", description=f"{job.name} run {run.run_id}: shards collected"
     )
 
+    seen: dict[str, Any] = {}
+
     def on_progress(event: dict[str, Any]) -> None:
         if event.get("stage") == "batches" and event.get("total"):
             update_progress_artifact(progress_id, 100.0 * event["completed"] / max(event["total"], 1))
+        _log_round(run, event, seen)
         for hook in PROGRESS_HOOKS:
             hook(event)
 
     return on_progress
 
 
+def _log_round(run: RunStore, event: dict[str, Any], seen: dict[str, Any]) -> None:
+    """One INFO line per tracker round whose shard-attempt states changed."""
+    by_state = (event.get("batches") or {}).get("by_state") if event.get("stage") == "batches" else None
+    if by_state and by_state != seen.get("by_state"):
+        seen["by_state"] = by_state
+        log.info("run %s shard attempts: %s", run.run_id, ", ".join(f"{k} {v}" for k, v in sorted(by_state.items())))
+
+
 def _run_stages(ctx: RunContext, job: Job, run: RunStore, *, wait: bool = True) -> dict[str, Any]:
-    logger = get_run_logger()
     engine = PrefectEngine(run_ref(ctx, job.name, run.run_id))
     on_progress = _progress_hook(job, run)
     phase = run.read_run().get("phase")
@@ -240,18 +283,20 @@ def _run_stages(ctx: RunContext, job: Job, run: RunStore, *, wait: bool = True) 
     if phase == "snapshot":
         stats = runner.snapshot(ctx, job, run, on_progress=on_progress)
         _materialize_stage(ctx, job, run, "chunks")
-        logger.info("snapshot: %s", stats)
+        log.info("run %s snapshot: %s", run.run_id, stats)
         phase = "plan"
     if phase == "plan":
         stats = runner.plan(ctx, job, run, engine, on_progress=on_progress)
         _materialize_stage(ctx, job, run, "requests")
-        logger.info("plan: %s", stats)
+        log.info("run %s plan: %s", run.run_id, stats)
         phase = "batches"
     if phase == "batches":
         summary = runner.drive(ctx, job, run, engine=engine, on_progress=on_progress,
                                max_rounds=None if wait else 1)
-        logger.info("batches: %s", summary)
-    return _finish(ctx, job, run)
+        log.info("run %s batches: %s", run.run_id, summary)
+    info = _finish(ctx, job, run)
+    log.info("run %s: %s (phase %s)", run.run_id, info.get("state"), info.get("phase"))
+    return info
 
 
 def _finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
@@ -271,13 +316,175 @@ def _finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
     return info
 
 
-# --------------------------------------------------------------------------- flows
+# --------------------------------------------------------------------------- logs
+
+
+class _RunLogHandler(APILogHandler):
+    """Prefect's API log handler, bound to one flow run: records from threads that carry no run
+    context (the driver's I/O pool, the embedded server) still reach that run's logs."""
+
+    def __init__(self, flow_run_id: Any) -> None:
+        super().__init__(level=logging.INFO)
+        self.flow_run_id = flow_run_id
+
+    def prepare(self, record: logging.LogRecord) -> dict[str, Any]:
+        try:
+            return super().prepare(record)
+        except MissingContextError:
+            record.flow_run_id = self.flow_run_id
+            return super().prepare(record)
+
+
+@contextmanager
+def run_logs(flow_run_id: Any) -> Iterator[None]:
+    """batchyard's log records go to the flow run's logs while this is open, the noise does not.
+
+    INFO and up, unless the CLI set a terminal level (its `--verbose` decides). The records
+    also reach the process's console through the root logger (a worker prints them). One flow
+    run at a time per process: records from threads without a run context go to this one.
+    """
+    silence_noise()
+    if flow_run_id is None:  # the flow's function called on its own (`.fn`): no run to log to
+        yield
+        return
+    root = logging.getLogger("batchyard")
+    handler = _RunLogHandler(flow_run_id)
+    previous = root.level
+    if terminal_level() is None:
+        root.setLevel(logging.INFO)
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(previous)
+
+
+# --------------------------------------------------------------------------- settings of a flow run
+
+
+def default_profile(profile: str | None, *, deployed: bool) -> str | None:
+    """The profile a flow run loads: the given one, else `$BATCHYARD_PROFILE` (read by
+    `load_settings`), else, for deployment runs only, the Prefect Variable `batchyard_profile`.
+
+    The Variable is the production switch of the shipped deployments: `prefect variable set
+    batchyard_profile prod` moves every deployment, the scheduled tracker included, at its next
+    run, with no redeploy. CLI runs never read it (their profile is `--profile`).
+    """
+    if profile or os.environ.get("BATCHYARD_PROFILE") or not deployed:
+        return profile
+    from prefect.variables import Variable
+
+    value = Variable.get(PROFILE_VARIABLE, default=None)
+    return str(value) if value else None
+
+
+def _settings_args(profile: str | None, overrides: dict[str, Any] | None, options: SettingsOptions | None,
+                   *, deployed: bool) -> tuple[str | None, dict[str, Any]]:
+    """Profile and settings overrides of a flow run: explicit arguments win over `options`."""
+    if options is not None:
+        profile = profile or options.profile
+        overrides = merge_overrides(options.to_overrides(), overrides or {})
+    return default_profile(profile, deployed=deployed), dict(overrides or {})
 
 
 def _context(profile: str | None, overrides: dict[str, Any] | None) -> RunContext:
     ctx = RunContext(load_settings(profile, **(overrides or {})))
     register(ctx, profile=profile, overrides=overrides)
     return ctx
+
+
+def _current_flow_run() -> FlowRun | None:
+    run_ctx = FlowRunContext.get()
+    return run_ctx.flow_run if run_ctx is not None else None
+
+
+@contextmanager
+def _flow_context(profile: str | None, overrides: dict[str, Any] | None,
+                  options: SettingsOptions | None) -> Iterator[RunContext]:
+    """The run context of the current flow run, with its logs routed to Prefect."""
+    flow_run = _current_flow_run()
+    deployed = flow_run is not None and flow_run.deployment_id is not None
+    profile, overrides = _settings_args(profile, overrides, options, deployed=deployed)
+    with run_logs(flow_run.id if flow_run else None), _context(profile, overrides) as ctx:
+        yield ctx
+
+
+def _run_args(targets: str | None, run_id: str | None, wait: bool, options: RunOptions | None
+              ) -> tuple[str, str | None, bool]:
+    """Targets, run id and wait: explicit arguments win, `options` fills what they leave unset."""
+    if options is not None:
+        targets = targets if targets is not None else options.targets
+        run_id = run_id or options.run_id
+        wait = wait and options.wait
+    if targets is None:
+        raise TerminalError("no targets file: give `targets` or `options.targets`")
+    return targets, run_id, wait
+
+
+# --------------------------------------------------------------------------- cancellation
+
+CANCEL_WAIT_S = 30.0
+"""How long the cancellation hook waits for a live driver (another process) to act."""
+
+
+def _tag_flow_run(run_id: str) -> None:
+    """Tag the current flow run `batchyard-run:<run_id>`: the UI shows which run it drives, and
+    `cancel_batchyard_run` finds the run to cancel."""
+    flow_run = _current_flow_run()
+    tag = RUN_TAG + run_id
+    if flow_run is None or tag in flow_run.tags:
+        return
+    from prefect.client.orchestration import get_client
+
+    try:
+        with get_client(sync_client=True) as client:
+            client.update_flow_run(flow_run.id, tags=[*flow_run.tags, tag])
+    except Exception as exc:  # a missing tag only costs the cancellation hook its target
+        log.warning("could not tag flow run %s with %s: %s", flow_run.id, tag, exc)
+
+
+def _tagged_run_id(flow_run: FlowRun) -> str | None:
+    """The batchyard run a flow run drives, from its tag (read fresh: it was added while running)."""
+    from prefect.client.orchestration import get_client
+
+    tags = list(flow_run.tags)
+    try:
+        with get_client(sync_client=True) as client:
+            tags = list(client.read_flow_run(flow_run.id).tags)
+    except Exception as exc:
+        log.warning("could not read flow run %s, using its tags as given: %s", flow_run.id, exc)
+    return next((t[len(RUN_TAG):] for t in tags if t.startswith(RUN_TAG)), None)
+
+
+def cancel_batchyard_run(flow: Any, flow_run: FlowRun, state: State) -> None:
+    """`on_cancellation` hook: cancel the flow run's batchyard run, as `batchyard cancel` does.
+
+    A worker kills the flow run's process first, then runs this hook in a fresh process; without
+    a worker, it runs in the flow's process after the flow stopped. Either way the run's driver
+    is gone (its leases released, or held by a dead pid), so `runner.cancel` cancels the live
+    batches itself and marks the run `cancelled`; `resume` (or the tracker) collects what
+    finished. When another live process drives the run, it acts on the request within a round.
+    """
+    run_id = _tagged_run_id(flow_run)
+    if run_id is None:  # cancelled before its run existed: nothing was submitted
+        return
+    params = dict(flow_run.parameters or {})
+    options = RunOptions.model_validate(params["options"]) if params.get("options") else None
+    profile, overrides = _settings_args(params.get("profile"), params.get("overrides"), options,
+                                        deployed=flow_run.deployment_id is not None)
+    with run_logs(flow_run.id), _context(profile, overrides) as ctx:
+        out = runner.cancel(ctx, run_id, wait_s=CANCEL_WAIT_S)
+        if out["driven_by"] is None:
+            log.warning("run %s cancelled with its flow run: %s live batch(es) asked to cancel",
+                        run_id, out["cancelled_batches"])
+        else:
+            log.warning("run %s: cancel %s by its driver %s", run_id,
+                        "acknowledged" if out["acknowledged"] else "recorded, not yet acknowledged",
+                        out["driven_by"].get("owner"))
+
+
+# --------------------------------------------------------------------------- flows
 
 
 def _open_run(ctx: RunContext, job: Job, run_id: str | None) -> RunStore:
@@ -288,44 +495,62 @@ def _open_run(ctx: RunContext, job: Job, run_id: str | None) -> RunStore:
     return runner.create_run(ctx, job, run_id=run_id)
 
 
-@flow(name="batchyard-embeddings", log_prints=False)
-def embeddings_flow(targets: str, run_id: str | None = None, profile: str | None = None,
-                    overrides: dict[str, Any] | None = None, wait: bool = True) -> dict[str, Any]:
-    """Embed the target chunks and load them into Milvus and MongoDB."""
+@flow(name="batchyard-embeddings", log_prints=False, on_cancellation=[cancel_batchyard_run])
+def embeddings_flow(targets: str | None = None, run_id: str | None = None, profile: str | None = None,
+                    overrides: dict[str, Any] | None = None, wait: bool = True,
+                    options: RunOptions | None = None) -> dict[str, Any]:
+    """Embed the target chunks and load them into Milvus and MongoDB.
+
+    `options` (what deployments set) fills the keyword arguments left unset.
+    """
     from batchyard.jobs.embeddings import EmbeddingsJob
 
-    with _context(profile, overrides) as ctx:
+    targets, run_id, wait = _run_args(targets, run_id, wait, options)
+    with _flow_context(profile, overrides, options) as ctx:
         job = EmbeddingsJob(ctx, load_targets(targets))
         run = _open_run(ctx, job, run_id)
+        _tag_flow_run(run.run_id)
         return _run_stages(ctx, job, run, wait=wait)
 
 
-@flow(name="batchyard-inference", log_prints=False)
-def inference_flow(task_name: str, targets: str, run_id: str | None = None, profile: str | None = None,
-                   overrides: dict[str, Any] | None = None, wait: bool = True) -> dict[str, Any]:
-    """Run one inference task over the targets and store results in MongoDB."""
+@flow(name="batchyard-inference", log_prints=False, on_cancellation=[cancel_batchyard_run])
+def inference_flow(task_name: str, targets: str | None = None, run_id: str | None = None,
+                   profile: str | None = None, overrides: dict[str, Any] | None = None, wait: bool = True,
+                   options: RunOptions | None = None) -> dict[str, Any]:
+    """Run one inference task over the targets and store results in MongoDB.
+
+    `options` (what deployments set) fills the keyword arguments left unset.
+    """
     from batchyard.jobs.inference import InferenceJob
 
-    with _context(profile, overrides) as ctx:
+    targets, run_id, wait = _run_args(targets, run_id, wait, options)
+    with _flow_context(profile, overrides, options) as ctx:
         job = InferenceJob(ctx, load_targets(targets), task_name)
         run = _open_run(ctx, job, run_id)
+        _tag_flow_run(run.run_id)
         return _run_stages(ctx, job, run, wait=wait)
 
 
-@flow(name="batchyard-resume", log_prints=False)
-def resume_flow(run_id: str, profile: str | None = None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+@flow(name="batchyard-resume", log_prints=False, on_cancellation=[cancel_batchyard_run])
+def resume_flow(run_id: str, profile: str | None = None, overrides: dict[str, Any] | None = None,
+                options: SettingsOptions | None = None) -> dict[str, Any]:
     """Continue an interrupted or cancelled run from its recorded phase."""
-    with _context(profile, overrides) as ctx:
+    with _flow_context(profile, overrides, options) as ctx:
         run = find_run(ctx.staging, run_id)
+        _tag_flow_run(run.run_id)
         runner.reopen(run)
         return _run_stages(ctx, _job(ctx, run), run)
 
 
 @flow(name="batchyard-tracker", log_prints=False)
-def tracker_flow(profile: str | None = None, overrides: dict[str, Any] | None = None, rounds: int = 1) -> list[dict[str, Any]]:
-    """Scheduled tracker: a few cheap rounds over every unfinished run (poll, collect, load, submit)."""
+def tracker_flow(profile: str | None = None, overrides: dict[str, Any] | None = None, rounds: int = 1,
+                 options: SettingsOptions | None = None) -> list[dict[str, Any]]:
+    """Scheduled tracker: a few cheap rounds over every unfinished run (poll, collect, load, submit).
+
+    Cancelling a tracker flow run only stops that tick: its runs go on at the next one.
+    """
     out: list[dict[str, Any]] = []
-    with _context(profile, overrides) as ctx:
+    with _flow_context(profile, overrides, options) as ctx:
         from batchyard.storage.runs import list_runs
 
         for run in list_runs(ctx.staging):
@@ -337,8 +562,12 @@ def tracker_flow(profile: str | None = None, overrides: dict[str, Any] | None = 
             try:
                 summary = runner.drive(ctx, job, run, engine=engine, poll_interval=0, max_rounds=rounds)
             except RunBusy as exc:  # another process drives every open partition right now
+                log.info("tracker: run %s skipped: %s", run.run_id, exc)
                 out.append({"run_id": run.run_id, "skipped": str(exc)})
                 continue
             _finish(ctx, job, run)
+            log.info("tracker: run %s: %s", run.run_id, summary.get("by_state"))
             out.append({"run_id": run.run_id, **summary})
+        if not out:
+            log.info("tracker: no open run in %s", ctx.staging.root)
     return out
