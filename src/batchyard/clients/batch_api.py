@@ -122,12 +122,13 @@ class BatchApi:
         except RetryError as exc:
             last = exc.last_attempt.exception()
             assert last is not None  # a failed attempt always carries its exception
-            raise ApiTransientError(operation, _status(last), _message(last)) from None
+            error: BatchyardError = ApiTransientError(operation, _status(last), _message(last))
         except openai.OpenAIError as exc:
-            if is_transient(exc):  # pragma: no cover - tenacity handles these
-                raise ApiTransientError(operation, _status(exc), _message(exc)) from None
-            raise ApiTerminalError(operation, _status(exc), _message(exc)) from None
-        raise AssertionError("unreachable")  # pragma: no cover
+            kind = ApiTransientError if is_transient(exc) else ApiTerminalError
+            error = kind(operation, _status(exc), _message(exc))
+        # raised here, outside the handler, so that the SDK error (its request carries the key)
+        # is not even the suppressed `__context__`: tblib (loaded by Dask) pickles that too
+        raise error
 
     # files
 

@@ -359,12 +359,15 @@ class DocumentStore:
         """The inference results collection (unique index on task, task_version, unit_id)."""
         coll = self._db[self._settings.results_collection]
         if not self._results_indexed:
+            error = None
             try:
                 ensure_results_index(coll)
             except PyMongoError as exc:
-                raise DocumentStoreError(
+                error = DocumentStoreError(
                     self.label, self._scrub(f"cannot create the results index: {type(exc).__name__}: {exc}")
-                ) from None
+                )
+            if error is not None:  # raised outside the handler: no driver error (URI) in its context
+                raise error
             self._results_indexed = True
         return coll
 
@@ -376,12 +379,13 @@ class DocumentStore:
         """Check the server answers (no-op for the stand-in)."""
         if self.is_standin:
             return
+        error = None
         try:
             self._client.admin.command("ping")
         except PyMongoError as exc:
-            raise DocumentStoreError(
-                self.label, self._scrub(f"not reachable: {type(exc).__name__}: {exc}")
-            ) from None
+            error = DocumentStoreError(self.label, self._scrub(f"not reachable: {type(exc).__name__}: {exc}"))
+        if error is not None:  # raised outside the handler: no driver error (URI) in its context
+            raise error
 
     def _scrub(self, text: str) -> str:
         return _scrub(text, self._secrets)
@@ -445,13 +449,16 @@ def _open_server(settings: MongoSettings) -> DocumentStore:
     assert settings.uri is not None
     uri = settings.uri.get_secret_value()
     label = f"MongoDB at {redact_uri(uri)}"
+    error = None
     try:
         client: MongoClient[dict[str, Any]] = MongoClient(
             uri, connect=False, appname="batchyard", tz_aware=True
         )
     except Exception as exc:
         reason = _scrub(f"{type(exc).__name__}: {exc}", _uri_secrets(uri))
-        raise DocumentStoreError(label, f"invalid connection string ({reason})") from None
+        error = DocumentStoreError(label, f"invalid connection string ({reason})")
+    if error is not None:  # raised outside the handler: the driver's error quotes the URI
+        raise error
     return DocumentStore(
         client, settings, label=label, is_standin=False, secrets=_uri_secrets(uri)
     )
