@@ -215,9 +215,10 @@ class _Auditor:
         self.differences: list[Difference] = []
         self.notes: list[str] = []
         self.checks = 0
-        self.loaded: dict[tuple[str, str], dict[str, int]] = {}
+        self.loaded: dict[tuple[str, str], dict[str, Any]] = {}
         self.failed_codes: dict[tuple[str, str], int] = defaultdict(int)
         self.rejected_codes: dict[tuple[str, str], int] = defaultdict(int)
+        self.firsts: list[ShardRecord] = []  # first-attempt ledger records of every partition
 
     # the two kinds of reconciliation
 
@@ -312,13 +313,12 @@ class _Auditor:
                               "units of open partitions are not checked for settlement or loading")
         plan = self.info.get("plan", {})
         if plan:
-            firsts = [r for p in self.run.partitions() for r in Ledger(p).all() if r.attempt == 1]
             self.same("run: shards", ("run.json plan.shards", plan.get("shards", 0)),
-                      ("first-attempt ledger records", len(firsts)))
+                      ("first-attempt ledger records", len(self.firsts)))
             self.same("run: requests", ("run.json plan.requests", plan.get("requests", 0)),
-                      ("requests in first-attempt ledger records", sum(r.n_requests for r in firsts)))
-        self.tables["rejected"] = [{"stage": s, "code": c, "units": n} for (s, c), n in sorted(self.rejected_codes.items())]
-        self.tables["failed"] = [{"stage": s, "code": c, "units": n} for (s, c), n in sorted(self.failed_codes.items())]
+                      ("requests in first-attempt ledger records", sum(r.n_requests for r in self.firsts)))
+        for table, book in (("rejected", self.rejected_codes), ("failed", self.failed_codes)):
+            self.tables[table] = [{"stage": st, "code": c, "units": n} for (st, c), n in sorted(book.items())]
         self.tables["loaded"] = [{"sink": s, "target": t, **v} for (s, t), v in sorted(self.loaded.items())]
 
     # one partition
@@ -332,6 +332,7 @@ class _Auditor:
         requests = _frame(part, "requests.parquet")
         self.planned(part, units, requests)
         records = Ledger(part).all()
+        self.firsts += [r for r in records if r.attempt == 1]
         if requests is not None:
             firsts = {r.shard for r in records if r.attempt == 1}
             shards = set(requests["shard"].unique().to_list()) if requests.height else set()
@@ -396,10 +397,9 @@ class _Auditor:
         pid = part.pid
         sent = requests.select(pl.col("unit_ids").explode().alias("unit_id"))["unit_id"] if requests is not None \
             else pl.Series("unit_id", [], dtype=pl.String)
-        row: dict[str, Any] = {"partition": part.pid, "units": units.height,
-                               "requests": requests.height if requests is not None else 0,
-                               "shards": requests["shard"].n_unique() if requests is not None and requests.height else 0,
-                               "tokens": int(requests["tokens"].sum()) if requests is not None and requests.height else 0}
+        req = requests if requests is not None else pl.DataFrame(schema={"shard": pl.String, "tokens": pl.Int64})
+        row: dict[str, Any] = {"partition": part.pid, "units": units.height, "requests": req.height,
+                               "shards": req["shard"].n_unique(), "tokens": int(req["tokens"].sum())}
         if "route" in units.columns:  # embeddings: request | alias | reused
             routes = {str(r): n for r, n in units.group_by("route").len().iter_rows()}
             row.update(sent=routes.get("request", 0), aliases=routes.get("alias", 0), reused=routes.get("reused", 0))
@@ -429,7 +429,8 @@ class _Auditor:
             return
         data = read_staged(part, "shards", name)
         sha = hashlib.sha256(data).hexdigest() if data is not None else None
-        sha_ok = self.same(f"{key}: shard file sha256", ("ledger sha256", rec.sha256), (f"sha256 of shards/{name}.jsonl", sha))
+        sha_ok = self.same(f"{key}: shard file sha256", ("ledger sha256", rec.sha256),
+                           (f"sha256 of shards/{name}.jsonl", sha))
         self.same(f"{key}: shard lines = plan lines", ("ledger sha256", rec.sha256),
                   ("sha256 of the plan's request lines", hashlib.sha256(shard_bytes(plan["line"])).hexdigest()))
         lines = len(data.splitlines()) if data is not None else 0
@@ -488,7 +489,9 @@ class _Auditor:
                       (f"answered lines in outputs/{name}.jsonl + errors/{name}.jsonl", answered))
         self.rederive(rec, plan, parsed, output, errors)
 
-    def rederive(self, rec: ShardRecord, plan: pl.DataFrame, parsed: pl.DataFrame, output: bytes, errors: bytes) -> None:
+    def rederive(
+        self, rec: ShardRecord, plan: pl.DataFrame, parsed: pl.DataFrame, output: bytes, errors: bytes
+    ) -> None:
         """The job's own parser over the staged files must give the outcomes the parsed part holds."""
         key = rec.key
         limits = self.ctx.settings.limits  # the run's limits (job_for_run applied them)
@@ -502,10 +505,8 @@ class _Auditor:
         )
         recorded = parsed.select("custom_id", "outcome", "code", "final").unique()
         both = derived.join(recorded, on="custom_id", how="full", suffix="_parsed", coalesce=True)
-        differs = both.filter(
-            ~pl.col("outcome").eq_missing(pl.col("outcome_parsed")) | ~pl.col("final").eq_missing(pl.col("final_parsed"))
-            | ~pl.col("code").eq_missing(pl.col("code_parsed"))
-        )
+        differs = both.filter(pl.any_horizontal(~pl.col(c).eq_missing(pl.col(f"{c}_parsed"))
+                                                for c in ("outcome", "final", "code")))
         self.checks += 1
         if differs.height:
             units = plan.filter(pl.col("custom_id").is_in(differs["custom_id"].implode()))["unit_ids"].explode()
@@ -549,15 +550,15 @@ class _Auditor:
                                       **{f"units_{f}": finals.get(f, 0) for f in ("ok", "fail", "pending")}})
         self.same_units(f"{key}: requests parsed", ("requests sent", plan["custom_id"]),
                         (f"requests in parsed/{name}.parquet", per_request["custom_id"]))
+        ok, failed = (parsed.filter(pl.col("final") == f) for f in ("ok", "fail"))
         results = _frame(part, "results", f"{name}.parquet")
-        self.same_units(f"{key}: ok units = results", ("ok units in parsed", parsed.filter(pl.col("final") == "ok")["unit_id"]),
+        self.same_units(f"{key}: ok units = results", ("ok units in parsed", ok["unit_id"]),
                         (f"results/{name}.parquet", _ids(results, self.job.result_key)))
         if results is not None and results.height:
-            ok = parsed.filter(pl.col("final") == "ok")
             res = results.rename({self.job.result_key: "unit_id"}) if self.job.result_key != "unit_id" else results
             self.same_payload(key, ok, res, f"results/{name}.parquet", "results rows = parsed ok rows")
         failures = _frame(part, "failures", f"{name}.parquet")
-        self.same_units(f"{key}: failed units = failures", ("failed units in parsed", parsed.filter(pl.col("final") == "fail")["unit_id"]),
+        self.same_units(f"{key}: failed units = failures", ("failed units in parsed", failed["unit_id"]),
                         (f"failures/{name}.parquet", _ids(failures, "unit_id")))
         pending = parsed.filter(pl.col("final") == "pending")["custom_id"].unique()
         nxt = f"{rec.shard}.{rec.attempt + 1}"

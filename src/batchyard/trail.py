@@ -58,6 +58,11 @@ def _rows(part: PartitionStore, folder: str, expr: pl.Expr, *, names: list[str] 
     return out
 
 
+def _name(collection: Any) -> str:
+    """`database.collection` of a MongoDB collection (never the URI)."""
+    return str(getattr(collection, "full_name", collection.name))
+
+
 def _iso(rec: ShardRecord, status: str) -> str | None:
     return next((h.at for h in rec.history if h.status == status), None)
 
@@ -147,12 +152,14 @@ class _Trail:
             self.out["attempts"].append(self.attempt(part, rec, req["custom_id"], unit, sent_as))
             attempt += 1
 
-    def attempt(self, part: PartitionStore, rec: ShardRecord, custom_id: str, unit: str, sent_as: str) -> dict[str, Any]:
+    def attempt(
+        self, part: PartitionStore, rec: ShardRecord, custom_id: str, unit: str, sent_as: str
+    ) -> dict[str, Any]:
         data = read_staged(part, "shards", rec.name)
         sha_ok = data is not None and hashlib.sha256(data).hexdigest() == rec.sha256
         if not sha_ok:
             self.differ(f"{rec.key}: shards/{rec.name}.jsonl does not match the ledger's sha256 {rec.sha256}")
-        raw = None
+        raw: dict[str, Any] | None = None
         for folder in ("outputs", "errors"):
             staged = read_staged(part, folder, rec.name)
             found = find_line(staged, custom_id) if staged else None
@@ -213,15 +220,17 @@ class _Trail:
             doc = chunks.find_one({fields.chunk_id: mongo_id(row["chunk_id"], row.get("id_kind") or "str")},
                                   {fields.chunk_id: 1, path: 1})
             mark = get_path(doc, path) if doc else None
-            out["mongo"] = {"collection": getattr(chunks, "full_name", chunks.name), "filter": {fields.chunk_id: row["chunk_id"]},
+            out["mongo"] = {"collection": _name(chunks), "filter": {fields.chunk_id: row["chunk_id"]},
                             "found": mark is not None, "mark_path": path, "mark": mark}
-            checks = [("Milvus collection " + coll, got[0].get("run_id") if got else None, bool(got)),
-                      (f"the mark {path} of MongoDB chunk {row['chunk_id']}", (mark or {}).get("run_id"), mark is not None)]
+            checks = [(f"Milvus collection {coll}", got[0].get("run_id") if got else None, bool(got)),
+                      (f"the mark {path} of MongoDB chunk {row['chunk_id']}", (mark or {}).get("run_id"),
+                       mark is not None)]
         else:
             coll = ctx.store.collection(job.results_collection)  # type: ignore[attr-defined]
-            flt = {"task": job.task.name, "task_version": job.task_version, "unit_id": row["unit_id"]}  # type: ignore[attr-defined]
+            task = job.task  # type: ignore[attr-defined]
+            flt = {"task": task.name, "task_version": job.task_version, "unit_id": row["unit_id"]}  # type: ignore[attr-defined]
             doc = coll.find_one(flt, {"result": 0, "raw_text": 0})
-            out["mongo"] = {"collection": getattr(coll, "full_name", coll.name), "filter": flt, "found": doc is not None,
+            out["mongo"] = {"collection": _name(coll), "filter": flt, "found": doc is not None,
                             "document": {k: str(v) if k == "_id" else v for k, v in (doc or {}).items()} or None}
             checks = [(f"MongoDB {out['mongo']['collection']}", (doc or {}).get("run_id"), doc is not None)]
         for where, writer, found in checks:

@@ -71,10 +71,17 @@ def test_a_kept_dry_run_is_submitted_exactly_as_planned(settings_factory: Any) -
         assert runner.execute(ctx, EmbeddingsJob(ctx, targets))["final"]["results"] == 1  # the late chunk, next run
 
 
-def test_resume_submits_a_dry_run_too(settings_factory: Any) -> None:
+def test_the_tracker_leaves_a_dry_run_alone_and_resume_submits_it(settings_factory: Any, tmp_path: Path) -> None:
+    from batchyard.orchestration.flows import tracker_flow
+
     s = settings_factory()
     with RunContext(s) as ctx:
         dry = runner.dry_run(ctx, EmbeddingsJob(ctx, seed(ctx, 20)))
+    # the scheduled tracker's body (no Prefect engine needed: it drives nothing here)
+    overrides = {"staging": {"root": s.staging.root}, "milvus": {"index_type": "FLAT"}, "embedding": {"dimensions": 16}}
+    assert tracker_flow.fn(overrides=overrides) == []
+    with RunContext(s) as ctx:
+        assert run_records(find_run(ctx.staging, dry["run_id"]))[0].state == "planned"
     with RunContext(s) as ctx:
         done = runner.resume(ctx, dry["run_id"])
         assert done["state"] == "finished" and done["final"]["results"] == 20
