@@ -433,7 +433,9 @@ def _dry_run(kind: str, targets: Path, *, task: str | None, run_id: str | None, 
                     "phase": info.get("phase"), **info["dry_run"]})
         raise typer.Exit(EXIT_OK)
     est = info["dry_run"]
-    t = Table(title=f"dry run {info['run_id']} ({info['job']}): nothing was sent", title_justify="left")
+    console.print(f"[bold]dry run {info['run_id']}[/bold] ({info['job']}): planned, nothing was sent",
+                  highlight=False)
+    t = Table()
     t.add_column("", no_wrap=True)
     t.add_column("value", justify="right")
     for key in ("partitions", "shards", "requests", "inputs", "units", "rejected", "input_tokens",

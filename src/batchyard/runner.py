@@ -277,9 +277,12 @@ def plan_one(ctx: RunContext, job: Job, run: RunStore, pid: str) -> dict[str, An
     return stats
 
 
-def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progress: Progress | None = None
-         ) -> dict[str, Any]:
-    """Phase `plan`: every partition's requests, shard files and ledger records."""
+def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progress: Progress | None = None,
+         dry: bool = False) -> dict[str, Any]:
+    """Phase `plan`: every partition's requests, shard files and ledger records.
+
+    `dry`: a dry run; the run stays in phase `plan` with state `dry_run` (see `dry_run`).
+    """
     t0 = time.perf_counter()
     pids = [p.pid for p in run.partitions()]
     _emit(on_progress, "plan", 0, len(pids))
@@ -292,7 +295,7 @@ def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progres
     _emit(on_progress, "plan", len(pids), len(pids))
     write_manifest(run, "requests", rows=totals.get("requests", 0), seconds=time.perf_counter() - t0,
                    params=job.params())
-    run.update_run(phase="batches", state="running", plan=dict(totals))
+    run.update_run(phase="plan" if dry else "batches", state="dry_run" if dry else "running", plan=dict(totals))
     add_timings(run, plan=time.perf_counter() - t0)
     return dict(totals)
 
@@ -694,23 +697,30 @@ def continue_run(
 ) -> dict[str, Any]:
     """Carry a run from its recorded phase to the end (or, `wait=False`, to its first submissions)."""
     engine = engine or LocalEngine(ctx, job, run)
-    phase = run.read_run().get("phase", "snapshot")
-    if phase in ("snapshot", "plan"):
-        owner = driver_id()
-        run.claim(owner, LEASE_TTL_MIN_S)
-        try:
-            if phase == "snapshot":
-                snapshot(ctx, job, run, on_progress=on_progress)
-                phase = "plan"
-            if phase == "plan":
-                plan(ctx, job, run, engine, on_progress=on_progress)
-                phase = "batches"
-        finally:
-            run.release(owner)
+    phase = prepare(ctx, job, run, engine, on_progress=on_progress)
     if phase == "batches":
         drive(ctx, job, run, engine=engine, on_progress=on_progress, max_rounds=None if wait else 1)
     _emit(on_progress, "finish", 0, None)
     return finish(ctx, job, run)
+
+
+def prepare(
+    ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progress: Progress | None = None,
+    dry: bool = False,
+) -> str:
+    """Snapshot and plan under the run lease, from the recorded phase; returns the phase after."""
+    phase = str(run.read_run().get("phase", "snapshot"))
+    if phase not in ("snapshot", "plan"):
+        return phase
+    owner = driver_id()
+    run.claim(owner, LEASE_TTL_MIN_S)
+    try:
+        if phase == "snapshot":
+            snapshot(ctx, job, run, on_progress=on_progress)
+        plan(ctx, job, run, engine, on_progress=on_progress, dry=dry)
+    finally:
+        run.release(owner)
+    return "plan" if dry else "batches"
 
 
 def dry_run(
@@ -727,17 +737,7 @@ def dry_run(
     run = RunStore(ctx.staging, job.name, run_id) if run_id else None
     if run is None or not run.exists():
         run = create_run(ctx, job, run_id=run_id)
-    phase = run.read_run().get("phase", "snapshot")
-    if phase in ("snapshot", "plan"):
-        owner = driver_id()
-        run.claim(owner, LEASE_TTL_MIN_S)
-        try:
-            if phase == "snapshot":
-                snapshot(ctx, job, run, on_progress=on_progress)
-            plan(ctx, job, run, LocalEngine(ctx, job, run), on_progress=on_progress)
-            run.update_run(state="dry_run", phase="plan")
-        finally:
-            run.release(owner)
+    prepare(ctx, job, run, LocalEngine(ctx, job, run), on_progress=on_progress, dry=True)
     return run.update_run(dry_run=plan_estimate(ctx, job, run))
 
 
