@@ -377,7 +377,7 @@ class _Auditor:
         units = planned_table(self.job, part)
         plan_rejects = _frame(part, "failures", "plan.parquet")
         self.tables["selected"].append({
-            "partition": part.pid, "companies": ", ".join(state.get("companies", [])), "chunks": chunks.height,
+            "partition": part.pid, "companies": state.get("companies", []), "chunks": chunks.height,
             "repeated_ids": copies.height, "snapshot_rejects": rejected,
             "planned": units.height if units is not None else None,
             "plan_rejects": plan_rejects.height if plan_rejects is not None else None,

@@ -720,6 +720,11 @@ def _audit_cell(row: dict[str, Any], key: str) -> str:
         return f"{row['partition']}/{row['shard']}.{row['attempt']}"
     if key == "sha256":
         return f"{str(value)[:16]}… {'✓' if row.get('sha256_ok') else '✗ differs'}"
+    if key == "companies":
+        names = list(value or [])
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+    if key == "batch_id" and row.get("past_batches"):
+        return f"{value or ''}\n(earlier: {', '.join(row['past_batches'])})"
     if key == "request_counts":
         return "" if not value else f"{value.get('completed', 0)}/{value.get('failed', 0)}/{value.get('total', 0)}"
     return "" if value is None else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)

@@ -38,19 +38,21 @@ def assert_reconciles(report: AuditReport) -> None:
     assert report.checks > 10
 
 
-FAULTS = {
+FAULTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "expiry": ({"expire_after_requests": 2, "expire_batches": 2}, {}),
     "server_cancel": ({"cancel_after_requests": 1, "cancel_batches": 1, "cancelling_s": 0.2}, {}),
     "sticky_errors": ({"request_error_rate": 0.3, "seed": 3, "request_error_sticky": True}, {"max_attempts": 2}),
     "http_400": ({"request_error_rate": 1.0, "request_error_status": 400}, {}),
     "validation_failure": ({"validation_failure": True, "validation_fail_batches": 1}, {}),
+    # batches refused with token_limit_exceeded are resubmitted (submission 2, an earlier batch id)
+    "token_limit": ({"enqueued_token_cap": 12_000}, {"enqueued_token_budget": 40_000, "max_tokens_per_batch": 8_000}),
 }
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
 def test_every_count_reconciles_after_each_batch_outcome(settings_factory: Any, fault: str) -> None:
     faults, limits = FAULTS[fault]
-    s = settings_factory(provider={"local": {"faults": faults}},
+    s = settings_factory(provider={"local": {"faults": faults, "seconds_per_request": 0.02}},
                          limits={"max_inputs_per_batch": 30, "max_inputs_per_request": 10, **limits})
     with RunContext(s) as ctx:
         info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, N)))
@@ -66,6 +68,8 @@ def test_every_count_reconciles_after_each_batch_outcome(settings_factory: Any, 
             assert got["unfinished"] > 0 and got["sent"] == got["output"] + got["error"] + got["missing"]
     if fault == "expiry":
         assert any(r["attempt"] == 2 for r in sent), "follow-up attempts are reconciled too"
+    if fault == "token_limit":
+        assert any(r["past_batches"] for r in sent), "a resubmitted shard attempt keeps its earlier batch"
     if fault in ("sticky_errors", "http_400"):
         assert report.tables["failed"], "failures by code"
 
