@@ -371,11 +371,14 @@ def _cost_line(final: dict[str, Any]) -> str:
     """The plan's cost estimate next to what the provider reported using (batch prices)."""
     if "cost_estimate_usd" not in final:
         return ""
-    tokens = final.get("cost_estimate_tokens", {})
-    out = f" + at most {tokens['output_max']:,} output" if tokens.get("output_max") else ""
+    tokens = final.get("cost_estimate_tokens")
+    planned = ""
+    if tokens:
+        out = f" + at most {tokens['output_max']:,} output" if tokens.get("output_max") else ""
+        planned = f" ({tokens.get('input', 0):,} input tokens{out})"
     usage = final.get("usage", {})
     used = ", ".join(f"{k}={v:,}" for k, v in usage.items() if k in ("input_tokens", "output_tokens")) or "none"
-    return (f"estimate ${final['cost_estimate_usd']:.6f} ({tokens.get('input', 0):,} input tokens{out}) · "
+    return (f"estimate ${final['cost_estimate_usd']:.6f}{planned} · "
             f"reported ${final.get('cost_reported_usd', 0.0):.6f} (provider usage: {used})")
 
 
