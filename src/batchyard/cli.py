@@ -71,6 +71,12 @@ class EngineChoice(enum.StrEnum):
 
 Engine = Annotated[EngineChoice, typer.Option(help="prefect (flows, tasks, artifacts) or local (plain threads).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
+DryRun = Annotated[bool, typer.Option(
+    "--dry-run", help="Snapshot and plan in this process without contacting the Batch API provider, then print "
+    "partitions, shards, requests, inputs, tokens and the estimated cost at batch prices (inference: output at "
+    "most max_output_tokens per request). The planned run is kept (state dry_run; the tracker leaves it alone): "
+    "`--run-id RUN` without --dry-run, or `batchyard resume RUN`, submits exactly that plan; delete its staging "
+    "folder to discard it.")]
 
 
 class LaneChoice(enum.StrEnum):
@@ -357,6 +363,9 @@ def _print_run(info: dict[str, Any]) -> None:
         if key in info:
             val = {k: v for k, v in info[key].items() if not isinstance(v, dict)}
             t.add_row(key, ", ".join(f"{k}={v}" for k, v in val.items()))
+    cost = _cost_line(info.get("final", {}))
+    if cost:
+        t.add_row("cost", cost)
     by_code = info.get("final", {}).get("failures_by_code")
     if by_code:
         t.add_row("failures", ", ".join(f"{k}={v}" for k, v in by_code.items()))
@@ -377,6 +386,21 @@ def _print_run(info: dict[str, Any]) -> None:
     if info.get("phase") != "done":
         console.print(f"run {info['run_id']} is not finished (phase {info.get('phase')}): the scheduled tracker "
                       f"or `batchyard resume {info['run_id']}` finishes it")
+
+
+def _cost_line(final: dict[str, Any]) -> str:
+    """The plan's cost estimate next to what the provider reported using (batch prices)."""
+    if "cost_estimate_usd" not in final:
+        return ""
+    tokens = final.get("cost_estimate_tokens")
+    planned = ""
+    if tokens:
+        out = f" + at most {tokens['output_max']:,} output" if tokens.get("output_max") else ""
+        planned = f" ({tokens.get('input', 0):,} input tokens{out})"
+    usage = final.get("usage", {})
+    used = ", ".join(f"{k}={v:,}" for k, v in usage.items() if k in ("input_tokens", "output_tokens")) or "none"
+    return (f"estimate ${final['cost_estimate_usd']:.6f}{planned} · "
+            f"reported ${final.get('cost_reported_usd', 0.0):.6f} (provider usage: {used})")
 
 
 def _report(info: dict[str, Any], as_json: bool) -> NoReturn:
@@ -402,6 +426,58 @@ def _guarded(fn: Any) -> dict[str, Any]:
         _fail(exc)
 
 
+def _dry_run(kind: str, targets: Path, *, task: str | None, run_id: str | None, overrides: dict[str, Any],
+             as_json: bool) -> NoReturn:
+    """`--dry-run`: snapshot and plan with no Batch API client, print the estimate, exit 0."""
+    from batchyard import runner
+    from batchyard.context import RunContext
+    from batchyard.targets import load_targets
+
+    _check_inputs(kind, targets, task)
+    settings = _settings(overrides)
+    _check_locks(settings)
+
+    def go() -> dict[str, Any]:
+        progress, update = _progress()
+        with progress if not as_json else _Quiet(), RunContext(settings) as ctx:
+            tg = load_targets(targets)
+            if kind == "embeddings":
+                from batchyard.jobs.embeddings import EmbeddingsJob
+
+                job: Any = EmbeddingsJob(ctx, tg)
+            else:
+                from batchyard.jobs.inference import InferenceJob
+
+                job = InferenceJob(ctx, tg, task or "")
+            return runner.dry_run(ctx, job, run_id=run_id, on_progress=None if as_json else update)
+
+    info = _guarded(go)
+    if as_json:
+        _emit_json({"run_id": info["run_id"], "job": info["job"], "state": info.get("state"),
+                    "phase": info.get("phase"), **info["dry_run"]})
+        raise typer.Exit(EXIT_OK)
+    est = info["dry_run"]
+    console.print(f"[bold]dry run {info['run_id']}[/bold] ({info['job']}): planned, nothing was sent",
+                  highlight=False)
+    t = Table()
+    t.add_column("", no_wrap=True)
+    t.add_column("value", justify="right")
+    for key in ("partitions", "shards", "requests", "inputs", "units", "rejected", "input_tokens",
+                "output_tokens_max", "bytes", "tokens_saved"):
+        if key != "output_tokens_max" or est[key]:
+            t.add_row(key.replace("_", " "), f"{est[key]:,}")
+    priced = "" if est["priced"] else f" (no price for {est['model']}: set pricing.models)"
+    t.add_row("cost at batch prices", f"${est['cost_batch_usd']:,.6f}{priced}")
+    t.add_row("cost in real time", f"${est['cost_realtime_usd']:,.6f}")
+    if est["cost_saved_usd"]:
+        t.add_row("saved by reuse and dedup", f"${est['cost_saved_usd']:,.6f}")
+    console.print(t)
+    if info.get("state") == "dry_run":
+        console.print(f"to submit exactly this plan: `batchyard resume {info['run_id']}`; "
+                      f"to discard it, delete its staging folder ({info['job']}/{info['run_id']})")
+    raise typer.Exit(EXIT_OK)
+
+
 @app.command(epilog=EPILOG)
 def embed(
     targets: Annotated[Path, typer.Option(help="Targets file (YAML or CSV).")],
@@ -412,11 +488,14 @@ def embed(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the batches (default), or submit and "
                                        "return: the scheduled tracker finishes the run.")] = True,
     lane: LaneOption = None,
+    dry_run: DryRun = False,
     as_json: AsJson = False,
 ) -> None:
     """Embed the target chunks that are new or changed; load Milvus; mark MongoDB."""
     over = _overrides(lane=lane.value if lane else None, max_inputs_per_batch=max_inputs_per_batch,
                       max_requests_per_batch=max_requests_per_batch)
+    if dry_run:
+        _dry_run("embeddings", targets, task=None, run_id=run_id, overrides=over, as_json=as_json)
     info = _guarded(lambda: _run_job("embeddings", targets, engine=engine, run_id=run_id, overrides=over,
                                      wait=wait, show_progress=not as_json))
     _report(info, as_json)
@@ -432,10 +511,13 @@ def infer(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the batches (default), or submit and "
                                        "return: the scheduled tracker finishes the run.")] = True,
     lane: LaneOption = None,
+    dry_run: DryRun = False,
     as_json: AsJson = False,
 ) -> None:
     """Run an inference task over the target units without a result for its version."""
     over = _overrides(lane=lane.value if lane else None, max_requests_per_batch=max_requests_per_batch)
+    if dry_run:
+        _dry_run("inference", targets, task=task, run_id=run_id, overrides=over, as_json=as_json)
     info = _guarded(lambda: _run_job("inference", targets, engine=engine, task=task, run_id=run_id,
                                      overrides=over, wait=wait, show_progress=not as_json))
     _report(info, as_json)
@@ -582,6 +664,193 @@ def status(
             st.add_row(rec.key, rec.state, rec.batch_status or "", str(rec.n_requests), str(rec.n_inputs),
                        str(rec.tokens), rec.batch_id or "", note)
         console.print(st)
+
+
+# --------------------------------------------------------------------------- audit
+
+
+@app.command(epilog=EPILOG)
+def audit(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    unit_id: Annotated[str | None, typer.Option("--id", help="Show the full trail of one chunk or unit id.")] = None,
+    sinks: Annotated[bool, typer.Option("--sinks/--no-sinks", help="Also check that Milvus and MongoDB hold what "
+                                        "was loaded (default), or check staging only.")] = True,
+    as_json: AsJson = False,
+) -> None:
+    """Reconcile a run from its staged files and the sinks, with no Batch API call.
+
+    Prints what was selected, rejected, planned, sent (per shard attempt: sha256, file and batch
+    ids, request counts), received, parsed, failed and loaded, and checks that every count
+    agrees: re-parsing the staged output and error files must give the recorded outcomes, each
+    shard file must match its ledger sha256. Exit 0 when everything reconciles, 5 when something
+    differs (each difference names the counts and the units). With --id: the trail of one chunk
+    or unit, from its source row to its Milvus/MongoDB document (exit 5 if the trail
+    contradicts itself).
+    """
+    from batchyard.audit import audit_run
+    from batchyard.context import RunContext
+    from batchyard.storage.runs import find_run
+    from batchyard.trail import UnitNotFound, trail
+
+    _check_run_exists(run_id)
+    settings = _settings(_overrides())
+    if sinks or unit_id:
+        _check_locks(settings)
+    try:
+        with RunContext(settings) as ctx:
+            run = find_run(ctx.staging, run_id)
+            if unit_id is not None:
+                try:
+                    found = trail(ctx, run, unit_id)
+                except UnitNotFound as exc:
+                    _usage_error(exc)
+                if as_json:
+                    _emit_json(found)
+                else:
+                    _print_trail(found)
+                raise typer.Exit(EXIT_CHECKS if found["differences"] else EXIT_OK)
+            report = audit_run(ctx, run, sinks=sinks)
+    except BatchyardError as exc:
+        _fail(exc)
+    if as_json:
+        _emit_json(report.to_json())
+    else:
+        _print_audit(report)
+    raise typer.Exit(EXIT_OK if report.ok else EXIT_CHECKS)
+
+
+_AUDIT_COLUMNS: dict[str, list[tuple[str, str]]] = {
+    "selected": [("partition", "partition"), ("companies", "companies"), ("chunks", "chunks"),
+                 ("repeated_ids", "repeated ids"), ("snapshot_rejects", "snapshot rejects"), ("planned", "planned"),
+                 ("plan_rejects", "plan rejects")],
+    "rejected": [("stage", "stage"), ("code", "code"), ("units", "units")],
+    "planned": [("partition", "partition"), ("units", "units"), ("sent", "sent"), ("aliases", "aliases"),
+                ("reused", "reused"), ("requests", "requests"), ("shards", "shards"), ("tokens", "tokens")],
+    "sent": [("shard", "shard attempt"), ("state", "state"), ("sha256", "sha256 (verified)"), ("file_id", "file id"),
+             ("batch_id", "batch id"), ("requests", "requests"), ("inputs", "inputs"),
+             ("request_counts", "provider counts")],
+    "received": [("shard", "shard attempt"), ("status", "batch"), ("sent", "sent"), ("output", "output lines"),
+                 ("error", "error lines"), ("unfinished", "of which unfinished"), ("missing", "missing"),
+                 ("anomalies", "anomalies")],
+    "parsed": [("shard", "shard attempt"), ("ok", "ok"), ("requeue", "requeue"), ("retry", "retry"), ("fail", "fail"),
+               ("units_ok", "units ok"), ("units_fail", "units failed"), ("units_pending", "units pending")],
+    "failed": [("stage", "stage"), ("code", "code"), ("units", "units")],
+    "loaded": [("sink", "sink"), ("target", "target"), ("parts", "parts"), ("rows", "result rows"),
+               ("receipt_rows", "receipt rows"), ("found", "in the sink"), ("superseded", "rewritten later")],
+}
+_NO_WRAP = {"partition", "shard", "file_id", "batch_id", "target", "code", "sha256"}
+
+
+def _audit_cell(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if key == "shard" and "attempt" in row:
+        return f"{row['partition']}/{row['shard']}.{row['attempt']}"
+    if key == "sha256":
+        return f"{str(value)[:16]}… {'✓' if row.get('sha256_ok') else '✗ differs'}"
+    if key == "companies":
+        names = list(value or [])
+        return ", ".join(names[:3]) + (f" (+{len(names) - 3})" if len(names) > 3 else "")
+    if key == "batch_id" and row.get("past_batches"):
+        return f"{value or ''}\n(earlier: {', '.join(row['past_batches'])})"
+    if key == "request_counts":
+        return "" if not value else f"{value.get('completed', 0)}/{value.get('failed', 0)}/{value.get('total', 0)}"
+    return "" if value is None else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
+
+
+def _print_audit(report: Any) -> None:
+    run = report.run
+    console.print(f"[bold]audit of run {run['run_id']}[/bold] ({run['job']}, {run['state']} / {run['phase']})",
+                  highlight=False)
+    for name, columns in _AUDIT_COLUMNS.items():
+        rows = report.tables.get(name, [])
+        if not rows:
+            console.print(f"{name}: none", style="italic")
+            continue
+        t = Table(title=name + (" (provider counts: completed/failed/total)" if name == "sent" else ""),
+                  title_justify="left")
+        for key, label in columns:
+            t.add_column(label, no_wrap=key in _NO_WRAP)
+        for row in rows:
+            t.add_row(*(_audit_cell(row, key) for key, _ in columns))
+        console.print(t)
+    for note in report.notes:
+        console.print(f"note: {note}", highlight=False)
+    if report.ok:
+        console.print(f"[green]{report.checks:,} counts reconciled; everything agrees[/green]")
+        return
+    t = Table(title=f"{len(report.differences)} difference(s) in {report.checks:,} reconciled counts",
+              title_justify="left", title_style="bold red")
+    for col in ("check", "expected", "actual", "units"):
+        t.add_column(col, no_wrap=col == "units")
+    for d in report.differences:
+        units = "\n".join(d.units) + (f"\n(+{d.more} more)" if d.more else "")
+        t.add_row(d.check, d.expected, d.actual, units)
+    console.print(t)
+
+
+def _print_trail(found: dict[str, Any]) -> None:
+    t = Table(title=f"trail of {found['id']} in run {found['run_id']} ({found['job']})", title_justify="left",
+              show_header=False)
+    t.add_column("what", no_wrap=True)
+    t.add_column("value", overflow="fold")
+    for src in found.get("source", []):
+        t.add_row("source row", f"chunk {src['chunk_id']} (_id {src['source_id']}), company {src['company_id']}, "
+                  f"document {src['document_id']}, index {src['chunk_index']}, text sha256 {src['text_sha256']}")
+    plan = found.get("plan")
+    if plan:
+        route = plan.get("route", "request")
+        t.add_row("planned", f"unit {found['unit_id']} in partition {found['partition']}, {route}"
+                  + (f", {plan.get('tokens', plan.get('n_tokens'))} tokens" if plan.get("tokens", plan.get("n_tokens")) else "")
+                  + (", truncated" if plan.get("truncated") else ""))
+    served = found.get("served_by")
+    if served:
+        t.add_row("served by", served["why"])
+    req = found.get("request")
+    if req:
+        t.add_row("request", f"custom_id {req['custom_id']} (input {req['position']} of {req['n_inputs']}), "
+                  f"shard {req['shard']}")
+    for a in found.get("attempts", []):
+        raw = a["raw"]
+        where = f"{raw['file']} line {raw['line_no']}" if raw else "no output or error line"
+        outcome = a["outcome"] or {}
+        t.add_row(f"attempt {a['shard']}.{a['attempt']}",
+                  f"file {a['file_id']}, batch {a['batch_id']} ({a['batch_status']}), sha256 "
+                  f"{'verified' if a['sha256_ok'] else 'DIFFERS'}; {where}; outcome {outcome.get('outcome')}"
+                  f" ({outcome.get('final')}{', ' + str(outcome['code']) if outcome.get('code') else ''})")
+    result = found.get("result")
+    if result:
+        t.add_row("result", f"results/{result['part']}.parquet"
+                  + (f", vector_source {result['vector_source']}" if result.get("vector_source") else ""))
+    for f in found.get("failures", []):
+        t.add_row("failure", f"failures/{f['part']}.parquet: {f['code']}: {f['message']}")
+    loaded = found.get("loaded") or {}
+    receipt = loaded.get("receipt")
+    if receipt:
+        t.add_row("loaded", f"loads/{loaded['part']}.json at {receipt['at']}: "
+                  + ", ".join(f"{s['sink']} {s['target']}" for s in receipt["sinks"]))
+    if "milvus" in loaded:
+        m = loaded["milvus"]
+        t.add_row("Milvus", f"collection {m['collection']}: "
+                  + (f"chunk_id {m['chunk_id']}, run {m['run_id']}, text sha256 {m['text_sha256']}" if m["found"]
+                     else "not found"))
+    if "mongo" in loaded:
+        m = loaded["mongo"]
+        doc = m.get("mark") or m.get("document")
+        t.add_row("MongoDB", f"{m['collection']} {json.dumps(m['filter'], default=str)}: "
+                  + (json.dumps(doc, default=str) if m["found"] else "not found"))
+    for note in loaded.get("superseded", []):
+        t.add_row("note", note)
+    for d in found.get("differences", []):
+        t.add_row("[red]difference[/red]", d)
+    console.print(t)
+    if req:
+        console.print(f"request line ({req['custom_id']}):", style="bold")
+        console.print(req["line"], markup=False, highlight=False, soft_wrap=True)
+    for a in found.get("attempts", []):
+        if a["raw"]:
+            console.print(f"raw line, {a['raw']['file']} line {a['raw']['line_no']} (batch {a['batch_id']}):",
+                          style="bold")
+            console.print(a["raw"]["text"], markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -1,16 +1,20 @@
 """Prices per model, and cost estimates for both lanes (batch is half the real-time price).
 
 The table holds OpenAI's published real-time prices in USD per million tokens; the Batch API
-charges `batch_discount` of that (0.5). Override any entry in settings
-(`BATCHYARD_PRICING__MODELS='{"my-model": {"input_per_1m": 0.1}}'`). A model missing from the
-table is priced at zero and reported as `unpriced`, never guessed.
+charges `batch_discount` of that (0.5). Add or override entries in settings
+(`BATCHYARD_PRICING__MODELS='{"my-model": {"input_per_1m": 0.1}}'`): they are merged over the
+defaults, so overriding one model keeps the others. A model missing from the table is priced
+at zero and reported as `unpriced`, never guessed.
+
+A plan's cost (`plan_cost`: dry runs and run summaries) counts its exact input tokens and, for
+inference, `max_output_tokens` per request: an upper bound, since a model may stop earlier.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 
 class ModelPrice(BaseModel):
@@ -29,6 +33,11 @@ DEFAULT_PRICES: dict[str, ModelPrice] = {
     "gpt-4.1-nano": ModelPrice(input_per_1m=0.10, output_per_1m=0.40),
     "gpt-4o": ModelPrice(input_per_1m=2.50, output_per_1m=10.00),
     "gpt-4o-mini": ModelPrice(input_per_1m=0.15, output_per_1m=0.60),
+    "gpt-5": ModelPrice(input_per_1m=1.25, output_per_1m=10.00),
+    "gpt-5-mini": ModelPrice(input_per_1m=0.25, output_per_1m=2.00),
+    "gpt-5-nano": ModelPrice(input_per_1m=0.05, output_per_1m=0.40),
+    "o3": ModelPrice(input_per_1m=2.00, output_per_1m=8.00),
+    "o4-mini": ModelPrice(input_per_1m=1.10, output_per_1m=4.40),
 }
 
 
@@ -40,6 +49,12 @@ class PricingSettings(BaseModel):
         description="Real-time USD per million tokens by model (defaults: OpenAI's list prices).",
     )
     batch_discount: float = Field(default=0.5, gt=0, le=1, description="Batch price as a share of real-time.")
+
+    @field_validator("models", mode="after")
+    @classmethod
+    def _over_defaults(cls, models: dict[str, ModelPrice]) -> dict[str, ModelPrice]:
+        """Configured entries are merged over the defaults (overriding one model keeps the rest)."""
+        return {**DEFAULT_PRICES, **models}
 
 
 def estimate(
@@ -55,4 +70,20 @@ def estimate(
         "batch_usd": round(realtime * pricing.batch_discount, 6),
         "realtime_usd": round(realtime, 6),
         "priced": True,
+    }
+
+
+def plan_cost(
+    pricing: PricingSettings, model: str, *, input_tokens: int, requests: int = 0, max_output_tokens: int = 0
+) -> dict[str, Any]:
+    """Estimated cost of a plan: `estimate` plus the tokens it assumed.
+
+    Output tokens are `requests * max_output_tokens` (inference; 0 for embeddings): the most
+    the plan can produce, so the estimate is an upper bound on the output side.
+    """
+    output_tokens = requests * max_output_tokens
+    return {
+        **estimate(pricing, model, input_tokens=input_tokens, output_tokens=output_tokens),
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
     }

@@ -283,9 +283,12 @@ def plan_one(ctx: RunContext, job: Job, run: RunStore, pid: str) -> dict[str, An
     return stats
 
 
-def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progress: Progress | None = None
-         ) -> dict[str, Any]:
-    """Phase `plan`: every partition's requests, shard files and ledger records."""
+def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progress: Progress | None = None,
+         dry: bool = False) -> dict[str, Any]:
+    """Phase `plan`: every partition's requests, shard files and ledger records.
+
+    `dry`: a dry run; the run stays in phase `plan` with state `dry_run` (see `dry_run`).
+    """
     t0 = time.perf_counter()
     pids = [p.pid for p in run.partitions()]
     _emit(on_progress, "plan", 0, len(pids))
@@ -297,7 +300,8 @@ def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progres
     totals = {k: round(v, 6) if isinstance(v, float) else v for k, v in totals.items()}
     _emit(on_progress, "plan", len(pids), len(pids))
     lane = choose_lane(ctx.settings.lane, int(totals.get("tokens", 0)))
-    run.update_run(phase="batches", state="running", plan=dict(totals), lane=lane)
+    run.update_run(phase="plan" if dry else "batches", state="dry_run" if dry else "running", plan=dict(totals),
+                   lane=lane)
     add_timings(run, plan=time.perf_counter() - t0)
     return dict(totals)
 
@@ -671,8 +675,7 @@ def run_summary(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
         for k, v in (rec.usage or {}).items():
             if isinstance(v, int):
                 usage[k] += v
-    plan_stats = run.read_run().get("plan", {})
-    cost = estimate(ctx.settings.pricing, job.model, input_tokens=int(plan_stats.get("tokens", 0)))
+    cost = plan_cost_of(ctx, job, run.read_run().get("plan", {}))
     reported = estimate(ctx.settings.pricing, job.model, input_tokens=usage.get("input_tokens", 0),
                         output_tokens=usage.get("output_tokens", 0))
     sent: dict[str, int] = defaultdict(int)
@@ -692,9 +695,20 @@ def run_summary(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
         "usage": dict(usage),
         "cost_estimate_usd": cost["batch_usd"],
         "cost_estimate_realtime_usd": cost["realtime_usd"],
+        "cost_estimate_tokens": {"input": cost["input_tokens"], "output_max": cost["output_tokens"]},
         "cost_reported_usd": reported["batch_usd"],
         "lanes": by_lane,
     }
+
+
+def plan_cost_of(ctx: RunContext, job: Job, plan_stats: dict[str, Any]) -> dict[str, Any]:
+    """The estimated cost of a run's plan at batch prices (inference: at most `max_output_tokens`
+    per request on the output side)."""
+    from batchyard.pricing import plan_cost
+
+    return plan_cost(ctx.settings.pricing, job.model, input_tokens=int(plan_stats.get("tokens", 0)),
+                     requests=int(plan_stats.get("requests", 0)),
+                     max_output_tokens=int(job.params().get("max_output_tokens") or 0))
 
 
 def finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
@@ -779,23 +793,78 @@ def continue_run(
 ) -> dict[str, Any]:
     """Carry a run from its recorded phase to the end (or, `wait=False`, to its first submissions)."""
     engine = engine or LocalEngine(ctx, job, run)
-    phase = run.read_run().get("phase", "snapshot")
-    if phase in ("snapshot", "plan"):
-        owner = driver_id()
-        run.claim(owner, LEASE_TTL_MIN_S)
-        try:
-            if phase == "snapshot":
-                snapshot(ctx, job, run, on_progress=on_progress)
-                phase = "plan"
-            if phase == "plan":
-                plan(ctx, job, run, engine, on_progress=on_progress)
-                phase = "batches"
-        finally:
-            run.release(owner)
+    phase = prepare(ctx, job, run, engine, on_progress=on_progress)
     if phase == "batches":
         drive(ctx, job, run, engine=engine, on_progress=on_progress, max_rounds=None if wait else 1)
     _emit(on_progress, "finish", 0, None)
     return finish(ctx, job, run)
+
+
+def prepare(
+    ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progress: Progress | None = None,
+    dry: bool = False,
+) -> str:
+    """Snapshot and plan under the run lease, from the recorded phase; returns the phase after."""
+    phase = str(run.read_run().get("phase", "snapshot"))
+    if phase not in ("snapshot", "plan"):
+        return phase
+    owner = driver_id()
+    run.claim(owner, LEASE_TTL_MIN_S)
+    try:
+        if phase == "snapshot":
+            snapshot(ctx, job, run, on_progress=on_progress)
+        plan(ctx, job, run, engine, on_progress=on_progress, dry=dry)
+    finally:
+        run.release(owner)
+    return "plan" if dry else "batches"
+
+
+def dry_run(
+    ctx: RunContext, job: Job, *, run_id: str | None = None, on_progress: Progress | None = None
+) -> dict[str, Any]:
+    """Snapshot and plan a run without contacting the Batch API provider; estimate its size and cost.
+
+    The run is kept, in state `dry_run` with its run-level phase left at `plan` (every partition
+    is planned): the scheduled tracker only drives runs in phase `batches`, so it leaves a dry
+    run alone, and `execute`/`resume` with its id re-enter `plan` (a no-op for planned
+    partitions) and submit exactly the plan that was estimated. Returns run.json with the
+    estimate under `dry_run`. A run that is already past planning is only estimated.
+    """
+    run = RunStore(ctx.staging, job.name, run_id) if run_id else None
+    if run is None or not run.exists():
+        run = create_run(ctx, job, run_id=run_id)
+    prepare(ctx, job, run, LocalEngine(ctx, job, run), on_progress=on_progress, dry=True)
+    return run.update_run(dry_run=plan_estimate(ctx, job, run))
+
+
+def plan_estimate(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
+    """What a planned run will send and cost: partitions, shards, requests, inputs, tokens, USD."""
+    from batchyard.storage.ledger import run_records
+
+    info = run.read_run()
+    stats = info.get("plan", {})
+    firsts = [r for r in run_records(run) if r.attempt == 1]
+    cost = plan_cost_of(ctx, job, stats)
+    snap = info.get("snapshot", {})
+    return {
+        "model": job.model,
+        "partitions": len(info.get("partitions", [])),
+        "shards": len(firsts),
+        "requests": sum(r.n_requests for r in firsts),
+        "inputs": sum(r.n_inputs for r in firsts),
+        "units": int(stats.get("units", 0)),
+        "rejected": int(stats.get("rejected", 0)) + int(snap.get("rejected", 0)) + int(snap.get("orphans", 0))
+        + int(snap.get("duplicate_ids", 0)),
+        "input_tokens": cost["input_tokens"],
+        "output_tokens_max": cost["output_tokens"],
+        "bytes": sum(r.bytes for r in firsts),
+        "cost_batch_usd": cost["batch_usd"],
+        "cost_realtime_usd": cost["realtime_usd"],
+        "lane": choose_lane(ctx.settings.lane, cost["input_tokens"]),
+        "priced": cost["priced"],
+        "tokens_saved": int(stats.get("tokens_saved", 0)),
+        "cost_saved_usd": float(stats.get("cost_saved_usd", 0.0)),
+    }
 
 
 def cancel(ctx: RunContext, run_id: str, *, wait_s: float = 0.0) -> dict[str, Any]:
