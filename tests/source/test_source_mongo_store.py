@@ -230,7 +230,7 @@ def test_version_1_files_are_read_and_rewritten(tmp_path: Path) -> None:
 
 
 def test_a_mostly_superseded_file_is_rewritten_smaller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchyard.clients import standin
+    from batchyard.clients import standin_file as standin
 
     monkeypatch.setattr(standin, "_REWRITE_GARBAGE", 0)
     path = standin_path(tmp_path, "batchyard")

@@ -125,7 +125,7 @@ def _same(fast: Any, plain: Any, query: dict[str, Any], rng: random.Random) -> N
     sort = rng.choice([None, [("_id", 1)], [("_id", -1)]])
     limit = rng.choice([0, 0, 1, 3, 20])
     skip = rng.choice([0, 0, 2])
-    projection = rng.choice([None, {"company": 1}, {"n": 0}])
+    projection = rng.choice([None, {"company": 1}, {"n": 0}, {"meta.tag": 1, "n": 1, "_id": 0}, {"meta": 0}])
 
     def run(coll: Any) -> Any:
         try:
@@ -227,9 +227,9 @@ def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     decoded = [0]
     orig = IndexedCollectionStore.get
 
-    def get(self: IndexedCollectionStore, key: Any) -> Any:
+    def get(self: IndexedCollectionStore, key: Any, **kwargs: Any) -> Any:
         decoded[0] += 1
-        return orig(self, key)
+        return orig(self, key, **kwargs)
 
     monkeypatch.setattr(IndexedCollectionStore, "get", get)
     return decoded

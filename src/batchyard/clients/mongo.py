@@ -34,13 +34,8 @@ from pymongo import ASCENDING, MongoClient
 from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 
-from batchyard.clients.standin import (
-    FORMAT,
-    VERSION,
-    StandinDatabase,
-    StandinFileError,
-    install_indexed_store,
-)
+from batchyard.clients.standin import StandinFileError, install_indexed_store
+from batchyard.clients.standin_file import FORMAT, VERSION, StandinDatabase
 from batchyard.errors import TerminalError, TransientError
 from batchyard.settings import MongoSettings
 

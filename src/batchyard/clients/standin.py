@@ -51,28 +51,22 @@ import collections
 import contextlib
 import copy
 import functools
-import os
-import tempfile
+import itertools
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import bson
 import bson.errors
 from bson import ObjectId
+from bson.codec_options import CodecOptions
 from sortedcontainers import SortedList
 
-FORMAT = "batchyard-mongo-standin"
-VERSION = 2
-_READ_BLOCK = 16 << 20  # bytes read per step while loading
-_TAIL_FLUSH = 4 << 20  # appended bytes buffered before a write
-_LEN_BITS = 25  # packed reference: offset << 25 | length (a document is at most 16 MiB)
-_REF_BITS = 66  # packed location: seq << 66 | reference
+LEN_BITS = 25  # a file reference: offset << 25 | length (a record is under 32 MiB)
+LEN_MASK = (1 << LEN_BITS) - 1
+_REF_BITS = 66  # a location: seq << 66 | reference (seq keeps mongomock's natural order)
 _REF_MASK = (1 << _REF_BITS) - 1
-_LEN_MASK = (1 << _LEN_BITS) - 1
 _PLAN_CACHE = 8
-_REWRITE_GARBAGE = 32 << 20  # a save rewrites the file past this much garbage (and > live)
 
 # mongomock's compare-type codes of the `_id` brackets kept sorted, in BSON sort order
 _NUM, _STR, _OID = 10, 15, 35
@@ -132,6 +126,23 @@ def _pack(seq: int, ref: int) -> int:
     return (seq << _REF_BITS) | ref
 
 
+def _pack_keys(doc_id: Any, keys: dict[str, tuple[bool, Any]]) -> dict[str, Any]:
+    """Index keys as persisted: `{"_id": id, path: [value] (or [] when irregular)}`."""
+    out: dict[str, Any] = {"_id": doc_id}
+    for path, (regular, value) in keys.items():
+        out[path] = [value] if regular else []
+    return out
+
+
+def _store_key(doc_id: Any) -> Any:
+    """mongomock's key of a document in its collection store (dict ids are hashable copies)."""
+    if isinstance(doc_id, dict):
+        from mongomock import helpers
+
+        return helpers.hashdict(doc_id)
+    return doc_id
+
+
 # --------------------------------------------------------------------------- blob holders
 
 
@@ -157,369 +168,51 @@ def _encode(doc: dict[str, Any], keep_objects: bool) -> bytes | _PyDoc:
         raise
 
 
-def _decode(raw: bytes | _PyDoc) -> dict[str, Any]:
+_AWARE = CodecOptions(tz_aware=True)  # what mongomock's tz_aware clients return: UTC-aware dates
+
+
+def _decode(raw: bytes | _PyDoc, tz_aware: bool = False) -> dict[str, Any]:
     if isinstance(raw, _PyDoc):
-        return copy.deepcopy(raw.doc)
-    return bson.decode(raw)
+        doc = copy.deepcopy(raw.doc)
+        if tz_aware:
+            from mongomock import helpers
+
+            return helpers.make_datetime_timezone_aware_in_document(doc)  # type: ignore[no-any-return]
+        return doc
+    return bson.decode(raw, _AWARE) if tz_aware else bson.decode(raw)
 
 
 class MemoryBlobs:
-    """Encoded documents held in memory (stores that are not persisted)."""
+    """Encoded documents held in memory (stores that are not persisted).
+
+    The blob interface (also `standin_file.LogFile`'s): `put(collection, raw, keys) -> ref`,
+    `get(ref) -> raw`, `keys(ref)` (the `keys` given to `put`, if kept), `release(...)` when a
+    document is replaced or deleted, and `structure_changed()` after a drop or rename.
+    """
 
     keeps_objects = True
 
     def __init__(self) -> None:
-        self._data: dict[int, bytes] = {}
+        self._data: dict[int, bytes | _PyDoc] = {}
         self._next = 0
 
-    def put(self, collection: str, raw: bytes) -> int:
+    def put(self, collection: str, raw: bytes | _PyDoc, keys: dict[str, Any]) -> int:
         ref = self._next
         self._next += 1
         self._data[ref] = raw
         return ref
 
-    def get(self, ref: int) -> bytes:
+    def get(self, ref: int) -> bytes | _PyDoc:
         return self._data[ref]
+
+    def keys(self, ref: int) -> dict[str, Any] | None:
+        return None
 
     def release(self, collection: str, ref: int, doc_id: Any, deleted: bool) -> None:
         self._data.pop(ref, None)
 
     def structure_changed(self) -> None:
         """A collection was dropped or renamed (nothing to do in memory)."""
-
-
-class _LogFile:
-    """The stand-in file: an append-only stream of BSON records, made durable by commit records.
-
-    References handed to the stores pack a document's offset and length in the file
-    (`offset << 25 | length`); a document appended since the last write is read from `tail`.
-    """
-
-    keeps_objects = False
-
-    def __init__(self, path: Path, database: str) -> None:
-        self.path = path
-        self.database = database
-        self.pid = os.getpid()
-        self.lock = threading.RLock()
-        self.fd = -1
-        self.disk_end = 0  # bytes on disk
-        self.tail = bytearray()  # appended, not yet written
-        self.commits = 0
-        self.live = 0  # bytes of current records
-        self.garbage = 0  # bytes of superseded records
-        self.rewrite = False  # the next save must rewrite the whole file
-
-    # ----- the blob interface of IndexedCollectionStore
-    def put(self, collection: str, raw: bytes) -> int:
-        head = _record_head(collection)
-        record_len = 4 + len(head) + len(raw) + 1
-        with self.lock:
-            self._writable()
-            start = self.disk_end + len(self.tail)
-            self.tail += record_len.to_bytes(4, "little")
-            self.tail += head
-            self.tail += raw
-            self.tail += b"\x00"
-            self.live += record_len
-            if len(self.tail) >= _TAIL_FLUSH:
-                self._flush()
-        return ((start + 4 + len(head)) << _LEN_BITS) | len(raw)
-
-    def get(self, ref: int) -> bytes:
-        offset, length = ref >> _LEN_BITS, ref & _LEN_MASK
-        if offset >= self.disk_end:
-            with self.lock:
-                if offset >= self.disk_end:
-                    at = offset - self.disk_end
-                    return bytes(self.tail[at : at + length])
-        data = os.pread(self.fd, length, offset)
-        if len(data) != length:
-            raise StandinFileError(f"{self.path}: short read at offset {offset}")
-        return data
-
-    def release(self, collection: str, ref: int, doc_id: Any, deleted: bool) -> None:
-        with self.lock:
-            size = 4 + len(_record_head(collection)) + (ref & _LEN_MASK) + 1
-            self.live -= size
-            self.garbage += size
-            if deleted:
-                record = bson.encode({"c": collection, "x": doc_id})
-                self._writable()
-                self.tail += record
-                self.garbage += len(record)
-
-    def structure_changed(self) -> None:
-        self.rewrite = True
-
-    # ----- writing
-    def _writable(self) -> None:
-        if os.getpid() != self.pid:
-            raise StandinFileError(
-                f"{self.path}: this stand-in was opened by process {self.pid}; "
-                "a forked process cannot write it (open the store in this process)"
-            )
-
-    def _flush(self) -> None:
-        if not self.tail:
-            return
-        view = memoryview(self.tail)
-        written = 0
-        while written < len(view):
-            written += os.pwrite(self.fd, view[written:], self.disk_end + written)
-        view.release()
-        self.disk_end += written
-        self.tail = bytearray()
-
-    def commit(self, meta: dict[str, Any]) -> None:
-        """Make everything appended so far durable, atomically (one commit record)."""
-        with self.lock:
-            self._writable()
-            self._flush()
-            os.fsync(self.fd)
-            self.commits += 1
-            self.tail += bson.encode({"commit": bson.Int64(self.commits), "collections": meta})
-            self._flush()
-            os.fsync(self.fd)
-
-    def should_rewrite(self) -> bool:
-        return self.rewrite or (self.garbage > self.live and self.garbage > _REWRITE_GARBAGE)
-
-    def rewrite_from(self, stores: dict[str, IndexedCollectionStore], meta: dict[str, Any]) -> None:
-        """Write the live documents to a new file and swap it in (temp file, fsync, os.replace)."""
-        with self.lock, contextlib.ExitStack() as held:
-            self._writable()
-            for name in sorted(stores):
-                held.enter_context(stores[name]._lock)  # readers must not see half-moved refs
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
-            moved: list[tuple[IndexedCollectionStore, list[int]]] = []
-            try:
-                with os.fdopen(fd, "wb", buffering=1 << 20) as fh:
-                    header = bson.encode(
-                        {"format": FORMAT, "version": VERSION, "database": self.database, "collections": meta}
-                    )
-                    pos = fh.write(header)
-                    for name in sorted(stores):
-                        refs, pos = _copy_records(fh, pos, name, stores[name], self.get)
-                        moved.append((stores[name], refs))
-                    commit = bson.encode({"commit": bson.Int64(1), "collections": meta})
-                    fh.write(commit)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            _fsync_dir(self.path.parent)
-            new_fd = os.open(self.path, os.O_RDWR)
-            if self.fd >= 0:
-                os.close(self.fd)
-            self.fd = new_fd
-            for store, refs in moved:
-                store._relocate(refs)
-            self.disk_end, self.tail = pos + len(commit), bytearray()
-            self.live, self.garbage = pos - len(header), len(header) + len(commit)
-            self.commits, self.rewrite = 1, False
-
-    def truncate(self, end: int) -> None:
-        os.ftruncate(self.fd, end)
-        os.fsync(self.fd)
-
-    def close(self) -> None:
-        with self.lock:
-            if self.fd >= 0:
-                os.close(self.fd)
-                self.fd = -1
-
-    # ----- reading
-    def open_existing(self) -> tuple[dict[str, Any], int, int]:
-        """(header, offset of the first record, file size) of the file at `path`."""
-        self.fd = os.open(self.path, os.O_RDWR)
-        size = os.fstat(self.fd).st_size
-        head = os.pread(self.fd, 4, 0)
-        length = int.from_bytes(head, "little") if len(head) == 4 else 0
-        try:
-            header = bson.decode(os.pread(self.fd, length, 0)) if 5 <= length <= size else {}
-        except Exception:
-            header = {}
-        if header.get("format") != FORMAT:
-            raise StandinFileError("file is not a batchyard MongoDB stand-in")
-        version = int(header.get("version", 0))
-        if version > VERSION:
-            raise StandinFileError(f"file format version {version} is newer than this batchyard")
-        return header, length, size
-
-    def frames(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
-        """(offset, bytes) of each complete record in [start, end); stops at a torn one."""
-        pos, buf, buf_at = start, b"", start
-        while pos + 4 <= end:
-            rel = pos - buf_at
-            if rel + 4 > len(buf):
-                buf, buf_at, rel = os.pread(self.fd, min(_READ_BLOCK, end - pos), pos), pos, 0
-            length = int.from_bytes(buf[rel : rel + 4], "little")
-            if length < 5 or pos + length > end:
-                return
-            if rel + length > len(buf):
-                buf, buf_at, rel = os.pread(self.fd, min(max(_READ_BLOCK, length), end - pos), pos), pos, 0
-            record = buf[rel : rel + length]
-            if len(record) != length or record[-1] != 0:
-                return
-            yield pos, record
-            pos += length
-
-
-def _record_head(collection: str) -> bytes:
-    """The bytes of a put record between its length and the document: `"c": name, "d":`."""
-    name = collection.encode()
-    return b"\x02c\x00" + (len(name) + 1).to_bytes(4, "little") + name + b"\x00\x03d\x00"
-
-
-class StandinDatabase:
-    """One database of the stand-in: mongomock over `IndexedCollectionStore`s in a `_LogFile`."""
-
-    def __init__(self, path: Path, database: str) -> None:
-        self.path = path
-        self.database = database
-        self.file = _LogFile(path, database)
-        self.db_store: Any = None
-
-    def open(self) -> None:
-        """Load the file (or create it); afterwards `client(...)` serves its data."""
-        if not self.path.exists():
-            self.db_store = database_store(self.file)
-            self.file.rewrite_from({}, {})
-            return
-        header, first, size = self.file.open_existing()
-        if int(header.get("version", 0)) < 2:  # no commit records: the whole file is one save
-            self._apply(header, first, size, committed_only=False)
-            self.file.rewrite = True
-            self.save()  # rewritten as version 2 before anything is appended to it
-            return
-        last = self._apply(header, first, size, committed_only=True)
-        if last is None:
-            raise StandinFileError("the file has no completed save (no commit record)")
-        if last < size:  # records of an interrupted save: not part of any save
-            self.file.truncate(last)
-            self._apply(header, first, last, committed_only=True)
-        self.file.disk_end = last
-
-    def _apply(self, header: dict[str, Any], start: int, end: int, committed_only: bool) -> int | None:
-        """Load the records in [start, end) into fresh stores; the end of the last commit."""
-        from mongomock import helpers
-
-        self.db_store = database_store(self.file)
-        self.file.live, self.file.garbage, self.file.disk_end = 0, start, end
-        _apply_meta(self.db_store, header.get("collections") or {})
-        loading: dict[str, IndexedCollectionStore] = {}
-        last_commit: int | None = None
-        meta: dict[str, Any] | None = None
-        for pos, record in self.file.frames(start, end):
-            try:
-                rec = bson.decode(record)
-            except Exception as exc:
-                if committed_only and last_commit is not None:
-                    break  # a torn tail after the last save
-                raise StandinFileError(f"corrupt record at offset {pos}: {exc}") from None
-            if "commit" in rec:
-                last_commit, meta = pos + len(record), rec.get("collections") or {}
-                self.file.commits = int(rec["commit"])
-                self.file.garbage += len(record)
-                continue
-            name = rec.get("c")
-            if not isinstance(name, str):
-                raise StandinFileError(f"corrupt record at offset {pos}: no collection name")
-            store = loading.get(name)
-            if store is None:
-                store = loading[name] = self.db_store[name]
-                store.begin_load()
-            if "d" in rec:
-                head = _record_head(name)
-                if record[4 : 4 + len(head)] != head:
-                    raise StandinFileError(f"unexpected record layout at offset {pos}")
-                doc = rec["d"]
-                key = doc.get("_id")
-                if isinstance(key, dict):
-                    key = helpers.hashdict(key)
-                self.file.live += len(record)
-                store.load_put(key, doc, ((pos + 4 + len(head)) << _LEN_BITS) | (len(record) - 5 - len(head)))
-            elif "x" in rec:
-                key = rec["x"]
-                self.file.garbage += len(record)
-                store.load_delete(helpers.hashdict(key) if isinstance(key, dict) else key)
-        for store in loading.values():
-            store.end_load()
-        if meta is not None:
-            _apply_meta(self.db_store, meta)
-        return last_commit if committed_only else end
-
-    def meta(self) -> dict[str, Any]:
-        """Collections and their index definitions (stored in the header and every commit)."""
-        out: dict[str, Any] = {}
-        for name in sorted(self.db_store.list_created_collection_names()):
-            indexes = []
-            for ix_name, spec in self.db_store[name].indexes.items():
-                entry = {k: v for k, v in spec.items() if k != "key"}
-                entry.update(name=ix_name, keys=[[k, d] for k, d in spec["key"]])
-                indexes.append(entry)
-            out[name] = {"indexes": indexes}
-        return out
-
-    def stores(self) -> dict[str, IndexedCollectionStore]:
-        return {name: self.db_store[name] for name in self.db_store.list_created_collection_names()}
-
-    def save(self) -> None:
-        """Persist every change atomically (a commit record, or a rewrite when mostly garbage)."""
-        meta = self.meta()
-        if self.file.should_rewrite():
-            self.file.rewrite_from(self.stores(), meta)
-        else:
-            self.file.commit(meta)
-
-    def close(self) -> None:
-        self.file.close()
-
-
-def _apply_meta(db_store: Any, meta: dict[str, Any]) -> None:
-    """Create the collections and indexes a header or commit record lists."""
-    for name, info in meta.items():
-        store = db_store[name]
-        store.create()
-        for ix in info.get("indexes", []):
-            spec = {k: v for k, v in ix.items() if k not in ("name", "keys")}
-            spec["key"] = [(k, d) for k, d in ix["keys"]]
-            if not spec.get("unique", True):
-                spec.pop("unique")
-            if store.indexes.get(ix["name"]) != spec:
-                store.create_index(ix["name"], spec)
-
-
-def _copy_records(
-    fh: Any, pos: int, name: str, store: IndexedCollectionStore, read: Callable[[int], bytes]
-) -> tuple[list[int], int]:
-    """Write one collection's documents in natural order; their new references and the end."""
-    head = _record_head(name)
-    refs: list[int] = []
-    for loc in store._locs.values():
-        raw = read(loc & _REF_MASK)
-        record_len = 4 + len(head) + len(raw) + 1
-        fh.write(record_len.to_bytes(4, "little"))
-        fh.write(head)
-        fh.write(raw)
-        fh.write(b"\x00")
-        refs.append(((pos + 4 + len(head)) << _LEN_BITS) | len(raw))
-        pos += record_len
-    return refs, pos
-
-
-def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 # --------------------------------------------------------------------------- indexes
@@ -725,8 +418,8 @@ class IndexedCollectionStore:
     def __delitem__(self, key: Any) -> None:
         with self._lock:
             loc = self._locs[key]
-            old = self._decode(loc)
-            self._blobs.release(self._name, loc & _REF_MASK, old.get("_id"), True)
+            doc_id, old = self._old(loc)
+            self._blobs.release(self._name, loc & _REF_MASK, doc_id, True)
             del self._locs[key]
             self._unindex(key, old)
             bracket = _bracket(key)
@@ -775,14 +468,14 @@ class IndexedCollectionStore:
                 del self[key]
 
     # ----- reading and writing documents
-    def get(self, key: Any) -> dict[str, Any] | None:
+    def get(self, key: Any, tz_aware: bool = False) -> dict[str, Any] | None:
         """The decoded document stored under `key` (a fresh dict), or None."""
         with self._lock:
             loc = self._locs.get(key)
             if loc is None:
                 return None
             raw = self._blobs.get(loc & _REF_MASK)
-        return _decode(raw)
+        return _decode(raw, tz_aware)
 
     def _decode(self, loc: int) -> dict[str, Any]:
         return _decode(self._blobs.get(loc & _REF_MASK))
@@ -792,17 +485,13 @@ class IndexedCollectionStore:
         if doc is self._last_set:
             self._last_set = None  # just stored by __setitem__ (an insert)
             return
-        key = doc.get("_id")
-        if isinstance(key, dict):
-            from mongomock import helpers
-
-            key = helpers.hashdict(key)
-        self._write(key, doc)
+        self._write(_store_key(doc.get("_id")), doc)
 
     def _write(self, key: Any, doc: dict[str, Any]) -> None:
         raw = _encode(doc, self._blobs.keeps_objects)
         with self._lock:
-            ref = self._blobs.put(self._name, raw)  # first: it may refuse (forked process)
+            keys = self._keys_of(doc)
+            ref = self._blobs.put(self._name, raw, _pack_keys(doc.get("_id"), keys))  # may refuse
             loc = self._locs.get(key)
             if loc is None:
                 seq = self._seq
@@ -811,12 +500,13 @@ class IndexedCollectionStore:
                 self._key_version += 1
             else:
                 seq = loc >> _REF_BITS
-                old = self._decode(loc)
-                if self._unindex(key, old, doc):
+                _, old = self._old(loc)
+                if old != keys:
                     self._key_version += 1
+                self._unindex(key, old)
                 self._blobs.release(self._name, loc & _REF_MASK, key, False)
             self._locs[key] = _pack(seq, ref)
-            self._index(key, doc)
+            self._index(key, keys)
 
     def _add_key(self, key: Any) -> None:
         bracket = _bracket(key)
@@ -825,19 +515,36 @@ class IndexedCollectionStore:
         elif not self._loading:
             self._sorted[bracket].add(key)
 
-    def _index(self, key: Any, doc: dict[str, Any]) -> None:
-        for index in self._fields.values():
-            index.add(key, index.key(doc))
+    def _keys_of(self, doc: dict[str, Any]) -> dict[str, tuple[bool, Any]]:
+        """The document's key in each field index."""
+        return {path: index.key(doc) for path, index in self._fields.items()}
 
-    def _unindex(self, key: Any, old: dict[str, Any], new: dict[str, Any] | None = None) -> bool:
-        """Remove `key` from the field indexes; True when an indexed value changes."""
-        changed = False
-        for index in self._fields.values():
-            before = index.key(old)
-            if new is not None and index.key(new) != before:
-                changed = True
-            index.remove(key, before)
-        return changed or new is None
+    def _old(self, loc: int) -> tuple[Any, dict[str, tuple[bool, Any]]]:
+        """(`_id`, index keys) of a stored document, from its stored keys when they cover them."""
+        stored = self._blobs.keys(loc & _REF_MASK)
+        if stored is not None and self.covers(stored):
+            return stored.get("_id"), self._unpack_keys(stored)
+        doc = self._decode(loc)
+        return doc.get("_id"), self._keys_of(doc)
+
+    def covers(self, stored: dict[str, Any]) -> bool:
+        """True when stored keys (see `stored_keys`) hold a value for every field index."""
+        return all(path in stored for path in self._fields)
+
+    def stored_keys(self, doc: dict[str, Any]) -> dict[str, Any]:
+        """What a persisted record keeps of a document for the indexes: `_id` and index keys."""
+        return _pack_keys(doc.get("_id"), self._keys_of(doc))
+
+    def _unpack_keys(self, stored: dict[str, Any]) -> dict[str, tuple[bool, Any]]:
+        return {path: ((True, stored[path][0]) if stored[path] else (False, None)) for path in self._fields}
+
+    def _index(self, key: Any, keys: dict[str, tuple[bool, Any]]) -> None:
+        for path, index_key in keys.items():
+            self._fields[path].add(key, index_key)
+
+    def _unindex(self, key: Any, keys: dict[str, tuple[bool, Any]]) -> None:
+        for path, index_key in keys.items():
+            self._fields[path].remove(key, index_key)
 
     def _refresh_fields(self) -> None:
         """One hash index per field named by the collection's indexes (built over the data)."""
@@ -862,27 +569,47 @@ class IndexedCollectionStore:
             self._plans.clear()
 
     # ----- loading and relocating (used by the persisted stand-in)
+    @property
+    def lock(self) -> threading.RLock:
+        return self._lock
+
     def begin_load(self) -> None:
         self._loading = True
 
-    def load_put(self, key: Any, doc: dict[str, Any], ref: int) -> None:
+    def load_put(self, stored: dict[str, Any], ref: int) -> bool:
+        """Add a persisted document by its stored keys (`stored_keys`) and blob reference.
+
+        False (nothing done) when `stored` lacks a field index's key: pass `stored_keys(doc)`.
+        """
+        try:
+            keys = {path: ((True, stored[path][0]) if stored[path] else (False, None)) for path in self._fields}
+        except KeyError:
+            return False
+        key = stored["_id"]
+        if isinstance(key, dict):
+            key = _store_key(key)
         loc = self._locs.get(key)
         if loc is None:
             seq = self._seq
             self._seq += 1
-            self._add_key(key)
+            if _bracket(key) is None:
+                self._others.add(key)
         else:
             seq = loc >> _REF_BITS
-            self._unindex(key, self._decode(loc))
+            self._unindex(key, self._old(loc)[1])
             self._blobs.release(self._name, loc & _REF_MASK, key, False)
-        self._locs[key] = _pack(seq, ref)
-        self._index(key, doc)
+        self._locs[key] = (seq << _REF_BITS) | ref
+        fields = self._fields
+        for path, index_key in keys.items():
+            fields[path].add(key, index_key)
+        return True
 
-    def load_delete(self, key: Any) -> None:
+    def load_delete(self, doc_id: Any) -> None:
+        key = _store_key(doc_id)
         loc = self._locs.pop(key, None)
         if loc is None:
             return
-        self._unindex(key, self._decode(loc))
+        self._unindex(key, self._old(loc)[1])
         self._others.discard(key)
         self._blobs.release(self._name, loc & _REF_MASK, key, False)
 
@@ -897,7 +624,11 @@ class IndexedCollectionStore:
         self._key_version += 1
         self._plans.clear()
 
-    def _relocate(self, refs: list[int]) -> None:
+    def refs(self) -> list[int]:
+        """The blob references of the documents, in natural order."""
+        return [loc & _REF_MASK for loc in self._locs.values()]
+
+    def relocate(self, refs: list[int]) -> None:
         """New references, in natural order, after the file was rewritten."""
         with self._lock:
             for key, ref in zip(list(self._locs), refs, strict=True):
@@ -1016,8 +747,13 @@ class IndexedCollectionStore:
             return None
         return self._matching(plan, filter, self._natural_ids(plan))
 
-    def window(self, filter: Any, id_order: int | None, limit: int | None) -> list[dict[str, Any]] | None:
-        """The first `limit` matches in `_id` order (1 / -1) or natural order (None)."""
+    def window(
+        self, filter: Any, id_order: int | None, limit: int | None, *, tz_aware: bool = False
+    ) -> list[dict[str, Any]] | None:
+        """The first `limit` matches in `_id` order (1 / -1) or natural order (None).
+
+        With `tz_aware`, dates come back aware (UTC), as a `tz_aware` client returns them.
+        """
         if id_order is None and limit is None:
             return None
         plan = self.plan(filter)
@@ -1030,12 +766,15 @@ class IndexedCollectionStore:
             if ordered is None:
                 return None
             keys = ordered
-        out: list[dict[str, Any]] = []
-        for doc in self._matching(plan, filter, keys):
-            out.append(doc)
-            if limit is not None and len(out) >= limit:
-                break
-        return out
+        if plan.exact:
+            found = (d for d in map(functools.partial(self.get, tz_aware=tz_aware), keys) if d is not None)
+        else:
+            found = self._matching(plan, filter, keys)
+            if tz_aware:
+                from mongomock import helpers
+
+                found = map(helpers.make_datetime_timezone_aware_in_document, found)
+        return list(itertools.islice(found, limit))
 
     def count(self, filter: Any) -> int | None:
         """How many documents match, when the indexes know exactly (None otherwise)."""
@@ -1077,42 +816,63 @@ class IndexedCollectionStore:
             keys = [k for k in keys if rng.contains(k)]
         return keys
 
-    def _ordered_ids(self, plan: Plan, reverse: bool) -> list[Any] | Iterator[Any] | None:
-        """Candidate ids in `_id` order (None: an unsortable id is among them)."""
+    def _ordered_ids(self, plan: Plan, reverse: bool) -> Iterator[Any] | None:
+        """Candidate ids in `_id` order, lazily (None: an unsortable id is among them)."""
         rng = plan.id_range
         with self._lock:
             if rng is not None:
                 if rng.empty:
-                    return []
+                    return iter(())
                 brackets: tuple[int, ...] = (rng.bracket,)
             else:
                 if self._others and (plan.ids is None or not self._others.isdisjoint(plan.ids)):
                     return None
                 brackets = _BRACKETS
-            parts = [self._bracket_ids(plan, b, rng, reverse) for b in brackets]
         if reverse:
-            parts.reverse()
-        return (k for part in parts for k in part)
+            brackets = brackets[::-1]
+        return (k for b in brackets for k in self._bracket_ids(plan, b, rng, reverse))
 
-    def _bracket_ids(self, plan: Plan, bracket: int, rng: _Range | None, reverse: bool) -> list[Any]:
-        """Candidates of one bracket in order (a snapshot list, taken under the lock)."""
-        universe = self._sorted[bracket]
-        i, j = rng.span(universe) if rng is not None else (0, len(universe))
-        if plan.ids is None:
-            keys = list(universe.islice(i, j))
-        elif len(plan.ids) * 8 >= len(universe):
-            members = plan.ids
-            keys = [k for k in universe.islice(i, j) if k in members]
-        else:
-            ordered = plan.sorted.get(bracket)
-            if ordered is None:
-                ordered = sorted(k for k in plan.ids if _bracket(k) == bracket and k in self._locs)
-                plan.sorted[bracket] = ordered
+    def _bracket_ids(self, plan: Plan, bracket: int, rng: _Range | None, reverse: bool) -> Iterator[Any]:
+        """Candidates of one bracket in order: a page costs what it returns, not the collection.
+
+        A small candidate set is sorted once per plan (cached with it) and bisected; a large one
+        (or none: every document) is checked while walking the sorted `_id` index.
+        """
+        members = plan.ids
+        if members is not None and len(members) * 8 < len(self._sorted[bracket]):
+            with self._lock:
+                ordered = plan.sorted.get(bracket)
+                if ordered is None:
+                    ordered = sorted(k for k in members if _bracket(k) == bracket and k in self._locs)
+                    plan.sorted[bracket] = ordered
             a, b = rng.span(ordered) if rng is not None else (0, len(ordered))
-            keys = ordered[a:b]
-        if reverse:
-            keys.reverse()
-        return keys
+            positions = range(b - 1, a - 1, -1) if reverse else range(a, b)
+            yield from (ordered[i] for i in positions)
+            return
+        for keys in self._walk(bracket, rng, reverse):
+            if members is None:
+                yield from keys
+            else:
+                yield from (k for k in keys if k in members)
+
+    def _walk(self, bracket: int, rng: _Range | None, reverse: bool) -> Iterator[list[Any]]:
+        """The sorted `_id` index within `rng`, in growing batches read under the lock."""
+        lo, lo_incl, hi, hi_incl = (rng.lo, rng.lo_incl, rng.hi, rng.hi_incl) if rng else (None, True, None, True)
+        batch = 256
+        while True:
+            with self._lock:
+                found = self._sorted[bracket].irange(lo, hi, (lo_incl, hi_incl), reverse=reverse)
+                keys = list(itertools.islice(found, batch))
+            if not keys:
+                return
+            yield keys
+            if len(keys) < batch:
+                return
+            if reverse:
+                hi, hi_incl = keys[-1], False
+            else:
+                lo, lo_incl = keys[-1], False
+            batch = min(batch * 2, 16_384)
 
     def group_counts(self, match: Any, spec: dict[str, Any]) -> list[dict[str, Any]] | None:
         """`$group` by indexed string fields with `{$sum: 1}` counts (None: not answerable)."""
@@ -1395,16 +1155,96 @@ def _fast_window(cursor: Any) -> list[dict[str, Any]] | None:
     if order is False:
         return None
     limit = None if not cursor._limit else cursor._skip + abs(cursor._limit)
-    docs = st.window(cursor._spec, order or None, limit)
+    coll = cursor.collection
+    docs = st.window(cursor._spec, order or None, limit, tz_aware=bool(coll.codec_options.tz_aware))
     if docs is None:
         return None
-    from mongomock import helpers
-
-    coll = cursor.collection
-    out = [coll._copy_only_fields(d, cursor._projection, dict) for d in docs[cursor._skip :]]
-    if coll.codec_options.tz_aware:
-        out = [helpers.make_datetime_timezone_aware_in_document(d) for d in out]
+    project = _Projection(cursor._projection)
+    out = []
+    for doc in docs[cursor._skip :]:
+        projected = project(doc)
+        out.append(coll._copy_only_fields(doc, cursor._projection, dict) if projected is None else projected)
     return out
+
+
+class _Projection:
+    """mongomock's `_copy_only_fields` for plain include/exclude projections, without copies.
+
+    The documents are freshly decoded, so nothing needs copying; anything else (operators,
+    arrays under a dotted path, mixed modes) returns None and mongomock projects it.
+    """
+
+    def __init__(self, projection: Any) -> None:
+        self.whole = projection is None or projection == {}
+        self.tree: dict[str, Any] | None = None
+        self.keep_id = True
+        self.include = True
+        if self.whole or not isinstance(projection, dict):
+            return
+        from mongomock.collection import _combine_projection_spec
+
+        fields = dict(projection)
+        self.keep_id = fields.pop("_id", 1) != 0
+        values = set(fields.values())
+        if not values <= {0, 1} or len(values) > 1:
+            return
+        self.include = bool(values.pop()) if values else True
+        try:
+            self.tree = _combine_projection_spec(fields) if fields else {}
+        except Exception:
+            self.tree = None
+
+    def __call__(self, doc: dict[str, Any]) -> dict[str, Any] | None:
+        if self.whole:
+            return doc
+        if self.tree is None:
+            return None
+        if not self.tree:  # only `_id` was named
+            out = {} if self.keep_id else doc
+        else:
+            out = _project(doc, self.tree, self.include)
+            if out is None:
+                return None
+        if not self.keep_id:
+            out.pop("_id", None)
+        elif "_id" in doc:
+            out["_id"] = doc["_id"]
+        return out
+
+
+def _project(doc: dict[str, Any], tree: dict[str, Any], include: bool) -> dict[str, Any] | None:
+    out: dict[str, Any] = {}
+    if include:  # walk the (few) named fields, not the whole document
+        for key, spec in tree.items():
+            if key not in doc:
+                continue
+            value = doc[key]
+            if not isinstance(spec, dict):
+                out[key] = value
+            elif isinstance(value, dict):
+                inner = _project(value, spec, include)
+                if inner is None:
+                    return None
+                out[key] = inner
+            elif isinstance(value, list | tuple):
+                return None  # projected element by element: leave it to mongomock
+        return out
+    for key, value in doc.items():
+        spec = tree.get(key, _ABSENT)
+        if isinstance(spec, dict):
+            if isinstance(value, dict):
+                inner = _project(value, spec, include)
+                if inner is None:
+                    return None
+                out[key] = inner
+            elif isinstance(value, list | tuple):
+                return None  # projected element by element: leave it to mongomock
+        elif (spec is not _ABSENT) == include:
+            out[key] = value
+    return out
+
+
+_ABSENT = object()
 
 
 def _id_sort(sort: Any) -> int | bool:
@@ -1421,12 +1261,11 @@ def _id_sort(sort: Any) -> int | bool:
 
 
 __all__ = [
-    "FORMAT",
-    "VERSION",
+    "LEN_BITS",
+    "LEN_MASK",
     "IndexedCollectionStore",
     "MemoryBlobs",
     "Plan",
-    "StandinDatabase",
     "StandinFileError",
     "collection_store_class",
     "database_store",

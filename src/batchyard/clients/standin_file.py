@@ -1,0 +1,439 @@
+"""The stand-in's file: an append-only stream of BSON records, made durable by commit records.
+
+Why a log. Saving 1M documents by rewriting them all took minutes, and keeping them all in memory
+took gigabytes. Here a write appends one record (buffered, written in 4 MiB steps); `save()`
+appends a commit record; the stores keep only each document's place in the file and read it back
+with `os.pread` (the page cache holds the bytes, not this process).
+
+Records (every one a BSON document, so `bson.decode_file_iter` reads the file):
+
+- header, first: `{"format": "batchyard-mongo-standin", "version": 2, "database", "collections"}`;
+- put: `{"c": collection, "k": {"_id": id, <indexed path>: [value] or [] when irregular},
+  "d": document}`. `k` holds the values the hash indexes need, so opening decodes a few bytes
+  per document instead of the whole document;
+- delete: `{"c": collection, "x": _id}`;
+- commit: `{"commit": n, "collections": {name: {"indexes": [...]}}}`, then a 16-byte trailer
+  `{"t": offset of that commit}` so that opening finds the index definitions first.
+
+Opening reads records up to the last commit; records after it (an interrupted save) are
+truncated away, so a save is atomic: records, fsync, commit, fsync. When superseded records
+outweigh live ones (and pass 32 MiB), `save()` rewrites the file instead: live records copied
+verbatim in long runs to a temporary file, fsync, `os.replace`. Version 1 files (no commit
+records, no `k`) are read and rewritten once as version 2.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import bson
+
+from batchyard.clients.standin import (
+    LEN_BITS,
+    LEN_MASK,
+    IndexedCollectionStore,
+    StandinFileError,
+    database_store,
+)
+
+FORMAT = "batchyard-mongo-standin"
+VERSION = 2
+_READ_BLOCK = 16 << 20  # bytes read per step while loading or copying
+_TAIL_FLUSH = 4 << 20  # appended bytes buffered before a write
+_REWRITE_GARBAGE = 32 << 20  # a save rewrites the file past this much garbage (and > live)
+_TRAILER_HEAD = (16).to_bytes(4, "little") + b"\x12t\x00"
+_KEYS, _DOC, _DELETE = b"\x03k\x00", b"\x03d\x00", b"x\x00"
+
+
+def _c_element(collection: str) -> bytes:
+    name = collection.encode()
+    return b"\x02c\x00" + (len(name) + 1).to_bytes(4, "little") + name + b"\x00"
+
+
+def _doc_slice(record: bytes) -> tuple[int, int]:
+    """[start, end) of the document inside a put record (with or without `k`)."""
+    p = 11 + int.from_bytes(record[7:11], "little")
+    if record[p : p + 3] == _KEYS:
+        p += 3 + int.from_bytes(record[p + 3 : p + 7], "little")
+    if record[p : p + 3] != _DOC:
+        raise StandinFileError("unexpected record layout (no document)")
+    return p + 3, len(record) - 1
+
+
+def _keys_of(record: bytes) -> dict[str, Any] | None:
+    """The `k` sub-document of a put record (None for records written without it)."""
+    p = 11 + int.from_bytes(record[7:11], "little")
+    if record[p : p + 3] != _KEYS:
+        return None
+    size = int.from_bytes(record[p + 3 : p + 7], "little")
+    return bson.decode(record[p + 3 : p + 3 + size])
+
+
+class LogFile:
+    """The blob holder of a persisted stand-in (see the module docstring).
+
+    A reference packs a record's offset and length (`offset << 25 | length`); a record appended
+    since the last write is read from `tail`.
+    """
+
+    keeps_objects = False
+
+    def __init__(self, path: Path, database: str) -> None:
+        self.path = path
+        self.database = database
+        self.pid = os.getpid()
+        self.lock = threading.RLock()
+        self.fd = -1
+        self.disk_end = 0  # bytes on disk
+        self.tail = bytearray()  # appended, not yet written
+        self.commits = 0
+        self.live = 0  # bytes of current records
+        self.garbage = 0  # bytes of everything else
+        self.rewrite = False  # the next save must rewrite the whole file
+
+    # ----- the blob interface of IndexedCollectionStore
+    def put(self, collection: str, raw: bytes, keys: dict[str, Any]) -> int:
+        head = _c_element(collection) + _KEYS + bson.encode(keys) + _DOC
+        record_len = 4 + len(head) + len(raw) + 1
+        with self.lock:
+            self._writable()
+            start = self.disk_end + len(self.tail)
+            self.tail += record_len.to_bytes(4, "little")
+            self.tail += head
+            self.tail += raw
+            self.tail += b"\x00"
+            self.live += record_len
+            if len(self.tail) >= _TAIL_FLUSH:
+                self._flush()
+        return (start << LEN_BITS) | record_len
+
+    def _record(self, ref: int) -> bytes:
+        offset, length = ref >> LEN_BITS, ref & LEN_MASK
+        if offset >= self.disk_end:
+            with self.lock:
+                if offset >= self.disk_end:
+                    at = offset - self.disk_end
+                    return bytes(self.tail[at : at + length])
+        data = os.pread(self.fd, length, offset)
+        if len(data) != length:
+            raise StandinFileError(f"{self.path}: short read at offset {offset}")
+        return data
+
+    def get(self, ref: int) -> bytes:
+        record = self._record(ref)
+        start, end = _doc_slice(record)
+        return record[start:end]
+
+    def keys(self, ref: int) -> dict[str, Any] | None:
+        return _keys_of(self._record(ref))
+
+    def release(self, collection: str, ref: int, doc_id: Any, deleted: bool) -> None:
+        with self.lock:
+            size = ref & LEN_MASK
+            self.live -= size
+            self.garbage += size
+            if deleted:
+                self._writable()
+                record = bson.encode({"c": collection, "x": doc_id})
+                self.tail += record
+                self.garbage += len(record)
+
+    def structure_changed(self) -> None:
+        self.rewrite = True
+
+    # ----- writing
+    def _writable(self) -> None:
+        if os.getpid() != self.pid:
+            raise StandinFileError(
+                f"{self.path}: this stand-in was opened by process {self.pid}; "
+                "a forked process cannot write it (open the store in this process)"
+            )
+
+    def _flush(self) -> None:
+        if not self.tail:
+            return
+        view = memoryview(self.tail)
+        written = 0
+        while written < len(view):
+            written += os.pwrite(self.fd, view[written:], self.disk_end + written)
+        view.release()
+        self.disk_end += written
+        self.tail = bytearray()
+
+    def commit(self, meta: dict[str, Any]) -> None:
+        """Make everything appended so far durable, atomically (commit record + trailer)."""
+        with self.lock:
+            self._writable()
+            self._flush()
+            os.fsync(self.fd)
+            self.commits += 1
+            record = bson.encode({"commit": bson.Int64(self.commits), "collections": meta})
+            self.tail += record + bson.encode({"t": bson.Int64(self.disk_end)})
+            self.garbage += len(record) + 16
+            self._flush()
+            os.fsync(self.fd)
+
+    def should_rewrite(self) -> bool:
+        return self.rewrite or (self.garbage > self.live and self.garbage > _REWRITE_GARBAGE)
+
+    def rewrite_from(self, stores: dict[str, IndexedCollectionStore], meta: dict[str, Any]) -> None:
+        """Copy the live records to a new file and swap it in (temp file, fsync, os.replace)."""
+        with self.lock, contextlib.ExitStack() as held:
+            self._writable()
+            for name in sorted(stores):
+                held.enter_context(stores[name].lock)  # readers must not see half-moved refs
+            self._flush()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+            moved: list[tuple[IndexedCollectionStore, list[int]]] = []
+            try:
+                with os.fdopen(fd, "wb", buffering=1 << 20) as fh:
+                    header = bson.encode(
+                        {"format": FORMAT, "version": VERSION, "database": self.database, "collections": meta}
+                    )
+                    pos = fh.write(header)
+                    for name in sorted(stores):
+                        refs, pos = self._copy_live(fh, pos, stores[name].refs())
+                        moved.append((stores[name], refs))
+                    live = pos - len(header)
+                    commit = bson.encode({"commit": bson.Int64(1), "collections": meta})
+                    fh.write(commit + bson.encode({"t": bson.Int64(pos)}))
+                    pos += len(commit) + 16
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.replace(tmp, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            _fsync_dir(self.path.parent)
+            new_fd = os.open(self.path, os.O_RDWR)
+            if self.fd >= 0:
+                os.close(self.fd)
+            self.fd = new_fd
+            for store, refs in moved:
+                store.relocate(refs)
+            self.disk_end, self.tail = pos, bytearray()
+            self.live, self.garbage = live, pos - live
+            self.commits, self.rewrite = 1, False
+
+    def _copy_live(self, fh: Any, pos: int, refs: list[int]) -> tuple[list[int], int]:
+        """Write the records `refs` point at, copying adjacent ones as one run; their new refs."""
+        out: list[int] = []
+        run_start = run_end = -1
+        for ref in refs:
+            offset, length = ref >> LEN_BITS, ref & LEN_MASK
+            if offset != run_end:
+                self._copy_run(fh, run_start, run_end)
+                run_start = offset
+            run_end = offset + length
+            out.append((pos << LEN_BITS) | length)
+            pos += length
+        self._copy_run(fh, run_start, run_end)
+        return out, pos
+
+    def _copy_run(self, fh: Any, start: int, end: int) -> None:
+        while start < end:
+            data = os.pread(self.fd, min(_READ_BLOCK, end - start), start)
+            if not data:
+                raise StandinFileError(f"{self.path}: short read at offset {start}")
+            fh.write(data)
+            start += len(data)
+
+    def truncate(self, end: int) -> None:
+        os.ftruncate(self.fd, end)
+        os.fsync(self.fd)
+
+    def close(self) -> None:
+        with self.lock:
+            if self.fd >= 0:
+                os.close(self.fd)
+                self.fd = -1
+
+    # ----- reading
+    def open_existing(self) -> tuple[dict[str, Any], int, int]:
+        """(header, offset of the first record, file size) of the file at `path`."""
+        self.fd = os.open(self.path, os.O_RDWR)
+        size = os.fstat(self.fd).st_size
+        head = os.pread(self.fd, 4, 0)
+        length = int.from_bytes(head, "little") if len(head) == 4 else 0
+        try:
+            header = bson.decode(os.pread(self.fd, length, 0)) if 5 <= length <= size else {}
+        except Exception:
+            header = {}
+        if header.get("format") != FORMAT:
+            raise StandinFileError("file is not a batchyard MongoDB stand-in")
+        version = int(header.get("version", 0))
+        if version > VERSION:
+            raise StandinFileError(f"file format version {version} is newer than this batchyard")
+        return header, length, size
+
+    def last_meta(self, size: int) -> dict[str, Any] | None:
+        """The collections of the last commit, found through the trailer (None: no trailer)."""
+        if size < 32:
+            return None
+        trailer = os.pread(self.fd, 16, size - 16)
+        if not trailer.startswith(_TRAILER_HEAD) or trailer[-1] != 0:
+            return None
+        at = int.from_bytes(trailer[7:15], "little")
+        length = int.from_bytes(os.pread(self.fd, 4, at), "little") if 0 < at < size else 0
+        if at + length != size - 16:
+            return None
+        try:
+            meta = bson.decode(os.pread(self.fd, length, at)).get("collections")
+        except Exception:
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def frames(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, bytes) of each complete record in [start, end); stops at a torn one."""
+        pos, buf, buf_at = start, b"", start
+        while pos + 4 <= end:
+            rel = pos - buf_at
+            if rel + 4 > len(buf):
+                buf, buf_at, rel = os.pread(self.fd, min(_READ_BLOCK, end - pos), pos), pos, 0
+            length = int.from_bytes(buf[rel : rel + 4], "little")
+            if length < 5 or pos + length > end:
+                return
+            if rel + length > len(buf):
+                buf, buf_at, rel = os.pread(self.fd, min(max(_READ_BLOCK, length), end - pos), pos), pos, 0
+            record = buf[rel : rel + length]
+            if len(record) != length or record[-1] != 0:
+                return
+            yield pos, record
+            pos += length
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class StandinDatabase:
+    """One database of the stand-in: mongomock collections over `IndexedCollectionStore`s."""
+
+    def __init__(self, path: Path, database: str) -> None:
+        self.path = path
+        self.database = database
+        self.file = LogFile(path, database)
+        self.db_store: Any = None
+
+    def open(self) -> None:
+        """Load the file (or create it); afterwards `db_store` holds its collections."""
+        if not self.path.exists():
+            self.db_store = database_store(self.file)
+            self.file.rewrite_from({}, {})
+            return
+        header, first, size = self.file.open_existing()
+        if int(header.get("version", 0)) < 2:  # no commit records: the whole file is one save
+            self._load(header.get("collections") or {}, first, size, committed_only=False)
+            self.file.rewrite = True
+            self.save()  # rewritten as version 2 before anything is appended to it
+            return
+        meta = self.file.last_meta(size) or header.get("collections") or {}
+        last = self._load(meta, first, size, committed_only=True)
+        if last is None:
+            raise StandinFileError("the file has no completed save (no commit record)")
+        if last < size:  # records of an interrupted save: not part of any save
+            self.file.truncate(last)
+            self._load(meta, first, last, committed_only=True)
+        self.file.disk_end = last
+
+    def _load(self, meta: dict[str, Any], start: int, end: int, committed_only: bool) -> int | None:
+        """Load the records in [start, end) into fresh stores; the end of the last commit."""
+        self.db_store = database_store(self.file)
+        self.file.live, self.file.garbage, self.file.disk_end = 0, start, end
+        apply_meta(self.db_store, meta)  # indexes first: records fill them as they load
+        stores: dict[bytes, IndexedCollectionStore] = {}
+        last_commit: int | None = None
+        final: dict[str, Any] | None = None
+        for pos, record in self.file.frames(start, end):
+            if record[4:7] == b"\x02c\x00":
+                name_end = 11 + int.from_bytes(record[7:11], "little")
+                name = record[11 : name_end - 1]
+                store = stores.get(name)
+                if store is None:
+                    store = stores[name] = self.db_store[name.decode()]
+                    store.begin_load()
+                if record[name_end + 1 : name_end + 3] == _DELETE:  # after the type byte of x
+                    self.file.garbage += len(record)
+                    store.load_delete(bson.decode(record)["x"])
+                    continue
+                self.file.live += len(record)
+                keys = _keys_of(record)
+                ref = (pos << LEN_BITS) | len(record)
+                if keys is None or not store.load_put(keys, ref):  # written before an index existed
+                    doc_start, doc_end = _doc_slice(record)
+                    store.load_put(store.stored_keys(bson.decode(record[doc_start:doc_end])), ref)
+                continue
+            try:
+                rec = bson.decode(record)
+            except Exception as exc:
+                if committed_only and last_commit is not None:
+                    break  # a torn tail after the last save
+                raise StandinFileError(f"corrupt record at offset {pos}: {exc}") from None
+            self.file.garbage += len(record)
+            if "commit" in rec:
+                last_commit, final = pos + len(record), rec.get("collections") or {}
+                self.file.commits = int(rec["commit"])
+            elif "t" in rec:
+                if last_commit == pos:  # the trailer belongs to the save it follows
+                    last_commit += len(record)
+            else:
+                raise StandinFileError(f"corrupt record at offset {pos}: unknown record")
+        for store in stores.values():
+            store.end_load()
+        if final is not None:
+            apply_meta(self.db_store, final)
+        return last_commit if committed_only else end
+
+    def meta(self) -> dict[str, Any]:
+        """Collections and their index definitions (stored in the header and every commit)."""
+        out: dict[str, Any] = {}
+        for name in sorted(self.db_store.list_created_collection_names()):
+            indexes = []
+            for ix_name, spec in self.db_store[name].indexes.items():
+                entry = {k: v for k, v in spec.items() if k != "key"}
+                entry.update(name=ix_name, keys=[[k, d] for k, d in spec["key"]])
+                indexes.append(entry)
+            out[name] = {"indexes": indexes}
+        return out
+
+    def save(self) -> None:
+        """Persist every change atomically (a commit record, or a rewrite when mostly garbage)."""
+        meta = self.meta()
+        if self.file.should_rewrite():
+            names = self.db_store.list_created_collection_names()
+            self.file.rewrite_from({name: self.db_store[name] for name in names}, meta)
+        else:
+            self.file.commit(meta)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def apply_meta(db_store: Any, meta: dict[str, Any]) -> None:
+    """Create the collections and indexes a header or commit record lists."""
+    for name, info in meta.items():
+        store = db_store[name]
+        store.create()
+        for ix in info.get("indexes", []):
+            spec = {k: v for k, v in ix.items() if k not in ("name", "keys")}
+            spec["key"] = [(k, d) for k, d in ix["keys"]]
+            if spec.get("unique") is False:  # mongomock leaves a non-unique index's flag out
+                del spec["unique"]
+            if store.indexes.get(ix["name"]) != spec:
+                store.create_index(ix["name"], spec)
+
+
+__all__ = ["FORMAT", "VERSION", "LogFile", "StandinDatabase", "apply_meta"]
