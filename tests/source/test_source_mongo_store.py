@@ -249,3 +249,26 @@ def test_a_mostly_superseded_file_is_rewritten_smaller(tmp_path: Path, monkeypat
     with open_document_store(MongoSettings(), standin_dir=tmp_path) as store:
         assert store.chunks.count_documents({"mark": 2}) == 100
         assert store.chunks.count_documents({}) == 100
+
+
+def test_pages_read_back_scattered_and_unwritten_records(tmp_path: Path) -> None:
+    """Pages gather documents from saved records, rewritten ones and ones not yet on disk."""
+    from batchyard.stages.snapshot import iter_id_pages
+
+    companies = ["acme", "globex", "initech"]
+    expected = {}
+    with open_document_store(MongoSettings(), standin_dir=tmp_path) as store:
+        store.chunks.insert_many([_chunk(i, companies[i % 3]) for i in range(3_000)])
+        store.save()
+        for i in range(0, 3_000, 3):  # appended again: the page's records are scattered
+            store.chunks.update_one({"_id": f"acme/{i:05d}"}, {"$set": {"text": f"new {i}"}})
+        store.chunks.insert_many([_chunk(i, "acme") for i in range(3_000, 3_050)])  # still in memory
+        for doc in store.chunks.find({"company_id": {"$in": ["acme", "initech"]}}):
+            expected[doc["_id"]] = doc["text"]
+        query = {"company_id": {"$in": ["acme", "initech"]}}
+        pages = list(iter_id_pages(store.chunks, query, {"text": 1}, 128))
+        got = {d["_id"]: d["text"] for page in pages for d in page}
+        assert got == expected
+        assert len(got) == 2_050
+        assert [d["_id"] for page in pages for d in page] == sorted(got)
+        assert got["acme/00003"] == "new 3" and got["acme/03049"] == "t3049"

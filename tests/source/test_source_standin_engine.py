@@ -225,13 +225,18 @@ def test_writes_keep_the_indexes_exact(seed: int) -> None:
 def _counting(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Count documents decoded by the indexed store."""
     decoded = [0]
-    orig = IndexedCollectionStore.get
+    orig_get, orig_many = IndexedCollectionStore.get, IndexedCollectionStore.get_many
 
     def get(self: IndexedCollectionStore, key: Any, **kwargs: Any) -> Any:
         decoded[0] += 1
-        return orig(self, key, **kwargs)
+        return orig_get(self, key, **kwargs)
+
+    def get_many(self: IndexedCollectionStore, keys: list[Any], *args: Any) -> Any:
+        decoded[0] += len(keys)
+        return orig_many(self, keys, *args)
 
     monkeypatch.setattr(IndexedCollectionStore, "get", get)
+    monkeypatch.setattr(IndexedCollectionStore, "get_many", get_many)
     return decoded
 
 

@@ -3,19 +3,29 @@
 `open_document_store(settings, standin_dir=...)` gives a `DocumentStore` whatever the backend:
 
 - `settings.uri` set: a `pymongo.MongoClient`. The URI and its password never appear in a
-  label, repr, log line or error raised here; `store.label` shows only the host list.
-- no URI: the embedded stand-in, `mongomock` loaded from and saved to one BSON file in
-  `standin_dir` (`<database>.mongo.bson`, written atomically by `save()`/`close()`). It is
-  labelled as a stand-in wherever it is shown (`store.is_standin`, `store.label`).
+  label, repr, log line or error raised here; `store.label` shows only the host list. This is
+  plain pymongo: nothing below changes how a real server is used.
+- no URI: the embedded stand-in, `mongomock` over batchyard's indexed storage, persisted in one
+  file in `standin_dir` (`<database>.mongo.bson`; `save()`/`close()` make changes durable
+  atomically). It is labelled as a stand-in wherever it is shown (`store.is_standin`,
+  `store.label`).
+
+Why the stand-in is mongomock over its own storage, not another embedded store: the pipeline's
+pymongo calls (unordered `bulk_write` of `UpdateOne`, `$set` of dotted paths, upserts against a
+unique index, `aggregate` `$group`, `count_documents`) must run unchanged, and mongomock is the
+only embedded engine that takes all of them through the pymongo API; montydb and mongita cover
+less of it and also scan. What did not scale was mongomock's storage (every document a dict,
+every query a scan, every open an `insert_many`), so that is what is replaced:
+`batchyard.clients.standin` keeps documents BSON-encoded in the file (read back with `pread`)
+and answers `_id`, company, document, chunk-id and results-key lookups, `_id`-range pages,
+counts and `$group` counts from hash and sorted indexes; `batchyard.clients.standin_file` is the
+append-only file with commit records. Opening reads a few bytes per document (no `insert_many`)
+and the chunk fields the pipeline looks up by are indexed on open (`_ensure_lookup_indexes`).
 
 Within one process every store opened on the same stand-in file shares one in-memory database
 (so two stages see each other's writes); across processes an exclusive file lock stops a second
-process from opening it while the first holds it, because the last save would otherwise win.
-
-Stand-in file format: a stream of BSON documents (`bson.decode_file_iter` reads it). The first
-is a header `{"format": "batchyard-mongo-standin", "version": 1, "database": ...,
-"collections": {name: {"indexes": [{"name", "keys": [[field, dir], ...], "unique"}]}}}`; every
-following one is `{"c": <collection name>, "d": <the document>}`.
+process from opening it while the first holds it, because the last save would otherwise win. A
+forked child that inherited an open stand-in can read it but not write or save it.
 """
 
 from __future__ import annotations

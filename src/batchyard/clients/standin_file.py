@@ -34,13 +34,7 @@ from typing import Any
 
 import bson
 
-from batchyard.clients.standin import (
-    LEN_BITS,
-    LEN_MASK,
-    IndexedCollectionStore,
-    StandinFileError,
-    database_store,
-)
+from batchyard.clients.standin import IndexedCollectionStore, StandinFileError, database_store
 
 FORMAT = "batchyard-mongo-standin"
 VERSION = 2
@@ -49,6 +43,19 @@ _TAIL_FLUSH = 4 << 20  # appended bytes buffered before a write
 _REWRITE_GARBAGE = 32 << 20  # a save rewrites the file past this much garbage (and > live)
 _TRAILER_HEAD = (16).to_bytes(4, "little") + b"\x12t\x00"
 _KEYS, _DOC, _DELETE = b"\x03k\x00", b"\x03d\x00", b"x\x00"
+_GAP = 64 << 10  # records closer than this are read with one pread by get_many
+# a reference: record offset << 45 | record length << 20 | where the document starts in it
+_LEN_MASK = (1 << 25) - 1
+_START_MASK = (1 << 20) - 1
+
+
+def _ref(offset: int, length: int, doc_start: int) -> int:
+    return (offset << 45) | (length << 20) | doc_start
+
+
+def _unref(ref: int) -> tuple[int, int, int]:
+    """(record offset, record length, document start within the record)."""
+    return ref >> 45, (ref >> 20) & _LEN_MASK, ref & _START_MASK
 
 
 def _c_element(collection: str) -> bytes:
@@ -56,30 +63,24 @@ def _c_element(collection: str) -> bytes:
     return b"\x02c\x00" + (len(name) + 1).to_bytes(4, "little") + name + b"\x00"
 
 
-def _doc_slice(record: bytes) -> tuple[int, int]:
-    """[start, end) of the document inside a put record (with or without `k`)."""
+def _parse_put(record: bytes) -> tuple[dict[str, Any] | None, int]:
+    """(the `k` sub-document or None when absent, where the document starts) of a put record."""
     p = 11 + int.from_bytes(record[7:11], "little")
+    keys = None
     if record[p : p + 3] == _KEYS:
-        p += 3 + int.from_bytes(record[p + 3 : p + 7], "little")
+        size = int.from_bytes(record[p + 3 : p + 7], "little")
+        keys = bson.decode(record[p + 3 : p + 3 + size])
+        p += 3 + size
     if record[p : p + 3] != _DOC:
         raise StandinFileError("unexpected record layout (no document)")
-    return p + 3, len(record) - 1
-
-
-def _keys_of(record: bytes) -> dict[str, Any] | None:
-    """The `k` sub-document of a put record (None for records written without it)."""
-    p = 11 + int.from_bytes(record[7:11], "little")
-    if record[p : p + 3] != _KEYS:
-        return None
-    size = int.from_bytes(record[p + 3 : p + 7], "little")
-    return bson.decode(record[p + 3 : p + 3 + size])
+    return keys, p + 3
 
 
 class LogFile:
     """The blob holder of a persisted stand-in (see the module docstring).
 
-    A reference packs a record's offset and length (`offset << 25 | length`); a record appended
-    since the last write is read from `tail`.
+    A reference packs a record's offset, its length and where its document starts (`_ref`); a
+    record appended since the last write is read from `tail`.
     """
 
     keeps_objects = False
@@ -111,31 +112,52 @@ class LogFile:
             self.live += record_len
             if len(self.tail) >= _TAIL_FLUSH:
                 self._flush()
-        return (start << LEN_BITS) | record_len
+        return _ref(start, record_len, 4 + len(head))
 
-    def _record(self, ref: int) -> bytes:
-        offset, length = ref >> LEN_BITS, ref & LEN_MASK
-        if offset >= self.disk_end:
+    def _read(self, offset: int, length: int) -> bytes:
+        if offset + length > self.disk_end:
             with self.lock:
-                if offset >= self.disk_end:
-                    at = offset - self.disk_end
-                    return bytes(self.tail[at : at + length])
+                if offset + length > self.disk_end:  # partly or wholly appended, not yet written
+                    on_disk = max(0, self.disk_end - offset)
+                    head = self._read(offset, on_disk) if on_disk else b""
+                    at = offset + on_disk - self.disk_end
+                    return head + bytes(self.tail[at : at + length - on_disk])
         data = os.pread(self.fd, length, offset)
         if len(data) != length:
             raise StandinFileError(f"{self.path}: short read at offset {offset}")
         return data
 
     def get(self, ref: int) -> bytes:
-        record = self._record(ref)
-        start, end = _doc_slice(record)
-        return record[start:end]
+        offset, length, start = _unref(ref)
+        return self._read(offset + start, length - start - 1)
+
+    def get_many(self, refs: list[int]) -> list[bytes]:
+        """The documents of `refs`, in that order; nearby records are read with one `pread`."""
+        out: list[bytes] = [b""] * len(refs)
+        places = sorted((ref >> 45, i) for i, ref in enumerate(refs))
+        k = 0
+        while k < len(places):
+            run_start = places[k][0]
+            run_end, j = run_start, k
+            while j < len(places) and places[j][0] <= run_end + _GAP and places[j][0] - run_start < _READ_BLOCK:
+                _, length, _ = _unref(refs[places[j][1]])
+                run_end = max(run_end, places[j][0] + length)
+                j += 1
+            data = self._read(run_start, run_end - run_start)
+            for offset, i in places[k:j]:
+                _, length, start = _unref(refs[i])
+                at = offset - run_start
+                out[i] = data[at + start : at + length - 1]
+            k = j
+        return out
 
     def keys(self, ref: int) -> dict[str, Any] | None:
-        return _keys_of(self._record(ref))
+        offset, _, start = _unref(ref)
+        return _parse_put(self._read(offset, start))[0]
 
     def release(self, collection: str, ref: int, doc_id: Any, deleted: bool) -> None:
         with self.lock:
-            size = ref & LEN_MASK
+            size = _unref(ref)[1]
             self.live -= size
             self.garbage += size
             if deleted:
@@ -228,12 +250,12 @@ class LogFile:
         out: list[int] = []
         run_start = run_end = -1
         for ref in refs:
-            offset, length = ref >> LEN_BITS, ref & LEN_MASK
+            offset, length, start = _unref(ref)
             if offset != run_end:
                 self._copy_run(fh, run_start, run_end)
                 run_start = offset
             run_end = offset + length
-            out.append((pos << LEN_BITS) | length)
+            out.append(_ref(pos, length, start))
             pos += length
         self._copy_run(fh, run_start, run_end)
         return out, pos
@@ -370,11 +392,10 @@ class StandinDatabase:
                     store.load_delete(bson.decode(record)["x"])
                     continue
                 self.file.live += len(record)
-                keys = _keys_of(record)
-                ref = (pos << LEN_BITS) | len(record)
+                keys, doc_start = _parse_put(record)
+                ref = _ref(pos, len(record), doc_start)
                 if keys is None or not store.load_put(keys, ref):  # written before an index existed
-                    doc_start, doc_end = _doc_slice(record)
-                    store.load_put(store.stored_keys(bson.decode(record[doc_start:doc_end])), ref)
+                    store.load_put(store.stored_keys(bson.decode(record[doc_start:-1])), ref)
                 continue
             try:
                 rec = bson.decode(record)
