@@ -229,7 +229,10 @@ class _FieldIndex:
     def add(self, doc_id: Any, key: tuple[bool, Any]) -> None:
         regular, value = key
         if regular:
-            self.buckets.setdefault(value, set()).add(doc_id)
+            bucket = self.buckets.get(value)
+            if bucket is None:
+                bucket = self.buckets[value] = set()
+            bucket.add(doc_id)
         else:
             self.irregular.add(doc_id)
 
@@ -582,28 +585,35 @@ class IndexedCollectionStore:
         """Add a persisted document by its stored keys (`stored_keys`) and blob reference.
 
         False (nothing done) when `stored` lacks a field index's key: pass `stored_keys(doc)`.
+        Runs once per document when a stand-in opens, hence written for speed.
         """
-        try:
-            keys = {path: ((True, stored[path][0]) if stored[path] else (False, None)) for path in self._fields}
-        except KeyError:
-            return False
+        fields = self._fields
+        for path in fields:
+            if path not in stored:
+                return False
         key = stored["_id"]
         if isinstance(key, dict):
             key = _store_key(key)
         loc = self._locs.get(key)
         if loc is None:
             seq = self._seq
-            self._seq += 1
+            self._seq = seq + 1
             if _bracket(key) is None:
                 self._others.add(key)
-        else:
+        else:  # an update appended later in the file
             seq = loc >> _REF_BITS
             self._unindex(key, self._old(loc)[1])
             self._blobs.release(self._name, loc & _REF_MASK, key, False)
         self._locs[key] = (seq << _REF_BITS) | ref
-        fields = self._fields
-        for path, index_key in keys.items():
-            fields[path].add(key, index_key)
+        for path, index in fields.items():
+            value = stored[path]
+            if value:
+                bucket = index.buckets.get(value[0])
+                if bucket is None:
+                    bucket = index.buckets[value[0]] = set()
+                bucket.add(key)
+            else:
+                index.irregular.add(key)
         return True
 
     def load_delete(self, doc_id: Any) -> None:
