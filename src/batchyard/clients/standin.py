@@ -213,11 +213,16 @@ class MemoryBlobs:
 
 
 class _FieldIndex:
-    """value -> ids of the documents holding it, for one field path (mongomock equality)."""
+    """value -> ids of the documents holding it, for one field path (mongomock equality).
+
+    A bucket is a dict with None values, not a set: CPython's garbage collector stops tracking
+    a dict that holds only strings and numbers, while it walks every set on every full
+    collection (measured at 1M chunks: 114 ms per full collection with sets, 40 with dicts).
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.buckets: dict[Any, set[Any]] = {}
+        self.buckets: dict[Any, dict[Any, None]] = {}
         self.irregular: set[Any] = set()
 
     def key(self, doc: dict[str, Any]) -> tuple[bool, Any]:
@@ -231,8 +236,8 @@ class _FieldIndex:
         if regular:
             bucket = self.buckets.get(value)
             if bucket is None:
-                bucket = self.buckets[value] = set()
-            bucket.add(doc_id)
+                bucket = self.buckets[value] = {}
+            bucket[doc_id] = None
         else:
             self.irregular.add(doc_id)
 
@@ -243,7 +248,7 @@ class _FieldIndex:
             return
         bucket = self.buckets.get(value)
         if bucket is not None:
-            bucket.discard(doc_id)
+            bucket.pop(doc_id, None)
             if not bucket:
                 del self.buckets[value]
 
@@ -253,7 +258,7 @@ class _FieldIndex:
         for value in dict.fromkeys(values):
             bucket = self.buckets.get(value)
             if bucket:
-                found = found | bucket if found else set(bucket)
+                found.update(bucket)
         if self.irregular:
             return found | self.irregular, False
         return found, True
@@ -610,8 +615,8 @@ class IndexedCollectionStore:
             if value:
                 bucket = index.buckets.get(value[0])
                 if bucket is None:
-                    bucket = index.buckets[value[0]] = set()
-                bucket.add(key)
+                    bucket = index.buckets[value[0]] = {}
+                bucket[key] = None
             else:
                 index.irregular.add(key)
         return True
@@ -761,6 +766,29 @@ class IndexedCollectionStore:
         if plan is None:
             return None
         return self._matching(plan, filter, self._natural_ids(plan))
+
+    def select_pairs(self, filter: Any) -> Iterator[tuple[dict[str, Any], dict[str, Any]]] | None:
+        """(document, an independent copy of it) of each match, in natural order (None: scan).
+
+        Both are decoded from the stored bytes: cheaper than mongomock's `copy.deepcopy`.
+        """
+        plan = self.plan(filter)
+        if plan is None:
+            return None
+        return self._pairs(plan, filter, self._natural_ids(plan))
+
+    def _pairs(self, plan: Plan, filter: Any, keys: list[Any]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        from mongomock.filtering import filter_applies
+
+        for key in keys:
+            with self._lock:
+                loc = self._locs.get(key)
+                if loc is None:
+                    continue
+                raw = self._blobs.get(loc & _REF_MASK)
+            doc = _decode(raw)
+            if plan.exact or filter_applies(filter, doc):
+                yield doc, _decode(raw)
 
     def window(
         self, filter: Any, id_order: int | None, limit: int | None, *, tz_aware: bool = False
@@ -925,7 +953,7 @@ class IndexedCollectionStore:
         if len(indexes) == 1:
             counts: dict[tuple[Any, ...], int] = {}
             for value, bucket in indexes[0].buckets.items():
-                n = len(bucket) if ids is None else len(bucket & ids)
+                n = len(bucket) if ids is None else len(bucket.keys() & ids)
                 if n:
                     if type(value) is not str:
                         return None
@@ -934,7 +962,7 @@ class IndexedCollectionStore:
         keys: dict[Any, tuple[Any, ...]] = {}
         for depth, index in enumerate(indexes):
             for value, bucket in index.buckets.items():
-                members = bucket if ids is None else bucket & ids
+                members = bucket.keys() if ids is None else bucket.keys() & ids
                 if members and type(value) is not str:
                     return None
                 for k in members:
@@ -1091,6 +1119,7 @@ def install_indexed_store() -> None:
     helpers.patch_datetime_awareness_in_document = _datetime_patcher(helpers.patch_datetime_awareness_in_document)
 
     orig_iter = Collection._iter_documents
+    orig_update = Collection._update
     orig_uniques = Collection._ensure_uniques
     orig_count = Collection.count_documents
     orig_aggregate = Collection.aggregate
@@ -1103,6 +1132,15 @@ def install_indexed_store() -> None:
             if found is not None:
                 return found
         return orig_iter(self, filter)
+
+    def _update(self: Any, spec: Any, document: Any, upsert: bool = False, manipulate: bool = False,
+                multi: bool = False, check_keys: bool = False, **options: Any) -> Any:
+        st = self._store
+        if isinstance(st, IndexedCollectionStore) and not manipulate and not any(options.values()):
+            done = _keyed_set(self, st, spec, document, multi)
+            if done is not None and (done["n"] or not upsert):
+                return done
+        return orig_update(self, spec, document, upsert, manipulate, multi, check_keys, **options)
 
     def _ensure_uniques(self: Any, new_data: Any) -> None:
         st = self._store
@@ -1148,6 +1186,7 @@ def install_indexed_store() -> None:
         return self._batchyard_window
 
     Collection._iter_documents = _iter_documents  # type: ignore[method-assign]
+    Collection._update = _update  # type: ignore[method-assign]
     Collection._ensure_uniques = _ensure_uniques  # type: ignore[method-assign]
     Collection.count_documents = count_documents  # type: ignore[method-assign]
     Collection.aggregate = aggregate_  # type: ignore[method-assign]
@@ -1178,6 +1217,49 @@ def _datetime_patcher(original: Callable[[Any], Any]) -> Callable[[Any], Any]:
         return original(value)
 
     return patch
+
+
+def _keyed_set(coll: Any, st: IndexedCollectionStore, spec: Any, document: Any, multi: bool) -> dict[str, Any] | None:
+    """mongomock's `_update` for a `$set` update (the marks), minus its per-document deepcopy.
+
+    The update itself is mongomock's (`_apply_update_document`); what differs is only that the
+    "before" copy is decoded from the stored bytes. None: not this shape (mongomock does it).
+    An upsert that matches nothing is left to mongomock (it inserts).
+    """
+    if not isinstance(document, dict) or list(document) != ["$set"] or not isinstance(spec, dict):
+        return None
+    fields = document["$set"]
+    if not isinstance(fields, dict) or not fields or any(k == "_id" or k.startswith("_id.") for k in fields):
+        return None
+    from mongomock import DuplicateKeyError, helpers
+
+    spec = helpers.patch_datetime_awareness_in_document(spec)
+    document = helpers.patch_datetime_awareness_in_document(document)
+    pairs = st.select_pairs(spec)
+    if pairs is None:
+        return None
+    matched = modified = 0
+    for existing, original in pairs:
+        coll._apply_update_document(existing, spec, document, False)
+        matched += 1
+        if existing != original:
+            try:
+                coll._ensure_uniques(existing)  # stores it (see `sync`), then checks
+            except DuplicateKeyError:
+                st[_store_key(original["_id"])] = original  # roll back, as mongomock does
+                raise
+            modified += 1
+        if not multi:
+            break
+    return {
+        "connectionId": coll.database.client._id,
+        "err": None,
+        "n": matched,
+        "nModified": modified if matched else 0,
+        "ok": 1,
+        "upserted": None,
+        "updatedExisting": matched > 0,
+    }
 
 
 def _leading_match(stages: list[Any]) -> tuple[Any, list[Any]]:
