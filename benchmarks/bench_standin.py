@@ -27,7 +27,7 @@ Stages, timed in that order (peak RSS so far noted after each):
 5. `snapshot (no-op embed)`: `iter_unprocessed_chunks` over all targets (what an `embed` that
    submits nothing runs: pages + sha256 + Polars frames);
 6. `mark 100k`: `mark_chunks` (unordered `bulk_write` of `UpdateOne` `$set` marks, batches of
-   5,000) on the first min(100,000, N) chunks;
+   5,000) on the first min(100,000, N) chunks by `_id` (`mark_ids.json`, made with the data);
 7. `save`.
 
 The previous stand-in runs every stage only up to `--baseline-full-max` chunks (default 20,000):
@@ -55,6 +55,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +104,9 @@ def ensure_data(n: int, seed: int, previous: bool) -> Path:
             report: SeedReport = seed_store(store, n, seed=seed)
         console.print(f"seeded {n:,} chunks into the indexed stand-in in {time.perf_counter() - start:.1f} s")
         (root / "catalog.json").write_text(json.dumps(report.catalog))
+    if not (root / "mark_ids.json").exists():  # the chunks to mark: the first by _id
+        ids = sorted(doc["_id"] for doc in generate_chunks(n, seed=seed))[:MARKS]
+        (root / "mark_ids.json").write_text(json.dumps(ids))
     old = root / "previous" / "batchyard.mongo.bson"
     if previous and not old.exists():
         old.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +147,22 @@ def _previous_module(ref: str) -> Any:
     return module
 
 
+class _Timer(Stopwatch):
+    """A `Stopwatch` that also notes each stage's CPU seconds (`cpu`): the machine is shared,
+    and other work on it stretches wall time much more than CPU time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cpu: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.process_time()
+        with super().stage(name):
+            yield
+        self.cpu[name] = round(time.process_time() - start, 3)
+
+
 def _rss_now_mb() -> float:
     with open("/proc/self/status") as f:
         for line in f:
@@ -168,8 +189,8 @@ def run_variant(variant: str, root: Path, n: int, full: bool, ref: str) -> dict[
         largest = max(catalog, key=lambda c: len(catalog[c]))
         one = Targets(companies=[CompanyTarget(company_id=largest, documents=None)])
         projection = _projection(fields, [f"{fields.marks}.{SPACE}.text_sha256"])
-        sw = Stopwatch()
-        extra: dict[str, Any] = {"skipped": []}
+        sw = _Timer()
+        extra: dict[str, Any] = {"skipped": [], "cpu": sw.cpu}
         extra["rss_before_open_mb"] = _rss_now_mb()
         with sw.stage("open"):
             store = opener(MongoSettings(), standin_dir=work)
@@ -194,7 +215,7 @@ def run_variant(variant: str, root: Path, n: int, full: bool, ref: str) -> dict[
                 extra["snapshot_rows"] = sum(page.height for page, _rejects in pages)
         else:
             extra["skipped"] = ["count + $group (targets)", "page all targets", "snapshot (no-op embed)"]
-        ids = [d["_id"] for d in chunks.find({}, {"_id": 1}).sort("_id", 1).limit(MARKS)]
+        ids = json.loads((root / "mark_ids.json").read_text())
         rows = pl.DataFrame({"chunk_id": ids, "id_kind": ["str"] * len(ids), "text_sha256": ["0" * 64] * len(ids)})
         with sw.stage(f"mark {len(ids) // 1000}k"):
             receipt = mark_chunks(chunks, rows, fields=fields, space=SPACE, run_id="bench", batch_size=PAGE_SIZE)
@@ -236,7 +257,8 @@ def bench(sizes: list[int], seed: int, baseline_max: int, baseline_full_max: int
 
 def markdown(result: dict[str, Any]) -> str:
     """One table: per size and stage, seconds and peak RSS of both variants."""
-    out = ("| chunks | stage | indexed s | indexed peak RSS MB | previous s | previous peak RSS MB | speedup |\n"
+    out = ("| chunks | stage | indexed s (CPU s) | indexed peak RSS MB | previous s (CPU s) "
+           "| previous peak RSS MB | speedup (wall) |\n"
            "|---:|---|---:|---:|---:|---:|---:|\n")
     for n in result["sizes"]:
         a = result["runs"][f"indexed-{n}"]
@@ -246,10 +268,11 @@ def markdown(result: dict[str, Any]) -> str:
             o = b_stages.get(s["stage"])
             if o is not None:
                 ratio = f"{o['seconds'] / s['seconds']:.0f}x" if s["seconds"] > 0 else "-"
-                prev = f"{o['seconds']:.2f} | {o['peak_rss_mb']:,.0f} | {ratio}"
+                prev = f"{o['seconds']:.2f} ({b['cpu'][s['stage']]:.2f}) | {o['peak_rss_mb']:,.0f} | {ratio}"
             else:
                 prev = "skipped | | " if b else "not run | | "
-            out += f"| {n:,} | {s['stage']} | {s['seconds']:.2f} | {s['peak_rss_mb']:,.0f} | {prev} |\n"
+            out += (f"| {n:,} | {s['stage']} | {s['seconds']:.2f} ({a['cpu'][s['stage']]:.2f}) "
+                    f"| {s['peak_rss_mb']:,.0f} | {prev} |\n")
         extra = (f"RSS before / after open: indexed {a['rss_before_open_mb']:,.0f} / "
                  f"{a['rss_after_open_mb']:,.0f} MB")
         if b:
