@@ -46,7 +46,7 @@ import copy
 import functools
 import itertools
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from typing import Any
 
 import bson
@@ -252,10 +252,17 @@ class _FieldIndex:
             if not bucket:
                 del self.buckets[value]
 
-    def lookup(self, values: Iterable[Any]) -> tuple[set[Any], bool]:
-        """Ids whose value equals one of `values` (+ irregular ones), and whether that is exact."""
+    def lookup(self, values: Iterable[Any]) -> tuple[Collection[Any], bool]:
+        """Ids whose value equals one of `values` (+ irregular ones), and whether that is exact.
+
+        One value: the bucket itself, not a copy (read it, never change it): a unique check on
+        (task, task_version, unit_id) must not copy every result of the task.
+        """
+        wanted = list(dict.fromkeys(values))
+        if len(wanted) == 1 and not self.irregular:
+            return self.buckets.get(wanted[0], {}), True
         found: set[Any] = set()
-        for value in dict.fromkeys(values):
+        for value in wanted:
             bucket = self.buckets.get(value)
             if bucket:
                 found.update(bucket)
@@ -306,8 +313,8 @@ class _Range:
 class Plan:
     """What the indexes say about a filter: candidate ids, an `_id` range, and exactness."""
 
-    def __init__(self, ids: set[Any] | None, exact: bool, id_range: _Range | None, cache_key: bytes | None) -> None:
-        self.ids = ids  # None: every document
+    def __init__(self, ids: Collection[Any] | None, exact: bool, id_range: _Range | None, cache_key: bytes | None) -> None:
+        self.ids = ids  # None: every document; a set, or an index bucket (read-only)
         self.exact = exact  # True: every candidate within the range matches the filter
         self.id_range = id_range
         self.cache_key = cache_key
@@ -698,9 +705,9 @@ class IndexedCollectionStore:
                     self._plans.popitem(last=False)
             return plan
 
-    def _plan_and(self, clauses: list[dict[str, Any]]) -> tuple[set[Any] | None, bool] | None:
+    def _plan_and(self, clauses: list[dict[str, Any]]) -> tuple[Collection[Any] | None, bool] | None:
         """Intersection of what each clause says (None: nothing narrows it)."""
-        sets: list[set[Any]] = []
+        sets: list[Collection[Any]] = []
         exact = True
         for clause in clauses:
             for key, value in clause.items():
@@ -715,14 +722,12 @@ class IndexedCollectionStore:
         if not sets:
             return (None, exact) if exact else None
         sets.sort(key=len)
-        result = sets[0]
-        for other in sets[1:]:
-            if not result:
-                break
-            result = result & other
-        return result, exact
+        smallest, rest = sets[0], sets[1:]
+        if not rest:
+            return smallest, exact
+        return {k for k in smallest if all(k in other for other in rest)}, exact
 
-    def _plan_term(self, key: str, value: Any) -> tuple[set[Any] | None, bool] | None:
+    def _plan_term(self, key: str, value: Any) -> tuple[Collection[Any] | None, bool] | None:
         if key == "$and":
             if not isinstance(value, list) or not value or not all(isinstance(c, dict) for c in value):
                 return None
@@ -743,7 +748,7 @@ class IndexedCollectionStore:
             return None
         return index.lookup(values)
 
-    def _plan_or(self, value: Any) -> tuple[set[Any] | None, bool] | None:
+    def _plan_or(self, value: Any) -> tuple[Collection[Any] | None, bool] | None:
         if not isinstance(value, list) or not value or not all(isinstance(c, dict) for c in value):
             return None
         union: set[Any] = set()
@@ -756,7 +761,7 @@ class IndexedCollectionStore:
             if ids is None:  # this clause alone matches everything (or cannot narrow)
                 return (None, True) if part_exact else None
             exact = exact and part_exact
-            union |= ids
+            union.update(ids)
         return union, exact
 
     # ----- answering
@@ -946,7 +951,7 @@ class IndexedCollectionStore:
         out.sort(key=lambda d: BsonComparable(d["_id"]))
         return out
 
-    def _count_groups(self, indexes: list[_FieldIndex], ids: set[Any] | None) -> dict[tuple[Any, ...], int] | None:
+    def _count_groups(self, indexes: list[_FieldIndex], ids: Collection[Any] | None) -> dict[tuple[Any, ...], int] | None:
         for index in indexes:
             if index.irregular and (ids is None or not index.irregular.isdisjoint(ids)):
                 return None
