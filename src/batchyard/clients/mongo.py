@@ -13,8 +13,9 @@
 Why the stand-in is mongomock over its own storage, not another embedded store: the pipeline's
 pymongo calls (unordered `bulk_write` of `UpdateOne`, `$set` of dotted paths, upserts against a
 unique index, `aggregate` `$group`, `count_documents`) must run unchanged, and mongomock is the
-only embedded engine that takes all of them through the pymongo API; montydb and mongita cover
-less of it and also scan. What did not scale was mongomock's storage (every document a dict,
+only embedded engine that takes all of them through the pymongo API (montydb 2.5 raises
+NotImplementedError for `bulk_write`, `aggregate`, `with_options` and `create_index` and scans
+for every query; mongita 1.2 has no `bulk_write`, `aggregate`, `$or` or `$and`). What did not scale was mongomock's storage (every document a dict,
 every query a scan, every open an `insert_many`), so that is what is replaced:
 `batchyard.clients.standin` keeps documents BSON-encoded in the file (read back with `pread`)
 and answers `_id`, company, document, chunk-id and results-key lookups, `_id`-range pages,

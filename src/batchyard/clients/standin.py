@@ -7,10 +7,11 @@ with `insert_many` on each open, and paid O(n) per `_id`-range page (O(n^2) for 
 Why mongomock and not another embedded store. The pipeline's pymongo code (bulk_write of
 `UpdateOne`, `$set` of dotted paths, upserts against a unique index, `aggregate` `$group`,
 `with_options`, `count_documents`) must run unchanged against the stand-in, and mongomock is the
-only embedded engine that accepts all of it through the pymongo API. montydb and mongita cover
-less of that API and also answer queries by scanning; SQLite as the document store (measured: 22
-us per random read of a 1.4 KB document against 3.6 us for `os.pread`) would be slower for the
-snapshot's `_id`-order reads. So the query language stays mongomock's, and only its storage is
+only embedded engine that accepts all of it through the pymongo API: montydb 2.5 raises
+NotImplementedError for `bulk_write`, `aggregate`, `with_options` and `create_index` and scans
+for every query; mongita 1.2 has no `bulk_write`, `aggregate`, `$or` or `$and`. SQLite as the
+document store (measured: 22 us per random read of a 1.4 KB document against 3.6 us for
+`os.pread`) would be slower for the snapshot's `_id`-order reads. So the query language stays mongomock's, and only its storage is
 replaced.
 
 What replaces it (`IndexedCollectionStore`, a mongomock `CollectionStore`):
@@ -35,6 +36,11 @@ What replaces it (`IndexedCollectionStore`, a mongomock `CollectionStore`):
 mongomock updates documents in place (`_update` mutates the dict it got from the store). The
 store hands out decoded copies, so the update is written back in the `_ensure_uniques` hook that
 mongomock calls after every in-place change (`install_indexed_store()` wires it; see `sync`).
+A `$set` update (the marks) skips mongomock's per-document `deepcopy` (`_keyed_set`): its "before"
+copy is decoded from the stored bytes instead.
+
+Not streamed: a cursor without a limit still holds all its matching documents at once, as
+mongomock's cursors do (the pipeline always pages).
 """
 
 from __future__ import annotations
