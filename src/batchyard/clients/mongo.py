@@ -45,8 +45,9 @@ from pymongo import ASCENDING, MongoClient
 from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 
-from batchyard.clients.standin import StandinFileError, install_indexed_store
+from batchyard.clients.standin import StandinFileError
 from batchyard.clients.standin_file import FORMAT, VERSION, StandinDatabase
+from batchyard.clients.standin_mongomock import install_indexed_store
 from batchyard.errors import TerminalError, TransientError
 from batchyard.settings import MongoSettings
 
@@ -94,7 +95,7 @@ def patch_mongomock() -> None:
     2. Every mongomock collection created afterwards keeps its documents BSON-encoded with hash
        indexes on its indexed fields and a sorted `_id` index, so keyed writes, `$in` lookups,
        `_id`-range pages, counts and `$group` counts do not scan the collection
-       (`batchyard.clients.standin`, which also stops cursors re-slicing their results per item).
+       (`batchyard.clients.standin_mongomock`, which also stops cursors re-slicing their results per item).
     """
     try:
         from mongomock.collection import BulkOperationBuilder
