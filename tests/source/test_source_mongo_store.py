@@ -151,3 +151,124 @@ def test_mongomock_shim_is_idempotent_and_bulk_upserts_work(tmp_path: Path) -> N
             [UpdateOne({"_id": i}, {"$set": {"v": i}}, upsert=True) for i in range(1, 4)], ordered=False
         )
         assert res.upserted_count == 3
+
+
+# --------------------------------------------------------------------------- the stand-in file
+
+
+def _chunk(i: int, company: str = "acme") -> dict[str, object]:
+    return {"_id": f"{company}/{i:05d}", "company_id": company, "document_id": f"{company}-10k", "text": f"t{i}"}
+
+
+def test_reopen_does_not_reinsert_and_keeps_indexes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = MongoSettings()
+    with open_document_store(settings, standin_dir=tmp_path) as store:
+        store.chunks.insert_many([_chunk(i, c) for c in ("acme", "globex") for i in range(50)])
+        store.results.insert_one({"task": "t", "task_version": "1", "unit_id": "acme/00001"})
+    import mongomock.collection
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("opening the stand-in re-inserted documents")
+
+    monkeypatch.setattr(mongomock.collection.Collection, "insert_many", refuse)
+    monkeypatch.setattr(mongomock.collection.Collection, "_insert", refuse)
+    with open_document_store(settings, standin_dir=tmp_path) as store:
+        assert store.chunks.count_documents({"company_id": "globex"}) == 50
+        page = list(store.chunks.find({"company_id": "acme", "_id": {"$gt": "acme/00010"}}).sort("_id", 1).limit(3))
+        assert [d["_id"] for d in page] == ["acme/00011", "acme/00012", "acme/00013"]
+        assert store.results.count_documents({"task": "t", "task_version": "1", "unit_id": "acme/00001"}) == 1
+
+
+def test_an_interrupted_save_leaves_the_last_save(tmp_path: Path) -> None:
+    settings = MongoSettings()
+    crashed = tmp_path / "crashed"
+    crashed.mkdir()
+    store = open_document_store(settings, standin_dir=tmp_path)
+    try:
+        store.chunks.insert_many([_chunk(i) for i in range(10)])
+        store.save()
+        store.chunks.insert_many([_chunk(i) for i in range(10, 20)])
+        store.chunks.delete_one({"_id": "acme/00000"})
+        store.chunks.update_one({"_id": "acme/00001"}, {"$set": {"text": "changed"}})
+        store._standin.data.file._flush()  # type: ignore[union-attr]  # on disk, not committed
+        # the process dies here: what is on disk is the last save plus uncommitted records
+        (crashed / standin_path(tmp_path, settings.database).name).write_bytes(
+            standin_path(tmp_path, settings.database).read_bytes() + b"\x30\x00\x00\x00\x12comm"
+        )
+    finally:
+        store.close()
+    with open_document_store(settings, standin_dir=crashed) as again:
+        assert again.chunks.count_documents({}) == 10
+        assert again.chunks.find_one({"_id": "acme/00001"})["text"] == "t1"
+        assert again.chunks.find_one({"_id": "acme/00000"}) is not None
+        again.chunks.insert_one(_chunk(99))  # appends after the truncated tail
+    with open_document_store(settings, standin_dir=crashed) as again:
+        assert again.chunks.count_documents({}) == 11
+    with open_document_store(settings, standin_dir=tmp_path) as saved:  # closed normally
+        assert saved.chunks.count_documents({}) == 19
+        assert saved.chunks.find_one({"_id": "acme/00001"})["text"] == "changed"
+
+
+def test_version_1_files_are_read_and_rewritten(tmp_path: Path) -> None:
+    import bson
+
+    header = {
+        "format": "batchyard-mongo-standin",
+        "version": 1,
+        "database": "batchyard",
+        "collections": {"chunks": {"indexes": [
+            {"name": "cd", "keys": [["company_id", 1], ["document_id", 1]], "unique": False}]}},
+    }
+    path = standin_path(tmp_path, "batchyard")
+    path.write_bytes(bson.encode(header) + b"".join(bson.encode({"c": "chunks", "d": _chunk(i)}) for i in range(5)))
+    with open_document_store(MongoSettings(), standin_dir=tmp_path) as store:
+        assert store.chunks.count_documents({"company_id": "acme"}) == 5
+        assert "cd" in store.chunks.index_information()
+    with path.open("rb") as fh:
+        first = next(bson.decode_file_iter(fh))
+    assert first["version"] == 2
+
+
+def test_a_mostly_superseded_file_is_rewritten_smaller(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchyard.clients import standin_file as standin
+
+    monkeypatch.setattr(standin, "_REWRITE_GARBAGE", 0)
+    path = standin_path(tmp_path, "batchyard")
+    with open_document_store(MongoSettings(), standin_dir=tmp_path) as store:
+        store.chunks.insert_many([_chunk(i) for i in range(200)])
+        store.save()
+        size = path.stat().st_size
+        for round_ in range(3):
+            store.chunks.bulk_write(
+                [UpdateOne({"_id": f"acme/{i:05d}"}, {"$set": {"mark": round_}}) for i in range(200)], ordered=False
+            )
+        store.chunks.delete_many({"_id": {"$gte": "acme/00100"}})
+        store.save()
+        assert path.stat().st_size < size
+        assert store.chunks.count_documents({"mark": 2}) == 100
+    with open_document_store(MongoSettings(), standin_dir=tmp_path) as store:
+        assert store.chunks.count_documents({"mark": 2}) == 100
+        assert store.chunks.count_documents({}) == 100
+
+
+def test_pages_read_back_scattered_and_unwritten_records(tmp_path: Path) -> None:
+    """Pages gather documents from saved records, rewritten ones and ones not yet on disk."""
+    from batchyard.stages.snapshot import iter_id_pages
+
+    companies = ["acme", "globex", "initech"]
+    expected = {}
+    with open_document_store(MongoSettings(), standin_dir=tmp_path) as store:
+        store.chunks.insert_many([_chunk(i, companies[i % 3]) for i in range(3_000)])
+        store.save()
+        for i in range(0, 3_000, 3):  # appended again: the page's records are scattered
+            store.chunks.update_one({"_id": f"acme/{i:05d}"}, {"$set": {"text": f"new {i}"}})
+        store.chunks.insert_many([_chunk(i, "acme") for i in range(3_000, 3_050)])  # still in memory
+        for doc in store.chunks.find({"company_id": {"$in": ["acme", "initech"]}}):
+            expected[doc["_id"]] = doc["text"]
+        query = {"company_id": {"$in": ["acme", "initech"]}}
+        pages = list(iter_id_pages(store.chunks, query, {"text": 1}, 128))
+        got = {d["_id"]: d["text"] for page in pages for d in page}
+        assert got == expected
+        assert len(got) == 2_050
+        assert [d["_id"] for page in pages for d in page] == sorted(got)
+        assert got["acme/00003"] == "new 3" and got["acme/03049"] == "t3049"

@@ -3,50 +3,62 @@
 `open_document_store(settings, standin_dir=...)` gives a `DocumentStore` whatever the backend:
 
 - `settings.uri` set: a `pymongo.MongoClient`. The URI and its password never appear in a
-  label, repr, log line or error raised here; `store.label` shows only the host list.
-- no URI: the embedded stand-in, `mongomock` loaded from and saved to one BSON file in
-  `standin_dir` (`<database>.mongo.bson`, written atomically by `save()`/`close()`). It is
-  labelled as a stand-in wherever it is shown (`store.is_standin`, `store.label`).
+  label, repr, log line or error raised here; `store.label` shows only the host list. This is
+  plain pymongo: nothing below changes how a real server is used.
+- no URI: the embedded stand-in, `mongomock` over batchyard's indexed storage, persisted in one
+  file in `standin_dir` (`<database>.mongo.bson`; `save()`/`close()` make changes durable
+  atomically). It is labelled as a stand-in wherever it is shown (`store.is_standin`,
+  `store.label`).
+
+Why the stand-in is mongomock over its own storage, not another embedded store: the pipeline's
+pymongo calls (unordered `bulk_write` of `UpdateOne`, `$set` of dotted paths, upserts against a
+unique index, `aggregate` `$group`, `count_documents`) must run unchanged, and mongomock is the
+only embedded engine that takes all of them through the pymongo API (montydb 2.5 raises
+NotImplementedError for `bulk_write`, `aggregate`, `with_options` and `create_index` and scans
+for every query; mongita 1.2 has no `bulk_write`, `aggregate`, `$or` or `$and`). What did not scale was mongomock's storage (every document a dict,
+every query a scan, every open an `insert_many`), so that is what is replaced:
+`batchyard.clients.standin` keeps documents BSON-encoded in the file (read back with `pread`)
+and answers `_id`, company, document, chunk-id and results-key lookups, `_id`-range pages,
+counts and `$group` counts from hash and sorted indexes; `batchyard.clients.standin_file` is the
+append-only file with commit records. Opening reads a few bytes per document (no `insert_many`)
+and the chunk fields the pipeline looks up by are indexed on open (`_ensure_lookup_indexes`).
 
 Within one process every store opened on the same stand-in file shares one in-memory database
 (so two stages see each other's writes); across processes an exclusive file lock stops a second
-process from opening it while the first holds it, because the last save would otherwise win.
-
-Stand-in file format: a stream of BSON documents (`bson.decode_file_iter` reads it). The first
-is a header `{"format": "batchyard-mongo-standin", "version": 1, "database": ...,
-"collections": {name: {"indexes": [{"name", "keys": [[field, dir], ...], "unique"}]}}}`; every
-following one is `{"c": <collection name>, "d": <the document>}`.
+process from opening it while the first holds it, because the last save would otherwise win. A
+forked child that inherited an open stand-in can read it but not write or save it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import logging
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import bson
 from pymongo import ASCENDING, MongoClient
 from pymongo.collection import Collection
 from pymongo.errors import PyMongoError
 
+from batchyard.clients.standin import StandinFileError
+from batchyard.clients.standin_file import FORMAT, VERSION, StandinDatabase
+from batchyard.clients.standin_mongomock import install_indexed_store
 from batchyard.errors import TerminalError, TransientError
 from batchyard.settings import MongoSettings
 
 log = logging.getLogger(__name__)
 
-STANDIN_FORMAT = "batchyard-mongo-standin"
-STANDIN_VERSION = 1
+STANDIN_FORMAT = FORMAT
+STANDIN_VERSION = VERSION
 RESULTS_INDEX_NAME = "batchyard_task_unit"
 RESULTS_INDEX_KEYS = [("task", ASCENDING), ("task_version", ASCENDING), ("unit_id", ASCENDING)]
-_LOAD_BATCH = 5_000
+STANDIN_LOOKUP_INDEX = "batchyard_standin_company_document"
+STANDIN_CHUNK_ID_INDEX = "batchyard_standin_chunk_id"
 
 
 class DocumentStoreError(TerminalError):
@@ -76,207 +88,33 @@ class StandinBusy(TransientError):
 
 
 def patch_mongomock() -> None:
-    """Adapt mongomock 4.3 to pymongo 4.20 and make keyed writes fast (idempotent).
+    """Adapt mongomock 4.3 to pymongo 4.20 and give it indexes (idempotent).
 
     1. pymongo 4.20 passes `sort=` to `BulkOperationBuilder.add_update/add_replace`; mongomock
        does not accept it: the keyword is dropped (it only matters with several matches).
-    2. mongomock scans every document for every filter and every unique-index check, so a bulk
-       of n keyed updates costs O(n^2). Filters on `_id` (equality or `$in`) and equality
-       filters covering a unique index are answered from a hash lookup instead; the lookup
-       table is verified on use and falls back to the scan whenever a key is not a plain scalar
-       (arrays, sub-documents, dates) or the index is partial.
-    3. mongomock's cursor re-slices its whole result list (`results[skip:]`) on every `next()`,
-       so reading n documents costs O(n^2); the slice is now computed once per result list.
+    2. Every mongomock collection created afterwards keeps its documents BSON-encoded with hash
+       indexes on its indexed fields and a sorted `_id` index, so keyed writes, `$in` lookups,
+       `_id`-range pages, counts and `$group` counts do not scan the collection
+       (`batchyard.clients.standin_mongomock`, which also stops cursors re-slicing their results per item).
     """
     try:
-        from mongomock.collection import BulkOperationBuilder, Collection, Cursor
+        from mongomock.collection import BulkOperationBuilder
     except ImportError:  # pragma: no cover - mongomock is a core dependency
         return
-    if getattr(BulkOperationBuilder, "_batchyard_shim", False):
-        return
-    orig_update = BulkOperationBuilder.add_update
-    orig_replace = BulkOperationBuilder.add_replace
+    if not getattr(BulkOperationBuilder, "_batchyard_shim", False):
+        orig_update = BulkOperationBuilder.add_update
+        orig_replace = BulkOperationBuilder.add_replace
 
-    def add_update(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
-        return orig_update(self, *args, **kwargs)
+        def add_update(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
+            return orig_update(self, *args, **kwargs)
 
-    def add_replace(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
-        return orig_replace(self, *args, **kwargs)
+        def add_replace(self: Any, *args: Any, sort: Any = None, **kwargs: Any) -> Any:
+            return orig_replace(self, *args, **kwargs)
 
-    BulkOperationBuilder.add_update = add_update  # type: ignore[method-assign]
-    BulkOperationBuilder.add_replace = add_replace  # type: ignore[method-assign]
-
-    orig_iter = Collection._iter_documents
-    orig_uniques = Collection._ensure_uniques
-
-    def _iter_documents(self: Any, filter: Any) -> Any:
-        candidates = _fast_candidates(self._store, filter)
-        if candidates is None:
-            return orig_iter(self, filter)
-        from mongomock.filtering import filter_applies
-
-        return (doc for doc in candidates if filter_applies(filter, doc))
-
-    def _ensure_uniques(self: Any, new_data: Any) -> None:
-        from pymongo.errors import DuplicateKeyError
-
-        slow = False
-        for index in list(self._store.indexes.values()):
-            if not index.get("unique"):
-                continue
-            verdict = _unique_check(self._store, index, new_data)
-            if verdict is None:
-                slow = True
-            elif verdict:
-                raise DuplicateKeyError("E11000 Duplicate Key Error", 11000)
-        if slow:
-            orig_uniques(self, new_data)
-
-    orig_compute = Cursor._compute_results
-
-    def _compute_results(self: Any, with_limit_and_skip: bool = False) -> Any:
-        results = orig_compute(self, with_limit_and_skip=False)
-        if not with_limit_and_skip:
-            return results
-        key = (self._skip, self._limit)
-        if getattr(self, "_batchyard_src", None) is not results or self._batchyard_key != key:
-            window = results[self._skip :]
-            self._batchyard_slice = window[: abs(self._limit)] if self._limit else window
-            self._batchyard_src, self._batchyard_key = results, key  # a strong ref: `is` stays valid
-        return self._batchyard_slice
-
-    Collection._iter_documents = _iter_documents  # type: ignore[method-assign]
-    Collection._ensure_uniques = _ensure_uniques  # type: ignore[method-assign]
-    Cursor._compute_results = _compute_results  # type: ignore[method-assign]
-    BulkOperationBuilder._batchyard_shim = True  # type: ignore[attr-defined]
-
-
-class _Unsafe(Exception):
-    """A key value the hash lookup cannot represent exactly."""
-
-
-_MISSING = object()
-# id(index dict) -> (index dict, {"unsafe": bool, "keys": {key tuple: set of store ids}})
-_UNIQUE_TABLES: dict[int, tuple[dict[str, Any], dict[str, Any]]] = {}
-
-
-def _scalar(value: Any) -> tuple[str, Any]:
-    from bson import ObjectId
-
-    if value is None or value is _MISSING:
-        return ("null", None)
-    if isinstance(value, bool):
-        return ("bool", value)
-    if isinstance(value, int | float):
-        if value != value:  # NaN
-            raise _Unsafe
-        return ("num", value)
-    if isinstance(value, str):
-        return ("str", value)
-    if isinstance(value, ObjectId):
-        return ("oid", value)
-    raise _Unsafe
-
-
-def _dotted(doc: Any, path: str) -> Any:
-    cur = doc
-    for part in path.split("."):
-        if isinstance(cur, dict):
-            if part not in cur:
-                return _MISSING
-            cur = cur[part]
-        else:
-            raise _Unsafe  # arrays along the path: multikey semantics
-    return cur
-
-
-def _index_key(doc: Any, index: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
-    return tuple(_scalar(_dotted(doc, field)) for field, _ in index["key"])
-
-
-def _store_id(value: Any) -> Any:
-    if isinstance(value, dict):
-        raise _Unsafe
-    return value
-
-
-def _table(store: Any, index: dict[str, Any]) -> dict[str, Any] | None:
-    """The lookup table of a unique index, built on first use (None when unusable)."""
-    if index.get("partialFilterExpression") is not None:
-        return None
-    entry = _UNIQUE_TABLES.get(id(index))
-    if entry is None or entry[0] is not index:
-        table: dict[str, Any] = {"unsafe": False, "keys": {}}
-        try:
-            for doc in store.documents:
-                table["keys"].setdefault(_index_key(doc, index), set()).add(_store_id(doc["_id"]))
-        except _Unsafe:
-            table["unsafe"] = True
-        entry = (index, table)
-        _UNIQUE_TABLES[id(index)] = entry
-    return None if entry[1]["unsafe"] else entry[1]
-
-
-def _live(store: Any, index: dict[str, Any], table: dict[str, Any], key: tuple[Any, ...]) -> list[Any]:
-    """Store ids whose document currently has `key` (stale entries are pruned)."""
-    bucket = table["keys"].get(key)
-    if not bucket:
-        return []
-    live = []
-    for sid in list(bucket):
-        if sid in store and _index_key(store[sid], index) == key:
-            live.append(sid)
-        else:
-            bucket.discard(sid)
-    return live
-
-
-def _unique_check(store: Any, index: dict[str, Any], new_data: Any) -> bool | None:
-    """True: duplicate; False: unique; None: use mongomock's scan."""
-    table = _table(store, index)
-    if table is None:
-        return None
-    try:
-        key = _index_key(new_data, index)
-        sid = _store_id(new_data["_id"])
-        if index.get("sparse") and all(k == ("null", None) for k in key):
-            return False
-        table["keys"].setdefault(key, set()).add(sid)
-        return len(_live(store, index, table, key)) > 1
-    except _Unsafe:
-        table["unsafe"] = True
-        return None
-
-
-def _fast_candidates(store: Any, filter: Any) -> list[Any] | None:
-    """Stored documents that may match `filter`, from a hash lookup (None: scan instead)."""
-    if not isinstance(filter, dict) or not filter:
-        return None
-    try:
-        if "_id" in filter:
-            value = filter["_id"]
-            if isinstance(value, dict):
-                if set(value) != {"$in"} or not isinstance(value["$in"], list | tuple):
-                    return None
-                ids = list(dict.fromkeys(_store_id(v) for v in value["$in"] if _scalar(v)))
-            else:
-                _scalar(value)
-                ids = [value]
-            return [store[i] for i in ids if i in store]
-        for index in list(store.indexes.values()):
-            if not index.get("unique") or index.get("sparse"):
-                continue
-            fields = [f for f, _ in index["key"]]
-            if not all(f in filter for f in fields) or any(k.startswith("$") for k in filter):
-                continue
-            key = tuple(_scalar(filter[f]) for f in fields)
-            table = _table(store, index)
-            if table is None:
-                continue
-            return [store[sid] for sid in _live(store, index, table, key)]
-    except (_Unsafe, TypeError):
-        return None
-    return None
+        BulkOperationBuilder.add_update = add_update  # type: ignore[method-assign]
+        BulkOperationBuilder.add_replace = add_replace  # type: ignore[method-assign]
+        BulkOperationBuilder._batchyard_shim = True  # type: ignore[attr-defined]
+    install_indexed_store()
 
 
 # --------------------------------------------------------------------------- labels
@@ -468,7 +306,7 @@ def _open_server(settings: MongoSettings) -> DocumentStore:
 
 
 class _Standin:
-    """One in-memory mongomock database bound to its file, shared within the process."""
+    """One stand-in database bound to its file, shared within the process."""
 
     def __init__(self, path: Path, database: str, lock_fd: int) -> None:
         import mongomock
@@ -480,100 +318,33 @@ class _Standin:
         self.pid = os.getpid()
         self.refs = 0
         self.mutex = threading.RLock()
-        self.client = mongomock.MongoClient(tz_aware=True)
-        self.db = self.client[database]
+        self.data = StandinDatabase(path, database)
+        self.server = mongomock.store.ServerStore()
+        self.client = mongomock.MongoClient(tz_aware=True, _store=self.server)
 
     def load(self) -> None:
-        if not self.path.exists():
-            return
+        """Open the file (created when missing); its documents are not re-inserted."""
         try:
-            with self.path.open("rb") as fh:
-                docs = bson.decode_file_iter(fh)
-                header = next(docs, None)
-                if not header or header.get("format") != STANDIN_FORMAT:
-                    raise DocumentStoreError(
-                        standin_label(self.path), "file is not a batchyard MongoDB stand-in"
-                    )
-                if int(header.get("version", 0)) > STANDIN_VERSION:
-                    raise DocumentStoreError(
-                        standin_label(self.path),
-                        f"file format version {header.get('version')} is newer than this batchyard",
-                    )
-                meta: dict[str, Any] = header.get("collections", {})
-                for name, info in meta.items():
-                    coll = self.db[name]
-                    for ix in info.get("indexes", []):
-                        coll.create_index(
-                            [(k, d) for k, d in ix["keys"]],
-                            name=ix["name"],
-                            unique=bool(ix.get("unique", False)),
-                        )
-                    if name not in self.db.list_collection_names():
-                        self.db.create_collection(name)
-                pending: dict[str, list[dict[str, Any]]] = {}
-                for rec in docs:
-                    bucket = pending.setdefault(rec["c"], [])
-                    bucket.append(rec["d"])
-                    if len(bucket) >= _LOAD_BATCH:
-                        self.db[rec["c"]].insert_many(bucket)
-                        bucket.clear()
-                for name, bucket in pending.items():
-                    if bucket:
-                        self.db[name].insert_many(bucket)
-        except DocumentStoreError:
-            raise
-        except Exception as exc:
+            self.data.open()
+        except StandinFileError as exc:
+            self.data.close()
+            raise DocumentStoreError(standin_label(self.path), str(exc)) from None
+        except OSError as exc:
+            self.data.close()
             raise DocumentStoreError(
                 standin_label(self.path), f"cannot read the stand-in file: {type(exc).__name__}: {exc}"
             ) from None
+        self.server._databases[self.database] = self.data.db_store
 
     def save(self) -> None:
         with self.mutex:
-            names = sorted(self.db.list_collection_names())
-            meta: dict[str, Any] = {}
-            for name in names:
-                indexes = []
-                for ix_name, info in self.db[name].index_information().items():
-                    if ix_name == "_id_":
-                        continue
-                    indexes.append(
-                        {
-                            "name": ix_name,
-                            "keys": [[k, d] for k, d in info["key"]],
-                            "unique": bool(info.get("unique", False)),
-                        }
-                    )
-                meta[name] = {"indexes": indexes}
-            header = {
-                "format": STANDIN_FORMAT,
-                "version": STANDIN_VERSION,
-                "database": self.database,
-                "collections": meta,
-            }
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             try:
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(bson.encode(header))
-                    for name in names:
-                        for doc in _stored_documents(self.db[name]):
-                            fh.write(bson.encode({"c": name, "d": doc}))
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
+                self.data.save()
+            except StandinFileError as exc:
+                raise DocumentStoreError(standin_label(self.path), str(exc)) from None
 
-
-def _stored_documents(collection: Any) -> Any:
-    """The stored documents without mongomock's per-document deep copy (read-only use)."""
-    store = getattr(collection, "_store", None)
-    documents = getattr(store, "documents", None)
-    if documents is None:  # pragma: no cover - another mongomock layout
-        return collection.find({})
-    return documents
+    def close(self) -> None:
+        self.data.close()
 
 
 _STANDINS: dict[Path, _Standin] = {}
@@ -631,6 +402,7 @@ def _open_standin(settings: MongoSettings, standin_dir: Path, lock_timeout_s: fl
                 os.close(fd)
                 raise
             _STANDINS[path] = standin
+            _ensure_lookup_indexes(standin, settings)
             log.info("using the %s (no MongoDB URI configured)", standin_label(path))
         standin.refs += 1
     return DocumentStore(
@@ -638,14 +410,30 @@ def _open_standin(settings: MongoSettings, standin_dir: Path, lock_timeout_s: fl
     )
 
 
+def _ensure_lookup_indexes(standin: _Standin, settings: MongoSettings) -> None:
+    """Index the chunk fields the pipeline looks up by (the stand-in hash-indexes them).
+
+    Company and document (targets filters, partition counts) and, when it is not `_id`, the
+    chunk id field (marks are written by it). Creating them again is a no-op.
+    """
+    f = settings.fields
+    chunks = standin.client[settings.database][settings.chunks_collection]
+    chunks.create_index([(f.company, ASCENDING), (f.document, ASCENDING)], name=STANDIN_LOOKUP_INDEX)
+    if f.chunk_id != "_id":
+        chunks.create_index([(f.chunk_id, ASCENDING)], name=STANDIN_CHUNK_ID_INDEX)
+
+
 def _release_standin(standin: _Standin) -> None:
     with _STANDINS_LOCK:
         standin.refs -= 1
+        if standin.pid != os.getpid():
+            return  # inherited through fork: the parent saves it and owns the (shared) lock
         try:
             standin.save()
         finally:
             if standin.refs <= 0:
                 _STANDINS.pop(standin.path, None)
+                standin.close()
                 fcntl.flock(standin.lock_fd, fcntl.LOCK_UN)
                 os.close(standin.lock_fd)
 
