@@ -91,13 +91,9 @@ class RunContext:
 
     @property
     def page_size(self) -> int:
-        """Chunks per snapshot page.
-
-        The stand-in holds every document in memory and scans the whole collection for each
-        query, so small pages only multiply the scans; it reads in pages of at least 200,000.
-        """
-        size = self.settings.mongo.page_size
-        return max(size, 200_000) if self.store.is_standin else size
+        """Chunks per snapshot page (`mongo.page_size`); the stand-in answers `_id` pages from its
+        indexes, so it pages like a server."""
+        return self.settings.mongo.page_size
 
     def release_store(self) -> None:
         """Close the document store now (a stand-in is saved and unlocked); the next use reopens it."""

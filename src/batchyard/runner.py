@@ -180,9 +180,9 @@ def _snapshot_unit(job: Job, run: RunStore, specs: list[PartitionSpec]) -> None:
         for frame, folder, tally in ((chunks, "chunks", counts), (rejects, "failures", rejected)):
             if frame.height == 0:
                 continue
-            key = "chunk_id" if folder == "chunks" else "unit_id"
+            key = job.bucket_key() if folder == "chunks" else pl.col("unit_id")
             routed = frame.with_columns(
-                _b=pl.col(key).map_elements(lambda c: bucket_of(c, buckets), return_dtype=pl.Int64)
+                _b=key.map_elements(lambda c: bucket_of(c, buckets), return_dtype=pl.Int64)
                 if buckets > 1 else pl.lit(0, pl.Int64)
             )
             for (b,), rows in routed.group_by(["_b"]):

@@ -217,3 +217,20 @@ def test_a_document_id_shared_by_two_companies_is_two_units(settings_factory: An
         stored = ctx.store.collection(ctx.settings.mongo.results_collection).find({"task": "summary"})
         assert sorted((d["unit_id"], d["company_id"]) for d in stored) == [
             ("XONE/SHARED-10K", "XONE"), ("XTWO/SHARED-10K", "XTWO")]
+
+
+def test_a_split_company_keeps_each_document_unit_in_one_partition(settings_factory: Any) -> None:
+    from batchyard.jobs.inference import InferenceJob
+
+    with RunContext(settings_factory(run={"partition_max_chunks": 20})) as ctx:
+        ctx.store.chunks.insert_many([
+            {"_id": f"acme/d{d}/{i:03d}", "company_id": "acme", "document_id": f"d{d}", "chunk_index": i,
+             "text": f"document {d} paragraph {i}: revenue and margins."}
+            for d in range(3) for i in range(20)
+        ])
+        targets = Targets(companies=[CompanyTarget(company_id="acme")])
+        info = runner.execute(ctx, InferenceJob(ctx, targets, "summary"))
+        assert len(info["partitions"]) >= 3  # 60 chunks of one company, hash-split
+        results, failures = assert_every_unit_settled_once(ctx, run_of(ctx, info))
+        assert sorted(results["unit_id"]) == ["acme/d0", "acme/d1", "acme/d2"] and failures.height == 0
+        assert all(len(ids) == 20 for ids in results["chunk_ids"]), "each summary saw its whole document"

@@ -80,6 +80,11 @@ class Job(ABC):
     def source_pages(self, targets: Targets) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
         """(chunks page, rejects page) pairs of the source rows to process for `targets`."""
 
+    def bucket_key(self) -> pl.Expr:
+        """What a split company's chunks are hashed on to pick their partition: the chunk id, so
+        a partition holds whole units (document-unit jobs hash the document instead)."""
+        return pl.col("chunk_id")
+
     def after_snapshot(self, part: PartitionStore) -> None:  # noqa: B027 - optional hook
         """Extra I/O once a partition's chunks are staged (embeddings look up reusable vectors)."""
 

@@ -79,6 +79,11 @@ class InferenceJob(Job):
             task=self.task.name, task_version=self.task_version, unit=self.task.unit, page_size=self.ctx.page_size,
         )
 
+    def bucket_key(self) -> pl.Expr:
+        if self.task.unit == "document":  # every chunk of a document in the same partition
+            return pl.format("{}/{}", "company_id", "document_id")
+        return super().bucket_key()
+
     def plan_partition(self, part: PartitionStore) -> dict[str, int]:
         encoding = encoding_for_model(self.model)
         budget = self.inf.document_token_budget
