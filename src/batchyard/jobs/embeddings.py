@@ -110,7 +110,7 @@ class EmbeddingsJob(Job):
         )
 
     def load(self, run: RunStore) -> list[dict[str, Any]]:
-        from batchyard.clients.milvus import ensure_collection
+        from batchyard.clients.milvus import BulkImportConfig, ensure_collection
         from batchyard.stages.load import load_vectors, mark_chunks
 
         s = self.ctx.settings
@@ -120,7 +120,8 @@ class EmbeddingsJob(Job):
                           metric_type=s.milvus.metric_type)
         receipts = []
         r1 = load_vectors(client, self.collection, results, run_id=run.run_id,
-                          batch_rows=s.milvus.upsert_batch_rows, max_request_bytes=s.milvus.max_request_bytes)
+                          batch_rows=s.milvus.upsert_batch_rows, max_request_bytes=s.milvus.max_request_bytes,
+                          bulk=BulkImportConfig.from_settings(s.milvus))
         receipts.append(r1.model_dump(mode="json"))
         run.staging.write_json(run.rel("loads", "milvus.json"), receipts[-1])
         crashpoint("during_load")
