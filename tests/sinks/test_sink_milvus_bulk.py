@@ -119,15 +119,17 @@ def test_small_loads_upsert_and_ids_with_quotes_are_matched(
 
 def test_bulk_import_applies_only_to_servers_and_checks_its_settings() -> None:
     server = "http://127.0.0.1:19530"
-    assert mv.BulkImportConfig.from_settings(MilvusSettings()) is None  # Milvus Lite
-    assert mv.BulkImportConfig.from_settings(MilvusSettings(uri="./milvus.db")) is None
-    assert mv.BulkImportConfig.from_settings(MilvusSettings(uri=server, bulk_import_min_rows=None)) is None
+    on = {"bulk_import_min_rows": 5}
+    assert MilvusSettings().bulk_import_min_rows is None  # off by default (benchmarks/README.md)
+    assert mv.BulkImportConfig.from_settings(MilvusSettings(uri=server)) is None
+    assert mv.BulkImportConfig.from_settings(MilvusSettings(**on)) is None  # Milvus Lite
+    assert mv.BulkImportConfig.from_settings(MilvusSettings(uri="./milvus.db", **on)) is None
     # Milvus 2.3 imports into the default database only
-    assert mv.BulkImportConfig.from_settings(MilvusSettings(uri=server, db_name="other")) is None
-    cfg = mv.BulkImportConfig.from_settings(MilvusSettings(uri=server, db_name="default", bulk_import_min_rows=5))
+    assert mv.BulkImportConfig.from_settings(MilvusSettings(uri=server, db_name="other", **on)) is None
+    cfg = mv.BulkImportConfig.from_settings(MilvusSettings(uri=server, db_name="default", **on))
     assert cfg is not None and cfg.min_rows == 5 and cfg.storage == "local"
     with pytest.raises(ConfigError, match="bulk_s3_bucket"):
-        mv.BulkImportConfig.from_settings(MilvusSettings(uri=server, bulk_storage="s3"))
+        mv.BulkImportConfig.from_settings(MilvusSettings(uri=server, bulk_storage="s3", **on))
     assert mv.bulk_import_unavailable() is None  # the test extra installs the bulk writer
 
 

@@ -372,8 +372,9 @@ def count(client: MilvusClient, name: str, *, filter: str = "") -> int:
 # --------------------------------------------------------------------------- bulk import
 #
 # Above `milvus.bulk_import_min_rows`, a load into a Milvus server writes Parquet files with
-# pymilvus' BulkWriter and lets the server import them (one import task per file), which skips
-# the per-row gRPC round trips of upserts (figures: benchmarks/README.md, "Milvus").
+# pymilvus' BulkWriter and lets the server import them (one import task per file) instead of
+# sending every row through upserts. It is off by default: on the embedded Milvus 2.3.5 it was
+# 4-9x slower than upserts (benchmarks/README.md, "Milvus loads"); measure before turning it on.
 #
 # - API: Milvus 2.3 imports through the gRPC `Import` call (`utility.do_bulk_insert`); the REST
 #   `bulk_import` job API only exists from Milvus 2.4, so it is not used. pymilvus marks the
