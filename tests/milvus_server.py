@@ -194,6 +194,8 @@ class EmbeddedServer:
             self.server.stop()
         if pid:
             _kill(pid, exe)
+            # the binary also leaves a session-id file of its own outside the base dir
+            (Path(tempfile.gettempdir()) / "milvus" / f"server_id_{pid}").unlink(missing_ok=True)
         shutil.rmtree(self.base_dir, ignore_errors=True)
         self.record.unlink(missing_ok=True)
         atexit.unregister(self.stop)
