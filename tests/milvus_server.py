@@ -67,18 +67,22 @@ def _alive(pid: int) -> bool:
 
 
 def _kill(pid: int, exe: str) -> None:
-    """SIGKILL `pid` if it still runs the Milvus binary `exe` (never some reused pid)."""
+    """SIGKILL `pid` if it still runs the Milvus binary `exe` (never a reused pid), and remove
+    the session-id file the binary leaves outside its base dir."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
     except OSError:
-        return
-    if cmdline == exe:
+        cmdline = ""  # already gone
+    if cmdline and cmdline != exe:
+        return  # the pid belongs to another program now
+    if cmdline:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         for _ in range(50):
             if not _alive(pid):
                 break
             time.sleep(0.1)
+    (Path(tempfile.gettempdir()) / "milvus" / f"server_id_{pid}").unlink(missing_ok=True)
 
 
 def _etcd_config(client_port: int, peer_port: int) -> str:
@@ -194,8 +198,6 @@ class EmbeddedServer:
             self.server.stop()
         if pid:
             _kill(pid, exe)
-            # the binary also leaves a session-id file of its own outside the base dir
-            (Path(tempfile.gettempdir()) / "milvus" / f"server_id_{pid}").unlink(missing_ok=True)
         shutil.rmtree(self.base_dir, ignore_errors=True)
         self.record.unlink(missing_ok=True)
         atexit.unregister(self.stop)
