@@ -13,6 +13,9 @@ import pytest
 from batchyard.clients.mongo import patch_mongomock
 from batchyard.settings import MongoFields
 
+# the session's embedded Milvus server (fixture `milvus_server`)
+pytest_plugins = ["tests.milvus_server"]
+
 # quiet, offline Prefect (ENVIRONMENT.md); set before anything imports prefect
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_UI_ENABLED", "false")

@@ -134,6 +134,34 @@ class MilvusSettings(BaseModel):
     max_request_bytes: int = Field(
         default=32 * 1024 * 1024, gt=0, le=64 * 1024 * 1024, description="Cap on one upsert's vector bytes."
     )
+    bulk_import_min_rows: int | None = Field(
+        default=None,
+        gt=0,
+        description="Server loads of at least this many rows use bulk import (files + import "
+        "job) instead of upserts; None (default): always upsert, as bulk import was 4-9x slower "
+        "than upserts into Milvus 2.3.5 at 100k-300k rows (benchmarks/README.md). Never used "
+        "for Milvus Lite.",
+    )
+    bulk_storage: Literal["local", "s3"] = Field(
+        default="local",
+        description="Where the server reads import files: `local` (its own disk, e.g. the "
+        "embedded server; files go to `bulk_local_dir`) or `s3` (its MinIO/S3 bucket).",
+    )
+    bulk_local_dir: str | None = Field(
+        default=None,
+        description="Directory for local import files, at the same absolute path for the "
+        "server (default: a temporary directory).",
+    )
+    bulk_s3_bucket: str | None = Field(default=None, description="The server's MinIO/S3 bucket.")
+    bulk_s3_endpoint_url: str | None = Field(
+        default=None, description="MinIO/S3 endpoint of that bucket (e.g. `http://minio:9000`)."
+    )
+    bulk_s3_prefix: str = Field(default="batchyard-bulk", description="Key prefix of import files.")
+    bulk_s3_access_key_id: SecretStr | None = Field(default=None, description="Its access key id.")
+    bulk_s3_secret_access_key: SecretStr | None = Field(default=None, description="Its secret key.")
+    bulk_import_timeout_s: float = Field(
+        default=3_600.0, gt=0, le=86_400, description="Give up waiting for one bulk import after this."
+    )
 
 
 class StagingSettings(BaseModel):

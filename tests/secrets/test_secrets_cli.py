@@ -41,6 +41,7 @@ def test_the_settings_tree_has_the_secret_fields_these_tests_cover() -> None:
     assert set(secret_fields()) == {
         "provider.api_key", "provider.local.forward_api_key", "provider.local.api_keys", "mongo.uri", "milvus.token",
         "staging.s3_access_key_id", "staging.s3_secret_access_key",
+        "milvus.bulk_s3_access_key_id", "milvus.bulk_s3_secret_access_key",
     }
 
 
@@ -53,6 +54,8 @@ def secret_env(sent: Sentinels) -> dict[str, str]:
         "BATCHYARD_MILVUS__TOKEN": sent.milvus_token,
         "BATCHYARD_STAGING__S3_ACCESS_KEY_ID": sent.s3_key,
         "BATCHYARD_STAGING__S3_SECRET_ACCESS_KEY": sent.s3_secret,
+        "BATCHYARD_MILVUS__BULK_S3_ACCESS_KEY_ID": sent.s3_key,
+        "BATCHYARD_MILVUS__BULK_S3_SECRET_ACCESS_KEY": sent.s3_secret,
     }
 
 

@@ -1,4 +1,5 @@
-"""Milvus Lite: the collection schema, idempotent upserts, dimension checks, byte batching."""
+"""Milvus Lite and a Milvus server: the collection schema, idempotent upserts, dimension checks,
+byte batching. Tests taking the `milvus` fixture run once against each (`[lite]`, `[server]`)."""
 
 from __future__ import annotations
 
@@ -11,26 +12,13 @@ from pymilvus import DataType
 
 from batchyard.clients import milvus as mv
 from batchyard.stages.load import load_vectors
+from tests.sinks.vectors import vector_frame
 
 DIM = 16
 
 
-def _frame(n: int, *, dim: int = DIM, seed: int = 0, companies: int = 3, as_list: bool = False) -> pl.DataFrame:
-    rng = np.random.default_rng(seed)
-    vectors = rng.normal(size=(n, dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    frame = pl.DataFrame(
-        {
-            "chunk_id": [f"co{i % companies}/doc{i // 10}/{i:05d}" for i in range(n)],
-            "company_id": [f"co{i % companies}" for i in range(n)],
-            "document_id": [f"doc{i // 10}" for i in range(n)],
-            "chunk_index": list(range(n)),
-            "text_sha256": [f"{i:064x}" for i in range(n)],
-        }
-    )
-    if as_list:
-        return frame.with_columns(pl.Series("vector", vectors.tolist(), dtype=pl.List(pl.Float32)))
-    return frame.with_columns(pl.Series("vector", vectors, dtype=pl.Array(pl.Float32, dim)))
+def _frame(n: int, *, dim: int = DIM, seed: int = 0, as_list: bool = False) -> pl.DataFrame:
+    return vector_frame(n, dim=dim, seed=seed, as_list=as_list)
 
 
 def test_collection_name_is_valid() -> None:

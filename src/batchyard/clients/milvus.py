@@ -12,24 +12,38 @@ One collection per embedding space (`collection_name(prefix, space)`), with a fi
 | run_id       | VARCHAR(128)        | run that wrote the vector  |
 | vector       | FLOAT_VECTOR(dim)   |                            |
 
-Writes are `upsert`s so reruns never duplicate. Milvus Lite allows one process per data
-directory and no concurrent writers to one collection: load from one task at a time.
+Writes are `upsert`s so reruns never duplicate; large loads into a server go through bulk
+import instead (`import_frame`, bottom of this module), which keeps that promise by importing
+only ids the collection does not hold yet. Milvus Lite allows one process per data directory and
+no concurrent writers to one collection: load from one task at a time.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import re
+import tempfile
+import time
+import uuid
+import warnings
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 import polars as pl
+from pydantic import SecretStr
 from pymilvus import DataType, MilvusClient
 
 from batchyard.errors import ConfigError, TerminalError
 from batchyard.settings import MilvusSettings
+
+log = logging.getLogger(__name__)
 
 SCALAR_FIELDS = ("chunk_id", "company_id", "document_id", "chunk_index", "text_sha256", "run_id")
 VECTOR_FIELD = "vector"
@@ -226,6 +240,38 @@ def upsert_step(frame: pl.DataFrame, dim: int, *, batch_rows: int, max_request_b
     )
 
 
+def _prepared(frame: pl.DataFrame, name: str) -> tuple[pl.DataFrame, np.ndarray]:
+    """The scalar columns (typed, nulls filled) and the `(rows, dim)` float32 vectors of `frame`."""
+    missing = [c for c in FIELDS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"frame lacks column(s) {', '.join(missing)} for Milvus collection {name!r}")
+    scalars = frame.select(
+        pl.col("chunk_id").cast(pl.String),
+        pl.col("company_id").cast(pl.String),
+        pl.col("document_id").cast(pl.String).fill_null(""),
+        pl.col("chunk_index").cast(pl.Int64).fill_null(-1),
+        pl.col("text_sha256").cast(pl.String).fill_null(""),
+        pl.col("run_id").cast(pl.String).fill_null(""),
+    )
+    bad = scalars.filter(pl.col("chunk_id").is_null() | pl.col("company_id").is_null()).height
+    if bad:
+        raise ValueError(f"{bad} row(s) without chunk_id or company_id for Milvus collection {name!r}")
+    return scalars, vectors_to_numpy(frame[VECTOR_FIELD])
+
+
+def id_filter(ids: list[str]) -> str:
+    """`chunk_id in [...]`, each id a double-quoted literal with JSON escapes."""
+    return f"chunk_id in {json.dumps(ids, ensure_ascii=False)}"
+
+
+def upsert_calls(frame: pl.DataFrame, dim: int, *, batch_rows: int, max_request_bytes: int) -> int:
+    """How many upsert calls `upsert_frame` makes for `frame`."""
+    if frame.is_empty():
+        return 0
+    step = upsert_step(frame, dim, batch_rows=batch_rows, max_request_bytes=max_request_bytes)
+    return -(-frame.height // step)
+
+
 def upsert_frame(
     client: MilvusClient,
     name: str,
@@ -238,26 +284,15 @@ def upsert_frame(
 
     Batches hold at most `batch_rows` rows and about `max_request_bytes` (vector bytes plus the
     mean size of the scalar strings). Nulls in `chunk_index` become -1; `company_id` must be set.
+    On servers whose upsert misroutes partition keys (`upsert_misroutes_partition_keys`), each
+    batch is a delete of its ids followed by an insert, which is what upsert does inside Milvus.
     """
     if frame.is_empty():
         return 0
-    missing = [c for c in FIELDS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"frame lacks column(s) {', '.join(missing)} for Milvus collection {name!r}")
-    vectors = vectors_to_numpy(frame[VECTOR_FIELD])
+    scalars, vectors = _prepared(frame, name)
     dim = vectors.shape[1]
-    scalars = frame.select(
-        pl.col("chunk_id").cast(pl.String),
-        pl.col("company_id").cast(pl.String),
-        pl.col("document_id").cast(pl.String).fill_null(""),
-        pl.col("chunk_index").cast(pl.Int64).fill_null(-1),
-        pl.col("text_sha256").cast(pl.String).fill_null(""),
-        pl.col("run_id").cast(pl.String).fill_null(""),
-    )
-    bad = scalars.filter(pl.col("chunk_id").is_null() | pl.col("company_id").is_null()).height
-    if bad:
-        raise ValueError(f"{bad} row(s) without chunk_id or company_id for Milvus collection {name!r}")
     step = upsert_step(scalars, dim, batch_rows=batch_rows, max_request_bytes=max_request_bytes)
+    replace = upsert_misroutes_partition_keys(client)
     total = 0
     for start in range(0, frame.height, step):
         part = scalars.slice(start, step)
@@ -265,9 +300,40 @@ def upsert_frame(
         rows = part.to_dicts()
         for row, vec in zip(rows, block, strict=True):
             row[VECTOR_FIELD] = vec
+        if replace:
+            client.delete(collection_name=name, filter=id_filter(part["chunk_id"].to_list()))
+            res = client.insert(collection_name=name, data=rows)
+            total += int(res.get("insert_count", len(rows)) if isinstance(res, dict) else len(rows))
+            continue
         res = client.upsert(collection_name=name, data=rows)
         total += int(res.get("upsert_count", len(rows)) if isinstance(res, dict) else len(rows))
     return total
+
+
+_MISROUTES: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def upsert_misroutes_partition_keys(client: MilvusClient) -> bool:
+    """True for a Milvus 2.3.0-2.3.9 server, whose upsert hashes the wrong field to choose a
+    partition-key partition (milvus-io/milvus#30607, fixed by #30772/#30773 in February 2024).
+
+    Rows upserted there are missed by every `company_id == ...` filter (seen on the embedded
+    2.3.5 server: 60 upserted rows, 1 found by company). Insert and bulk import route correctly.
+    Milvus Lite and anything that reports no server version: False.
+    """
+    try:
+        return _MISROUTES[client]
+    except (KeyError, TypeError):
+        pass
+    try:
+        version = str(client.get_server_version())
+    except Exception:  # a stand-in without the call, or a server that refuses it
+        version = ""
+    match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", version)
+    affected = bool(match) and (int(match[1]), int(match[2])) == (2, 3) and int(match[3]) < 10
+    with contextlib.suppress(TypeError):
+        _MISROUTES[client] = affected
+    return affected
 
 
 def search(
@@ -339,3 +405,352 @@ def vectors_by_text(client: MilvusClient, name: str, shas: list[str], *, batch: 
         },
         schema={**schema, VECTOR_FIELD: pl.Array(pl.Float32, dim)},
     )
+
+
+# --------------------------------------------------------------------------- bulk import
+#
+# Above `milvus.bulk_import_min_rows`, a load into a Milvus server writes Parquet files with
+# pymilvus' BulkWriter and lets the server import them (one import task per file) instead of
+# sending every row through upserts. It is off by default: on the embedded Milvus 2.3.5 it was
+# 4-9x slower than upserts (benchmarks/README.md, "Milvus loads"); measure before turning it on.
+#
+# - API: Milvus 2.3 imports through the gRPC `Import` call (`utility.do_bulk_insert`); the REST
+#   `bulk_import` job API only exists from Milvus 2.4, so it is not used. pymilvus marks the
+#   `utility` calls for removal in 3.1: without them, loads fall back to upserts with a warning.
+# - Files: `local` storage writes under `bulk_local_dir`, at an absolute path the server reads
+#   (the embedded server and any standalone server on local disk, same machine); `s3` writes to
+#   the server's own MinIO/S3 bucket with `RemoteBulkWriter`, and the import names object keys.
+# - Import inserts, it never upserts: an id already in the collection would exist twice. So ids
+#   already present are upserted and only the new ids are imported (`import_frame`).
+# - An import task is `Completed` before its segments serve queries; a refresh load
+#   (`load_collection(refresh=True)`, the Milvus 2.3 way for imported segments) makes them
+#   visible, so when `import_frame` returns, a count or a rerun sees every row.
+# - Milvus 2.3 imports into the default database only (the import request carries no database).
+
+BULK_FILE_BYTES = 64 * 1024 * 1024
+"""Vector + scalar bytes per import file. The writer keeps rows as Python lists until then
+(about 8 KB per 256-dim row), so this also bounds the writer's memory."""
+EXISTS_QUERY_IDS = 5_000
+_FAILED_STATES = {"Failed", "FailedAndCleaned"}
+
+
+class BulkImportError(VectorStoreError):
+    """A bulk import into a Milvus server failed, timed out, or could not start."""
+
+
+@dataclass(frozen=True)
+class BulkImportConfig:
+    """Where and how to bulk-import into one Milvus server (see `from_settings`)."""
+
+    uri: str
+    min_rows: int
+    token: SecretStr | None = None
+    storage: Literal["local", "s3"] = "local"
+    local_dir: str | None = None
+    s3_bucket: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_prefix: str = "batchyard-bulk"
+    s3_access_key_id: SecretStr | None = None
+    s3_secret_access_key: SecretStr | None = None
+    timeout_s: float = 3_600.0
+    poll_s: float = 0.5
+
+    @classmethod
+    def from_settings(cls, settings: MilvusSettings) -> BulkImportConfig | None:
+        """The bulk-import setup for a server URI; None for Milvus Lite or when switched off.
+
+        Raises:
+            ConfigError: `bulk_storage` is s3 without a bucket or endpoint.
+        """
+        uri = settings.uri
+        if settings.bulk_import_min_rows is None or not uri or is_local_uri(uri):
+            return None
+        if settings.db_name not in ("", "default"):
+            log.warning(
+                "milvus.db_name is %r: Milvus 2.3 bulk-imports into the default database only, "
+                "so loads use upserts", settings.db_name,
+            )
+            return None
+        if settings.bulk_storage == "s3" and not (settings.bulk_s3_bucket and settings.bulk_s3_endpoint_url):
+            raise ConfigError("milvus.bulk_storage is 's3' but bulk_s3_bucket or bulk_s3_endpoint_url is unset")
+        return cls(
+            uri=uri,
+            min_rows=settings.bulk_import_min_rows,
+            token=settings.token,
+            storage=settings.bulk_storage,
+            local_dir=settings.bulk_local_dir,
+            s3_bucket=settings.bulk_s3_bucket,
+            s3_endpoint_url=settings.bulk_s3_endpoint_url,
+            s3_prefix=settings.bulk_s3_prefix,
+            s3_access_key_id=settings.bulk_s3_access_key_id,
+            s3_secret_access_key=settings.bulk_s3_secret_access_key,
+            timeout_s=settings.bulk_import_timeout_s,
+        )
+
+    def scrub(self, text: str) -> str:
+        """`text` with every secret of this config masked (server errors can echo them)."""
+        for secret in (self.token, self.s3_access_key_id, self.s3_secret_access_key):
+            value = secret.get_secret_value() if secret is not None else ""
+            if value:
+                text = text.replace(value, "**********")
+        return text
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    """What `import_frame` wrote."""
+
+    imported: int
+    upserted: int
+    upsert_calls: int
+    import_tasks: int
+
+
+def bulk_import_unavailable() -> str | None:
+    """Why bulk import cannot run with the installed pymilvus, or None when it can."""
+    try:
+        from pymilvus import utility
+    except ImportError as exc:  # pragma: no cover - pymilvus always ships it up to 3.0
+        return f"pymilvus has no ORM utility module ({exc})"
+    if not hasattr(utility, "do_bulk_insert"):
+        return "this pymilvus has no utility.do_bulk_insert (removed in 3.1); Milvus 2.3 needs it"
+    try:
+        _bulk_writer()
+    except ImportError as exc:
+        return f"pymilvus' bulk writer is not installed ({exc}): pip install 'pymilvus[bulk-writer]'"
+    return None
+
+
+def _bulk_writer() -> Any:
+    """`pymilvus.bulk_writer`, imported without its side effect on logging.
+
+    Its modules call `logging.basicConfig(level=INFO)` at import and log every file at INFO:
+    the root logger is put back as it was and the writer's loggers are held at WARNING.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        import pymilvus.bulk_writer as bw
+    finally:
+        for handler in root.handlers[:]:
+            if handler not in handlers:
+                root.removeHandler(handler)
+        root.setLevel(level)
+    logging.getLogger("pymilvus.bulk_writer").setLevel(logging.WARNING)
+    for mod in ("bulk_writer", "local_bulk_writer", "remote_bulk_writer", "buffer"):
+        logging.getLogger(f"pymilvus.bulk_writer.{mod}").setLevel(logging.WARNING)
+    return bw
+
+
+def existing_ids(client: MilvusClient, name: str, ids: list[str]) -> set[str]:
+    """Those of `ids` that the collection already holds (queried in slices, strongly consistent)."""
+    found: set[str] = set()
+    for lo in range(0, len(ids), EXISTS_QUERY_IDS):
+        rows = client.query(
+            collection_name=name,
+            filter=id_filter(ids[lo : lo + EXISTS_QUERY_IDS]),
+            output_fields=["chunk_id"],
+            consistency_level="Strong",
+        )
+        found.update(str(r["chunk_id"]) for r in rows)
+    return found
+
+
+def import_frame(
+    client: MilvusClient,
+    name: str,
+    frame: pl.DataFrame,
+    cfg: BulkImportConfig,
+    *,
+    batch_rows: int,
+    max_request_bytes: int,
+) -> ImportOutcome:
+    """Load `frame` into a server collection: ids it already holds are upserted, new ids imported.
+
+    Returns once every row is visible to queries.
+
+    Raises:
+        BulkImportError: writing the files, starting an import, an import task failed (its
+            reason is in the message), or the imports did not finish within `cfg.timeout_s`.
+    """
+    scalars, vectors = _prepared(frame, name)
+    ids = scalars["chunk_id"].to_list()
+    present = existing_ids(client, name, ids) if count(client, name) else set()
+    is_old = scalars["chunk_id"].is_in(list(present))
+    old = frame.filter(is_old)
+    upserted = upsert_frame(client, name, old, batch_rows=batch_rows, max_request_bytes=max_request_bytes)
+    calls = upsert_calls(old, vectors.shape[1], batch_rows=batch_rows, max_request_bytes=max_request_bytes)
+    new_mask = ~is_old.to_numpy()
+    tasks = _import_rows(client, name, scalars.filter(~is_old), vectors[new_mask], cfg)
+    return ImportOutcome(
+        imported=int(new_mask.sum()), upserted=upserted, upsert_calls=calls, import_tasks=tasks
+    )
+
+
+def _import_rows(
+    client: MilvusClient, name: str, scalars: pl.DataFrame, vectors: np.ndarray, cfg: BulkImportConfig
+) -> int:
+    """Write the rows as import files, import them all, wait, refresh; returns the task count.
+
+    The rows the server reports imported must add up to the rows written: the writer flushes
+    (and uploads) in threads whose errors would otherwise only be printed.
+    """
+    if scalars.is_empty():
+        return 0
+    local_root = None
+    if cfg.storage == "local" and cfg.local_dir:
+        local_root = Path(cfg.local_dir).expanduser().resolve()
+        local_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="batchyard-bulk-", dir=local_root) as tmp:
+        groups = write_import_files(name, scalars, vectors, cfg, tmp)
+        try:
+            imported = _run_imports(name, groups, cfg) if groups else 0
+        finally:
+            if cfg.storage == "s3" and groups:
+                _remove_objects(cfg, groups)
+    client.load_collection(name, refresh=True)
+    if imported != scalars.height:
+        raise BulkImportError(
+            name, f"{imported} of {scalars.height} rows imported from {len(groups)} file(s); the "
+            "bulk writer lost the rest (its error is in the log); load again to finish"
+        )
+    return len(groups)
+
+
+def write_import_files(
+    name: str, scalars: pl.DataFrame, vectors: np.ndarray, cfg: BulkImportConfig, workdir: str
+) -> list[list[str]]:
+    """Write the rows as Parquet import files; returns the file groups (one import task each).
+
+    Local storage: absolute paths under `workdir`. S3 storage: object keys in `cfg.s3_bucket`
+    (under `cfg.s3_prefix/<uuid>/`), uploaded from `workdir`.
+
+    Raises:
+        BulkImportError: a row was refused, the bucket does not exist, or writing failed.
+    """
+    bw = _bulk_writer()
+    schema = _schema(int(vectors.shape[1]))
+    try:
+        if cfg.storage == "s3":
+            if not _minio(cfg).bucket_exists(cfg.s3_bucket or ""):
+                raise BulkImportError(name, f"bucket {cfg.s3_bucket!r} does not exist at {cfg.s3_endpoint_url}")
+            writer = bw.RemoteBulkWriter(
+                schema=schema,
+                remote_path=cfg.s3_prefix,
+                connect_param=_s3_param(bw, cfg),
+                chunk_size=BULK_FILE_BYTES,
+                file_type=bw.BulkFileType.PARQUET,
+                local_path=workdir,
+            )
+        else:
+            writer = bw.LocalBulkWriter(
+                schema=schema, local_path=workdir, chunk_size=BULK_FILE_BYTES,
+                file_type=bw.BulkFileType.PARQUET,
+            )
+        with writer:
+            for row, vec in zip(scalars.iter_rows(named=True), vectors, strict=True):
+                row[VECTOR_FIELD] = vec
+                writer.append_row(row)
+            writer.commit()
+            return [[str(f) for f in group] for group in writer.batch_files if group]
+    except BulkImportError:
+        raise
+    except Exception as exc:  # MilvusException, S3 and OS errors: one clear message
+        raise BulkImportError(name, cfg.scrub(f"writing import files failed: {_reason(exc)}")) from None
+
+
+def _s3_endpoint(cfg: BulkImportConfig) -> tuple[str, bool]:
+    """`host:port` and whether TLS is on, from `http(s)://host:port`."""
+    url = urlsplit(cfg.s3_endpoint_url or "")
+    return url.netloc or url.path, url.scheme == "https"
+
+
+def _s3_keys(cfg: BulkImportConfig) -> tuple[str | None, str | None]:
+    key, secret = cfg.s3_access_key_id, cfg.s3_secret_access_key
+    return (key.get_secret_value() if key else None, secret.get_secret_value() if secret else None)
+
+
+def _s3_param(bw: Any, cfg: BulkImportConfig) -> Any:
+    endpoint, secure = _s3_endpoint(cfg)
+    key, secret = _s3_keys(cfg)
+    return bw.RemoteBulkWriter.S3ConnectParam(
+        bucket_name=cfg.s3_bucket, endpoint=endpoint, access_key=key, secret_key=secret, secure=secure
+    )
+
+
+def _minio(cfg: BulkImportConfig) -> Any:
+    """A MinIO/S3 client for the bucket (minio comes with `pymilvus[bulk-writer]`)."""
+    from minio import Minio
+
+    endpoint, secure = _s3_endpoint(cfg)
+    key, secret = _s3_keys(cfg)
+    return Minio(endpoint, access_key=key, secret_key=secret, secure=secure)
+
+
+def _remove_objects(cfg: BulkImportConfig, groups: list[list[str]]) -> None:
+    """Delete uploaded import files (the server has read them, or the import failed)."""
+    from minio.deleteobjects import DeleteObject
+
+    keys = [DeleteObject(k) for group in groups for k in group]
+    for err in _minio(cfg).remove_objects(cfg.s3_bucket or "", keys):
+        log.warning("could not delete import file %s: %s", err.name, err.message)
+
+
+def _run_imports(name: str, groups: list[list[str]], cfg: BulkImportConfig) -> int:
+    """Start one import task per file group, wait until all completed; returns rows imported."""
+    from pymilvus import connections, utility
+
+    alias = f"batchyard-bulk-{uuid.uuid4().hex}"
+    token = cfg.token.get_secret_value() if cfg.token is not None else ""
+    with warnings.catch_warnings():
+        # pymilvus warns (FutureWarning) that the ORM calls go away in 3.1: see the section note
+        warnings.simplefilter("ignore", FutureWarning)
+        connections.connect(alias=alias, uri=cfg.uri, token=token)
+        try:
+            tasks = []
+            for files in groups:
+                try:
+                    tasks.append(
+                        utility.do_bulk_insert(collection_name=name, files=files, timeout=60, using=alias)
+                    )
+                except Exception as exc:
+                    raise BulkImportError(
+                        name, cfg.scrub(f"the server refused the import of {files[0]}: {_reason(exc)}")
+                    ) from None
+            return _wait_for_imports(name, tasks, cfg, alias)
+        finally:
+            connections.disconnect(alias)
+
+
+def _wait_for_imports(name: str, tasks: list[int], cfg: BulkImportConfig, alias: str) -> int:
+    """Poll the import tasks until all completed; returns the rows they imported."""
+    from pymilvus import BulkInsertState, utility
+
+    deadline = time.monotonic() + cfg.timeout_s
+    pending = dict.fromkeys(tasks, "Pending")
+    rows = 0
+    while True:
+        for task in list(pending):
+            state = utility.get_bulk_insert_state(task, using=alias)
+            if state.state_name in _FAILED_STATES:
+                reason = state.failed_reason or "no reason given"
+                raise BulkImportError(name, cfg.scrub(f"import task {task} failed: {reason}"))
+            if state.state == BulkInsertState.ImportCompleted:
+                rows += int(state.row_count)
+                del pending[task]
+            else:
+                pending[task] = state.state_name
+        if not pending:
+            return rows
+        if time.monotonic() >= deadline:
+            states = ", ".join(f"{t}: {s}" for t, s in pending.items())
+            raise BulkImportError(
+                name, f"{len(pending)} import task(s) not completed after {cfg.timeout_s:g} s ({states})"
+            )
+        time.sleep(cfg.poll_s)
+
+
+def _reason(exc: BaseException) -> str:
+    """A one-line reason from a pymilvus/minio exception."""
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return " ".join(str(message).split())

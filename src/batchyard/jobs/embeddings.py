@@ -220,7 +220,7 @@ class EmbeddingsJob(Job):
     # load
 
     def load_part(self, part: PartitionStore, results: pl.DataFrame) -> list[dict[str, Any]]:
-        from batchyard.clients.milvus import ensure_collection
+        from batchyard.clients.milvus import BulkImportConfig, ensure_collection
         from batchyard.stages.load import load_vectors, mark_chunks
 
         s = self.ctx.settings
@@ -231,7 +231,8 @@ class EmbeddingsJob(Job):
         # source text's, so that an unchanged (truncated) chunk is not selected again
         vectors = results.drop("text_sha256").rename({"sent_sha256": "text_sha256"})
         r1 = load_vectors(client, self.collection, vectors, run_id=part.run_id,
-                          batch_rows=s.milvus.upsert_batch_rows, max_request_bytes=s.milvus.max_request_bytes)
+                          batch_rows=s.milvus.upsert_batch_rows, max_request_bytes=s.milvus.max_request_bytes,
+                          bulk=BulkImportConfig.from_settings(s.milvus))
         crashpoint("during_load")
         r2 = mark_chunks(self.ctx.store.chunks, results, fields=s.mongo.fields, space=self.emb.space,
                          run_id=part.run_id, batch_size=s.mongo.write_batch_size)

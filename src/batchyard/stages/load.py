@@ -1,6 +1,8 @@
 """Load: write joined results into the sinks and say what was written.
 
-- `load_vectors`: Milvus `upsert` of the embedded chunks (reruns never duplicate).
+- `load_vectors`: Milvus `upsert` of the embedded chunks (reruns never duplicate); a large load
+  into a Milvus server goes through bulk import instead (`bulk=`), which upserts the ids the
+  collection already holds and imports only the new ones, so reruns still never duplicate.
 - `mark_chunks`: per chunk, `$set <marks>.<space> = {text_sha256, run_id, at}` in MongoDB so the
   next snapshot selects only new or changed chunks.
 - `store_results`: inference results, one document per (task, task_version, unit_id), upserted.
@@ -14,9 +16,10 @@ error (unit id, code, message).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
 
 import polars as pl
 from pydantic import BaseModel, Field
@@ -28,6 +31,8 @@ from batchyard.clients.mongo import ensure_results_index
 from batchyard.errors import TerminalError
 from batchyard.settings import MongoFields
 from batchyard.stages.snapshot import mark_path, mongo_id
+
+log = logging.getLogger(__name__)
 
 MAX_REPORTED_ERRORS = 100
 DUPLICATE_KEY = 11000
@@ -51,6 +56,10 @@ class LoadReceipt(BaseModel):
     matched: int = Field(default=0, description="MongoDB: documents matched by the filters.")
     modified: int = Field(default=0, description="MongoDB: documents changed.")
     upserted: int = Field(default=0, description="Milvus: rows upserted; MongoDB: new documents.")
+    imported: int = Field(default=0, description="Milvus: new rows written by bulk import.")
+    method: Literal["upsert", "bulk_import"] | None = Field(
+        default=None, description="Milvus: how the vectors were written."
+    )
     skipped: int = Field(default=0, description="Rows not written (no vector/output, duplicates).")
     batches: int = Field(default=0, description="Write calls made.")
     error_count: int = Field(default=0, description="Operations that failed.")
@@ -86,11 +95,20 @@ def load_vectors(
     run_id: str,
     batch_rows: int,
     max_request_bytes: int,
+    bulk: mv.BulkImportConfig | None = None,
 ) -> LoadReceipt:
-    """Upsert embedded chunks into Milvus collection `name` (create it first: `ensure_collection`).
+    """Write embedded chunks into Milvus collection `name` (create it first: `ensure_collection`).
 
     `results` needs chunk_id, company_id, document_id, chunk_index, text_sha256 and vector;
     rows without a vector are skipped; a chunk_id appearing twice keeps its last row.
+
+    Upserts, unless `bulk` is given (a Milvus server: `BulkImportConfig.from_settings`) and at
+    least `bulk.min_rows` rows remain: then ids already in the collection are upserted and the
+    rest bulk-imported (`receipt.method == "bulk_import"`). Without the bulk-import API in the
+    installed pymilvus, it logs why and upserts.
+
+    Raises:
+        BulkImportError: the bulk import failed or timed out (named collection and reason).
     """
     start = time.perf_counter()
     need = [c for c in mv.FIELDS if c != "run_id"]
@@ -102,20 +120,39 @@ def load_vectors(
         frame = frame.sort("attempt", maintain_order=True, nulls_last=False)
     frame = frame.unique(subset="chunk_id", keep="last", maintain_order=True)
     frame = frame.select(*need).with_columns(pl.lit(run_id, dtype=pl.String).alias("run_id"))
-    step = mv.upsert_step(frame, _dim(frame), batch_rows=batch_rows, max_request_bytes=max_request_bytes)
-    upserted = mv.upsert_frame(
-        client, name, frame, batch_rows=batch_rows, max_request_bytes=max_request_bytes
+    receipt = LoadReceipt(
+        sink="milvus", target=name, rows=frame.height, skipped=results.height - frame.height, run_id=run_id
     )
-    return LoadReceipt(
-        sink="milvus",
-        target=name,
-        rows=frame.height,
-        upserted=upserted,
-        skipped=results.height - frame.height,
-        batches=-(-frame.height // step) if frame.height else 0,
-        run_id=run_id,
-        seconds=round(time.perf_counter() - start, 3),
-    )
+    bulk = _bulk_for(bulk, frame.height, name)
+    if bulk is not None:
+        out = mv.import_frame(
+            client, name, frame, bulk, batch_rows=batch_rows, max_request_bytes=max_request_bytes
+        )
+        receipt.method = "bulk_import"
+        receipt.imported, receipt.upserted = out.imported, out.upserted
+        receipt.batches = out.upsert_calls + out.import_tasks
+    else:
+        receipt.method = "upsert"
+        receipt.upserted = mv.upsert_frame(
+            client, name, frame, batch_rows=batch_rows, max_request_bytes=max_request_bytes
+        )
+        receipt.batches = mv.upsert_calls(
+            frame, _dim(frame), batch_rows=batch_rows, max_request_bytes=max_request_bytes
+        )
+    receipt.seconds = round(time.perf_counter() - start, 3)
+    receipt.at = datetime.now(UTC)
+    return receipt
+
+
+def _bulk_for(bulk: mv.BulkImportConfig | None, rows: int, name: str) -> mv.BulkImportConfig | None:
+    """`bulk` when this load should go through bulk import, else None (logged when it cannot)."""
+    if bulk is None or rows < bulk.min_rows:
+        return None
+    reason = mv.bulk_import_unavailable()
+    if reason:
+        log.warning("Milvus collection %r: upserting %d rows instead of bulk import: %s", name, rows, reason)
+        return None
+    return bulk
 
 
 def _dim(frame: pl.DataFrame) -> int:
