@@ -123,6 +123,11 @@ class MilvusSettings(BaseModel):
     """The vector store. Without a URI, Milvus Lite at `<staging root>/milvus.db`."""
 
     uri: str | None = Field(default=None, description="Milvus URI or Milvus Lite path.")
+    lite_mode: Literal["process", "thread"] = Field(
+        default="process",
+        description="Milvus Lite in a child process of its own (its memory stays out of the "
+        "pipeline's) or in a thread of this process.",
+    )
     token: SecretStr | None = Field(default=None, description="Milvus token (`user:password`).")
     db_name: str = Field(default="", description="Milvus database name.")
     collection_prefix: str = Field(default="chunks", description="Prefix of collection names.")

@@ -95,21 +95,45 @@ def vector_store_label(settings: MilvusSettings, *, default_path: str) -> str:
     return f"Milvus at {scheme}://{host}"
 
 
+class _LiteProcessClient(MilvusClient):
+    """A client of a Milvus Lite server process; closing it releases that process."""
+
+    def __init__(self, data_dir: str, **kwargs: Any) -> None:
+        from batchyard.clients import milvus_lite
+
+        self._lite_dir = data_dir
+        super().__init__(uri=milvus_lite.acquire(data_dir), **kwargs)
+
+    def close(self) -> None:
+        from batchyard.clients import milvus_lite
+
+        try:
+            super().close()
+        finally:
+            if self._lite_dir:
+                milvus_lite.release(self._lite_dir)
+                self._lite_dir = ""
+
+
 def open_vector_store(settings: MilvusSettings, *, default_path: str) -> MilvusClient:
     """A `MilvusClient`: the server at `settings.uri`, or Milvus Lite at `default_path`.
 
-    A Lite path is a directory; its parent is created. Close the client when done
-    (`client.close()`): a Lite data directory is locked to one process.
+    A Lite path is a directory; its parent is created. With `lite_mode = "process"` (the
+    default) Lite runs as a child process of its own (see `milvus_lite.py`); with `"thread"`,
+    inside this process. Close the client when done (`client.close()`): a Lite data directory
+    belongs to one process at a time.
     """
     uri = settings.uri or default_path
     kwargs: dict[str, Any] = {}
-    if is_local_uri(uri):
-        Path(uri).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
-        uri = str(Path(uri).expanduser())
     if settings.token is not None:
         kwargs["token"] = settings.token.get_secret_value()
     if settings.db_name:
         kwargs["db_name"] = settings.db_name
+    if is_local_uri(uri):
+        Path(uri).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+        uri = str(Path(uri).expanduser())
+        if settings.lite_mode == "process":
+            return _LiteProcessClient(uri, **kwargs)
     return MilvusClient(uri=uri, **kwargs)
 
 
