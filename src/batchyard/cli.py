@@ -265,8 +265,8 @@ def _check_locks(s: Settings) -> None:
     from batchyard.clients.mongo import standin_path
     from batchyard.storage.staging import Staging
 
-    if s.mongo.uri is not None:
-        return
+    if s.mongo.uri is not None or s.run.partitions_per_driver is not None:
+        return  # a real server; or several drivers of one run that take turns with the stand-in
     path = standin_path(Staging.from_settings(s.staging).local_dir(".mongo-standin"), s.mongo.database)
     lock = path.with_name(path.name + ".lock")
     if not lock.exists():

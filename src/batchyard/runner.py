@@ -400,6 +400,8 @@ class _Driver:
             except RunBusy as exc:
                 busy.append(exc)
                 continue
+            drivers = part.read_state().get("drivers", [])
+            part.update_state(drivers=[*drivers, self.owner][-10:])  # who drove it, for audit
             self.parts[part.pid] = part
             for rec in Ledger(part).all():
                 self.records[rec.key] = rec
