@@ -54,7 +54,7 @@ def configure_logging(level: int = logging.WARNING) -> None:
     root = logging.getLogger("batchyard")
     root.setLevel(level)
     if not any(getattr(h, "_batchyard", False) for h in root.handlers):
-        handler = logging.StreamHandler()
+        handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
         handler._batchyard = True  # type: ignore[attr-defined]
         root.addHandler(handler)

@@ -228,8 +228,8 @@ def vectors_to_numpy(series: pl.Series) -> np.ndarray:
         lengths = series.list.len()
         lo, hi = lengths.min(), lengths.max()
         if lo != hi:
-            raise ValueError(f"column {series.name!r} has vectors of lengths {lo} to {hi}")
-        dim = int(hi) if hi is not None else 0
+            raise ValueError(f"column {series.name!r} has vectors of lengths {lo!r} to {hi!r}")
+        dim = int(hi) if isinstance(hi, int) else 0
         series = series.cast(pl.Array(pl.Float32, dim))
     elif isinstance(dtype, pl.Array):
         if dtype.inner != pl.Float32:
@@ -354,7 +354,7 @@ def upsert_misroutes_partition_keys(client: MilvusClient) -> bool:
     except Exception:  # a stand-in without the call, or a server that refuses it
         version = ""
     match = re.match(r"v?(\d+)\.(\d+)\.(\d+)", version)
-    affected = bool(match) and (int(match[1]), int(match[2])) == (2, 3) and int(match[3]) < 10
+    affected = match is not None and (int(match[1]), int(match[2])) == (2, 3) and int(match[3]) < 10
     with contextlib.suppress(TypeError):
         _MISROUTES[client] = affected
     return affected

@@ -320,7 +320,7 @@ class _Standin:
         self.mutex = threading.RLock()
         self.data = StandinDatabase(path, database)
         self.server = mongomock.store.ServerStore()
-        self.client = mongomock.MongoClient(tz_aware=True, _store=self.server)
+        self.client: Any = mongomock.MongoClient(tz_aware=True, _store=self.server)
 
     def load(self) -> None:
         """Open the file (created when missing); its documents are not re-inserted."""

@@ -161,7 +161,7 @@ def _encode(doc: dict[str, Any], keep_objects: bool) -> bytes | _PyDoc:
         raise
 
 
-_AWARE = CodecOptions(tz_aware=True)  # what mongomock's tz_aware clients return: UTC-aware dates
+_AWARE: CodecOptions[dict[str, Any]] = CodecOptions(tz_aware=True)  # what mongomock's tz_aware clients return: UTC-aware dates
 
 
 def _decode(raw: bytes | _PyDoc, tz_aware: bool = False) -> dict[str, Any]:
@@ -341,7 +341,7 @@ class IndexedCollectionStore:
 
         self._name = name
         self._blobs = blobs if blobs is not None else MemoryBlobs()
-        self._documents = collections.OrderedDict()  # unused: mongomock's own dict stays empty
+        self._documents: collections.OrderedDict[Any, Any] = collections.OrderedDict()  # unused: mongomock's own dict stays empty
         self._index_specs: dict[str, Any] = {}
         self._ttl_indexes: dict[str, Any] = {}
         self._is_force_created = False
@@ -468,7 +468,7 @@ class IndexedCollectionStore:
         if len(index["key"]) > 1:
             return
         field = next(iter(index["key"]))[0]
-        now = mongomock.utcnow()
+        now = mongomock.utcnow()  # type: ignore[attr-defined]
         expired = [
             key for key in list(self._locs)
             if (doc := self.get(key)) is not None

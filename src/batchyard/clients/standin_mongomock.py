@@ -37,7 +37,7 @@ def install_indexed_store() -> None:
     cls = collection_store_class()
     if getattr(Collection, "_batchyard_indexed", False):
         return
-    store.CollectionStore = cls  # every new in-memory collection gets the indexes
+    store.CollectionStore = cls  # type: ignore[misc]  # every new in-memory collection gets the indexes
     helpers.patch_datetime_awareness_in_document = _datetime_patcher(helpers.patch_datetime_awareness_in_document)
 
     orig_iter = Collection._iter_documents
@@ -108,7 +108,7 @@ def install_indexed_store() -> None:
         return self._batchyard_window
 
     Collection._iter_documents = _iter_documents  # type: ignore[method-assign]
-    Collection._update = _update  # type: ignore[method-assign]
+    Collection._update = _update  # type: ignore[method-assign,assignment]
     Collection._ensure_uniques = _ensure_uniques  # type: ignore[method-assign]
     Collection.count_documents = count_documents  # type: ignore[method-assign]
     Collection.aggregate = aggregate_  # type: ignore[method-assign]
@@ -244,6 +244,7 @@ class _Projection:
             return doc
         if self.tree is None:
             return None
+        out: dict[str, Any] | None
         if not self.tree:  # only `_id` was named
             out = {} if self.keep_id else doc
         else:

@@ -228,9 +228,11 @@ class SchemaValueGenerator:
         if lo is None and hi is None:
             lo, hi = 0, 100
         elif lo is None:
+            assert hi is not None
             lo = hi - 100
         elif hi is None:
             hi = lo + 100
+        assert lo is not None and hi is not None
         if integer:
             lo, hi = math.ceil(lo), math.floor(hi)
         return (lo, hi) if lo <= hi else (lo, lo)

@@ -148,7 +148,7 @@ async def read_upload(request: Request, limit: int) -> FormData:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
         raise _missing("file")
     body = _capped(request.stream(), limit + MULTIPART_OVERHEAD_BYTES, limit)
-    parser = MultiPartParser(request.headers, body, max_files=1, max_fields=16)
+    parser = MultiPartParser(request.headers, body, max_files=1, max_fields=16)  # type: ignore[arg-type]
     try:
         form = await parser.parse()  # closes its spooled files itself when it fails
     except shapes.ApiError:

@@ -142,6 +142,7 @@ class PrefectEngine:
     def map(self, step: str, items: Sequence[Any]) -> list[Any]:
         if not items:
             return []
+        futures: list[Any]
         if step == "plan":
             futures = [plan_task.submit(self.ref, pid) for pid in items]
         elif step == "collect":
@@ -151,7 +152,8 @@ class PrefectEngine:
         return [f.result() for f in futures]
 
     def run(self, step: str, fn: Callable[[], T]) -> T:
-        return round_step(step, fn)  # type: ignore[no-any-return]
+        result: T = round_step(step, fn)  # type: ignore[assignment]  # a sync task returns its value
+        return result
 
 
 # --------------------------------------------------------------------------- task runners
@@ -195,7 +197,9 @@ def deployable(flow_fn: Any) -> Any:
 
 
 def _asset(key: str, description: str = "") -> Asset:
-    return Asset(key=key, properties={"description": description[:2500]} if description else None)
+    from prefect.assets import AssetProperties
+
+    return Asset(key=key, properties=AssetProperties(description=description[:2500]) if description else None)
 
 
 def _materialize_stage(ctx: RunContext, job: Job, run: RunStore, asset: str) -> None:
@@ -239,7 +243,7 @@ def _materialize_stage(ctx: RunContext, job: Job, run: RunStore, asset: str) -> 
             return int(metadata["rows"])
 
         materialize(_asset(key, spec.description), *targets, by="batchyard", cache_policy=NO_CACHE,
-                    task_run_name=f"{asset}-{part.pid}", asset_deps=deps)(body)()
+                    task_run_name=f"{asset}-{part.pid}", asset_deps=list[Asset | str](deps))(body)()
         for check in checks:
             emit_event(
                 event=f"batchyard.asset.check.{'passed' if check['passed'] else 'failed'}",
@@ -250,7 +254,7 @@ def _materialize_stage(ctx: RunContext, job: Job, run: RunStore, asset: str) -> 
 
 
 def _progress_hook(job: Job, run: RunStore) -> Callable[[dict[str, Any]], None]:
-    progress_id = create_progress_artifact(
+    progress_id: Any = create_progress_artifact(  # a UUID in a sync flow
         0.0, key=f"{run.run_id.lower()}-progress", description=f"{job.name} run {run.run_id}: shards collected"
     )
 

@@ -130,7 +130,7 @@ def decode_vectors(
         flat[rows[block[done]]] = decoded
         nbytes[block[done]] = width
     rest = np.flatnonzero(nbytes < 0)
-    for i, value in zip(rest, reference_decode([raws[i] for i in rest]), strict=True):
+    for i, value in zip(rest, reference_decode([raws[int(i)] for i in rest]), strict=True):
         if value is None:
             continue
         nbytes[i] = len(value)
@@ -169,7 +169,7 @@ def _b64decode(body: np.ndarray) -> np.ndarray | None:
     if not body.size:
         return np.empty(0, np.uint8)
     try:
-        decoded = pybase64.b64decode(body, validate=True)
+        decoded = pybase64.b64decode(body, validate=True)  # type: ignore[arg-type]
     except binascii.Error:
         return None
     # a "=" left in the text (a shorter value) may end the input early instead of raising

@@ -161,7 +161,8 @@ def _dim(frame: pl.DataFrame) -> int:
         return int(dtype.size)
     if frame.is_empty():
         return 1
-    return int(frame[mv.VECTOR_FIELD].list.len().max() or 1)
+    longest = frame[mv.VECTOR_FIELD].list.len().max()
+    return int(longest) if isinstance(longest, int) and longest > 0 else 1
 
 
 # --------------------------------------------------------------------------- MongoDB
