@@ -6,17 +6,24 @@ Variants (each in its own process, on the first N texts of the cached corpus fro
   `ensure_tiktoken_offline()`), as the plan benchmark's baseline does.
 - `in-process`: `token_counts(texts, workers=1)`: bpe-openai on one core, distinct texts once.
 - `in-process, no dedupe`: the same with `dedupe=False` (what finding the repeats costs or saves).
-- `pool xN`: `token_counts(texts, workers=N)`, the process pool of N workers; N=1 calls the
-  pool directly (`token_counts` counts in-process for one worker), so it shows the transport cost.
+- `pool xN`: `token_counts(texts, workers=N)`, the process pool of N workers. `token_counts`
+  counts in-process for one worker, so `pool x1` calls the pool itself (no dedupe): next to
+  `in-process, no dedupe` it shows what shipping the texts to a worker costs.
 - `pool xN, no dedupe`: the largest pool with `dedupe=False`.
-- `crossover`: in one process, in-process vs a warm pool on the first 500 ... 100,000 texts, best
-  of 5 each: the input size from which the pool wins (`MIN_POOL_ROWS`).
+- `pool xN, Python lists` / `pool xN, shared IPC file`: the same pool fed two other ways, to
+  compare with the zero-copy Series slices `token_counts` sends: each task a pickled Python list
+  of str; or one Arrow IPC file written to /dev/shm by the parent, each task memory-mapping a
+  record batch of it.
+- `crossover`: in one process, in-process vs a warm pool on the first 500 ... 200,000 texts (best
+  of 5, or 3 from 50,000): the input size from which a running pool wins (`POOL_MIN_BYTES`), and
+  with the pool's start time, the size from which starting it pays (`POOL_START_MIN_BYTES`).
 
-Each pool variant first starts its workers (stage `start pool`: one call on 1,000 texts), then
-times the count. Timed work starts from the texts already in memory as a Polars column. CPU
-seconds add the parent's and the workers' (from `/proc/<pid>/stat`): on a shared machine the wall
-time of a pool depends on what else runs, its CPU time much less. Worker peak RSS is each worker's
-`VmHWM`. Check: every variant returns exactly the baseline's counts, text by text.
+Each pool variant first starts its workers (stage `start pool`: one task per worker), then times
+the count. Timed work starts from the texts already in memory as a Polars column. CPU seconds add
+the parent's and the workers' (from `/proc/<pid>/stat`): on a shared machine the wall time of a
+pool depends on what else runs, its CPU time much less. Worker peak RSS is each worker's `VmHWM`
+(a worker also imports this script, as every spawned worker imports its parent's main module).
+Check: every variant returns exactly the baseline's counts, text by text.
 
 Usage:
     python benchmarks/bench_tokens.py --texts 1000000 [--workers 1,2] [--seed 0]
@@ -30,10 +37,16 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 from rich.table import Table
 
 import data
@@ -42,7 +55,7 @@ from batchyard.tokens import ensure_tiktoken_offline, token_counts
 from harness import Stopwatch, console, emit, run_worker, worker_result, write_result
 
 ENCODING = "cl100k_base"
-CROSSOVER_SIZES = [500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000]
+CROSSOVER_SIZES = [500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 200_000]
 OVER_LIMIT = 8_192  # tokens per embeddings input
 
 
@@ -70,23 +83,120 @@ def _cpu_now() -> float:
     return time.process_time() + sum(_cpu_seconds(pid) for pid in _children())
 
 
+# the variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One way to count: `how` is tiktoken, token_counts, pool (the pool itself), lists or shm."""
+
+    how: str
+    workers: int = 1
+    dedupe: bool = False
+
+
+def variants(pools: list[int]) -> dict[str, Variant]:
+    top = max(pools)
+    out = {
+        "tiktoken": Variant("tiktoken"),
+        "in-process": Variant("token_counts", 1, dedupe=True),
+        "in-process, no dedupe": Variant("token_counts", 1),
+    }
+    for n in pools:  # token_counts counts in-process for one worker: a pool of one is called as is
+        out[f"pool x{n}"] = Variant("token_counts", n, dedupe=True) if n > 1 else Variant("pool", 1)
+    out[f"pool x{top}, no dedupe"] = Variant("token_counts", top)
+    out[f"pool x{top}, Python lists"] = Variant("lists", top)
+    out[f"pool x{top}, shared IPC file"] = Variant("shm", top)
+    return out
+
+
+def _counter(v: Variant) -> tuple[Callable[[pl.Series], pl.Series], Callable[[], Any] | None]:
+    """The function a variant times, and one that starts its pool's workers (None: no pool)."""
+    if v.how == "tiktoken":
+        import tiktoken
+
+        ensure_tiktoken_offline()
+        enc = tiktoken.get_encoding(ENCODING)
+        return lambda s: pl.Series(
+            [len(enc.encode(t, disallowed_special=())) for t in s.to_list()], dtype=pl.Int64
+        ), None
+    warm = pl.Series(["warm up"] * 4 * v.workers)  # one task per text: every worker starts
+    if v.how == "pool":
+        return partial(_pool_of, v.workers), partial(_pool_of, v.workers, warm)
+    if v.how == "token_counts":
+        count = partial(_token_counts, v.workers, v.dedupe)
+        return count, partial(count, warm) if v.workers > 1 else None
+    pool = ProcessPoolExecutor(v.workers, mp_context=multiprocessing.get_context("forkserver"))
+    count = partial(_via_lists if v.how == "lists" else _via_shm_file, pool, v.workers)
+    return count, partial(_via_lists, pool, v.workers, warm)
+
+
+def _token_counts(workers: int, dedupe: bool, texts: pl.Series) -> pl.Series:
+    return token_counts(texts, ENCODING, workers=workers, dedupe=dedupe, min_pool_bytes=0)
+
+
+def _pool_of(workers: int, texts: pl.Series) -> pl.Series:
+    return tokens._pool_counts(texts, None, ENCODING, None, workers)
+
+
+# the two transports token_counts does not use (it sends zero-copy Series slices)
+
+
+def _task_rows(texts: pl.Series, workers: int) -> int:
+    """Rows per task, as `token_counts` sizes them: at most TASK_ROWS, four tasks per worker."""
+    return max(1, min(tokens.TASK_ROWS, -(-texts.len() // (4 * workers))))
+
+
+def _via_lists(pool: ProcessPoolExecutor, workers: int, texts: pl.Series) -> pl.Series:
+    """Each task a Python list of str, pickled string by string."""
+    rows = _task_rows(texts, workers)
+    lists = (texts.slice(i, rows).to_list() for i in range(0, texts.len(), rows))
+    return pl.Series([n for part in pool.map(_count_list, lists) for n in part], dtype=pl.Int64)
+
+
+def _count_list(values: list[str]) -> list[int]:
+    return tokens.count_tokens(values, ENCODING)
+
+
+def _via_shm_file(pool: ProcessPoolExecutor, workers: int, texts: pl.Series) -> pl.Series:
+    """The parent writes one Arrow IPC file to shared memory; each task memory-maps a batch."""
+    folder = "/dev/shm" if Path("/dev/shm").is_dir() else None
+    fd, path = tempfile.mkstemp(suffix=".arrow", dir=folder)
+    os.close(fd)
+    try:
+        table = texts.to_frame("text").to_arrow()
+        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=_task_rows(texts, workers))
+        batches = range(-(-texts.len() // _task_rows(texts, workers)))
+        parts = pool.map(_count_ipc_batch, repeat(path, len(batches)), batches)
+        return pl.Series([n for part in parts for n in part], dtype=pl.Int64)
+    finally:
+        os.unlink(path)
+
+
+def _count_ipc_batch(path: str, index: int) -> list[int]:
+    with pa.memory_map(path) as source:
+        values = pa.ipc.open_file(source).get_batch(index).column(0).to_pylist()
+    return tokens.count_tokens(values, ENCODING)
+
+
 # workers (each runs in its own process)
 
 
-def run_variant(variant: str, path: Path, n_rows: int, out: Path) -> dict[str, Any]:
+def run_variant(name: str, v: Variant, path: Path, n_rows: int, out: Path) -> dict[str, Any]:
     sw = Stopwatch()
     with sw.stage("read parquet"):
         texts = pl.read_parquet(path, columns=["text"], n_rows=n_rows)["text"]
-    count, workers = _counter(variant, texts)
-    if workers:
+    count, start_pool = _counter(v)
+    if start_pool is not None:
         with sw.stage("start pool"):
-            count(texts.head(1_000))
+            start_pool()
     cpu = _cpu_now()
     with sw.stage("count"):
         counts = count(texts)
     cpu = _cpu_now() - cpu
     extra: dict[str, Any] = {}
-    if variant.startswith("pool") and "no dedupe" not in variant:
+    if v.how == "token_counts" and v.dedupe and v.workers > 1:
         with sw.stage(f"tokens_over({OVER_LIMIT})"):
             extra["over_limit"] = int(tokens.tokens_over(texts, OVER_LIMIT, ENCODING).sum())
     count_stage = next(s for s in sw.stages if s["stage"] == "count")
@@ -102,55 +212,37 @@ def run_variant(variant: str, path: Path, n_rows: int, out: Path) -> dict[str, A
     }
 
 
-def _counter(variant: str, texts: pl.Series) -> tuple[Any, int]:
-    """The function to time for a variant, and its number of worker processes (0: none)."""
-    if variant == "tiktoken":
-        import tiktoken
-
-        ensure_tiktoken_offline()
-        enc = tiktoken.get_encoding(ENCODING)
-
-        def baseline(s: pl.Series) -> pl.Series:
-            lens = [len(enc.encode(t, disallowed_special=())) for t in s.to_list()]
-            return pl.Series(lens, dtype=pl.Int64)
-
-        return baseline, 0
-    dedupe = "no dedupe" not in variant
-    if variant.startswith("in-process"):
-        return (lambda s: token_counts(s, ENCODING, workers=1, dedupe=dedupe)), 0
-    n = int(variant.split()[1].removeprefix("x").rstrip(","))
-    if n == 1:  # token_counts never uses a pool of one: call the pool itself
-        return (lambda s: tokens._pool_counts(s, None, ENCODING, None, 1)), 1
-    return (lambda s: token_counts(s, ENCODING, workers=n, dedupe=dedupe, min_pool_rows=0)), n
-
-
-def run_crossover(path: Path, workers: int, repeats: int = 5) -> dict[str, Any]:
-    """Best-of-`repeats` seconds of in-process vs a warm pool at each input size."""
+def run_crossover(path: Path, workers: int) -> dict[str, Any]:
+    """Best-of-N seconds of in-process vs a warm pool at each input size, and the pool's start."""
     texts = pl.read_parquet(path, columns=["text"], n_rows=max(CROSSOVER_SIZES))["text"]
     start = time.perf_counter()
-    token_counts(texts.head(1_000), ENCODING, workers=workers, min_pool_rows=0)
+    token_counts(texts.head(1_000), ENCODING, workers=workers, min_pool_bytes=0)
     cold = time.perf_counter() - start
     rows = []
     for size in CROSSOVER_SIZES:
         part = texts.head(size)
         best = {"in_process": float("inf"), "pool": float("inf")}
-        for _ in range(repeats):
+        for _ in range(5 if size <= 20_000 else 3):
             for name, n in (("in_process", 1), ("pool", workers)):
                 start = time.perf_counter()
-                token_counts(part, ENCODING, workers=n, min_pool_rows=0)
+                token_counts(part, ENCODING, workers=n, min_pool_bytes=0)
                 best[name] = min(best[name], time.perf_counter() - start)
-        rows.append({"rows": size, **{k: round(v, 4) for k, v in best.items()}})
+        mib = int(part.str.len_bytes().cast(pl.Int64).sum()) / 2**20
+        rows.append(
+            {"rows": size, "mib": round(mib, 2), **{k: round(v, 4) for k, v in best.items()}}
+        )
     return {"workers": workers, "pool_start_seconds": round(cold, 3), "sizes": rows}
 
 
 # driver
 
 
-def measure(variant: str, path: Path, n_rows: int) -> dict[str, Any]:
+def measure(variant: str, pools: list[int], path: Path, n_rows: int) -> dict[str, Any]:
     """Run one variant in a fresh process; its result, with its counts loaded."""
     out = Path(tempfile.mkdtemp(prefix="bench-tokens-"))
     try:
-        args = ["--worker", variant, "--path", str(path), "--rows", str(n_rows), "--out", str(out)]
+        args = ["--worker", variant, "--workers", ",".join(map(str, pools)), "--path", str(path)]
+        args += ["--rows", str(n_rows), "--out", str(out)]
         res = run_worker(Path(__file__), args)
         res["_counts"] = pl.read_parquet(out / "counts.parquet")["tokens"]
         return res
@@ -158,34 +250,42 @@ def measure(variant: str, path: Path, n_rows: int) -> dict[str, Any]:
         shutil.rmtree(out, ignore_errors=True)
 
 
-def crossover_at(sizes: list[dict[str, Any]]) -> int | None:
-    """The smallest size from which the pool is faster at every larger measured size."""
+def crossover_at(sizes: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The smallest size from which a warm pool is faster at every larger measured size."""
     at = None
     for row in reversed(sizes):
         if row["pool"] >= row["in_process"]:
             break
-        at = row["rows"]
+        at = row
     return at
+
+
+def cold_crossover_mib(cross: dict[str, Any]) -> float | None:
+    """MiB of text from which starting the pool pays: its start time over the saving per MiB."""
+    big = cross["sizes"][-1]
+    saving = (big["in_process"] - big["pool"]) / big["mib"]
+    return round(cross["pool_start_seconds"] / saving, 1) if saving > 0 else None
 
 
 def bench(n_texts: int, workers: list[int], seed: int) -> dict[str, Any]:
     path = data.ensure_corpus(max(n_texts, max(CROSSOVER_SIZES)), seed)
     load_at_start = [round(x, 2) for x in os.getloadavg()]
     console.print(f"[bold]tokens[/]: corpus {path.name}, {n_texts:,} texts, pools of {workers}")
-    variants = ["tiktoken", "in-process", "in-process, no dedupe"]
-    variants += [f"pool x{n}" for n in workers] + [f"pool x{max(workers)}, no dedupe"]
     runs = {}
-    for v in variants:
-        runs[v] = measure(v, path, n_texts)
-        console.print(f"  {v}: {runs[v]['seconds']:.2f} s")
+    for name in variants(workers):
+        runs[name] = measure(name, workers, path, n_texts)
+        console.print(f"  {name}: {runs[name]['seconds']:.2f} s")
     ref = runs["tiktoken"].pop("_counts")
-    for v in variants[1:]:
-        got = runs[v].pop("_counts")
-        assert got.equals(ref), f"{v}: counts differ from tiktoken's"
-    console.print(f"[green]check ok[/]: every variant counted {runs['tiktoken']['tokens']:,} tokens, text by text equal")
-    args = ["--worker", "crossover", "--path", str(path), "--rows", str(max(workers)), "--out", "-"]
+    for name in list(runs)[1:]:
+        got = runs[name].pop("_counts")
+        assert got.equals(ref), f"{name}: counts differ from tiktoken's"
+    console.print(
+        f"[green]check ok[/]: every variant counted {runs['tiktoken']['tokens']:,} tokens, text by text equal"
+    )
+    args = ["--worker", "crossover", "--workers", str(max(workers)), "--path", str(path)]
     cross = run_worker(Path(__file__), args)
-    cross["crossover_rows"] = crossover_at(cross["sizes"])
+    cross["warm_crossover"] = crossover_at(cross["sizes"])
+    cross["cold_crossover_mib"] = cold_crossover_mib(cross)
     return {
         "texts": n_texts,
         "runs": runs,
@@ -198,12 +298,12 @@ def bench(n_texts: int, workers: list[int], seed: int) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> None:
     runs = result["runs"]
-    base, single = runs["tiktoken"], runs["in-process"]
+    base, single = runs["tiktoken"], runs["in-process, no dedupe"]
     t = Table(title=f"token counts of {result['texts']:,} texts ({ENCODING})")
     for col in ("variant", "s", "texts/s", "CPU s", "peak RSS MB", "worker peak RSS MB"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     t.add_column("vs tiktoken", justify="right")
-    t.add_column("vs in-process", justify="right")
+    t.add_column("vs in-process, no dedupe", justify="right")
     for name, r in runs.items():
         t.add_row(
             name,
@@ -222,17 +322,27 @@ def report(result: dict[str, Any]) -> None:
         if "over_limit" in r:
             console.print(f"    texts over {OVER_LIMIT:,} tokens: {r['over_limit']:,}")
     cross = result["crossover"]
-    c = Table(title=f"crossover: in-process vs a warm pool of {cross['workers']} (best of 5, ms)")
-    for col in ("texts", "in-process ms", "pool ms", "pool / in-process"):
+    c = Table(title=f"crossover: in-process vs a warm pool of {cross['workers']} (best of 3-5, ms)")
+    for col in ("texts", "MiB", "in-process ms", "pool ms", "pool / in-process"):
         c.add_column(col, justify="right")
     for row in cross["sizes"]:
         ratio = row["pool"] / row["in_process"]
-        c.add_row(f"{row['rows']:,}", f"{row['in_process'] * 1e3:.1f}", f"{row['pool'] * 1e3:.1f}", f"{ratio:.2f}")
+        c.add_row(
+            f"{row['rows']:,}",
+            f"{row['mib']:.1f}",
+            f"{row['in_process'] * 1e3:.1f}",
+            f"{row['pool'] * 1e3:.1f}",
+            f"{ratio:.2f}",
+        )
     console.print(c)
+    warm = cross["warm_crossover"]
     console.print(
-        f"pool start (first call, {cross['workers']} workers): {cross['pool_start_seconds']:.2f} s; "
-        f"the pool wins from {cross['crossover_rows'] or 'no measured size'} texts; "
-        f"MIN_POOL_ROWS is {tokens.MIN_POOL_ROWS:,}"
+        f"pool start (first call, {cross['workers']} workers): {cross['pool_start_seconds']:.2f} s. "
+        f"A warm pool wins from "
+        + (f"{warm['rows']:,} texts ({warm['mib']:.1f} MiB)" if warm else "no measured size")
+        + f" (POOL_MIN_BYTES: {tokens.POOL_MIN_BYTES / 2**20:.0f} MiB); starting the pool pays from "
+        f"about {cross['cold_crossover_mib']} MiB (POOL_START_MIN_BYTES: "
+        f"{tokens.POOL_START_MIN_BYTES / 2**20:.0f} MiB)"
     )
     console.print(f"load average: start {result['load_at_start']}, end {result['load_at_end']}")
 
@@ -249,12 +359,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    pools = [int(x) for x in args.workers.split(",")]
     if args.worker == "crossover":
-        emit(run_crossover(args.path, args.rows))
+        emit(run_crossover(args.path, max(pools)))
     elif args.worker:
-        emit(run_variant(args.worker, args.path, args.rows, args.out))
+        v = variants(pools)[args.worker]
+        emit(run_variant(args.worker, v, args.path, args.rows, args.out))
     else:
-        result = bench(args.texts, [int(x) for x in args.workers.split(",")], args.seed)
+        result = bench(args.texts, pools, args.seed)
         report(result)
         console.print(f"results: {write_result('tokens', result)}")
 

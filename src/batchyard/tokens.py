@@ -5,17 +5,24 @@ vocabularies and gives the same counts as tiktoken (a test checks that on varied
 benchmark checks the totals) about 2.5x faster. Truncation encodes and decodes with the same tokenizer.
 
 `token_counts` counts a Polars column. The tokenizer holds the GIL, so threads do not help: large
-inputs go to a persistent process pool (one per process, created on first use, sized to the
-cores, shut down at exit). Workers receive zero-copy slices of the column, which Polars pickles as
-Arrow IPC buffers, so the parent never builds a million Python strings. The pool starts workers
-with `forkserver` (`spawn` where that is missing), never plain `fork`: callers run inside Prefect
-flows with threads, an embedded uvicorn server and Milvus Lite's gRPC threads. As with any
-spawned pool, a script that calls it at import time needs an `if __name__ == "__main__":` guard.
+inputs go to a persistent process pool (one per process, created on first use, one worker per
+usable core, shut down at exit). Workers receive zero-copy slices of the column, which Polars
+pickles as Arrow IPC buffers only when a worker is about to take one, so the parent never builds
+a million Python strings (benchmarks/bench_tokens.py compares this with pickled lists of str and
+with a shared-memory Arrow file). The pool starts workers with `forkserver` (`spawn` where that is
+missing), never plain `fork`: callers run inside Prefect flows with threads, an embedded uvicorn
+server and Milvus Lite's gRPC threads. Like any spawned worker, each one imports the caller's
+main module, so a script that counts at import time needs an `if __name__ == "__main__":` guard
+(without one the workers die, and counting falls back to this process).
 
-Counting stays in this process (same results, one DEBUG log line) when the input is small (below
-`MIN_POOL_ROWS` texts the pool's per-call cost outweighs its gain), when
-`BATCHYARD_TOKEN_WORKERS=1`, when there is one core, inside a daemonic process (Dask workers:
-`multiprocessing` refuses them children), and if the pool ever breaks.
+Counting stays in this process, with the same results, when the input is small (the pool starts
+from `POOL_START_MIN_BYTES` of text and, once running, is used from `POOL_MIN_BYTES`), and, with
+one DEBUG log line, when `BATCHYARD_TOKEN_WORKERS=1`, on a single core, inside a daemonic process
+(Dask workers: `multiprocessing` refuses them children), or once the pool has failed (that
+failure logs a WARNING).
+
+Repeated texts (filings repeat boilerplate) are counted once: Polars finds each text's first
+occurrence, comparing the strings themselves, so counts stay exact.
 
 A text of at most `limit` UTF-8 bytes has at most `limit` tokens (every token covers at least one
 byte), so `tokens_over` only tokenizes the texts longer than the limit in bytes, and stops each
