@@ -153,7 +153,7 @@ def token_counts(
         min_pool_bytes: use the pool from this many bytes of text to count; `None` uses
             `POOL_MIN_BYTES` once the pool runs and `POOL_START_MIN_BYTES` to start it.
     """
-    n = texts.len()
+    texts, n = texts.cast(pl.String), texts.len()
     todo = texts.is_not_null()
     first = _first_index(texts) if dedupe and n > 1 else None
     if first is not None:
@@ -180,6 +180,7 @@ def tokens_over(
     token past the limit: against the 8,192-token input limit this costs next to nothing on
     typical chunks. Arguments as for `token_counts`.
     """
+    texts = texts.cast(pl.String)
     longer = (texts.str.len_bytes() > limit).fill_null(False)
     over = pl.repeat(False, texts.len(), dtype=pl.Boolean, eager=True)
     if longer.any():
@@ -206,9 +207,12 @@ def _count(
     min_pool_bytes: int | None,
 ) -> pl.Series:
     """Counts of the kept texts, in order; with `limit`, null where a text has more tokens."""
+    lengths = texts.str.len_bytes().cast(pl.Int64)
+    n_bytes = int(lengths.filter(keep).sum())
     mask = None if keep.all() else keep
+    if mask is not None and 2 * n_bytes < int(lengths.sum()):  # few to count: ship only those
+        texts, mask = texts.filter(mask), None
     size = worker_count(workers)
-    n_bytes = int(texts.str.len_bytes().filter(keep).cast(pl.Int64).sum())
     reason = _in_process_reason(size, n_bytes, min_pool_bytes)
     if reason is None:
         try:
@@ -246,7 +250,8 @@ def _usable_cores() -> int:
 def _in_process_reason(size: int, n_bytes: int, min_bytes: int | None) -> str | None:
     """Why counting stays in this process, or None to use the pool."""
     if min_bytes is None:
-        min_bytes = POOL_MIN_BYTES if _pool is not None else POOL_START_MIN_BYTES
+        running = _pool is not None and _pool_size == size
+        min_bytes = POOL_MIN_BYTES if running else POOL_START_MIN_BYTES
     if n_bytes < min_bytes:
         return "small input"
     if size <= 1:

@@ -110,6 +110,8 @@ def test_repeats_are_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_nulls_and_empty_input(fresh_pool: Any) -> None:
     assert token_counts(pl.Series([], dtype=pl.String)).to_list() == []
     assert token_counts(pl.Series([None, None], dtype=pl.String)).to_list() == [None, None]
+    assert token_counts(pl.Series([None, None])).to_list() == [None, None]  # dtype Null
+    assert tokens_over(pl.Series([None]), 5).to_list() == [None]
     texts = [None, "a b", None, "a b", "c"]
     for workers in (1, 2):
         got = token_counts(pl.Series(texts), workers=workers, min_pool_bytes=0)
