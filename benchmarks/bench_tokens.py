@@ -10,10 +10,10 @@ Variants (each in its own process, on the first N texts of the cached corpus fro
   counts in-process for one worker, so `pool x1` calls the pool itself (no dedupe): next to
   `in-process, no dedupe` it shows what shipping the texts to a worker costs.
 - `pool xN, no dedupe`: the largest pool with `dedupe=False`.
-- `pool xN, Python lists` / `pool xN, shared IPC file`: the same pool fed two other ways, to
-  compare with the zero-copy Series slices `token_counts` sends: each task a pickled Python list
-  of str; or one Arrow IPC file written to /dev/shm by the parent, each task memory-mapping a
-  record batch of it.
+- `pool xN, Python lists` / `pool xN, pickled Series slices`: the same work fed to the workers two
+  other ways, to compare with the one in-memory Arrow IPC file that `token_counts` writes and its
+  workers memory-map: each task a pickled Python list of str; or each task a zero-copy slice of
+  the column, which Polars pickles as Arrow IPC (both go through the pool's pipes).
 - `crossover`: in one process, in-process vs a warm pool on the first 500 ... 200,000 texts (best
   of 5, or 3 from 50,000): the input size from which a running pool wins (`POOL_MIN_BYTES`), and
   with the pool's start time, the size from which starting it pays (`POOL_START_MIN_BYTES`).
@@ -41,12 +41,10 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from itertools import repeat
 from pathlib import Path
 from typing import Any
 
 import polars as pl
-import pyarrow as pa
 from rich.table import Table
 
 import data
@@ -88,7 +86,7 @@ def _cpu_now() -> float:
 
 @dataclass(frozen=True)
 class Variant:
-    """One way to count: `how` is tiktoken, token_counts, pool (the pool itself), lists or shm."""
+    """One way to count: `how` is tiktoken, token_counts, pool (the pool itself), lists, series."""
 
     how: str
     workers: int = 1
@@ -106,7 +104,7 @@ def variants(pools: list[int]) -> dict[str, Variant]:
         out[f"pool x{n}"] = Variant("token_counts", n, dedupe=True) if n > 1 else Variant("pool", 1)
     out[f"pool x{top}, no dedupe"] = Variant("token_counts", top)
     out[f"pool x{top}, Python lists"] = Variant("lists", top)
-    out[f"pool x{top}, shared IPC file"] = Variant("shm", top)
+    out[f"pool x{top}, pickled Series slices"] = Variant("series", top)
     return out
 
 
@@ -127,7 +125,7 @@ def _counter(v: Variant) -> tuple[Callable[[pl.Series], pl.Series], Callable[[],
         count = partial(_token_counts, v.workers, v.dedupe)
         return count, partial(count, warm) if v.workers > 1 else None
     pool = ProcessPoolExecutor(v.workers, mp_context=multiprocessing.get_context("forkserver"))
-    count = partial(_via_lists if v.how == "lists" else _via_shm_file, pool, v.workers)
+    count = partial(_via_lists if v.how == "lists" else _via_series, pool, v.workers)
     return count, partial(_via_lists, pool, v.workers, warm)
 
 
@@ -139,7 +137,7 @@ def _pool_of(workers: int, texts: pl.Series) -> pl.Series:
     return tokens._pool_counts(texts, None, ENCODING, None, workers)
 
 
-# the two transports token_counts does not use (it sends zero-copy Series slices)
+# the two transports token_counts does not use (it writes the column once to a memory file)
 
 
 def _task_rows(texts: pl.Series, workers: int) -> int:
@@ -158,26 +156,15 @@ def _count_list(values: list[str]) -> list[int]:
     return tokens.count_tokens(values, ENCODING)
 
 
-def _via_shm_file(pool: ProcessPoolExecutor, workers: int, texts: pl.Series) -> pl.Series:
-    """The parent writes one Arrow IPC file to shared memory; each task memory-maps a batch."""
-    folder = "/dev/shm" if Path("/dev/shm").is_dir() else None
-    fd, path = tempfile.mkstemp(suffix=".arrow", dir=folder)
-    os.close(fd)
-    try:
-        table = texts.to_frame("text").to_arrow()
-        with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=_task_rows(texts, workers))
-        batches = range(-(-texts.len() // _task_rows(texts, workers)))
-        parts = pool.map(_count_ipc_batch, repeat(path, len(batches)), batches)
-        return pl.Series([n for part in parts for n in part], dtype=pl.Int64)
-    finally:
-        os.unlink(path)
+def _via_series(pool: ProcessPoolExecutor, workers: int, texts: pl.Series) -> pl.Series:
+    """Each task a zero-copy slice, pickled by Polars (Arrow IPC) when a worker is free for it."""
+    rows = _task_rows(texts, workers)
+    slices = [texts.slice(i, rows) for i in range(0, texts.len(), rows)]
+    return pl.concat(list(pool.map(_count_series, slices)))
 
 
-def _count_ipc_batch(path: str, index: int) -> list[int]:
-    with pa.memory_map(path) as source:
-        values = pa.ipc.open_file(source).get_batch(index).column(0).to_pylist()
-    return tokens.count_tokens(values, ENCODING)
+def _count_series(texts: pl.Series) -> pl.Series:
+    return tokens._count_slice(texts, None, ENCODING, None)
 
 
 # workers (each runs in its own process)

@@ -6,14 +6,15 @@ benchmark checks the totals) about 2.5x faster. Truncation encodes and decodes w
 
 `token_counts` counts a Polars column. The tokenizer holds the GIL, so threads do not help: large
 inputs go to a persistent process pool (one per process, created on first use, one worker per
-usable core, shut down at exit). Workers receive zero-copy slices of the column, which Polars
-pickles as Arrow IPC buffers only when a worker is about to take one, so the parent never builds
-a million Python strings (benchmarks/bench_tokens.py compares this with pickled lists of str and
-with a shared-memory Arrow file). The pool starts workers with `forkserver` (`spawn` where that is
-missing), never plain `fork`: callers run inside Prefect flows with threads, an embedded uvicorn
-server and Milvus Lite's gRPC threads. Like any spawned worker, each one imports the caller's
-main module, so a script that counts at import time needs an `if __name__ == "__main__":` guard
-(without one the workers die, and counting falls back to this process).
+usable core, shut down at exit). The parent writes the column once as an Arrow IPC file in memory
+(a Linux memfd) and each task only names a slice of it, which the worker memory-maps: the parent
+never builds a million Python strings, and no text goes through the pool's pipes
+(benchmarks/bench_tokens.py compares this with pickled lists of str and pickled Series slices).
+The pool starts workers with `forkserver` (`spawn` where that is missing), never plain `fork`:
+callers run inside Prefect flows with threads, an embedded uvicorn server and Milvus Lite's gRPC
+threads. Like any spawned worker, each one imports the caller's main module, so a script that
+counts at import time needs an `if __name__ == "__main__":` guard (without one the workers die,
+and counting falls back to this process).
 
 Counting stays in this process, with the same results, when the input is small (the pool starts
 from `POOL_START_MIN_BYTES` of text and, once running, is used from `POOL_MIN_BYTES`), and, with
@@ -44,16 +45,18 @@ import tempfile
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from contextlib import contextmanager
 from functools import cache
 from itertools import repeat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
+import pyarrow as pa
 from bpe_openai import _bindings
 
 if TYPE_CHECKING:
-    from collections.abc import Iterable, Sequence
+    from collections.abc import Iterable, Iterator, Sequence
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +284,11 @@ def _count_slices(
 def _count_slice(
     texts: pl.Series, mask: pl.Series | None, encoding: str, limit: int | None
 ) -> pl.Series:
-    """Counts of the texts where `mask` is true (all if None): one pool task, or in-process."""
-    values = (texts if mask is None else texts.filter(mask)).to_list()
+    """Counts of the texts where `mask` is true (all if None)."""
+    return _count_values((texts if mask is None else texts.filter(mask)).to_list(), encoding, limit)
+
+
+def _count_values(values: list[str], encoding: str, limit: int | None) -> pl.Series:
     tok = _tokenizer(encoding)
     if limit is None:
         count = tok.count
@@ -321,13 +327,60 @@ def _pool_counts(
 ) -> pl.Series:
     """Count in a pool of `size` workers: tasks of at most `TASK_ROWS` rows, four or more each.
 
-    The tasks are zero-copy slices; the pool pickles each (as Arrow IPC) only when a worker is
-    about to take it, so at most a few slices are in flight.
+    The column (and the mask) is written once as an uncompressed Arrow IPC file in memory; each
+    task is only (path, offset, length), and its worker memory-maps that slice. Pickling the
+    slices instead costs more CPU, and pushing ~1 GB through the pool's pipes in 64 KiB steps is
+    slow on a busy machine (bench_tokens.py).
     """
-    rows = max(1, min(TASK_ROWS, -(-texts.len() // (4 * size))))
-    slices, masks = zip(*_slices(texts, mask, rows), strict=True) if texts.len() else ((), ())
-    parts = _get_pool(size).map(_count_slice, slices, masks, repeat(encoding), repeat(limit))
-    return pl.concat(list(parts)) if slices else pl.Series(dtype=pl.Int64)
+    n = texts.len()
+    if n == 0:
+        return pl.Series(dtype=pl.Int64)
+    rows = max(1, min(TASK_ROWS, -(-n // (4 * size))))
+    frame = texts.alias("text").to_frame()
+    if mask is not None:
+        frame = frame.with_columns(keep=mask)
+    with _memory_file() as path:
+        # large_string (the oldest layout) so that the workers can filter it with pyarrow
+        frame.write_ipc(path, compression="uncompressed", compat_level=pl.CompatLevel.oldest())
+        offsets = range(0, n, rows)
+        args = (repeat(path), offsets, repeat(rows), repeat(encoding), repeat(limit))
+        return pl.concat(list(_get_pool(size).map(_count_file_slice, *args)))
+
+
+@contextmanager
+def _memory_file() -> Iterator[str]:
+    """A path to a new file in memory that the workers can open, removed afterwards.
+
+    On Linux an anonymous memory file (`memfd`): it never reaches a disk, is not bounded by a
+    small /dev/shm (containers), and is freed even if this process is killed. Elsewhere a
+    temporary file.
+    """
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("batchyard-tokens")
+        try:
+            yield f"/proc/{os.getpid()}/fd/{fd}"
+        finally:
+            os.close(fd)
+        return
+    fd, path = tempfile.mkstemp(prefix="batchyard-tokens-", suffix=".arrow")
+    os.close(fd)
+    try:
+        yield path
+    finally:
+        Path(path).unlink(missing_ok=True)
+
+
+def _count_file_slice(
+    path: str, offset: int, length: int, encoding: str, limit: int | None
+) -> pl.Series:
+    """A pool task: count rows [offset, offset + length) of the memory file (where `keep`)."""
+    with pa.memory_map(path) as source:
+        table = pa.ipc.open_file(source).read_all().slice(offset, length)
+        texts = table.column("text")
+        if "keep" in table.column_names:
+            texts = texts.filter(table.column("keep"))
+        values = texts.to_pylist()
+    return _count_values(values, encoding, limit)
 
 
 def _drop_pool(*, broken: bool = False) -> None:
