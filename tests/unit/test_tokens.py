@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
 import random
 import signal
+from pathlib import Path
 from typing import Any
 
 import polars as pl
@@ -178,6 +180,16 @@ def test_pool_is_reused_across_calls(fresh_pool: Any) -> None:
         tokens_over(texts, 10, workers=2, min_pool_bytes=0)
     assert len(first) == 2
     assert sorted(p.pid for p in multiprocessing.active_children()) == first
+
+
+@pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd is Linux-only")
+def test_pool_leaves_no_memory_file_open(fresh_pool: Any) -> None:
+    token_counts(pl.Series(corpus(300)), workers=2, min_pool_bytes=0)
+    links = []
+    for fd in Path("/proc/self/fd").iterdir():
+        with contextlib.suppress(OSError):  # the fd listing itself is closed meanwhile
+            links.append(os.readlink(fd))
+    assert [x for x in links if "batchyard-tokens" in x] == []
 
 
 def test_running_pool_is_used_from_the_lower_threshold(fresh_pool: Any) -> None:
