@@ -4,12 +4,14 @@ Variants (each in its own process, on the first N texts of the cached corpus fro
 
 - `tiktoken` (baseline): stock `tiktoken` `encode` per text, one core (offline vocabularies via
   `ensure_tiktoken_offline()`), as the plan benchmark's baseline does.
-- `in-process`: `token_counts(texts, workers=1)`: bpe-openai on one core, distinct texts once.
-- `in-process, no dedupe`: the same with `dedupe=False` (what finding the repeats costs or saves).
+- `in-process`: `token_counts(texts, workers=1)`: bpe-openai on one core. On this corpus repeats
+  hold too few bytes for the default to count them once (`DEDUPE_MIN_SHARE`).
+- `in-process, dedupe=True`: each distinct text counted once all the same: what the repeats
+  mask costs or saves.
 - `pool xN`: `token_counts(texts, workers=N)`, the process pool of N workers. `token_counts`
-  counts in-process for one worker, so `pool x1` calls the pool itself (no dedupe): next to
-  `in-process, no dedupe` it shows what shipping the texts to a worker costs.
-- `pool xN, no dedupe`: the largest pool with `dedupe=False`.
+  counts in-process for one worker, so `pool x1` calls the pool itself: next to `in-process` it
+  shows what handing the texts to a worker costs.
+- `pool xN, dedupe=True`: the largest pool, repeats counted once.
 - `pool xN, Python lists` / `pool xN, pickled Series slices`: the same work fed to the workers two
   other ways, to compare with the one in-memory Arrow IPC file that `token_counts` writes and its
   workers memory-map: each task a pickled Python list of str; or each task a zero-copy slice of
@@ -90,19 +92,19 @@ class Variant:
 
     how: str
     workers: int = 1
-    dedupe: bool = False
+    dedupe: bool | None = None
 
 
 def variants(pools: list[int]) -> dict[str, Variant]:
     top = max(pools)
     out = {
         "tiktoken": Variant("tiktoken"),
-        "in-process": Variant("token_counts", 1, dedupe=True),
-        "in-process, no dedupe": Variant("token_counts", 1),
+        "in-process": Variant("token_counts", 1),
+        "in-process, dedupe=True": Variant("token_counts", 1, dedupe=True),
     }
     for n in pools:  # token_counts counts in-process for one worker: a pool of one is called as is
-        out[f"pool x{n}"] = Variant("token_counts", n, dedupe=True) if n > 1 else Variant("pool", 1)
-    out[f"pool x{top}, no dedupe"] = Variant("token_counts", top)
+        out[f"pool x{n}"] = Variant("token_counts", n) if n > 1 else Variant("pool", 1)
+    out[f"pool x{top}, dedupe=True"] = Variant("token_counts", top, dedupe=True)
     out[f"pool x{top}, Python lists"] = Variant("lists", top)
     out[f"pool x{top}, pickled Series slices"] = Variant("series", top)
     return out
@@ -129,7 +131,7 @@ def _counter(v: Variant) -> tuple[Callable[[pl.Series], pl.Series], Callable[[],
     return count, partial(_via_lists, pool, v.workers, warm)
 
 
-def _token_counts(workers: int, dedupe: bool, texts: pl.Series) -> pl.Series:
+def _token_counts(workers: int, dedupe: bool | None, texts: pl.Series) -> pl.Series:
     return token_counts(texts, ENCODING, workers=workers, dedupe=dedupe, min_pool_bytes=0)
 
 
@@ -183,7 +185,7 @@ def run_variant(name: str, v: Variant, path: Path, n_rows: int, out: Path) -> di
         counts = count(texts)
     cpu = _cpu_now() - cpu
     extra: dict[str, Any] = {}
-    if v.how == "token_counts" and v.dedupe and v.workers > 1:
+    if v.how == "token_counts" and v.dedupe is None and v.workers > 1:
         with sw.stage(f"tokens_over({OVER_LIMIT})"):
             extra["over_limit"] = int(tokens.tokens_over(texts, OVER_LIMIT, ENCODING).sum())
     count_stage = next(s for s in sw.stages if s["stage"] == "count")
@@ -285,12 +287,12 @@ def bench(n_texts: int, workers: list[int], seed: int) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> None:
     runs = result["runs"]
-    base, single = runs["tiktoken"], runs["in-process, no dedupe"]
+    base, single = runs["tiktoken"], runs["in-process"]
     t = Table(title=f"token counts of {result['texts']:,} texts ({ENCODING})")
     for col in ("variant", "s", "texts/s", "CPU s", "peak RSS MB", "worker peak RSS MB"):
         t.add_column(col, justify="left" if col == "variant" else "right")
     t.add_column("vs tiktoken", justify="right")
-    t.add_column("vs in-process, no dedupe", justify="right")
+    t.add_column("vs in-process", justify="right")
     for name, r in runs.items():
         t.add_row(
             name,

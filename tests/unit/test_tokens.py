@@ -71,7 +71,9 @@ def fresh_pool(monkeypatch: pytest.MonkeyPatch) -> Any:
 @pytest.mark.parametrize("dedupe", [True, False], ids=["dedupe", "no-dedupe"])
 def test_pool_counts_equal_in_process_counts(encoding: str, dedupe: bool, fresh_pool: Any) -> None:
     texts = corpus(600)
-    got = token_counts(pl.Series("text", texts), encoding, workers=2, dedupe=dedupe, min_pool_bytes=0)
+    got = token_counts(
+        pl.Series("text", texts), encoding, workers=2, dedupe=dedupe, min_pool_bytes=0
+    )
     assert got.dtype == pl.Int64 and got.name == "text"
     assert got.to_list() == in_process(texts, encoding)
     assert len(multiprocessing.active_children()) == 2  # it did run in the pool
@@ -92,7 +94,27 @@ def test_order_is_kept_across_tasks(fresh_pool: Any) -> None:
     assert got.to_list() == [t.count("a") for t in texts]
 
 
-def test_repeats_are_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
+HEAVY = ["boilerplate disclaimer", "unique one", "boilerplate disclaimer", None, "", ""]
+HEAVY += ["boilerplate disclaimer"] * 10  # repeats hold most of the bytes
+LIGHT = ["a long unique text " * 50, "another long one " * 50, "ok", "ok"]  # 2 of 1,752 bytes
+
+
+@pytest.mark.parametrize(
+    ("texts", "dedupe", "counted_once"),
+    [
+        (HEAVY, None, True),
+        (HEAVY, False, False),
+        (LIGHT, None, False),  # too few repeated bytes to be worth it
+        (LIGHT, True, True),
+    ],
+    ids=["heavy-auto", "heavy-off", "light-auto", "light-forced"],
+)
+def test_repeats_are_counted_once_when_it_pays(
+    monkeypatch: pytest.MonkeyPatch,
+    texts: list[str | None],
+    dedupe: bool | None,
+    counted_once: bool,
+) -> None:
     seen: list[str] = []
     real = tokens._tokenizer("cl100k_base")
 
@@ -102,11 +124,10 @@ def test_repeats_are_counted_once(monkeypatch: pytest.MonkeyPatch) -> None:
             return real.count(text)
 
     monkeypatch.setattr(tokens, "_tokenizer", lambda encoding: Spy())
-    texts = ["boilerplate disclaimer", "unique one", "boilerplate disclaimer", None, "", ""]
-    texts += ["boilerplate disclaimer"] * 10
-    got = token_counts(pl.Series(texts), "cl100k_base", workers=1)
+    got = token_counts(pl.Series(texts), "cl100k_base", workers=1, dedupe=dedupe)
     assert got.to_list() == [None if t is None else real.count(t) for t in texts]
-    assert sorted(seen) == ["", "boilerplate disclaimer", "unique one"]
+    present = [t for t in texts if t is not None]
+    assert sorted(seen) == sorted(set(present) if counted_once else present)
 
 
 def test_nulls_and_empty_input(fresh_pool: Any) -> None:
@@ -168,7 +189,9 @@ def test_daemonic_process_counts_in_process() -> None:
     child.join(timeout=30)
     assert "daemonic processes are not allowed to have children" in refused
     assert counts == in_process(texts, "cl100k_base")
-    assert records == ["DEBUG: token counting in this process: a daemonic process may not have children"]
+    assert records == [
+        "DEBUG: token counting in this process: a daemonic process may not have children"
+    ]
 
 
 def test_pool_is_reused_across_calls(fresh_pool: Any) -> None:
