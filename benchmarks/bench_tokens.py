@@ -4,14 +4,13 @@ Variants (each in its own process, on the first N texts of the cached corpus fro
 
 - `tiktoken` (baseline): stock `tiktoken` `encode` per text, one core (offline vocabularies via
   `ensure_tiktoken_offline()`), as the plan benchmark's baseline does.
-- `in-process`: `token_counts(texts, workers=1)`: bpe-openai on one core. On this corpus repeats
-  hold too few bytes for the default to count them once (`DEDUPE_MIN_SHARE`).
-- `in-process, dedupe=True`: each distinct text counted once all the same: what the repeats
-  mask costs or saves.
+- `in-process`: `token_counts(texts, workers=1)`: bpe-openai on one core, each distinct text once.
+- `in-process, dedupe=False`: every text counted, repeats too: what finding the repeats costs or
+  saves.
 - `pool xN`: `token_counts(texts, workers=N)`, the process pool of N workers. `token_counts`
-  counts in-process for one worker, so `pool x1` calls the pool itself: next to `in-process` it
-  shows what handing the texts to a worker costs.
-- `pool xN, dedupe=True`: the largest pool, repeats counted once.
+  counts in-process for one worker, so `pool x1` calls the pool itself (no dedupe): next to
+  `in-process, dedupe=False` it shows what handing the texts to a worker costs.
+- `pool xN, dedupe=False`: the largest pool, every text counted (like the next two).
 - `pool xN, Python lists` / `pool xN, pickled Series slices`: the same work fed to the workers two
   other ways, to compare with the one in-memory Arrow IPC file that `token_counts` writes and its
   workers memory-map: each task a pickled Python list of str; or each task a zero-copy slice of
@@ -92,7 +91,7 @@ class Variant:
 
     how: str
     workers: int = 1
-    dedupe: bool | None = None
+    dedupe: bool = True
 
 
 def variants(pools: list[int]) -> dict[str, Variant]:
@@ -100,13 +99,13 @@ def variants(pools: list[int]) -> dict[str, Variant]:
     out = {
         "tiktoken": Variant("tiktoken"),
         "in-process": Variant("token_counts", 1),
-        "in-process, dedupe=True": Variant("token_counts", 1, dedupe=True),
+        "in-process, dedupe=False": Variant("token_counts", 1, dedupe=False),
     }
     for n in pools:  # token_counts counts in-process for one worker: a pool of one is called as is
-        out[f"pool x{n}"] = Variant("token_counts", n) if n > 1 else Variant("pool", 1)
-    out[f"pool x{top}, dedupe=True"] = Variant("token_counts", top, dedupe=True)
-    out[f"pool x{top}, Python lists"] = Variant("lists", top)
-    out[f"pool x{top}, pickled Series slices"] = Variant("series", top)
+        out[f"pool x{n}"] = Variant("token_counts", n) if n > 1 else Variant("pool", 1, False)
+    out[f"pool x{top}, dedupe=False"] = Variant("token_counts", top, dedupe=False)
+    out[f"pool x{top}, Python lists"] = Variant("lists", top, dedupe=False)
+    out[f"pool x{top}, pickled Series slices"] = Variant("series", top, dedupe=False)
     return out
 
 
@@ -131,7 +130,7 @@ def _counter(v: Variant) -> tuple[Callable[[pl.Series], pl.Series], Callable[[],
     return count, partial(_via_lists, pool, v.workers, warm)
 
 
-def _token_counts(workers: int, dedupe: bool | None, texts: pl.Series) -> pl.Series:
+def _token_counts(workers: int, dedupe: bool, texts: pl.Series) -> pl.Series:
     return token_counts(texts, ENCODING, workers=workers, dedupe=dedupe, min_pool_bytes=0)
 
 
@@ -185,7 +184,7 @@ def run_variant(name: str, v: Variant, path: Path, n_rows: int, out: Path) -> di
         counts = count(texts)
     cpu = _cpu_now() - cpu
     extra: dict[str, Any] = {}
-    if v.how == "token_counts" and v.dedupe is None and v.workers > 1:
+    if v.how == "token_counts" and v.dedupe and v.workers > 1:
         with sw.stage(f"tokens_over({OVER_LIMIT})"):
             extra["over_limit"] = int(tokens.tokens_over(texts, OVER_LIMIT, ENCODING).sum())
     count_stage = next(s for s in sw.stages if s["stage"] == "count")

@@ -22,11 +22,10 @@ one DEBUG log line, when `BATCHYARD_TOKEN_WORKERS=1`, on a single core, inside a
 (Dask workers: `multiprocessing` refuses them children), or once the pool has failed (that
 failure logs a WARNING).
 
-Repeated texts (filings repeat boilerplate) can be counted once: Polars finds each text's first
-occurrence, comparing the strings themselves, so counts stay exact. By default that happens only
-when repeats hold a real share of the bytes (`DEDUPE_MIN_SHARE`): in the synthetic 1M-chunk corpus
-5.8% of the texts are repeats but only 1.2% of the bytes (short boilerplate), and skipping them
-saves less than carrying the mask costs.
+Repeated texts (filings repeat boilerplate) are counted once: Polars finds each text's first
+occurrence, comparing the strings themselves, so counts stay exact. On the synthetic 1M-chunk
+corpus this neither gains nor loses measurably (5.8% of the texts repeat, but they are short: 1.2%
+of the bytes); it pays where long texts repeat.
 
 A text of at most `limit` UTF-8 bytes has at most `limit` tokens (every token covers at least one
 byte), so `tokens_over` only tokenizes the texts longer than the limit in bytes, and stops each
@@ -68,9 +67,6 @@ POOL_MIN_BYTES = 4 * 2**20
 """A running pool counts inputs from this many bytes of text (its per-call cost is a few ms)."""
 POOL_START_MIN_BYTES = 64 * 2**20
 """The pool is started for inputs from this many bytes (starting it costs about a second)."""
-DEDUPE_MIN_SHARE = 0.1
-"""Repeats are counted once by default when they hold this share of the bytes: below it the
-mask costs more than the tokenizing it saves (1M chunks: 1.2% repeats, bench_tokens.py)."""
 TASK_ROWS = 20_000
 """Most texts per pool task: enough to amortise a task's cost, small enough to balance the load."""
 
@@ -148,7 +144,7 @@ def token_counts(
     encoding: str = "cl100k_base",
     *,
     workers: int | None = None,
-    dedupe: bool | None = None,
+    dedupe: bool = True,
     min_pool_bytes: int | None = None,
 ) -> pl.Series:
     """Exact token count of every text (Int64, same order and name; null for a null text).
@@ -158,20 +154,15 @@ def token_counts(
         encoding: the tokenizer encoding (`encoding_for_model`).
         workers: processes that count; `None` reads `BATCHYARD_TOKEN_WORKERS`, else one per
             usable core. 1 counts in this process.
-        dedupe: count each distinct text once and give its repeats the same count; `None`
-            does so when repeats hold at least `DEDUPE_MIN_SHARE` of the text's bytes.
+        dedupe: count each distinct text once and give its repeats the same count.
         min_pool_bytes: use the pool from this many bytes of text to count; `None` uses
             `POOL_MIN_BYTES` once the pool runs and `POOL_START_MIN_BYTES` to start it.
     """
     texts, n = texts.cast(pl.String), texts.len()
     todo = texts.is_not_null()
-    first = _first_index(texts) if dedupe is not False and n > 1 else None
+    first = _first_index(texts) if dedupe and n > 1 else None
     if first is not None:
-        repeats = first != pl.int_range(n, dtype=pl.Int64, eager=True)
-        if dedupe or _share(texts, repeats) >= DEDUPE_MIN_SHARE:
-            todo = todo & ~repeats
-        else:
-            first = None
+        todo = todo & (first == pl.int_range(n, dtype=pl.Int64, eager=True))
     counts = _count(texts, todo, encoding, None, workers=workers, min_pool_bytes=min_pool_bytes)
     if counts.len() < n:  # nulls and repeats were not counted: put each count in its row
         counts = pl.repeat(None, n, dtype=pl.Int64, eager=True).scatter(todo.arg_true(), counts)
@@ -203,12 +194,6 @@ def tokens_over(
         )
         over = over.scatter(longer.arg_true(), capped.is_null())
     return pl.select(pl.when(texts.is_not_null()).then(over)).to_series().alias(texts.name)
-
-
-def _share(texts: pl.Series, rows: pl.Series) -> float:
-    """Share of the text's bytes in `rows`."""
-    lengths = texts.str.len_bytes().cast(pl.Int64)
-    return int(lengths.filter(rows).sum()) / max(1, int(lengths.sum()))
 
 
 def _first_index(texts: pl.Series) -> pl.Series:
