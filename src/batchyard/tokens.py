@@ -23,9 +23,9 @@ one DEBUG log line, when `BATCHYARD_TOKEN_WORKERS=1`, on a single core, inside a
 failure logs a WARNING).
 
 Repeated texts (filings repeat boilerplate) are counted once: Polars finds each text's first
-occurrence, comparing the strings themselves, so counts stay exact. On the synthetic 1M-chunk
-corpus this neither gains nor loses measurably (5.8% of the texts repeat, but they are short: 1.2%
-of the bytes); it pays where long texts repeat.
+occurrence, comparing the strings themselves, so counts stay exact. That pays where long texts
+repeat; on the synthetic 1M-chunk corpus it costs a little more than it saves (5.8% of the texts
+repeat, but they are short: 1.2% of the bytes), and `dedupe=False` skips it.
 
 A text of at most `limit` UTF-8 bytes has at most `limit` tokens (every token covers at least one
 byte), so `tokens_over` only tokenizes the texts longer than the limit in bytes, and stops each
@@ -63,10 +63,12 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 WORKERS_ENV = "BATCHYARD_TOKEN_WORKERS"
-POOL_MIN_BYTES = 4 * 2**20
-"""A running pool counts inputs from this many bytes of text (its per-call cost is a few ms)."""
-POOL_START_MIN_BYTES = 64 * 2**20
-"""The pool is started for inputs from this many bytes (starting it costs about a second)."""
+POOL_MIN_BYTES = 16 * 2**20
+"""A running pool counts inputs from this many bytes of text (~18k chunks): a call costs it
+6-10 ms more, and on a busy 2-core box it won reliably from ~45 MiB, not always below."""
+POOL_START_MIN_BYTES = 128 * 2**20
+"""The pool is started for inputs from this many bytes (~140k chunks): starting two workers took
+0.8-2.6 s, and two cores save at most ~9.5 ms per MiB (bench_tokens.py)."""
 TASK_ROWS = 20_000
 """Most texts per pool task: enough to amortise a task's cost, small enough to balance the load."""
 
