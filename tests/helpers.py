@@ -95,6 +95,7 @@ def assert_vectors_match(ctx: RunContext, results: pl.DataFrame, collection: str
     from batchyard.localapi.executors import hash_embedding
 
     client = ctx.milvus
+    client.load_collection(collection)
     ids = results["chunk_id"].to_list()
     got = {}
     for i in range(0, len(ids), 500):

@@ -339,6 +339,7 @@ def _sinks_match_results(ctx: RunContext, job: Job, part: PartitionStore) -> Che
         found = 0
         client = ctx.milvus
         name = job.collection  # type: ignore[attr-defined]
+        client.load_collection(name)  # a new process (a resumed run) starts with it released
         for i in range(0, len(ids), 1000):
             found += len(client.get(name, ids=ids[i : i + 1000], output_fields=["chunk_id"]))
         fields = ctx.settings.mongo.fields

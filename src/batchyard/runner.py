@@ -96,7 +96,10 @@ class LocalEngine:
             args = item if isinstance(item, tuple) else (item,)
             return fn(self.ctx, self.job, self.store, *args)
 
-        with ThreadPoolExecutor(max_workers=min(self.workers, len(items))) as pool:
+        # one partition plan at a time: memory stays bounded by a partition (token counting
+        # already uses every core through its process pool); collects are small and overlap I/O
+        workers = 1 if step == "plan" else min(self.workers, len(items))
+        with ThreadPoolExecutor(max_workers=workers) as pool:
             return list(pool.map(one, items))
 
     def run(self, step: str, fn: Callable[[], T]) -> T:

@@ -86,6 +86,7 @@ def milvus_rows(ctx: Any) -> pl.DataFrame:
     from batchyard.jobs.embeddings import EmbeddingsJob
 
     job = EmbeddingsJob(ctx, None)  # type: ignore[arg-type]
+    ctx.milvus.load_collection(job.collection)
     rows = ctx.milvus.query(job.collection, filter="chunk_index >= -1", output_fields=["*"], limit=16384)
     frame = pl.DataFrame([{**r, "vector": [float(x) for x in r["vector"]]} for r in rows])
     return frame.sort("chunk_id")

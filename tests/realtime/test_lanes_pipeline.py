@@ -37,6 +37,7 @@ def embed(settings_factory: Any, root: Path, n: int, **lane: Any) -> tuple[RunCo
 
 def milvus_rows(ctx: RunContext) -> pl.DataFrame:
     job = EmbeddingsJob(ctx, None)  # type: ignore[arg-type]
+    ctx.milvus.load_collection(job.collection)
     rows = ctx.milvus.query(job.collection, filter="chunk_index >= -1", output_fields=["*"], limit=16384)
     return pl.DataFrame([{**r, "vector": [float(x) for x in r["vector"]]} for r in rows]).drop("run_id").sort("chunk_id")
 

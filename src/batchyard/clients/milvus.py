@@ -387,6 +387,7 @@ def search(
 
 def count(client: MilvusClient, name: str, *, filter: str = "") -> int:
     """Entities in the collection (matching `filter`)."""
+    client.load_collection(name)  # a new client of a Lite or server process may find it released
     res = client.query(
         collection_name=name, filter=filter, output_fields=["count(*)"], consistency_level="Strong"
     )

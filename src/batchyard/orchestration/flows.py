@@ -133,6 +133,15 @@ def round_step(step: str, fn: Callable[[], Any]) -> Any:
     return fn()
 
 
+def _distributed() -> bool:
+    """Whether the running flow's task runner ships tasks to other processes (Dask)."""
+    from prefect.context import FlowRunContext
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    ctx = FlowRunContext.get()
+    return ctx is not None and not isinstance(ctx.task_runner, ThreadPoolTaskRunner)
+
+
 class PrefectEngine:
     """Runs a run's steps as Prefect task runs (thread pool or Dask, per the flow's task runner)."""
 
@@ -143,6 +152,10 @@ class PrefectEngine:
         if not items:
             return []
         futures: list[Any]
+        if step == "plan" and not _distributed():
+            # on the flow's thread pool, one partition plan at a time keeps memory bounded by a
+            # partition; on Dask, each worker process plans its own partition
+            return [plan_task.submit(self.ref, pid).result() for pid in items]
         if step == "plan":
             futures = [plan_task.submit(self.ref, pid) for pid in items]
         elif step == "collect":

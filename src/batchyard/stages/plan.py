@@ -93,7 +93,7 @@ def prepare_inputs(
     empty = chunks.filter(blank)
     ok = chunks.filter(~blank)
     distinct = ok.select("text_sha256", "text").unique("text_sha256", keep="first")
-    distinct = distinct.with_columns(tokens=token_counts(distinct["text"], encoding))
+    distinct = distinct.with_columns(tokens=token_counts(distinct["text"], encoding, dedupe=False))
     ok = ok.join(distinct.select("text_sha256", "tokens"), on="text_sha256", how="left")
     ok = ok.with_columns(truncated=pl.lit(False), sent_sha256=pl.col("text_sha256"))
     cap = limits.max_tokens_per_input
@@ -117,13 +117,15 @@ def prepare_inputs(
     return ok, pl.concat(rejects)
 
 
-def token_counts(texts: pl.Series, encoding: str, *, slice_rows: int = 20_000) -> pl.Series:
-    """Exact token count of every text, converting only a slice at a time to Python strings."""
-    parts = [
-        pl.Series(count_tokens(texts.slice(i, slice_rows).to_list(), encoding), dtype=pl.Int64)
-        for i in range(0, texts.len(), slice_rows)
-    ]
-    return pl.concat(parts) if parts else pl.Series([], dtype=pl.Int64)
+def token_counts(texts: pl.Series, encoding: str, *, dedupe: bool = True) -> pl.Series:
+    """Exact token count of every text (on every core for large inputs: `batchyard.tokens`).
+
+    Counts are needed for every input (they pack shards under the token budget), so the byte
+    bound (`tokens_over`) cannot replace them here; `dedupe=False` when the texts are distinct.
+    """
+    from batchyard.tokens import token_counts as count_column
+
+    return count_column(texts, encoding, dedupe=dedupe)
 
 
 def _rejects(frame: pl.DataFrame, code: str, message: pl.Expr) -> pl.DataFrame:
