@@ -38,11 +38,11 @@ import data
 from batchyard.settings import LimitsSettings
 from batchyard.stages.plan import (
     ShardLimits,
-    assign_shards,
     check_shards,
     embedding_requests,
     prepare_inputs,
     shard_bytes,
+    split_duplicates,
 )
 from batchyard.tokens import ensure_tiktoken_offline
 from harness import (
@@ -72,38 +72,66 @@ def run_load(path: Path, n_rows: int) -> dict[str, Any]:
     return worker_result(sw, chunks.height)
 
 
+PARTITION = 100_000  # run.partition_max_chunks: the pipeline plans one partition at a time
+
+
 def run_pipeline(path: Path, n_rows: int, out: Path) -> dict[str, Any]:
+    """The real plan path, as `EmbeddingsJob.plan_partition` runs it, one partition after another.
+
+    Each partition's rows are read from the Parquet file on their own (the pipeline reads a
+    partition's snapshot parts), so memory is bounded by a partition; repeated texts are planned
+    once (`split_duplicates`), and token counts run on the process pool of `batchyard.tokens`.
+    """
     limits = LimitsSettings()
     shard_limits = ShardLimits.from_settings(limits)
     sw = Stopwatch()
-    with sw.stage("read parquet"):
-        chunks = pl.read_parquet(path, n_rows=n_rows)
-    with sw.stage("prepare_inputs (tokens)"):
-        inputs, rejects = prepare_inputs(chunks, limits=limits, encoding=ENCODING)
-    with sw.stage("embedding_requests (pack, lines)"):
-        requests = embedding_requests(inputs, model=MODEL, dimensions=DIMENSIONS, limits=limits)
-    with sw.stage("assign_shards + check_shards"):
-        requests = assign_shards(requests, shard_limits)
-        check_shards(requests, shard_limits)
-    with sw.stage("shard_bytes + write"):
-        n_bytes = 0
-        for (shard,), part in requests.group_by(["shard"], maintain_order=True):
-            content = shard_bytes(part["line"])
-            (out / f"{shard}.jsonl").write_bytes(content)
-            n_bytes += len(content)
+    n_in = n_inputs = n_rejected = n_truncated = n_requests = n_shards = tokens = tokens_all = n_bytes = 0
+    ids: list[pl.Series] = []
+    for offset in range(0, n_rows, PARTITION):
+        length = min(PARTITION, n_rows - offset)
+        with sw.stage("read partition"):
+            chunks = pl.scan_parquet(path).slice(offset, length).collect()
+        with sw.stage("prepare_inputs (tokens)"):
+            inputs, rejects = prepare_inputs(chunks, limits=limits, encoding=ENCODING)
+            reps, aliases = split_duplicates(inputs)
+        with sw.stage("embedding_requests (pack, shards, lines)"):
+            requests = embedding_requests(reps, model=MODEL, dimensions=DIMENSIONS, limits=limits,
+                                          shard_limits=shard_limits)
+            check_shards(requests, shard_limits)
+        with sw.stage("shard_bytes + write"):
+            for (shard,), part in requests.group_by(["shard"], maintain_order=True):
+                content = shard_bytes(part["line"])
+                (out / f"p{offset // PARTITION:04d}-{shard}.jsonl").write_bytes(content)
+                n_bytes += len(content)
+        n_in += chunks.height
+        n_inputs += inputs.height
+        n_rejected += rejects.height
+        n_truncated += int(inputs["truncated"].sum())
+        n_requests += requests.height
+        n_shards += requests["shard"].n_unique()
+        tokens += int(requests["tokens"].sum())
+        tokens_all += int(inputs["tokens"].sum())
+        ids += [requests["unit_ids"].explode(), aliases["chunk_id"]]
+        del chunks, inputs, reps, aliases, requests
+    sw.stages = merge_stages(sw.stages)
     result = worker_result(
-        sw,
-        chunks.height,
-        inputs=inputs.height,
-        rejected=rejects.height,
-        truncated=int(inputs["truncated"].sum()),
-        requests=requests.height,
-        shards=requests["shard"].n_unique(),
-        tokens=int(requests["tokens"].sum()),
-        shard_bytes=n_bytes,
+        sw, n_in, inputs=n_inputs, rejected=n_rejected, truncated=n_truncated, requests=n_requests,
+        shards=n_shards, tokens=tokens_all, tokens_sent=tokens, shard_bytes=n_bytes,
     )
-    requests.select(chunk_id=pl.col("unit_ids").explode()).write_parquet(out / "ids.parquet")
+    pl.DataFrame({"chunk_id": pl.concat(ids) if ids else []}).write_parquet(out / "ids.parquet")
     return result
+
+
+def merge_stages(stages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per stage name, in first-seen order: seconds summed, peak RSS the highest."""
+    merged: dict[str, dict[str, Any]] = {}
+    for s in stages:
+        m = merged.setdefault(str(s["stage"]), {"stage": s["stage"], "seconds": 0.0, "cpu_seconds": 0.0,
+                                               "peak_rss_mb": 0.0})
+        m["seconds"] = round(m["seconds"] + float(s["seconds"]), 3)
+        m["cpu_seconds"] = round(m["cpu_seconds"] + float(s["cpu_seconds"]), 3)
+        m["peak_rss_mb"] = max(m["peak_rss_mb"], float(s["peak_rss_mb"]))
+    return list(merged.values())
 
 
 def run_baseline(path: Path, n_rows: int, out: Path) -> dict[str, Any]:
@@ -232,7 +260,8 @@ def measure(variant: str, path: Path, n_rows: int) -> dict[str, Any]:
 
 
 def check_same_output(pipeline: dict[str, Any], baseline: dict[str, Any]) -> None:
-    """Same chunk ids (as a set, each once) and the same token total."""
+    """Same chunk ids (as a set, each once: sent, or served by a repeated text's request) and the
+    same token total over every input (the pipeline sends repeated texts once)."""
     p, b = pipeline["_ids"], baseline["_ids"]
     assert p.n_unique() == p.len() and b.n_unique() == b.len(), "a chunk id appears twice"
     assert p.sort().equals(b.sort()), "pipeline and baseline planned different chunk ids"
@@ -303,7 +332,7 @@ def report(result: dict[str, Any]) -> None:
     for name, r in (("pipeline", p), ("baseline", b)):
         console.print(
             f"{name}: {r['requests']:,} requests in {r['shards']:,} shards, {r['shard_bytes'] / 2**20:,.0f} MiB, "
-            f"{r['tokens']:,} tokens"
+            f"{r['tokens']:,} tokens" + (f" ({r['tokens_sent']:,} sent: repeated texts once)" if 'tokens_sent' in r else "")
         )
 
 

@@ -42,6 +42,7 @@ def _frames(n_chunks: int, seed: int) -> Iterator[pl.DataFrame]:
         yield pl.DataFrame(
             {
                 "chunk_id": [d["_id"] for d in batch],
+                "source_id": [repr(d["_id"]) for d in batch],
                 "id_kind": ["str"] * len(batch),
                 "company_id": [d["company_id"] for d in batch],
                 "document_id": [d["document_id"] for d in batch],
