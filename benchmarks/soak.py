@@ -82,8 +82,9 @@ def count(work: Path, url: str, args: argparse.Namespace) -> dict[str, Any]:
     from batchyard.clients.milvus import ensure_collection
     from batchyard.context import RunContext
     from batchyard.jobs.embeddings import EmbeddingsJob
+    from batchyard.runner import failures_frame, job_for_run, results_frame
     from batchyard.settings import Settings
-    from batchyard.storage.ledger import Ledger
+    from batchyard.storage.ledger import run_records
     from batchyard.storage.runs import list_runs
 
     s = Settings(_env_file=None, staging={"root": str(work / "staging")},
@@ -91,19 +92,19 @@ def count(work: Path, url: str, args: argparse.Namespace) -> dict[str, Any]:
                  embedding={"dimensions": args.dims})
     with RunContext(s) as ctx:
         (run,) = list_runs(ctx.staging)
-        st = ctx.staging
-        results = st.read_parquet(run.rel("results.parquet"))
-        failures = st.read_parquet(run.rel("failures.parquet"))
-        planned = set(st.read_parquet(run.rel("requests.parquet"))["unit_ids"].explode().to_list())
-        planned |= set(st.read_parquet(run.rel("rejects.parquet"))["unit_id"].to_list())
+        results, failures = results_frame(run), failures_frame(run)
+        planned_job = job_for_run(ctx, run)
+        planned = {u for part in run.partitions() for u in planned_job.planned_units(part)["unit_id"].to_list()}
+        planned |= set(failures.filter(pl.col("stage").is_in(["snapshot", "plan"]))["unit_id"].to_list())
         res, fail = results["chunk_id"].to_list(), failures["unit_id"].to_list()
         job = EmbeddingsJob(ctx, None)  # type: ignore[arg-type]
         ensure_collection(ctx.milvus, job.collection, dim=job.dims, index_type="FLAT", metric_type="COSINE")
         in_milvus = milvus_count(ctx.milvus, job.collection)
         batches = [b for b in ctx.api.client.batches.list(limit=100)
                    if (b.metadata or {}).get("batchyard_run") == run.run_id]
-        keys = Counter((b.metadata["shard"], b.metadata["attempt"], b.metadata["submission"]) for b in batches)
-        recs = Ledger(run).all()
+        keys = Counter((b.metadata["partition"], b.metadata["shard"], b.metadata["attempt"], b.metadata["submission"])
+                       for b in batches)
+        recs = run_records(run)
         return {
             "run_id": run.run_id,
             "chunks planned": len(planned),
