@@ -21,10 +21,13 @@ driving process: Milvus Lite and the MongoDB stand-in allow one process.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -82,10 +85,10 @@ class Engine(Protocol):
 
 
 class LocalEngine:
-    """The plain-Python engine: the steps on a thread pool of this process."""
+    """The plain-Python engine: the steps in this process, one after another."""
 
-    def __init__(self, ctx: RunContext, job: Job, run: RunStore, *, workers: int = 8) -> None:
-        self.ctx, self.job, self.store, self.workers = ctx, job, run, workers
+    def __init__(self, ctx: RunContext, job: Job, run: RunStore) -> None:
+        self.ctx, self.job, self.store = ctx, job, run
 
     def map(self, step: str, items: Sequence[Any]) -> list[Any]:
         if not items:
@@ -96,14 +99,23 @@ class LocalEngine:
             args = item if isinstance(item, tuple) else (item,)
             return fn(self.ctx, self.job, self.store, *args)
 
-        # one partition plan at a time: memory stays bounded by a partition (token counting
-        # already uses every core through its process pool); collects are small and overlap I/O
-        workers = 1 if step == "plan" else min(self.workers, len(items))
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            return list(pool.map(one, items))
+        # one at a time: memory stays bounded by a partition (plan) or a shard attempt (collect).
+        # Threads would not add cores: the tokenizer and the JSON decoder hold the GIL, and
+        # token counting already uses every core through its own process pool.
+        out = [one(item) for item in items]
+        trim_memory()
+        return out
 
     def run(self, step: str, fn: Callable[[], T]) -> T:
         return fn()
+
+
+def trim_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc keeps them otherwise): a long run
+    that works partition after partition then stays at the size of one."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def add_timings(run: RunStore, **seconds: float) -> None:
@@ -265,6 +277,7 @@ def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress 
              "duplicate_ids": duplicates}
     run.update_run(phase="plan", snapshot=stats)
     add_timings(run, snapshot=time.perf_counter() - t0)
+    trim_memory()
     return stats
 
 
@@ -346,6 +359,7 @@ def load_parts(ctx: RunContext, job: Job, parts: Sequence[PartitionStore]) -> li
     if not loaded:
         return []
     ctx.store.save()
+    trim_memory()
     crashpoint("before_receipt")
     out = []
     for part, name, receipts in loaded:

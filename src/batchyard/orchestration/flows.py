@@ -152,10 +152,14 @@ class PrefectEngine:
         if not items:
             return []
         futures: list[Any]
-        if step == "plan" and not _distributed():
-            # on the flow's thread pool, one partition plan at a time keeps memory bounded by a
-            # partition; on Dask, each worker process plans its own partition
-            return [plan_task.submit(self.ref, pid).result() for pid in items]
+        if not _distributed():
+            # on the flow's thread pool, one at a time keeps memory bounded by a partition (plan)
+            # or a shard attempt (collect), and threads add no core (the GIL); on Dask, each
+            # worker process takes its own
+            if step == "plan":
+                return [plan_task.submit(self.ref, pid).result() for pid in items]
+            if step == "collect":
+                return [collect_task.submit(self.ref, pid, name).result() for pid, name in items]
         if step == "plan":
             futures = [plan_task.submit(self.ref, pid) for pid in items]
         elif step == "collect":
