@@ -107,7 +107,9 @@ def test_a_stand_in_held_by_another_process_is_one_line(tmp_path: Path) -> None:
 
 def test_cancel_reaches_a_run_another_process_drives(tmp_path: Path) -> None:
     assert cli(["seed", "--chunks", "60", "--companies", "2", "--targets-out", "t.yaml"], tmp_path).returncode == 0
-    slow = env(BATCHYARD_PROVIDER__LOCAL__SECONDS_PER_REQUEST="0.5", BATCHYARD_LIMITS__MAX_INPUTS_PER_BATCH="10",
+    # slow enough that the run is still live when the cancel arrives, however loaded the machine:
+    # 30 requests at 2 s each; the resume below runs its embedded server at full speed
+    slow = env(BATCHYARD_PROVIDER__LOCAL__SECONDS_PER_REQUEST="2", BATCHYARD_LIMITS__MAX_INPUTS_PER_BATCH="10",
                BATCHYARD_LIMITS__MAX_INPUTS_PER_REQUEST="2")
     driver = subprocess.Popen([sys.executable, "-m", "batchyard.cli", "embed", "--targets", "t.yaml",
                                "--engine", "local", "--json"], cwd=tmp_path, env=slow,
