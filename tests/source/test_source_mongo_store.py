@@ -251,6 +251,27 @@ def test_a_mostly_superseded_file_is_rewritten_smaller(tmp_path: Path, monkeypat
         assert store.chunks.count_documents({}) == 100
 
 
+def test_marking_every_chunk_once_leaves_no_second_copy_to_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run marks each chunk once: the next open must not read every chunk twice (garbage is
+    kept under half the live bytes), so a no-op run after a backfill opens at its own size."""
+    from batchyard.clients import standin_file as standin
+
+    monkeypatch.setattr(standin, "_REWRITE_GARBAGE", 0)
+    path = standin_path(tmp_path, "batchyard")
+    with open_document_store(MongoSettings(), standin_dir=tmp_path) as store:
+        store.chunks.insert_many([_chunk(i) for i in range(200)])
+        store.save()
+        size = path.stat().st_size
+        for half in (range(100), range(100, 200)):  # two loads, as incremental loading saves
+            store.chunks.bulk_write(
+                [UpdateOne({"_id": f"acme/{i:05d}"}, {"$set": {"mark": "m"}}) for i in half], ordered=False
+            )
+            store.save()
+        assert path.stat().st_size < 1.5 * size
+    with open_document_store(MongoSettings(), standin_dir=tmp_path) as store:
+        assert store.chunks.count_documents({"mark": "m"}) == 200
+
+
 def test_pages_read_back_scattered_and_unwritten_records(tmp_path: Path) -> None:
     """Pages gather documents from saved records, rewritten ones and ones not yet on disk."""
     from batchyard.stages.snapshot import iter_id_pages

@@ -264,12 +264,25 @@ def _plain_dicts(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def _project(doc: dict[str, Any], tree: dict[str, Any], include: bool) -> dict[str, Any] | None:
-    if include:  # walk the (few) named fields, not the whole document
-        fields = ((key, doc[key], spec) for key, spec in tree.items() if key in doc)
-    else:
-        fields = ((key, value, tree.get(key, _ABSENT)) for key, value in doc.items())
     out: dict[str, Any] = {}
-    for key, value, spec in fields:
+    if include:  # walk the (few) named fields, not the whole document
+        for key, spec in tree.items():
+            if key not in doc:
+                continue
+            value = doc[key]
+            if spec.__class__ is not dict:  # a leaf: the snapshot's common case, kept cheap
+                out[key] = value
+                continue
+            if isinstance(value, dict):
+                inner = _project(value, spec, include)
+                if inner is None:
+                    return None
+                out[key] = inner
+            elif isinstance(value, list | tuple):
+                return None  # projected element by element: leave it to mongomock
+        return out
+    for key, value in doc.items():
+        spec = tree.get(key, _ABSENT)
         if isinstance(spec, dict):
             if isinstance(value, dict):
                 inner = _project(value, spec, include)
