@@ -5,7 +5,8 @@ Lite), then the same `embed` again (a no-op: nothing new).
 Reports, per run: wall time, the peak RSS of the batchyard process (VmHWM, sampled from /proc
 until it exits) and of its whole process tree (Prefect's temporary server included), and the
 per-stage seconds the run records in run.json (`timings`: snapshot, plan, submit, track = poll
-and download, collect, load, wait = idle between polls).
+and download, collect, load, wait = idle between polls), and the stage that set the process's
+memory high-water mark (run.json `peak_rss_mb`).
 
     python benchmarks/e2e.py --chunks 20000 200000 1000000 [--engine prefect|local]
 
@@ -98,6 +99,7 @@ def measure(n: int, engine: str) -> dict[str, Any]:
                 "failures": info["final"]["failures"], "partitions": len(info.get("partitions", [])),
                 "shards": info["plan"].get("shards", 0), "requests": info["plan"].get("requests", 0),
                 "dedup": info["plan"].get("inputs_deduplicated", 0), "timings": info.get("timings", {}),
+                "peaks": info.get("peak_rss_mb", {}),
             }
         return {"chunks": n, "engine": engine, "cpus": os.cpu_count(), "seed_seconds": seeded["seconds"],
                 "seed_peak_rss_mb": seeded["peak_rss_mb"], "load_average": os.getloadavg(),
@@ -105,15 +107,17 @@ def measure(n: int, engine: str) -> dict[str, Any]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    head = ("| chunks | run | exit | wall s | peak RSS MB | tree peak RSS MB | partitions | shards | results | "
+    head = ("| chunks | run | exit | wall s | peak RSS MB | peak set in | tree peak RSS MB | partitions | shards | results | "
             + " | ".join(f"{s} s" for s in STAGES) + " |")
-    lines = [head, "|" + "---:|" * (9 + len(STAGES))]
+    lines = [head, "|" + "---:|" * (10 + len(STAGES))]
     for r in rows:
         for label in ("embed", "no-op embed"):
             x = r[label]
             t = x["timings"]
+            peaks = x.get("peaks") or {}
+            where = max(peaks, key=peaks.__getitem__) if peaks else "-"
             lines.append(
-                f"| {r['chunks']:,} | {label} | {x['exit']} | {x['seconds']} | {x['peak_rss_mb']:,} | "
+                f"| {r['chunks']:,} | {label} | {x['exit']} | {x['seconds']} | {x['peak_rss_mb']:,} | {where} | "
                 f"{x['tree_peak_rss_mb']:,} | {x['partitions']} | {x['shards']} | {x['results']:,} | "
                 + " | ".join(f"{t.get(s, 0):.1f}" for s in STAGES) + " |"
             )

@@ -118,13 +118,29 @@ def trim_memory() -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
-def add_timings(run: RunStore, **seconds: float) -> None:
-    """Add seconds spent per stage to run.json's `timings` (they accumulate across resumes)."""
+def peak_rss_mb() -> float:
+    """This process's peak resident memory so far, in MB (0 where the OS does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0.0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def add_timings(run: RunStore, raised: dict[str, float] | None = None, **seconds: float) -> None:
+    """Add seconds spent per stage to run.json's `timings` (they accumulate across resumes).
+
+    `raised`: the process's peak RSS (MB) at the end of each stage that raised it, kept in
+    `peak_rss_mb`, so a run says which stage set its memory high-water mark.
+    """
     info = run.read_run()
     timings = dict(info.get("timings", {}))
     for stage, s in seconds.items():
         timings[stage] = round(timings.get(stage, 0.0) + s, 3)
-    run.update_run(timings=timings)
+    peaks = dict(info.get("peak_rss_mb", {}))
+    for stage, mb in (raised or {}).items():
+        peaks[stage] = round(max(peaks.get(stage, 0.0), mb), 1)
+    run.update_run(timings=timings, peak_rss_mb=peaks)
 
 
 def _emit(on_progress: Progress | None, stage: str, completed: int, total: int | None, **extra: Any) -> None:
@@ -276,7 +292,7 @@ def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress 
     stats = {**totals, "partitions": len(specs), "orphans": sum(o.height for o in orphans),
              "duplicate_ids": duplicates}
     run.update_run(phase="plan", snapshot=stats)
-    add_timings(run, snapshot=time.perf_counter() - t0)
+    add_timings(run, {"snapshot": peak_rss_mb()}, snapshot=time.perf_counter() - t0)
     trim_memory()
     return stats
 
@@ -305,7 +321,7 @@ def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progres
 
     `dry`: a dry run; the run stays in phase `plan` with state `dry_run` (see `dry_run`).
     """
-    t0 = time.perf_counter()
+    t0, peak = time.perf_counter(), peak_rss_mb()
     pids = [p.pid for p in run.partitions()]
     _emit(on_progress, "plan", 0, len(pids))
     engine.map("plan", pids)
@@ -318,7 +334,8 @@ def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progres
     lane = choose_lane(ctx.settings.lane, int(totals.get("tokens", 0)))
     run.update_run(phase="plan" if dry else "batches", state="dry_run" if dry else "running", plan=dict(totals),
                    lane=lane)
-    add_timings(run, plan=time.perf_counter() - t0)
+    raised = {"plan": now} if (now := peak_rss_mb()) > peak else {}
+    add_timings(run, raised, plan=time.perf_counter() - t0)
     return dict(totals)
 
 
@@ -393,6 +410,7 @@ class _Driver:
         self.parts: dict[str, PartitionStore] = {}
         self.records: dict[str, ShardRecord] = {}
         self.seconds: dict[str, float] = defaultdict(float)
+        self.raised: dict[str, float] = {}  # stage -> peak RSS (MB) when that stage raised it
         self.lane = str(run.read_run().get("lane", "batch"))
         self.cancel_event = threading.Event()
         self._limits: RateLimits | None = None
@@ -499,11 +517,13 @@ class _Driver:
         return resumed + routed
 
     def timed(self, stage: str, fn: Callable[[], T]) -> T:
-        t0 = time.perf_counter()
+        t0, peak = time.perf_counter(), peak_rss_mb()
         try:
             return fn()
         finally:
             self.seconds[stage] += time.perf_counter() - t0
+            if (now := peak_rss_mb()) > peak:
+                self.raised[stage] = now
 
     def round(self, *, cancelled: bool) -> bool:
         """One tracker round; returns whether anything changed."""
@@ -664,7 +684,7 @@ def drive(
                 driver.timed("wait", functools.partial(time.sleep, sleep))
     finally:
         driver.release()
-        add_timings(run, **driver.seconds)
+        add_timings(run, driver.raised, **driver.seconds)
     return info
 
 

@@ -74,7 +74,8 @@ def test_two_runs_sharing_one_token_cap_both_finish(settings_factory: Any, tmp_p
 
     # one provider (one organisation's enqueued-token quota) for two concurrent runs: each
     # shard fits the cap alone, both runs together do not
-    config = LocalApiConfig(seconds_per_request=0.01, faults={"enqueued_token_cap": 6_000})
+    # batches stay in progress ~2 s (4 requests), so the two runs overlap on a loaded machine too
+    config = LocalApiConfig(seconds_per_request=0.5, faults={"enqueued_token_cap": 6_000})
     with LocalServer(config, tmp_path / "provider") as server:
         infos: dict[str, dict[str, Any]] = {}
         errors: list[BaseException] = []

