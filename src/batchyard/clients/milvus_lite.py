@@ -105,14 +105,29 @@ _SERVERS: dict[Path, LiteServer] = {}
 _LOCK = threading.Lock()
 
 
+def _start(path: Path, attempts: int = 3) -> LiteServer:
+    """Start a server, on a fresh port each time: a child can die at start-up for reasons of the
+    moment (its port taken between our probe and its bind; gRPC's poller failing on a loaded
+    machine, seen once in CI as `epoll_wait error: Bad file descriptor`)."""
+    for attempt in range(1, attempts + 1):
+        server = LiteServer(path)
+        try:
+            server.start()
+            return server
+        except LiteServerError as exc:
+            if attempt == attempts or "exited during start-up" not in str(exc):
+                raise
+            log.warning("%s; starting it again (attempt %d of %d)", exc, attempt + 1, attempts)
+    raise AssertionError("unreachable")
+
+
 def acquire(data_dir: str | os.PathLike[str]) -> str:
     """The URI of the Lite server of `data_dir`, starting it if this process has none yet."""
     path = Path(data_dir).expanduser().resolve()
     with _LOCK:
         server = _SERVERS.get(path)
         if server is None or server.proc is None or server.proc.poll() is not None:
-            server = LiteServer(path)
-            server.start()
+            server = _start(path)
             _SERVERS[path] = server
         server.refs += 1
         return server.uri
