@@ -5,7 +5,11 @@ injection playing a provider that expires (or cancels, through `cancelling`) eve
 half of its requests done. Then a clean re-run settles the rest. Writes
 `results/reliability-latest.md`.
 
-    python benchmarks/reliability.py --chunks 3000 --max-inputs-per-batch 300
+    python benchmarks/reliability.py --chunks 3000 --max-inputs-per-batch 300 --max-inputs-per-request 30
+
+Shards need several requests each for "half done" to mean anything: a batch of one request
+that ends half done has done nothing (the default of 2,048 inputs per request would make each
+300-input shard one request, and no chunk could ever get a vector under this fault).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ def cli(args: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, str, floa
     return out.returncode, out.stdout, time.monotonic() - t0
 
 
-def scenario(name: str, faults: dict[str, str], chunks: int, per_batch: int) -> dict[str, object]:
+def scenario(name: str, faults: dict[str, str], chunks: int, per_batch: int, per_request: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory(prefix="batchyard-reliability-") as tmp:
         cwd = Path(tmp)
         base = {k: v for k, v in os.environ.items() if not k.startswith("BATCHYARD_")}
@@ -45,6 +49,7 @@ def scenario(name: str, faults: dict[str, str], chunks: int, per_batch: int) -> 
         assert code == 0
         args = ["embed", "--targets", "targets.yaml", "--engine", "local", "--json",
                 "--max-inputs-per-batch", str(per_batch)]
+        base["BATCHYARD_LIMITS__MAX_INPUTS_PER_REQUEST"] = str(per_request)
         code, out, seconds = cli(args, cwd, {**base, **faults})
         info = json.loads(out)
         final = info["final"]
@@ -62,13 +67,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--chunks", type=int, default=3000)
     parser.add_argument("--max-inputs-per-batch", type=int, default=300)
+    parser.add_argument("--max-inputs-per-request", type=int, default=30)
     args = parser.parse_args()
-    rows = [scenario(name, faults, args.chunks, args.max_inputs_per_batch) for name, faults in FAULTS.items()]
+    rows = [scenario(name, faults, args.chunks, args.max_inputs_per_batch, args.max_inputs_per_request)
+            for name, faults in FAULTS.items()]
     lines = [
         "# Reliability: a provider that ends every batch half done",
         "",
         f"`python benchmarks/reliability.py --chunks {args.chunks} --max-inputs-per-batch "
-        f"{args.max_inputs_per_batch}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
+        f"{args.max_inputs_per_batch} --max-inputs-per-request {args.max_inputs_per_request}` on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
         f"{os.cpu_count()} CPUs; defaults otherwise (poll 0.5 s, requeue backoff 30 s doubling, "
         "max_requeues 3).",
         "",

@@ -130,8 +130,6 @@ def _overrides(lane: str | None = None, **limits: Any) -> dict[str, Any]:
     if lane is not None:
         out["lane"] = {"mode": lane}
     lim = {k: v for k, v in limits.items() if v is not None}
-    if "max_inputs_per_batch" in lim:
-        lim.setdefault("max_inputs_per_request", min(2048, lim["max_inputs_per_batch"]))
     if lim:
         out["limits"] = lim
     return out
@@ -143,8 +141,17 @@ def _settings(overrides: dict[str, Any] | None = None) -> Settings:
 
     from batchyard.settings import load_settings
 
+    over = dict(overrides or {})
     try:
-        return load_settings(_state.get("profile"), **(overrides or {}))
+        lim = dict(over.get("limits", {}))
+        if "max_inputs_per_batch" in lim and "max_inputs_per_request" not in lim:
+            # --max-inputs-per-batch sets the shard size; requests keep their configured size
+            # (profile, environment) unless it no longer fits in a shard
+            rest = {k: v for k, v in over.items() if k != "limits"}
+            configured = load_settings(_state.get("profile"), **rest).limits.max_inputs_per_request
+            if configured > lim["max_inputs_per_batch"]:
+                over["limits"] = {**lim, "max_inputs_per_request": lim["max_inputs_per_batch"]}
+        return load_settings(_state.get("profile"), **over)
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -101,3 +102,18 @@ def test_tasks_and_status_print_tables(tmp_path: Path) -> None:
     assert run_id in shards.stdout  # never cut
     missing = cli(["status", "nope"], tmp_path)
     assert missing.returncode == 2 and "run 'nope' not found" in missing.stderr
+
+
+def test_the_shard_size_flag_keeps_the_configured_request_size(tmp_path: Path) -> None:
+    # --max-inputs-per-batch used to set the request size to the shard size as well, overriding
+    # the environment: 300-input shards were then one request each, and a provider that ends
+    # batches half done could never finish one of them (benchmarks/reliability.py)
+    assert cli(["seed", "--chunks", "200", "--companies", "1"], tmp_path).returncode == 0
+    args = ["embed", "--targets", "targets.yaml", "--dry-run", "--json", "--max-inputs-per-batch", "100"]
+    configured = cli(args, tmp_path, BATCHYARD_LIMITS__MAX_INPUTS_PER_REQUEST="10")
+    assert configured.returncode == 0, configured.stderr[-2000:]
+    est = json.loads(configured.stdout)
+    assert est["shards"] >= 2 and est["requests"] >= est["units"] // 10 >= 15
+    # the default (2,048 per request) does not fit a 100-input shard: it is lowered to fit
+    default = json.loads(cli(args, tmp_path).stdout)
+    assert default["shards"] == est["shards"] and default["requests"] == default["shards"]
