@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
@@ -98,6 +99,27 @@ def test_a_failed_parquet_writer_leaves_no_object(st: Staging, s3: S3Endpoint, b
     assert not st.exists("job/r1/chunks.parquet")
     assert keys(s3, bucket) == []
     assert not s3.admin_fs().list_multipart_uploads(bucket), "no dangling multipart upload"
+
+
+def _pieces(n: int, fail_after: int | None = None) -> Iterator[bytes]:
+    for i in range(n):
+        if fail_after is not None and i == fail_after:
+            raise ConnectionError("the download broke off")
+        yield f"line {i}\n".encode() * 1000
+
+
+def test_a_streamed_write_is_whole_or_absent(st: Staging, s3: S3Endpoint, bucket: str, tmp_path: Path) -> None:
+    st.write_stream("job/r1/outputs/a.jsonl", _pieces(5))
+    assert st.read_bytes("job/r1/outputs/a.jsonl") == b"".join(_pieces(5))
+    with pytest.raises(ConnectionError):
+        st.write_stream("job/r1/outputs/b.jsonl", _pieces(5, fail_after=3))
+    assert [k.split("/", 1)[1] for k in keys(s3, bucket)] == ["job/r1/outputs/a.jsonl"], "a broken stream leaves no object"
+    local = Staging(str(tmp_path / "staging"))
+    local.write_stream("job/r1/a.jsonl", _pieces(5))
+    assert local.read_bytes("job/r1/a.jsonl") == b"".join(_pieces(5))
+    with pytest.raises(ConnectionError):
+        local.write_stream("job/r1/b.jsonl", _pieces(5, fail_after=3))
+    assert sorted(os.listdir(tmp_path / "staging" / "job" / "r1")) == ["a.jsonl"], "no partial or temporary file"
 
 
 def test_a_failed_rewrite_keeps_the_previous_object(st: Staging) -> None:

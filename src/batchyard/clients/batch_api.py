@@ -27,13 +27,14 @@ from tenacity import (
 from batchyard.errors import ApiTerminalError, ApiTransientError, BatchyardError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
     from batchyard.settings import ProviderSettings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
+_DOWNLOAD_CHUNK = 1 << 20
 _TRANSIENT_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
 
@@ -158,6 +159,16 @@ class BatchApi:
     def content(self, file_id: str) -> bytes:
         """Download a file's bytes."""
         return self._call(f"download {file_id}", lambda: self.client.files.content(file_id).read())
+
+    def download(self, file_id: str, write: Callable[[Iterator[bytes]], None]) -> None:
+        """Stream a file's bytes to `write` in 1 MiB pieces (a retry calls `write` again from the
+        start), so an output file of hundreds of MB is never held in memory whole."""
+
+        def fetch() -> None:
+            with self.client.files.with_streaming_response.content(file_id) as response:
+                write(response.iter_bytes(_DOWNLOAD_CHUNK))
+
+        self._call(f"download {file_id}", fetch)
 
     def delete_file(self, file_id: str) -> None:
         """Delete a remote file (missing files are fine)."""

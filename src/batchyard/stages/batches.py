@@ -17,6 +17,7 @@ The work splits by what it needs, so that each part can run where it belongs:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -311,7 +312,7 @@ def _download(part: PartitionStore, api: BatchApi, file_id: str | None, folder: 
         return
     rel = part.rel(folder, f"{name}.jsonl")
     if not part.staging.exists(rel):
-        part.staging.write_bytes(rel, api.content(file_id))
+        api.download(file_id, functools.partial(part.staging.write_stream, rel))
 
 
 def download_shard(part: PartitionStore, api: BatchApi, name: str) -> ShardRecord:

@@ -35,7 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterable, Iterator
 
     from batchyard.settings import StagingSettings
 
@@ -197,6 +197,31 @@ class Staging:
             os.replace(tmp, full)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def write_stream(self, rel: str, chunks: Iterable[bytes]) -> None:
+        """Write a file atomically from pieces, never holding it whole: local files go through a
+        temporary file in the same folder, S3 objects through a local temporary file that is
+        uploaded once complete (a failed stream leaves no object)."""
+        full = self.path(rel)
+        if self.is_s3:
+            with tempfile.NamedTemporaryFile(prefix="batchyard-") as tmp:
+                for chunk in chunks:
+                    tmp.write(chunk)
+                tmp.flush()
+                self.fs.put_file(tmp.name, full)
+            return
+        Path(full).parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=str(Path(full).parent))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, full)
+        except BaseException:
+            Path(tmp_path).unlink(missing_ok=True)
             raise
 
     def read_bytes(self, rel: str) -> bytes:
