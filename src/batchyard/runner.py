@@ -40,6 +40,7 @@ from batchyard import __version__
 from batchyard.assets import run_checks, write_manifest, write_run_manifests
 from batchyard.crash import crashpoint
 from batchyard.errors import RunBusy
+from batchyard.gctune import fewer_collections
 from batchyard.schemas import FAILURES
 from batchyard.stages import batches
 from batchyard.stages.partition import (
@@ -257,6 +258,7 @@ def _find_duplicates(run: RunStore) -> int:
     return dups.height
 
 
+@fewer_collections()
 def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress | None = None) -> dict[str, Any]:
     """Phase `snapshot`: size the targets into partitions, stage every partition's source rows."""
     from batchyard.stages.snapshot import iter_orphans

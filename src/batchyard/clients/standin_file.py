@@ -35,6 +35,7 @@ from typing import Any
 import bson
 
 from batchyard.clients.standin import IndexedCollectionStore, StandinFileError, database_store
+from batchyard.gctune import fewer_collections
 
 FORMAT = "batchyard-mongo-standin"
 VERSION = 2
@@ -352,6 +353,7 @@ class StandinDatabase:
         self.file = LogFile(path, database)
         self.db_store: Any = None
 
+    @fewer_collections()
     def open(self) -> None:
         """Load the file (or create it); afterwards `db_store` holds its collections."""
         if not self.path.exists():

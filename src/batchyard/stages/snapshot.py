@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -346,9 +346,12 @@ class _Selector:
         self.page_size = page_size
         self.page = _Page()
 
-    def add(self, docs: list[dict[str, Any]], keep: Any) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+    def add(self, docs: list[dict[str, Any]], keep: Any,
+            current: Callable[[dict[str, Any]], bool] | None = None) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
         rows: list[_Row] = []
         for doc in docs:
+            if current is not None and current(doc):
+                continue
             row = _classify(doc, self.fields, self.page)
             if row is not None:
                 rows.append(row)
@@ -396,8 +399,22 @@ def iter_unprocessed_chunks(
             by_id[str(raw)] = get_path(doc, sha_path)
         return [by_id.get(r.chunk_id) != r.sha for r in rows]
 
+    def current(doc: dict[str, Any]) -> bool:
+        # the fast path of a no-op run: a chunk whose mark matches its text's sha256 was valid
+        # and embedded; it needs no validation, it is simply not selected
+        mark = get_path(doc, sha_path)
+        if mark is None:
+            return False
+        text = get_path(doc, fields.text)
+        if not isinstance(text, str):
+            return False
+        try:
+            return bool(mark == text_sha256(text))
+        except UnicodeEncodeError:
+            return False
+
     for docs in iter_id_pages(collection, query, projection, page_size):
-        yield from selector.add(docs, keep)
+        yield from selector.add(docs, keep, current)
     yield from selector.finish()
 
 
