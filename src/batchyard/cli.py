@@ -130,9 +130,28 @@ def _overrides(lane: str | None = None, **limits: Any) -> dict[str, Any]:
     if lane is not None:
         out["lane"] = {"mode": lane}
     lim = {k: v for k, v in limits.items() if v is not None}
+    if "max_inputs_per_batch" in lim:
+        lim = _fit_request_size(lim)
     if lim:
         out["limits"] = lim
     return out
+
+
+def _fit_request_size(lim: dict[str, Any]) -> dict[str, Any]:
+    """--max-inputs-per-batch sets the shard size; requests keep their configured size (profile,
+    environment) unless it no longer fits in a shard, then they are lowered to the shard size.
+    The result goes into the overrides a flow gets, so the flow's settings validate too."""
+    from pydantic import ValidationError
+
+    from batchyard.settings import load_settings
+
+    try:
+        configured = load_settings(_state.get("profile")).limits.max_inputs_per_request
+    except (ValidationError, FileNotFoundError, ConfigError):
+        return lim  # reported as a usage error when the command loads its settings
+    if configured > lim["max_inputs_per_batch"]:
+        return {**lim, "max_inputs_per_request": lim["max_inputs_per_batch"]}
+    return lim
 
 
 def _settings(overrides: dict[str, Any] | None = None) -> Settings:
@@ -141,17 +160,8 @@ def _settings(overrides: dict[str, Any] | None = None) -> Settings:
 
     from batchyard.settings import load_settings
 
-    over = dict(overrides or {})
     try:
-        lim = dict(over.get("limits", {}))
-        if "max_inputs_per_batch" in lim and "max_inputs_per_request" not in lim:
-            # --max-inputs-per-batch sets the shard size; requests keep their configured size
-            # (profile, environment) unless it no longer fits in a shard
-            rest = {k: v for k, v in over.items() if k != "limits"}
-            configured = load_settings(_state.get("profile"), **rest).limits.max_inputs_per_request
-            if configured > lim["max_inputs_per_batch"]:
-                over["limits"] = {**lim, "max_inputs_per_request": lim["max_inputs_per_batch"]}
-        return load_settings(_state.get("profile"), **over)
+        return load_settings(_state.get("profile"), **(overrides or {}))
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ()))
