@@ -66,9 +66,12 @@ WORKERS_ENV = "BATCHYARD_TOKEN_WORKERS"
 POOL_MIN_BYTES = 16 * 2**20
 """A running pool counts inputs from this many bytes of text (~18k chunks): a call costs it
 6-10 ms more, and on a busy 2-core box it won reliably from ~45 MiB, not always below."""
-POOL_START_MIN_BYTES = 128 * 2**20
-"""The pool is started for inputs from this many bytes (~140k chunks): starting two workers took
-0.8-2.6 s, and two cores save at most ~9.5 ms per MiB (bench_tokens.py)."""
+POOL_START_MIN_BYTES = 32 * 2**20
+"""The pool is started for inputs from this many bytes (~36k chunks). Starting two workers took
+0.8-2.6 s and two cores save at most ~9.5 ms per MiB, so one call pays for the start only from
+~90 MiB; but the pool lives for the process, and a backfill counts partition after partition
+(at most `run.partition_max_chunks`, 100k chunks, ~90 MiB each). At 128 MiB it never started for
+one: the 1M-chunk plan counted on one core (tokens 18.6 s) instead of two (11.8 s, bench_plan.py)."""
 TASK_ROWS = 20_000
 """Most texts per pool task: enough to amortise a task's cost, small enough to balance the load."""
 
