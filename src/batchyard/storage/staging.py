@@ -187,17 +187,7 @@ class Staging:
         if self.is_s3:
             self.fs.pipe_file(full, data)
             return
-        Path(full).parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=str(Path(full).parent))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, full)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        self.write_stream(rel, (data,))
 
     def write_stream(self, rel: str, chunks: Iterable[bytes]) -> None:
         """Write a file atomically from pieces, never holding it whole: local files go through a
