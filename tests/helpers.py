@@ -20,6 +20,20 @@ def seed(ctx: RunContext, n: int, *, companies: int = 3, seed: int = 1) -> Any:
     return targets_for(report)
 
 
+def seed_repeated_ids(ctx: RunContext) -> Any:
+    """Three chunks of acme/d1 under a custom id field (`uid`): `u-1` twice (`_id` 1 and 3) and
+    `u-2` once; returns the targets (acme). The settings must map `chunk_id` to `uid`."""
+    from batchyard.targets import CompanyTarget, Targets
+
+    base = {"company_id": "acme", "document_id": "d1"}
+    ctx.store.chunks.insert_many([
+        {"_id": 1, "uid": "u-1", **base, "chunk_index": 0, "text": "first copy"},
+        {"_id": 2, "uid": "u-2", **base, "chunk_index": 1, "text": "unique"},
+        {"_id": 3, "uid": "u-1", **base, "chunk_index": 2, "text": "second copy"},
+    ])
+    return Targets(companies=[CompanyTarget(company_id="acme")])
+
+
 def planned_run(ctx: RunContext, job: Any) -> RunStore:
     """A new run of `job`, snapshotted and planned, with no batch submitted yet."""
     from batchyard import runner

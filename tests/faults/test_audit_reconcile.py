@@ -20,7 +20,7 @@ from batchyard.settings import Settings
 from batchyard.storage.ledger import run_records
 from batchyard.storage.runs import RunStore, find_run
 from batchyard.targets import CompanyTarget, Targets
-from tests.helpers import run_of, seed
+from tests.helpers import run_of, seed, seed_repeated_ids
 
 N = 90
 
@@ -103,13 +103,7 @@ def test_aliases_reused_vectors_repeated_ids_rejects_and_orphans_reconcile(setti
 def test_repeated_source_ids_reconcile(settings_factory: Any) -> None:
     s = settings_factory(mongo={"fields": {"chunk_id": "uid"}})
     with RunContext(s) as ctx:
-        base = {"company_id": "acme", "document_id": "d1"}
-        ctx.store.chunks.insert_many([
-            {"_id": 1, "uid": "u-1", **base, "chunk_index": 0, "text": "first copy"},
-            {"_id": 2, "uid": "u-2", **base, "chunk_index": 1, "text": "unique"},
-            {"_id": 3, "uid": "u-1", **base, "chunk_index": 2, "text": "second copy"},
-        ])
-        info = runner.execute(ctx, EmbeddingsJob(ctx, Targets(companies=[CompanyTarget(company_id="acme")])))
+        info = runner.execute(ctx, EmbeddingsJob(ctx, seed_repeated_ids(ctx)))
     report = audited(s, info["run_id"])
     assert_reconciles(report)
     assert report.tables["selected"][0]["repeated_ids"] == 2

@@ -26,6 +26,7 @@ from tests.helpers import (
     assert_vectors_match,
     run_of,
     seed,
+    seed_repeated_ids,
 )
 
 N = 120
@@ -112,13 +113,7 @@ def test_two_runs_sharing_one_token_cap_both_finish(settings_factory: Any, tmp_p
 def test_repeated_source_ids_fail_every_copy_and_a_second_run_submits_nothing(settings_factory: Any) -> None:
     s = settings_factory(mongo={"fields": {"chunk_id": "uid"}})
     with RunContext(s) as ctx:
-        base = {"company_id": "acme", "document_id": "d1"}
-        ctx.store.chunks.insert_many([
-            {"_id": 1, "uid": "u-1", **base, "chunk_index": 0, "text": "first copy"},
-            {"_id": 2, "uid": "u-2", **base, "chunk_index": 1, "text": "unique"},
-            {"_id": 3, "uid": "u-1", **base, "chunk_index": 2, "text": "second copy"},
-        ])
-        targets = Targets(companies=[CompanyTarget(company_id="acme")])
+        targets = seed_repeated_ids(ctx)
         info = runner.execute(ctx, EmbeddingsJob(ctx, targets))
         results, failures = assert_every_unit_settled_once(ctx, run_of(ctx, info))
         assert results["chunk_id"].to_list() == ["u-2"]
