@@ -1,0 +1,357 @@
+"""Phase `batches`: the driver's rounds (poll, download, collect, load, submit, finalize) over the
+partitions it leases, until each is settled, loaded and materialized."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import polars as pl
+
+from batchyard.assets import run_checks, write_manifest
+from batchyard.errors import RunBusy
+from batchyard.runner.engine import (
+    LEASE_TTL_MIN_S,
+    Engine,
+    LocalEngine,
+    add_timings,
+    emit,
+    peak_rss_mb,
+)
+from batchyard.runner.loads import load_parts, receipts, sink_totals, unloaded_parts
+from batchyard.runner.phases import plan_one
+from batchyard.stages import batches
+from batchyard.storage.ledger import Ledger, ShardRecord
+from batchyard.storage.runs import PartitionStore, RunStore, driver_id
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
+    from batchyard.clients.realtime import RateLimits
+    from batchyard.context import RunContext
+    from batchyard.jobs.base import Job
+
+    Progress = Callable[[dict[str, Any]], None]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- collect and load
+
+
+def collect_one(ctx: RunContext, job: Job, run: RunStore, pid: str, name: str) -> list[ShardRecord]:
+    """Collect one downloaded shard attempt (staging only: runs on any engine worker)."""
+    retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider, ctx.settings.lane)
+    return batches.collect_shard(run.partition(pid), name, job, retries)
+
+
+STEPS: dict[str, Callable[..., Any]] = {"plan": plan_one, "collect": collect_one}
+
+
+# --------------------------------------------------------------------------- drive
+
+
+def settled(records: Sequence[ShardRecord], *, cancelled: bool) -> bool:
+    """Whether no shard attempt needs more work (planned ones may wait when cancelled)."""
+    waiting = {"planned", "uploaded"} if cancelled else set()
+    return all(r.state == "collected" or r.state in waiting for r in records)
+
+
+class _Driver:
+    """The state of one `drive` call: the partitions it leased and their records in memory.
+
+    The driver is the only writer of its partitions' ledgers (it holds their leases), so it
+    reads them once and keeps them current from what each step returns.
+    """
+
+    def __init__(self, ctx: RunContext, job: Job, run: RunStore, engine: Engine, ttl_s: float) -> None:
+        self.ctx, self.job, self.run, self.engine = ctx, job, run, engine
+        self.owner = driver_id()
+        self.ttl_s = ttl_s
+        self.parts: dict[str, PartitionStore] = {}
+        self.records: dict[str, ShardRecord] = {}
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.raised: dict[str, float] = {}  # stage -> peak RSS (MB) when that stage raised it
+        self.lane = str(run.read_run().get("lane", "batch"))
+        self.cancel_event = threading.Event()
+        self._limits: RateLimits | None = None
+        self.retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider, ctx.settings.lane)
+
+    def claim(self) -> None:
+        """Lease open partitions (at most `run.partitions_per_driver` at a time) and load their records.
+
+        Called at the start and after every round, so a driver that finished its share takes
+        partitions nobody holds. RunBusy when no partition could be leased at the start.
+        """
+        limit = self.ctx.settings.run.partitions_per_driver
+        busy = []
+        for part in self.run.partitions():
+            open_now = [p for p in self.parts.values() if p.read_state().get("phase") != "done"]
+            if limit is not None and len(open_now) >= limit:
+                break
+            if part.pid in self.parts or part.read_state().get("phase") == "done":
+                continue
+            try:
+                part.claim(self.owner, self.ttl_s)
+            except RunBusy as exc:
+                busy.append(exc)
+                continue
+            drivers = part.read_state().get("drivers", [])
+            part.update_state(drivers=[*drivers, self.owner][-10:])  # who drove it, for audit
+            self.parts[part.pid] = part
+            for rec in Ledger(part).all():
+                self.records[rec.key] = rec
+        if busy and not self.parts:
+            raise busy[0]
+
+    def release(self) -> None:
+        for part in self.parts.values():
+            part.release(self.owner)
+
+    def heartbeat(self) -> None:
+        for part in self.parts.values():
+            part.heartbeat(self.owner)
+
+    def keep(self, recs: Sequence[ShardRecord]) -> None:
+        for rec in recs:
+            self.records[rec.key] = rec
+
+    def by_part(self) -> dict[str, list[ShardRecord]]:
+        out: dict[str, list[ShardRecord]] = defaultdict(list)
+        for rec in self.records.values():
+            out[rec.partition].append(rec)
+        return out
+
+    def io(self, fn: Callable[[ShardRecord], ShardRecord], recs: Sequence[ShardRecord]) -> None:
+        """Run an I/O step over records on a small thread pool of this process."""
+        if not recs:
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(recs))) as pool:
+            self.keep(list(pool.map(fn, recs)))
+
+    def track(self) -> int:
+        """Poll every live batch with one list call, record changes, download ended batches."""
+        api = self.ctx.api
+        found = batches.poll_batches(api, self.records.values())
+        for rec in [r for r in self.records.values() if r.batch_id in found and r.state == "submitted"]:
+            self.keep([batches.observe(self.parts[rec.partition], rec, found[rec.batch_id or ""])])
+        ended = [r for r in self.records.values() if r.state == "ended" and not r.downloaded and r.batch_status != "failed"]
+        self.io(lambda r: batches.download_shard(self.parts[r.partition], api, r.name), ended)
+        return len(found)
+
+    def submit(self, chosen: Sequence[ShardRecord]) -> int:
+        api = self.ctx.api
+        self.io(lambda r: batches.submit_shard(self.parts[r.partition], api, r.name), chosen)
+        return len(chosen)
+
+    def realtime(self, chosen: Sequence[ShardRecord]) -> int:
+        """Send shard attempts through the real-time lane (sharing one set of client-side limits)."""
+        from batchyard.clients.realtime import RateLimits
+
+        lane = self.ctx.settings.lane
+        if self._limits is None:
+            self._limits = RateLimits(lane.realtime)
+        client = self.ctx.api.client
+        limits = self._limits
+        self.io(lambda r: batches.run_realtime(self.parts[r.partition], client, r.name, lane, limits=limits,
+                                               cancel=self.cancel_event), chosen)
+        return len(chosen)
+
+    def realtime_due(self) -> list[ShardRecord]:
+        """Shard attempts the real-time lane takes now.
+
+        Interrupted real-time attempts; every waiting attempt when the run's lane is real-time;
+        follow-ups routed there (past the requeue limit); and, with `lane.mode = auto`, the
+        retry tail of a batch run: once its first pass is submitted, the waiting follow-ups when
+        they total fewer than `lane.tail_max_tokens`.
+        """
+        recs = list(self.records.values())
+        resumed = [r for r in recs if r.state == "submitted" and r.lane == "realtime"]
+        waiting = [r for r in recs if r.state in ("planned", "uploaded")]
+        if self.lane == "realtime":
+            return resumed + waiting
+        routed = [r for r in waiting if r.lane == "realtime"]
+        lane = self.ctx.settings.lane
+        first_pass_out = all(r.state not in ("planned", "uploaded") for r in recs if r.attempt == 1)
+        if lane.mode == "auto" and first_pass_out and waiting and sum(r.tokens for r in waiting) < lane.tail_max_tokens:
+            return resumed + waiting
+        return resumed + routed
+
+    def timed(self, stage: str, fn: Callable[[], T]) -> T:
+        t0, peak = time.perf_counter(), peak_rss_mb()
+        try:
+            return fn()
+        finally:
+            self.seconds[stage] += time.perf_counter() - t0
+            if (now := peak_rss_mb()) > peak:
+                self.raised[stage] = now
+
+    def round(self, *, cancelled: bool) -> bool:
+        """One tracker round; returns whether anything changed."""
+        before = {k: (r.state, r.batch_status, r.downloaded) for k, r in self.records.items()}
+        if any(r.state == "submitted" or (r.state == "ended" and not r.downloaded) for r in self.records.values()):
+            self.timed("track", lambda: self.engine.run("track", self.track))
+        ready = [(r.partition, r.name) for r in self.records.values()
+                 if r.state == "ended" and (r.downloaded or r.batch_status == "failed")]
+        for recs in self.timed("collect", lambda: self.engine.map("collect", ready)):
+            self.keep(recs)
+        parts = list(self.parts.values())
+        loaded = (self.timed("load", lambda: self.engine.run("load", lambda: load_parts(self.ctx, self.job, parts)))
+                  if any(unloaded_parts(p) for p in parts) else [])
+        if loaded and self.ctx.settings.run.partitions_per_driver is not None:
+            self.ctx.release_store()  # other drivers of this run take their turn with the stand-in
+        if not cancelled:
+            rt = self.realtime_due()
+            if rt:
+                self.timed("realtime", lambda: self.engine.run("realtime", lambda: self.realtime(rt)))
+            taken = {r.key for r in rt}
+            throttle = batches.Throttle.from_limits(self.ctx.settings.limits)
+            waiting = [r for r in self.records.values() if r.key not in taken]
+            chosen = batches.select_submittable(waiting, throttle, now=time.time())
+            if chosen:
+                self.timed("submit", lambda: self.engine.run("submit", lambda: self.submit(chosen)))
+        self.finalize_done(cancelled=cancelled)
+        after = {k: (r.state, r.batch_status, r.downloaded) for k, r in self.records.items()}
+        return after != before or bool(loaded)
+
+    def finalize_done(self, *, cancelled: bool) -> None:
+        """Finish every leased partition whose shard attempts are settled and loaded."""
+        grouped = self.by_part()
+        for pid, part in self.parts.items():
+            if part.read_state().get("phase") == "done":
+                continue
+            if not settled(grouped.get(pid, []), cancelled=cancelled) or unloaded_parts(part):
+                continue
+            materialize_partition(self.ctx, self.job, part, grouped.get(pid, []), cancelled=cancelled)
+
+    def all_done(self) -> bool:
+        return all(p.read_state().get("phase") == "done" for p in self.parts.values())
+
+    def cancel_live(self) -> int:
+        live = [r for r in self.records.values() if r.state == "submitted" and r.lane == "batch"]
+        api = self.ctx.api
+        self.io(lambda r: batches.cancel_shard(self.parts[r.partition], api, r.name), live)
+        return len(live)
+
+    def next_wake(self) -> float | None:
+        waits = [r.not_before for r in self.records.values()
+                 if r.state in ("planned", "uploaded") and r.not_before is not None]
+        return min(waits) if waits else None
+
+
+def materialize_partition(ctx: RunContext, job: Job, part: PartitionStore, records: Sequence[ShardRecord], *,
+                          cancelled: bool) -> dict[str, Any]:
+    """Finish a settled, loaded partition: its `final` failures, then the batches, results and
+    sinks manifests with their checks; the partition is then done."""
+    t0 = time.perf_counter()
+    stats = job.finalize_partition(part, cancelled=cancelled)
+    params = job.params()
+    st = part.staging
+    statuses: dict[str, int] = defaultdict(int)
+    for rec in records:
+        statuses[rec.batch_status or rec.state] += 1
+    write_manifest(part, "batches", rows=len(records), seconds=0.0, params=params,
+                   metadata={"shards": len({r.shard for r in records}), "attempts": len(records),
+                             "batches": sum(1 for r in records if r.batch_id) + sum(len(r.past_batches) for r in records),
+                             "by_status": dict(statuses), "tokens": sum(r.tokens for r in records if r.attempt == 1)})
+    results = sum(st.count_rows(part.rel("results", f"{n}.parquet")) for n in part.parts("results"))
+    fails = [st.read_parquet(part.rel("failures", f"{n}.parquet")).select("code") for n in part.parts("failures")]
+    by_code = ({str(c): int(n) for c, n in pl.concat(fails).group_by("code").len().sort("code").iter_rows()}
+               if fails else {})
+    checks = [c.to_json() for c in run_checks(ctx, job, part, "results")]
+    write_manifest(part, "results", rows=results, seconds=time.perf_counter() - t0, params=params,
+                   metadata={"results": results, "failures": sum(by_code.values()), "failures_by_code": by_code,
+                             **stats}, checks=checks)
+    loads = receipts(part)
+    sink_checks = [c.to_json() for c in run_checks(ctx, job, part, "sinks")]
+    write_manifest(part, "sinks", rows=sum(r.get("rows", 0) for r in loads), seconds=0.0, params=params,
+                   metadata={"parts": len(loads), "sinks": sink_totals(loads)}, checks=sink_checks)
+    failed = [c["name"] for c in checks + sink_checks if not c["passed"]]
+    if failed:
+        log.error("partition %s of run %s failed check(s): %s", part.pid, part.run_id, ", ".join(failed))
+    return part.update_state(phase="done", final=stats, cancelled=cancelled, checks_failed=failed)
+
+
+def _apply_cancel_request(run: RunStore, driver: _Driver) -> bool:
+    """Act on `batchyard cancel`: mark the run cancelled and cancel its live batches."""
+    request = run.cancel_requested()
+    if request is None:
+        cancelled = run.read_run().get("state") == "cancelled"
+        if cancelled:
+            driver.cancel_event.set()
+        return cancelled
+    run.update_run(state="cancelled", cancel=request)
+    driver.cancel_event.set()
+    n = driver.cancel_live()
+    run.clear_cancel()
+    log.warning("run %s cancelled (%s): %d live batch(es) asked to cancel", run.run_id, request.get("requested_by"), n)
+    return True
+
+
+def poll_intervals(ctx: RunContext, override: float | None) -> Callable[[int], float]:
+    """Seconds to sleep after `k` rounds without change.
+
+    Real providers: the configured interval. The embedded server answers in seconds, so it
+    starts at 1 s (or less, if configured lower) and backs off by 1.5x while nothing changes.
+    """
+    configured = override if override is not None else ctx.settings.provider.poll_interval_s
+    if override is not None or not ctx.settings.provider.embedded:
+        return lambda k: configured
+    first = min(1.0, configured)
+    return lambda k: min(configured, first * 1.5 ** min(k, 60))
+
+
+def drive(
+    ctx: RunContext,
+    job: Job,
+    run: RunStore,
+    *,
+    engine: Engine | None = None,
+    on_progress: Progress | None = None,
+    poll_interval: float | None = None,
+    max_rounds: int | None = None,
+) -> dict[str, Any]:
+    """Phase `batches`: rounds until every leased partition is settled, loaded and finalized.
+
+    Returns the ledger summary of the partitions this process drove. Partitions another live
+    process drives are left to it (RunBusy when all of them are).
+    """
+    engine = engine or LocalEngine(ctx, job, run)
+    interval = poll_intervals(ctx, poll_interval)
+    longest = poll_interval if poll_interval is not None else ctx.settings.provider.poll_interval_s
+    driver = _Driver(ctx, job, run, engine, ttl_s=max(LEASE_TTL_MIN_S, 5 * longest))
+    driver.claim()
+    rounds = idle = 0
+    try:
+        while True:
+            cancelled = _apply_cancel_request(run, driver)
+            changed = driver.round(cancelled=cancelled)
+            info = batches.summary(list(driver.records.values()))
+            emit(on_progress, "batches", info["by_state"].get("collected", 0), info["shards"], batches=info)
+            if driver.all_done():
+                driver.claim()  # a share of partitions is done: take open ones nobody drives
+                if driver.all_done():
+                    break
+            rounds += 1
+            if max_rounds is not None and rounds >= max_rounds:
+                break
+            driver.heartbeat()
+            idle = 0 if changed else idle + 1
+            if not changed:
+                sleep = interval(idle - 1)
+                wake = driver.next_wake()
+                if wake is not None:
+                    sleep = max(0.0, min(sleep, wake - time.time()))
+                driver.timed("wait", functools.partial(time.sleep, sleep))
+    finally:
+        driver.release()
+        add_timings(run, driver.raised, **driver.seconds)
+    return info
+
+

@@ -1,0 +1,168 @@
+"""A run's outcome: its summary (results, failures, usage, cost), the finish step, exit codes and
+the tables `status` prints."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from batchyard.assets import write_run_manifests
+from batchyard.runner.loads import receipts, sink_totals, unloaded_parts
+from batchyard.schemas import FAILURES
+from batchyard.storage.ledger import Ledger
+from batchyard.storage.runs import RunStore
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from batchyard.context import RunContext
+    from batchyard.jobs.base import Job
+
+    Progress = Callable[[dict[str, Any]], None]
+
+
+# --------------------------------------------------------------------------- finish and summary
+
+
+def _count_rows(ctx: RunContext, rels: list[str]) -> int:
+    return sum(ctx.staging.count_rows(r) for r in rels)
+
+
+def run_summary(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
+    """Counts over the run's datasets and ledger: results, failures by code, usage, cost."""
+    from batchyard.pricing import estimate
+    from batchyard.storage.ledger import run_records
+
+    st = ctx.staging
+    results = _count_rows(ctx, [r for r in run.dataset_parts("results")])
+    failure_parts = run.dataset_parts("failures")
+    codes = (
+        pl.concat([st.read_parquet(r).select("code") for r in failure_parts]).group_by("code").len()
+        if failure_parts else pl.DataFrame(schema={"code": pl.String, "len": pl.UInt32})
+    )
+    by_code = {str(c): int(n) for c, n in codes.sort("code").iter_rows()}
+    records = run_records(run)
+    usage: dict[str, int] = defaultdict(int)
+    for rec in records:
+        for k, v in (rec.usage or {}).items():
+            if isinstance(v, int):
+                usage[k] += v
+    cost = plan_cost_of(ctx, job, run.read_run().get("plan", {}))
+    reported = estimate(ctx.settings.pricing, job.model, input_tokens=usage.get("input_tokens", 0),
+                        output_tokens=usage.get("output_tokens", 0))
+    sent: dict[str, int] = defaultdict(int)
+    for rec in records:
+        if rec.batch_id or rec.past_batches:
+            sent[rec.lane] += rec.tokens * (1 + len(rec.past_batches))
+    by_lane = {lane: {"tokens": n, "usd": estimate(ctx.settings.pricing, job.model, input_tokens=n)[
+        "batch_usd" if lane == "batch" else "realtime_usd"]} for lane, n in sorted(sent.items())}
+    return {
+        "results": results,
+        "failures": sum(by_code.values()),
+        "failures_by_code": by_code,
+        "anomalies": _count_rows(ctx, run.dataset_parts("anomalies")),
+        "shards": len({(r.partition, r.shard) for r in records}),
+        "shard_attempts": len(records),
+        "batches": sum(1 for r in records if r.batch_id) + sum(len(r.past_batches) for r in records),
+        "usage": dict(usage),
+        "cost_estimate_usd": cost["batch_usd"],
+        "cost_estimate_realtime_usd": cost["realtime_usd"],
+        "cost_estimate_tokens": {"input": cost["input_tokens"], "output_max": cost["output_tokens"]},
+        "cost_reported_usd": reported["batch_usd"],
+        "lanes": by_lane,
+    }
+
+
+def plan_cost_of(ctx: RunContext, job: Job, plan_stats: dict[str, Any]) -> dict[str, Any]:
+    """The estimated cost of a run's plan at batch prices (inference: at most `max_output_tokens`
+    per request on the output side)."""
+    from batchyard.pricing import plan_cost
+
+    return plan_cost(ctx.settings.pricing, job.model, input_tokens=int(plan_stats.get("tokens", 0)),
+                     requests=int(plan_stats.get("requests", 0)),
+                     max_output_tokens=int(job.params().get("max_output_tokens") or 0))
+
+
+def finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
+    """Phase `done`: once every partition is done, the run's summary, manifests and state."""
+    info = run.read_run()
+    parts = run.partitions()
+    if any(p.read_state().get("phase") != "done" for p in parts):
+        return info
+    cancelled = info.get("state") == "cancelled"
+    summary = run_summary(ctx, job, run)
+    manifests = write_run_manifests(run)
+    summary["checks_failed"] = sorted({c for m in manifests.values() for c in m["checks_failed"]})
+    loads = [st for p in parts for st in receipts(p)]
+    if ctx.settings.provider.delete_remote_files and not cancelled:
+        delete_remote_files(ctx, run)
+    return run.update_run(phase="done", state="cancelled" if cancelled else "finished", final=summary,
+                          loads=sink_totals(loads))
+
+
+def delete_remote_files(ctx: RunContext, run: RunStore) -> int:
+    """Delete a run's remote input, output and error files; returns how many were deleted."""
+    from batchyard.storage.ledger import run_records
+
+    n = 0
+    for rec in run_records(run):
+        for fid in (rec.file_id, rec.output_file_id, rec.error_file_id):
+            if fid:
+                ctx.api.delete_file(fid)
+                n += 1
+    return n
+
+
+def exit_code(info: dict[str, Any]) -> int:
+    """The process exit code a run's outcome maps to (see `batchyard --help`).
+
+    0: every unit succeeded; 3: the run finished but some units failed; 4: the run was
+    cancelled or is unfinished (e.g. detached with `--no-wait`); 5: an integrity check failed.
+    """
+    if info.get("state") == "cancelled" or info.get("phase") != "done":
+        return 4
+    final = info.get("final", {})
+    if final.get("checks_failed"):
+        return 5
+    return 3 if final.get("failures", 0) else 0
+
+
+def partition_table(run: RunStore) -> list[dict[str, Any]]:
+    """Per partition: companies, phase, chunks, requests, shards, results, failures."""
+    out = []
+    records = defaultdict(list)
+    for part in run.partitions():
+        for rec in Ledger(part).all():
+            records[part.pid].append(rec)
+    for part in run.partitions():
+        state = part.read_state()
+        recs = records[part.pid]
+        companies = state.get("companies", [])
+        bucket = state.get("bucket")
+        out.append({
+            "partition": part.pid,
+            "companies": ", ".join(companies[:3]) + (f" (+{len(companies) - 3})" if len(companies) > 3 else "")
+            + (f" [{bucket + 1}/{state.get('buckets')}]" if bucket is not None else ""),
+            "phase": state.get("phase", "snapshot"),
+            "chunks": state.get("snapshot", {}).get("chunks", 0),
+            "requests": state.get("plan", {}).get("requests", 0),
+            "shards": f"{sum(1 for r in recs if r.state == 'collected')}/{len(recs)}",
+            "waiting": sum(1 for r in recs if r.waiting_note),
+            "results": sum(part.staging.count_rows(part.rel("results", f"{n}.parquet")) for n in part.parts("results")),
+            "loaded_parts": len(part.parts("results")) - len(unloaded_parts(part)),
+        })
+    return out
+
+
+def failures_frame(run: RunStore) -> pl.DataFrame:
+    """The run's failures dataset as one frame."""
+    return run.read_dataset("failures", FAILURES)
+
+
+def results_frame(run: RunStore) -> pl.DataFrame:
+    """The run's results dataset as one frame."""
+    return run.read_dataset("results")
+
+
