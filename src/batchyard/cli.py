@@ -71,6 +71,11 @@ class EngineChoice(enum.StrEnum):
 
 Engine = Annotated[EngineChoice, typer.Option(help="prefect (flows, tasks, artifacts) or local (plain threads).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
+FullScan = Annotated[bool, typer.Option(
+    "--full-scan", help="Read every targeted chunk, not only those changed since the last run (the periodic "
+    "full reconcile; see corpus.full_scan_every_s).")]
+KeepDeleted = Annotated[bool, typer.Option(
+    "--keep-deleted", help="Do not prune: keep vectors and results of chunks the source no longer has.")]
 DryRun = Annotated[bool, typer.Option(
     "--dry-run", help="Snapshot and plan in this process without contacting the Batch API provider, then print "
     "partitions, shards, requests, inputs, tokens and the estimated cost at batch prices (inference: output at "
@@ -123,12 +128,16 @@ def _usage_error(exc: BaseException) -> NoReturn:
     _fail(exc, EXIT_USAGE)
 
 
-def _overrides(lane: str | None = None, **limits: Any) -> dict[str, Any]:
+def _overrides(lane: str | None = None, *, full_scan: bool = False, keep_deleted: bool = False,
+               **limits: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if _state.get("root"):
         out["staging"] = {"root": _state["root"]}
     if lane is not None:
         out["lane"] = {"mode": lane}
+    corpus = {**({"full_scan": True} if full_scan else {}), **({"prune": False} if keep_deleted else {})}
+    if corpus:
+        out["corpus"] = corpus
     lim = {k: v for k, v in limits.items() if v is not None}
     if "max_inputs_per_batch" in lim:
         lim = _fit_request_size(lim)
@@ -505,12 +514,15 @@ def embed(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the batches (default), or submit and "
                                        "return: the scheduled tracker finishes the run.")] = True,
     lane: LaneOption = None,
+    full_scan: FullScan = False,
+    keep_deleted: KeepDeleted = False,
     dry_run: DryRun = False,
     as_json: AsJson = False,
 ) -> None:
-    """Embed the target chunks that are new or changed; load Milvus; mark MongoDB."""
-    over = _overrides(lane=lane.value if lane else None, max_inputs_per_batch=max_inputs_per_batch,
-                      max_requests_per_batch=max_requests_per_batch)
+    """Embed the target chunks that are new or changed; load Milvus; mark MongoDB; prune what the
+    source no longer has."""
+    over = _overrides(lane=lane.value if lane else None, full_scan=full_scan, keep_deleted=keep_deleted,
+                      max_inputs_per_batch=max_inputs_per_batch, max_requests_per_batch=max_requests_per_batch)
     if dry_run:
         _dry_run("embeddings", targets, task=None, run_id=run_id, overrides=over, as_json=as_json)
     info = _guarded(lambda: _run_job("embeddings", targets, engine=engine, run_id=run_id, overrides=over,
@@ -528,11 +540,15 @@ def infer(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the batches (default), or submit and "
                                        "return: the scheduled tracker finishes the run.")] = True,
     lane: LaneOption = None,
+    full_scan: FullScan = False,
+    keep_deleted: KeepDeleted = False,
     dry_run: DryRun = False,
     as_json: AsJson = False,
 ) -> None:
-    """Run an inference task over the target units without a result for its version."""
-    over = _overrides(lane=lane.value if lane else None, max_requests_per_batch=max_requests_per_batch)
+    """Run an inference task over the target units without a result for its version; flag or
+    remove results of units the source no longer has."""
+    over = _overrides(lane=lane.value if lane else None, full_scan=full_scan, keep_deleted=keep_deleted,
+                      max_requests_per_batch=max_requests_per_batch)
     if dry_run:
         _dry_run("inference", targets, task=task, run_id=run_id, overrides=over, as_json=as_json)
     info = _guarded(lambda: _run_job("inference", targets, engine=engine, task=task, run_id=run_id,
@@ -870,32 +886,42 @@ def _print_trail(found: dict[str, Any]) -> None:
             console.print(a["raw"]["text"], markup=False, highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def assets(
     job: Annotated[str | None, typer.Option("--job", help="Only this job (embeddings, inference-<task>).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Also compare the sinks with the source unit by unit "
+                                        "(exit 5 on a difference).")] = False,
     as_json: AsJson = False,
 ) -> None:
-    """Every asset of the latest run of each job: data version, when, fresh or stale (and why).
+    """Every partition key of every job: its latest materialization across runs and its state now.
 
-    An asset is stale when the source has new or changed chunks, its code version, the task's
-    prompt version or the settings that feed it changed, or one of its checks failed.
+    A key is stale when the source has units to process for it, its task version or a setting
+    that shapes results changed, its last materialization failed a check, or the sink holds
+    fewer or more than was loaded (Milvus counts per company). `--check` runs the checks against
+    the sinks now and exits 5 when one fails.
     """
     from batchyard import runner
     from batchyard.context import RunContext
 
     with RunContext(_settings(_overrides())) as ctx:
-        rows = _guarded(lambda: {"rows": runner.asset_status(ctx, job_name=job)})["rows"]
+        rows = _guarded(lambda: {"rows": runner.asset_status(ctx, job_name=job, check=check)})["rows"]
+    failed = check and any(r for row in rows for r in row["reasons"] if r.startswith(("check:", "failed check")))
     if as_json:
         _emit_json(rows)
-        return
-    t = Table(title="assets", title_justify="left")
-    for col in ("scope", "asset", "partition", "run", "data version", "materialized", "status", "reason"):
-        t.add_column(col, no_wrap=col in ("asset", "partition", "run", "status"))
+        raise typer.Exit(EXIT_CHECKS if failed else EXIT_OK)
+    t = Table(title="assets: partition keys", title_justify="left")
+    for col in ("scope", "partition", "run", "materialized", "results", "failures", "in flight", "status",
+                "reason"):
+        t.add_column(col, no_wrap=col in ("partition", "run", "status"))
     for r in rows:
         color = "green" if r["status"] == "fresh" else "yellow"
-        t.add_row(r["scope"], r["asset"], r["partition"], r["run_id"], (r["data_version"] or "")[:12],
-                  (r["materialized_at"] or "")[:19], f"[{color}]{r['status']}[/{color}]", "; ".join(r["reasons"]))
+        t.add_row(r["scope"].rsplit("/", 1)[0], r["partition"], r["run_id"] or "", (r["materialized_at"] or "")[:19],
+                  f"{r['results']:,}", f"{r['failures']:,}", f"{r['in_flight']:,}" if r["in_flight"] else "",
+                  f"[{color}]{r['status']}[/{color}]", "; ".join(r["reasons"]))
     console.print(t)
+    stale = sum(1 for r in rows if r["status"] == "stale")
+    console.print(f"{len(rows):,} partition key(s): {len(rows) - stale:,} fresh, {stale:,} stale")
+    raise typer.Exit(EXIT_CHECKS if failed else EXIT_OK)
 
 
 @app.command()

@@ -97,6 +97,12 @@ class MongoFields(BaseModel):
     marks: str = Field(
         default="batchyard", description="Sub-document where batchyard writes its per-space marks."
     )
+    updated_at: str | None = Field(
+        default="updated_at",
+        description="A change field the source sets whenever a chunk is written (a date or a number); "
+        "runs then read only chunks changed since the last run (`corpus.*`). None or empty: the source has "
+        "none, and every run scans the targeted chunks in full.",
+    )
 
 
 class MongoSettings(BaseModel):
@@ -263,6 +269,35 @@ class RunSettings(BaseModel):
     )
 
 
+class CorpusSettings(BaseModel):
+    """The corpus across runs: change detection, claims between runs, pruning."""
+
+    change_slack_s: float = Field(
+        default=600.0, ge=0, le=30 * 86_400,
+        description="Change queries start this long before the cursor, for late writers and clock skew.",
+    )
+    full_scan_every_s: float = Field(
+        default=7 * 86_400.0, gt=0,
+        description="A company is scanned in full (not only its changes) when its last full scan is older.",
+    )
+    claim_ttl_s: float = Field(
+        default=3 * 86_400.0, gt=0,
+        description="An open run with no activity for this long is abandoned: its claims are ignored.",
+    )
+    prune: bool = Field(
+        default=True,
+        description="Remove from the sinks what no longer exists in the source (`--keep-deleted` turns it off).",
+    )
+    full_scan: bool = Field(
+        default=False,
+        description="Read every targeted chunk, not only the changes since the last run (`--full-scan`).",
+    )
+    select_wait_s: float = Field(
+        default=3_600.0, ge=0,
+        description="How long a run waits for another run of its scope to finish selecting units.",
+    )
+
+
 class LaneSettings(BaseModel):
     """Which lane requests take: the Batch API (half price, up to 24 h) or real-time calls."""
 
@@ -311,6 +346,11 @@ class InferenceSettings(BaseModel):
     document_token_budget: int = Field(
         default=6_000, gt=0, le=1_000_000, description="Tokens of chunk text per document unit."
     )
+    on_deleted: Literal["flag", "remove"] = Field(
+        default="flag",
+        description="Results of units gone from the source: flag them (`deleted_at`) or remove them "
+        "(a task may set its own).",
+    )
 
 
 class Settings(BaseSettings):
@@ -332,6 +372,7 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     run: RunSettings = Field(default_factory=RunSettings)
+    corpus: CorpusSettings = Field(default_factory=CorpusSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
     lane: LaneSettings = Field(default_factory=LaneSettings)

@@ -129,3 +129,34 @@ def test_inference_crash_then_resume(tmp_path: Path, server: str, point: str) ->
         assert_one_batch_per_submission(ctx, run)
         stored = ctx.store.collection("inference_results").count_documents({"task": "classify"})
         assert stored == 30
+
+
+def test_a_crash_inside_a_prune_prunes_on_resume(tmp_path: Path, server: str) -> None:
+    env = pipeline_env(tmp_path, server, None)
+    assert cli(["seed", "--chunks", "120", "--companies", "3", "--targets-out", "t.yaml"], env, tmp_path).returncode == 0
+    assert cli(["embed", "--targets", "t.yaml", "--engine", "local"], env, tmp_path).returncode == 0
+
+    from batchyard.context import RunContext
+    from batchyard.jobs.embeddings import EmbeddingsJob
+
+    with RunContext(settings_for(tmp_path, server)) as ctx:
+        gone = [d["_id"] for d in ctx.store.chunks.find({}).sort("_id", 1)][::10]  # 12 chunks, 3 companies
+        ctx.store.chunks.delete_many({"_id": {"$in": gone}})
+        ctx.store.save()
+    crashed = cli(["embed", "--targets", "t.yaml", "--engine", "local"], pipeline_env(tmp_path, server, "during_prune"),
+                  tmp_path)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    run_id = sorted(p.name for p in (tmp_path / "staging" / "embeddings").iterdir())[-1]
+    resumed = cli(["resume", run_id, "--engine", "local", "--json"], env, tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    with RunContext(settings_for(tmp_path, server)) as ctx:
+        job = EmbeddingsJob(ctx, None)  # type: ignore[arg-type]
+        ctx.milvus.load_collection(job.collection)
+        held = {r["chunk_id"] for r in ctx.milvus.query(job.collection, filter='chunk_id != ""',
+                                                         output_fields=["chunk_id"], limit=1000)}
+        assert held == {str(d["_id"]) for d in ctx.store.chunks.find({}, {"_id": 1})}
+        assert not held & {str(g) for g in gone}
+        from batchyard.storage.runs import RunStore
+
+        info = RunStore(ctx.staging, "embeddings", run_id).read_run()
+        assert info["state"] == "finished" and info["final"]["pruned"] == len(gone)

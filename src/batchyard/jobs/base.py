@@ -77,8 +77,19 @@ class Job(ABC):
         """Run parameters recorded in run.json (no secrets)."""
 
     @abstractmethod
-    def source_pages(self, targets: Targets) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
-        """(chunks page, rejects page) pairs of the source rows to process for `targets`."""
+    def source_pages(self, targets: Targets, extra: dict[str, Any] | None = None
+                     ) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+        """(chunks page, rejects page) pairs of the source rows to process for `targets`
+        (`extra`: a filter that narrows the read, e.g. to a company's changes)."""
+
+    @property
+    def selection_version(self) -> str:
+        """What the corpus' change cursors are valid for (an inference task's version)."""
+        return ""
+
+    def unit_ids(self, chunks: pl.DataFrame) -> pl.Series:
+        """The unit id of each chunk row (chunk units: the chunk id)."""
+        return chunks["chunk_id"].alias("unit_id")
 
     def bucket_key(self) -> pl.Expr:
         """What a split company's chunks are hashed on to pick their partition: the chunk id, so

@@ -99,12 +99,14 @@ class EmbeddingsJob(Job):
 
     # snapshot
 
-    def source_pages(self, targets: Targets) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+    def source_pages(self, targets: Targets, extra: dict[str, Any] | None = None
+                     ) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
         from batchyard.stages.snapshot import iter_unprocessed_chunks
 
         mongo = self.ctx.settings.mongo
         return iter_unprocessed_chunks(
-            self.ctx.store.chunks, targets, mongo.fields, space=self.emb.space, page_size=self.ctx.page_size
+            self.ctx.store.chunks, targets, mongo.fields, space=self.emb.space, page_size=self.ctx.page_size,
+            extra=extra,
         )
 
     def after_snapshot(self, part: PartitionStore) -> None:

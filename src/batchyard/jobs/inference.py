@@ -69,7 +69,8 @@ class InferenceJob(Job):
             "limits": self.ctx.settings.limits.model_dump(mode="json"),
         }
 
-    def source_pages(self, targets: Targets) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+    def source_pages(self, targets: Targets, extra: dict[str, Any] | None = None
+                     ) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
         from batchyard.stages.snapshot import iter_chunks_for_task
 
         mongo = self.ctx.settings.mongo
@@ -77,7 +78,21 @@ class InferenceJob(Job):
         return iter_chunks_for_task(
             store.chunks, store.collection(self.results_collection), targets, mongo.fields,
             task=self.task.name, task_version=self.task_version, unit=self.task.unit, page_size=self.ctx.page_size,
+            extra=extra,
         )
+
+    @property
+    def selection_version(self) -> str:
+        return self.task_version
+
+    def unit_ids(self, chunks: pl.DataFrame) -> pl.Series:
+        if self.task.unit != "document":
+            return super().unit_ids(chunks)
+        from batchyard.tasks.units import document_unit_id
+
+        return pl.Series("unit_id", [document_unit_id(c, d) for c, d in
+                                     zip(chunks["company_id"].to_list(), chunks["document_id"].to_list(), strict=True)],
+                         dtype=pl.String)
 
     def bucket_key(self) -> pl.Expr:
         if self.task.unit == "document":  # every chunk of a document in the same partition

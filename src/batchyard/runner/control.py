@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from batchyard.corpus.lifecycle import release_run, reregister
 from batchyard.runner.driver import drive, load_parts, materialize_partition
 from batchyard.runner.engine import LEASE_TTL_MIN_S, Engine, LocalEngine, emit
 from batchyard.runner.phases import create_run, prepare
@@ -83,6 +84,7 @@ def cancel(ctx: RunContext, run_id: str, *, wait_s: float = 0.0) -> dict[str, An
         return {"run_id": run_id, "cancelled_batches": None, "driven_by": driven[0].lease_holder(ttl),
                 "acknowledged": acted}
     run.update_run(state="cancelled")
+    release_run(run)
     live = 0
     for part in run.partitions():
         for rec in Ledger(part).all():
@@ -113,6 +115,7 @@ def reopen(run: RunStore) -> None:
             part.update_state(phase="batches", cancelled=False)
     phase = info.get("phase")
     run.update_run(state="running", phase="batches" if phase == "done" else phase)
+    reregister(run)
 
 
 def resume(

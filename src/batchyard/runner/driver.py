@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import polars as pl
 
 from batchyard.assets import run_checks, write_manifest
+from batchyard.corpus.lifecycle import materialize_keys
 from batchyard.errors import RunBusy
 from batchyard.runner.engine import (
     LEASE_TTL_MIN_S,
@@ -275,7 +276,9 @@ def materialize_partition(ctx: RunContext, job: Job, part: PartitionStore, recor
     failed = [c["name"] for c in checks + sink_checks if not c["passed"]]
     if failed:
         log.error("partition %s of run %s failed check(s): %s", part.pid, part.run_id, ", ".join(failed))
-    return part.update_state(phase="done", final=stats, cancelled=cancelled, checks_failed=failed)
+    touched = materialize_keys(ctx, job, part, cancelled=cancelled)
+    return part.update_state(phase="done", final=stats, cancelled=cancelled, checks_failed=failed,
+                             partition_keys=touched)
 
 
 def _apply_cancel_request(run: RunStore, driver: _Driver) -> bool:

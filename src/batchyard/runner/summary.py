@@ -9,10 +9,11 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from batchyard.assets import write_run_manifests
+from batchyard.corpus.lifecycle import finish_run
 from batchyard.runner.loads import receipts, sink_totals, unloaded_parts
 from batchyard.schemas import FAILURES
 from batchyard.storage.ledger import Ledger
-from batchyard.storage.runs import RunStore
+from batchyard.storage.runs import RunStore, utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -98,8 +99,18 @@ def finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
     loads = [st for p in parts for st in receipts(p)]
     if ctx.settings.provider.delete_remote_files and not cancelled:
         delete_remote_files(ctx, run)
+    meta = dict(info.get("corpus") or {})
+    if meta and not meta.get("finished_at"):
+        meta["targets"] = finish_run(ctx, job, run, cancelled=cancelled)
+        meta["finished_at"] = utcnow().isoformat()
+    summary["pruned"] = int((info.get("pruned") or {}).get("pruned", 0))
+    summary["held_by_open_runs"] = info.get("held_by_open_runs", {})
+    if meta.get("targets"):
+        figures = meta["targets"]
+        summary["targets"] = {"target": figures["target"], "rows": figures["rows"],
+                              "companies_touched": len(figures.get("by_company", {}))}
     return run.update_run(phase="done", state="cancelled" if cancelled else "finished", final=summary,
-                          loads=sink_totals(loads))
+                          loads=sink_totals(loads), **({"corpus": meta} if meta else {}))
 
 
 def delete_remote_files(ctx: RunContext, run: RunStore) -> int:
@@ -130,7 +141,7 @@ def exit_code(info: dict[str, Any]) -> int:
 
 
 def partition_table(run: RunStore) -> list[dict[str, Any]]:
-    """Per partition: companies, phase, chunks, requests, shards, results, failures."""
+    """Per bin: its partition keys, phase, chunks, requests, shards, results, failures."""
     out = []
     records = defaultdict(list)
     for part in run.partitions():
@@ -139,12 +150,10 @@ def partition_table(run: RunStore) -> list[dict[str, Any]]:
     for part in run.partitions():
         state = part.read_state()
         recs = records[part.pid]
-        companies = state.get("companies", [])
-        bucket = state.get("bucket")
+        keys = state.get("keys") or state.get("companies", [])
         out.append({
             "partition": part.pid,
-            "companies": ", ".join(companies[:3]) + (f" (+{len(companies) - 3})" if len(companies) > 3 else "")
-            + (f" [{bucket + 1}/{state.get('buckets')}]" if bucket is not None else ""),
+            "companies": ", ".join(keys[:3]) + (f" (+{len(keys) - 3})" if len(keys) > 3 else ""),
             "phase": state.get("phase", "snapshot"),
             "chunks": state.get("snapshot", {}).get("chunks", 0),
             "requests": state.get("plan", {}).get("requests", 0),
