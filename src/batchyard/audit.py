@@ -644,8 +644,10 @@ def sink_rows(ctx: RunContext, job: Job, sink: str, rows: pl.DataFrame) -> dict[
         client = ctx.milvus
         if not client.has_collection(coll):
             return {}
+        from batchyard.clients.milvus import get_rows
+
         client.load_collection(coll)
-        got = client.get(coll, ids=rows["chunk_id"].to_list(), output_fields=["chunk_id", "run_id"])
+        got = get_rows(client, coll, rows["chunk_id"].to_list(), ["chunk_id", "run_id"])
         return {g["chunk_id"]: g.get("run_id") for g in got}
     if sink == "mongo.marks":
         from batchyard.stages.snapshot import get_path, mark_path, mongo_id

@@ -390,8 +390,9 @@ def _print_run(info: dict[str, Any]) -> None:
     if lanes:
         t.add_row("lanes", ", ".join(f"{k}: {v['tokens']:,} tokens, ${v['usd']:.4f}" for k, v in lanes.items()))
     for r in info.get("loads", []):
-        t.add_row(f"load {r.get('sink')}", f"{r.get('target')}: rows={r.get('rows')}, upserted={r.get('upserted')}, "
-                  f"modified={r.get('modified')}, parts={r.get('parts')}")
+        imported = f"imported={r['imported']}, " if r.get("imported") else ""  # Milvus bulk import
+        t.add_row(f"load {r.get('sink')}", f"{r.get('target')}: rows={r.get('rows')}, {imported}"
+                  f"upserted={r.get('upserted')}, modified={r.get('modified')}, parts={r.get('parts')}")
     unmatched = info.get("targets_unmatched")
     if unmatched:
         t.add_row("unmatched targets", ", ".join(unmatched))

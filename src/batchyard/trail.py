@@ -201,6 +201,7 @@ class _Trail:
         self.out["loaded"] = loaded
 
     def sinks(self, row: dict[str, Any]) -> dict[str, Any]:
+        from batchyard.clients.milvus import get_rows
         from batchyard.stages.snapshot import get_path, mark_path, mongo_id
 
         ctx, job, run_id = self.ctx, self.job, self.run.run_id
@@ -211,8 +212,8 @@ class _Trail:
             got = []
             if client.has_collection(coll):
                 client.load_collection(coll)
-                got = client.get(coll, ids=[row["chunk_id"]],
-                                 output_fields=["chunk_id", "run_id", "text_sha256", "company_id", "document_id"])
+                got = get_rows(client, coll, [row["chunk_id"]],
+                               ["chunk_id", "run_id", "text_sha256", "company_id", "document_id"])
             out["milvus"] = {"collection": coll, "found": bool(got), **(dict(got[0]) if got else {})}
             fields = ctx.settings.mongo.fields
             path = mark_path(fields, job.emb.space)  # type: ignore[attr-defined]

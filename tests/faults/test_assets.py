@@ -97,3 +97,26 @@ def test_a_failed_check_marks_the_asset_stale_and_the_run_exits_5(settings_facto
         assert sinks["status"] == "stale" and sinks["reasons"] == ["failed check(s): sinks_match_results"]
         detail = read_manifest(run.partition("p0000"), "sinks")["checks"][0]["detail"]
         assert "marks=29" in detail and "milvus=30" in detail
+
+
+def test_load_receipts_and_the_sinks_asset_count_units_not_rows_summed_over_sinks(settings_factory: Any) -> None:
+    # embeddings load each unit into two sinks (Milvus and the MongoDB marks): the top-level
+    # `rows` of a receipt and of the sinks asset are the units loaded, the per-sink rows stay per sink
+    with RunContext(settings_factory(run={"partition_max_chunks": 30},
+                                     limits={"max_inputs_per_batch": 20, "max_inputs_per_request": 10})) as ctx:
+        info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, 60)))
+        run = run_of(ctx, info)
+        assert info["final"]["results"] == 60
+        for part in run.partitions():
+            receipts = [ctx.staging.read_json(part.rel("loads", n))
+                        for n in ctx.staging.list(part.rel("loads"), ".json")]
+            assert receipts
+            for receipt in receipts:
+                part_rows = ctx.staging.count_rows(part.rel("results", f"{receipt['part']}.parquet"))
+                assert receipt["rows"] == part_rows
+                assert {s["sink"]: s["rows"] for s in receipt["sinks"]} == {"milvus": part_rows,
+                                                                           "mongo.marks": part_rows}
+            results = sum(ctx.staging.count_rows(part.rel("results", f"{n}.parquet")) for n in part.parts("results"))
+            assert read_manifest(part, "sinks")["rows"] == results
+        assert read_manifest(run, "sinks")["rows"] == 60
+        assert {t["sink"]: t["rows"] for t in info["loads"]} == {"milvus": 60, "mongo.marks": 60}
