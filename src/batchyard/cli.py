@@ -611,7 +611,9 @@ def cancel(
             out = runner.cancel(ctx, run_id, wait_s=wait_s)
     except BatchyardError as exc:
         _fail(exc)
-    if out["driven_by"]:
+    if out["ended"]:
+        console.print(f"run {run_id} already ended ({out['ended']}): nothing to cancel, nothing changed")
+    elif out["driven_by"]:
         owner = out["driven_by"]["owner"]
         state = "acknowledged" if out["acknowledged"] else "recorded (not yet acknowledged)"
         console.print(f"run {run_id}: cancel {state}; the process driving it ({owner}) cancels its live batches, "

@@ -221,14 +221,20 @@ class _Driver:
         return after != before or bool(loaded)
 
     def finalize_done(self, *, cancelled: bool) -> None:
-        """Finish every leased partition whose shard attempts are settled and loaded."""
+        """Finish every leased partition whose shard attempts are settled and loaded.
+
+        Under a cancel, a partition counts as cancelled only when the cancel left work undone
+        (attempts still waiting); one whose every attempt was collected simply finished.
+        """
         grouped = self.by_part()
         for pid, part in self.parts.items():
             if part.read_state().get("phase") == "done":
                 continue
-            if not settled(grouped.get(pid, []), cancelled=cancelled) or unloaded_parts(part):
+            records = grouped.get(pid, [])
+            if not settled(records, cancelled=cancelled) or unloaded_parts(part):
                 continue
-            materialize_partition(self.ctx, self.job, part, grouped.get(pid, []), cancelled=cancelled)
+            cut_short = cancelled and not settled(records, cancelled=False)
+            materialize_partition(self.ctx, self.job, part, records, cancelled=cut_short)
 
     def all_done(self) -> bool:
         return all(p.read_state().get("phase") == "done" for p in self.parts.values())
