@@ -400,8 +400,7 @@ class AssetStatus:
                 "status": "fresh" if self.fresh else "stale", "reasons": self.reasons}
 
 
-VERSIONED_PARAMS = ("model", "dimensions", "task_version", "endpoint", "temperature", "max_output_tokens",
-                    "document_token_budget")
+VERSIONED_PARAMS = ("model", "dimensions", "endpoint", "temperature", "max_output_tokens", "document_token_budget")
 SHARD_LIMITS = ("max_requests_per_batch", "max_bytes_per_batch", "safety_margin", "max_inputs_per_batch",
                 "max_inputs_per_request", "max_tokens_per_request", "max_tokens_per_input", "max_tokens_per_batch",
                 "over_limit", "enqueued_token_budget")
@@ -418,9 +417,14 @@ def settings_drift(recorded: dict[str, Any], current: dict[str, Any]) -> list[st
 
 def staleness(ctx: RunContext, job: Job, run: RunStore, pending_by_company: dict[str, int]) -> list[AssetStatus]:
     """Fresh or stale, with reasons, for every asset of every partition of `run` (the latest run of
-    `job`'s scope), given the source's pending units per company (`pending_by_company`)."""
+    `job`'s scope), given the source's pending units per company (`pending_by_company`: units
+    new or changed since the run, counted against the run's own task version, so that a new
+    task version is named as such and not as every unit being new)."""
     info = run.read_run()
-    drift = settings_drift(info.get("params", {}), job.params())
+    recorded = info.get("params", {})
+    drift = settings_drift(recorded, job.params())
+    old_version, new_version = recorded.get("task_version"), getattr(job, "task_version", None)
+    version_changed = f"task version changed: {old_version} -> {new_version}" if old_version != new_version else ""
     scope = job_scope(job)
     out: list[AssetStatus] = []
     for part in run.partitions():
@@ -441,6 +445,8 @@ def staleness(ctx: RunContext, job: Job, run: RunStore, pending_by_company: dict
                 failed = [c["name"] for c in m.get("checks", []) if not c.get("passed")]
                 if failed:
                     reasons.append(f"failed check(s): {', '.join(failed)}")
+            if spec.key == "chunks" and version_changed:
+                reasons.append(version_changed)
             if spec.key == "chunks" and pending:
                 reasons.append(f"{pending} new or changed source unit(s)")
             if spec.key == "chunks" and drift:

@@ -199,7 +199,8 @@ def tasks() -> None:
     for col in ("task", "version", "unit", "endpoint", "prompt", "description"):
         t.add_column(col, no_wrap=col in ("task", "version"))
     for task in list_tasks():
-        t.add_row(task.name, task.task_version(prompts), task.unit, task.endpoint, task.prompt, task.description)
+        version = task.task_version(prompts, task.model_params(s.inference))
+        t.add_row(task.name, version, task.unit, task.endpoint, task.prompt, task.description)
     console.print(t)
 
 

@@ -69,13 +69,24 @@ def test_editing_a_prompt_makes_the_task_assets_stale(settings_factory: Any, tmp
     shutil.copytree(REPO / "prompts", prompts)
     with RunContext(settings_factory(prompts_dir=str(prompts))) as ctx:
         targets = seed(ctx, 12, companies=1)
-        runner.execute(ctx, InferenceJob(ctx, targets, "classify"))
+        first = runner.execute(ctx, InferenceJob(ctx, targets, "classify"))
         assert {r["status"] for r in statuses(ctx).values()} == {"fresh"}
         prompt = next((prompts / "classify").glob("*.md"))
-        prompt.write_text(prompt.read_text() + "\nBe concise.\n")
+        source = prompt.read_text()
+        # the maintainer notes are not sent: editing them changes no version and re-sends nothing
+        prompt.write_text(source.replace("Notes for maintainers", "Notes for maintainers (reviewed)", 1))
+        assert {r["status"] for r in statuses(ctx).values()} == {"fresh"}
+        again = runner.execute(ctx, InferenceJob(ctx, targets, "classify"))
+        assert again["plan"]["requests"] == 0
+        # what is sent changed: the reason is the task version, not "new or changed source units"
+        prompt.write_text(source + "\nBe concise.\n")
+        new_version = InferenceJob(ctx, targets, "classify").task_version
+        old_version = first["params"]["task_version"]
+        assert new_version != old_version
         rows = statuses(ctx)
         chunks = rows[("inference", "chunks", "p0000")]
-        assert chunks["status"] == "stale" and any("task_version" in r for r in chunks["reasons"])
+        assert chunks["status"] == "stale"
+        assert chunks["reasons"] == [f"task version changed: {old_version} -> {new_version}"]
         runner.execute(ctx, InferenceJob(ctx, targets, "classify"))
         rows = statuses(ctx)
         fresh_scope = [r for r in runner.asset_status(ctx) if r["run_id"] == max(r["run_id"] for r in rows.values())]

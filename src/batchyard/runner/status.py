@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections import defaultdict
 from typing import TYPE_CHECKING, Any
 
@@ -67,12 +68,23 @@ def asset_status(ctx: RunContext, *, job_name: str | None = None) -> list[dict[s
         latest[recorded] = (run, job)  # runs are listed oldest first
     out: list[dict[str, Any]] = []
     for scope, (run, job) in sorted(latest.items()):
-        pending = pending_by_company(job)
+        pending = pending_by_company(as_recorded(job, run))
         for status in staleness(ctx, job, run, pending):
             row = status.to_json()
             row["scope"] = scope
-            if job_scope(job) != scope:
+            if job_scope(job) != scope and not row["reasons"]:  # a cause staleness() does not name
                 row["status"] = "stale"
-                row["reasons"] = [*row["reasons"], f"now {job_scope(job)}"]
+                row["reasons"] = [f"now {job_scope(job)}"]
             out.append(row)
     return out
+
+
+def as_recorded(job: Job, run: RunStore) -> Job:
+    """`job` selecting by the run's own task version: what is new in the source since the run,
+    apart from a version change (which `staleness` names on its own)."""
+    recorded = run.read_run().get("params", {}).get("task_version")
+    if recorded is None or getattr(job, "task_version", recorded) == recorded:
+        return job
+    then = copy.copy(job)
+    then.task_version = recorded  # type: ignore[attr-defined]
+    return then
