@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import polars as pl
 
 from batchyard.crash import crashpoint
-from batchyard.errors import ApiTerminalError, LedgerError
+from batchyard.errors import ApiTerminalError, BatchyardError, LedgerError, in_shard
 from batchyard.schemas import FAILURES
 from batchyard.stages.join import OUTCOMES, next_attempt
 from batchyard.stages.plan import shard_bytes
@@ -161,35 +161,69 @@ def select_submittable(records: Sequence[ShardRecord], throttle: Throttle, *, no
 
 
 def submit_shard(part: PartitionStore, api: BatchApi, name: str) -> ShardRecord:
-    """Upload a shard attempt and create its batch (resuming whatever a crash interrupted)."""
+    """Upload a shard attempt and create its batch (resuming whatever a crash interrupted).
+
+    An input file the provider no longer has (expired, deleted) is uploaded again from staging
+    (sha256 checked) instead of creating with a dead id. Any failure's message names the run
+    and the shard.
+    """
     ledger = Ledger(part)
     rec = ledger.load(name)
+    try:
+        return _submit(part, api, ledger, rec)
+    except BatchyardError as exc:
+        raise in_shard(exc, rec.run_id, rec.key)  # noqa: B904 - the same exception, re-raised
+
+
+def _submit(part: PartitionStore, api: BatchApi, ledger: Ledger, rec: ShardRecord) -> ShardRecord:
     resumed = rec.state
     if rec.state == "planned":
         rec = ledger.move(rec, "uploading", intent_at=_iso_now())
     if rec.state == "uploading":
-        data = part.staging.read_bytes(part.rel("shards", f"{name}.jsonl"))
-        if hashlib.sha256(data).hexdigest() != rec.sha256:
-            raise LedgerError(rec.key, "shard file does not match its recorded sha256")
-        file_id = None
-        if resumed == "uploading":
-            file_id = api.find_file(rec.upload_filename, len(data), since=_since(rec))
-        file_id = file_id or api.upload(rec.upload_filename, data)
-        crashpoint("after_upload")
-        rec = ledger.move(rec, "uploaded", file_id=file_id)
+        rec = _upload(part, api, ledger, rec, adopt=resumed == "uploading")
     if rec.state == "uploaded":
         rec = ledger.move(rec, "creating", intent_at=_iso_now())
     if rec.state == "creating":
         batch = api.find_batch(rec.metadata(), since=_since(rec)) if resumed == "creating" else None
         if batch is not None:
             log.warning("shard %s: adopted existing batch %s", rec.key, batch["id"])
-        batch = batch or api.create_batch(rec.file_id or "", rec.endpoint, rec.metadata(), since=_since(rec))
+        else:
+            rec, batch = _create(part, api, ledger, rec)
         crashpoint("after_create")
         rec = ledger.move(
             rec, "submitted", batch_id=batch["id"], batch_status=batch["status"], created_at=float(batch["created_at"])
         )
         log.info("shard %s: batch %s created (%s)", rec.key, rec.batch_id, rec.batch_status)
     return rec
+
+
+def _upload(part: PartitionStore, api: BatchApi, ledger: Ledger, rec: ShardRecord, *, adopt: bool) -> ShardRecord:
+    """`uploading` -> `uploaded`: the staged shard file (its sha256 checked), or, after a crash
+    (`adopt`), the file the interrupted upload left on the server."""
+    data = part.staging.read_bytes(part.rel("shards", f"{rec.name}.jsonl"))
+    if hashlib.sha256(data).hexdigest() != rec.sha256:
+        raise LedgerError(rec.key, f"shards/{rec.name}.jsonl does not match its recorded sha256; nothing was sent")
+    file_id = api.find_file(rec.upload_filename, len(data), since=_since(rec)) if adopt else None
+    file_id = file_id or api.upload(rec.upload_filename, data)
+    crashpoint("after_upload")
+    return ledger.move(rec, "uploaded", file_id=file_id)
+
+
+def _create(part: PartitionStore, api: BatchApi, ledger: Ledger, rec: ShardRecord
+            ) -> tuple[ShardRecord, dict[str, Any]]:
+    """Create the batch; when the provider lost the input file, upload the shard again once."""
+    try:
+        return rec, api.create_batch(rec.file_id or "", rec.endpoint, rec.metadata(), since=_since(rec))
+    except ApiTerminalError:
+        if not rec.file_id or api.file_exists(rec.file_id):
+            raise
+    log.warning("shard %s: the provider no longer has input file %s; uploading the shard again from staging",
+                rec.key, rec.file_id)
+    rec = ledger.move(rec, "uploading", note=f"input file {rec.file_id} gone at the provider: uploading again",
+                      file_id=None, intent_at=_iso_now())
+    rec = _upload(part, api, ledger, rec, adopt=False)
+    rec = ledger.move(rec, "creating", intent_at=_iso_now())
+    return rec, api.create_batch(rec.file_id or "", rec.endpoint, rec.metadata(), since=_since(rec))
 
 
 def _iso_now() -> str:

@@ -8,7 +8,8 @@ planned ──▶ uploading ──▶ uploaded ──▶ creating ──▶ subm
                │ crash: look for the      │ crash: adopt the batch     (batch terminal; files
                │ uploaded file, else      │ whose metadata matches,    downloaded into staging
                ▼ upload again             ▼ else create               (`downloaded`), then parsed
-                                                                      in `collected`)
+                                          │ (input file gone at the    in `collected`)
+                                          ▼ provider: back to uploading)
 ```
 
 `requeue()` sends a shard whose batch failed with `token_limit_exceeded` back to `uploaded`
@@ -42,7 +43,7 @@ _NEXT: dict[str, set[str]] = {
     "planned": {"uploading", "submitted"},  # submitted at once: the real-time lane
     "uploading": {"uploaded"},
     "uploaded": {"creating", "submitted"},
-    "creating": {"submitted"},
+    "creating": {"submitted", "uploading"},  # uploading again: the provider lost the input file
     "submitted": {"submitted", "ended"},
     "ended": {"ended", "collected", "uploaded"},
     "collected": set(),
