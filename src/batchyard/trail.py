@@ -144,12 +144,17 @@ class _Trail:
             "n_inputs": req["n_inputs"], "tokens": req["tokens"], "bytes": req["bytes"], "line": req["line"],
         }
         ledger = Ledger(part)
-        attempt = 1
-        while ledger.exists(f"{req['shard']}.{attempt}"):
-            rec = ledger.load(f"{req['shard']}.{attempt}")
-            if attempt > 1 and not _rows(part, "followups", pl.col("custom_id") == req["custom_id"], names=[rec.name]):
+        shard, attempt, custom_id = req["shard"], 1, req["custom_id"]
+        while ledger.exists(f"{shard}.{attempt}"):
+            rec = ledger.load(f"{shard}.{attempt}")
+            if attempt > 1 and not _rows(part, "followups", pl.col("custom_id") == custom_id, names=[rec.name]):
                 break  # settled in an earlier attempt
-            self.out["attempts"].append(self.attempt(part, rec, req["custom_id"], unit, sent_as))
+            self.out["attempts"].append(self.attempt(part, rec, custom_id, unit, sent_as))
+            if rec.split_into:  # re-planned under the provider's limit: follow the unit into its new shard
+                moved = _rows(part, "followups", pl.col("unit_ids").list.contains(sent_as), names=rec.split_into)
+                if not moved:
+                    break
+                shard, custom_id = moved[0]["shard"], moved[0]["custom_id"]
             attempt += 1
 
     def attempt(

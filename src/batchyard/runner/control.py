@@ -152,7 +152,7 @@ def rematerialize(ctx: RunContext, run_id: str, *, start: str) -> dict[str, Any]
     for part in parts:
         if start == "results":
             for rec in Ledger(part).all():
-                if rec.state == "collected" and rec.batch_status != "failed":
+                if rec.state == "collected" and rec.batch_status != "failed" and not rec.split_into:
                     batches.recollect_shard(part, rec, job, retries)
         for name in part.staging.list(part.rel("loads"), ".json"):
             part.staging.delete(part.rel("loads", name))
