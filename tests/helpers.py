@@ -106,6 +106,7 @@ def assert_one_batch_per_submission(ctx: RunContext, run: RunStore) -> None:
 
 def assert_vectors_match(ctx: RunContext, results: pl.DataFrame, collection: str, dims: int) -> None:
     """Milvus holds each result once, with the hash executor's vector of its chunk text."""
+    from batchyard.clients.milvus import get_rows
     from batchyard.localapi.executors import hash_embedding
 
     client = ctx.milvus
@@ -113,7 +114,7 @@ def assert_vectors_match(ctx: RunContext, results: pl.DataFrame, collection: str
     ids = results["chunk_id"].to_list()
     got = {}
     for i in range(0, len(ids), 500):
-        for row in client.get(collection, ids=ids[i : i + 500], output_fields=["chunk_id", "vector"]):
+        for row in get_rows(client, collection, ids[i : i + 500], ["chunk_id", "vector"]):
             got[row["chunk_id"]] = np.asarray(row["vector"], dtype=np.float32)
     assert set(got) == set(ids)
     texts = {d["_id"]: d["text"] for d in ctx.store.chunks.find({"_id": {"$in": ids}}, {"text": 1})}

@@ -339,13 +339,15 @@ def _sinks_match_results(ctx: RunContext, job: Job, part: PartitionStore) -> Che
         return CheckResult("sinks_match_results", "sinks", True, "nothing to load")
     results = pl.concat(frames, how="diagonal_relaxed")
     if job.kind == "embeddings":
+        from batchyard.clients.milvus import get_rows
+
         ids = results["chunk_id"].to_list()
         found = 0
         client = ctx.milvus
         name = job.collection  # type: ignore[attr-defined]
         client.load_collection(name)  # a new process (a resumed run) starts with it released
         for i in range(0, len(ids), 1000):
-            found += len(client.get(name, ids=ids[i : i + 1000], output_fields=["chunk_id"]))
+            found += len(get_rows(client, name, ids[i : i + 1000], ["chunk_id"]))
         fields = ctx.settings.mongo.fields
         path = f"{fields.marks}.{job.emb.space}.run_id"  # type: ignore[attr-defined]
         marked = 0

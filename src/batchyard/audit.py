@@ -435,9 +435,10 @@ class _Auditor:
                   ("sha256 of the plan's request lines", hashlib.sha256(shard_bytes(plan["line"])).hexdigest()))
         lines = len(data.splitlines()) if data is not None else 0
         self.same(f"{key}: requests", ("ledger n_requests", rec.n_requests), (f"lines of shards/{name}.jsonl", lines))
-        if rec.state in _UPLOADED and not rec.file_id:
+        unsent = bool(rec.split_into) and rec.batch_id is None  # re-planned before it was sent
+        if rec.state in _UPLOADED and not rec.file_id and not unsent:
             self.differ(f"{key}: file id", f"a file id (state {rec.state})", "none in the ledger")
-        if rec.state in _CREATED and not rec.batch_id:
+        if rec.state in _CREATED and not rec.batch_id and not unsent:
             self.differ(f"{key}: batch id", f"a batch id (state {rec.state})", "none in the ledger")
         self.tables["sent"].append({
             "partition": rec.partition, "shard": rec.shard, "attempt": rec.attempt, "state": rec.state,
@@ -451,7 +452,7 @@ class _Auditor:
         if parsed is None:
             self.differ(f"{key}: parsed", "parsed/ for a collected attempt", f"no parsed/{name}.parquet")
             return
-        if rec.batch_status != "failed":
+        if rec.batch_status != "failed" and not unsent:
             self.received(part, rec, plan, parsed)
         self.parsed(part, rec, plan, parsed)
 
@@ -560,6 +561,9 @@ class _Auditor:
         failures = _frame(part, "failures", f"{name}.parquet")
         self.same_units(f"{key}: failed units = failures", ("failed units in parsed", failed["unit_id"]),
                         (f"failures/{name}.parquet", _ids(failures, "unit_id")))
+        if rec.split_into:
+            self.split(part, rec, parsed)
+            return
         pending = parsed.filter(pl.col("final") == "pending")["custom_id"].unique()
         nxt = f"{rec.shard}.{rec.attempt + 1}"
         followup = _frame(part, "followups", f"{nxt}.parquet")
@@ -568,6 +572,21 @@ class _Auditor:
                             (f"followups/{nxt}.parquet", _ids(followup, "custom_id")))
             if not Ledger(part).exists(nxt):
                 self.differ(f"{key}: next attempt", f"a ledger record for {nxt}", "none")
+
+    def split(self, part: PartitionStore, rec: ShardRecord, parsed: pl.DataFrame) -> None:
+        """A re-planned attempt (over the provider's limit): its pending units are the units of the
+        shards it was re-planned into, each in exactly one (their custom_ids may differ)."""
+        key = rec.key
+        pending = parsed.filter(pl.col("final") == "pending")["unit_id"]
+        plans = [_frame(part, "followups", f"{n}.parquet") for n in rec.split_into]
+        units = [p.select(pl.col("unit_ids").explode())["unit_ids"] for p in plans if p is not None]
+        self.same_units(f"{key}: pending units = re-planned shards", ("pending units in parsed", pending),
+                        (f"units of followups/{{{','.join(rec.split_into)}}}",
+                         pl.concat(units) if units else pl.Series("unit_id", [], pl.String)))
+        missing = [n for n, p in zip(rec.split_into, plans, strict=True) if p is None or not Ledger(part).exists(n)]
+        if missing:
+            self.differ(f"{key}: re-planned shards", f"a plan and a ledger record for each of {rec.split_into}",
+                        f"none for {missing}")
 
     # settlement and loading
 
@@ -644,8 +663,10 @@ def sink_rows(ctx: RunContext, job: Job, sink: str, rows: pl.DataFrame) -> dict[
         client = ctx.milvus
         if not client.has_collection(coll):
             return {}
+        from batchyard.clients.milvus import get_rows
+
         client.load_collection(coll)
-        got = client.get(coll, ids=rows["chunk_id"].to_list(), output_fields=["chunk_id", "run_id"])
+        got = get_rows(client, coll, rows["chunk_id"].to_list(), ["chunk_id", "run_id"])
         return {g["chunk_id"]: g.get("run_id") for g in got}
     if sink == "mongo.marks":
         from batchyard.stages.snapshot import get_path, mark_path, mongo_id

@@ -208,7 +208,8 @@ def tasks() -> None:
     for col in ("task", "version", "unit", "endpoint", "prompt", "description"):
         t.add_column(col, no_wrap=col in ("task", "version"))
     for task in list_tasks():
-        t.add_row(task.name, task.task_version(prompts), task.unit, task.endpoint, task.prompt, task.description)
+        version = task.task_version(prompts, task.model_params(s.inference))
+        t.add_row(task.name, version, task.unit, task.endpoint, task.prompt, task.description)
     console.print(t)
 
 
@@ -399,8 +400,9 @@ def _print_run(info: dict[str, Any]) -> None:
     if lanes:
         t.add_row("lanes", ", ".join(f"{k}: {v['tokens']:,} tokens, ${v['usd']:.4f}" for k, v in lanes.items()))
     for r in info.get("loads", []):
-        t.add_row(f"load {r.get('sink')}", f"{r.get('target')}: rows={r.get('rows')}, upserted={r.get('upserted')}, "
-                  f"modified={r.get('modified')}, parts={r.get('parts')}")
+        imported = f"imported={r['imported']}, " if r.get("imported") else ""  # Milvus bulk import
+        t.add_row(f"load {r.get('sink')}", f"{r.get('target')}: rows={r.get('rows')}, {imported}"
+                  f"upserted={r.get('upserted')}, modified={r.get('modified')}, parts={r.get('parts')}")
     unmatched = info.get("targets_unmatched")
     if unmatched:
         t.add_row("unmatched targets", ", ".join(unmatched))
@@ -626,7 +628,9 @@ def cancel(
             out = runner.cancel(ctx, run_id, wait_s=wait_s)
     except BatchyardError as exc:
         _fail(exc)
-    if out["driven_by"]:
+    if out["ended"]:
+        console.print(f"run {run_id} already ended ({out['ended']}): nothing to cancel, nothing changed")
+    elif out["driven_by"]:
         owner = out["driven_by"]["owner"]
         state = "acknowledged" if out["acknowledged"] else "recorded (not yet acknowledged)"
         console.print(f"run {run_id}: cancel {state}; the process driving it ({owner}) cancels its live batches, "

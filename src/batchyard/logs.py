@@ -2,6 +2,9 @@
 
 - `configure_logging(level)`: the CLI's handler for batchyard's loggers, and the noise filters;
   `terminal_level()` tells flows that the CLI chose a level (they keep it, not INFO).
+- `OneLineErrors`: without `--verbose`, Prefect's flow and task run loggers keep the one line
+  of a batchyard error (whose message names what failed) but not its traceback: the CLI
+  prints that error as one line anyway.
 - `silence_noise()`: loggers of libraries that are chatty or print spurious tracebacks:
   Milvus Lite answers a client probe (`AllocTimestamp`) it does not implement, and gRPC logs
   that as an ERROR with a traceback on every load; HTTP client request lines; uvicorn access
@@ -36,6 +39,21 @@ NOISY = {
 }
 
 
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class OneLineErrors(logging.Filter):
+    """Drops the traceback of a record whose exception is a `BatchyardError` (the line stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from batchyard.errors import BatchyardError
+
+        exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else None
+        if isinstance(exc, BatchyardError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def silence_noise() -> None:
     """Raise the level of the known noisy loggers (idempotent)."""
     for name, level in NOISY.items():
@@ -61,3 +79,9 @@ def configure_logging(level: int = logging.WARNING) -> None:
     for handler in root.handlers:
         if getattr(handler, "_batchyard", False):
             handler.setLevel(level)
+    for name in PREFECT_RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, OneLineErrors)]:
+            logger.removeFilter(f)
+        if level > logging.INFO:  # --verbose keeps the tracebacks
+            logger.addFilter(OneLineErrors())

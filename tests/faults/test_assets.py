@@ -97,10 +97,18 @@ def test_editing_a_prompt_makes_the_task_assets_stale(settings_factory: Any, tmp
         assert {r["status"] for r in statuses(ctx).values()} == {"fresh"}
         old = first["params"]["task_version"]
         prompt = next((prompts / "classify").glob("*.md"))
-        prompt.write_text(prompt.read_text() + "\nBe concise.\n")
-        row = statuses(ctx)["inference", company]
+        source = prompt.read_text()
+        # the maintainer notes are not sent: editing them changes no version and re-sends nothing
+        prompt.write_text(source.replace("Notes for maintainers", "Notes for maintainers (reviewed)", 1))
+        assert {r["status"] for r in statuses(ctx).values()} == {"fresh"}
+        again = runner.execute(ctx, InferenceJob(ctx, targets, "classify"))
+        assert again["plan"]["requests"] == 0
+        # what is sent changed: the reason is the task version, not "new or changed source units"
+        prompt.write_text(source + "\nBe concise.\n")
         new = InferenceJob(ctx, targets, "classify").task_version
-        assert row["status"] == "stale" and f"task version changed: {old} -> {new}" in row["reasons"]
+        assert new != old
+        row = statuses(ctx)["inference", company]
+        assert row["status"] == "stale" and row["reasons"] == [f"task version changed: {old} -> {new}"]
         runner.execute(ctx, InferenceJob(ctx, targets, "classify"))
         assert statuses(ctx)["inference", company]["status"] == "fresh"
 
@@ -124,3 +132,26 @@ def test_a_failed_check_marks_the_asset_stale_and_the_run_exits_5(settings_facto
         # the next run prunes the orphan vector and the key is fresh again
         again = runner.execute(ctx, EmbeddingsJob(ctx, targets))
         assert again["final"]["pruned"] == 1 and statuses(ctx)["embeddings", company]["status"] == "fresh"
+
+
+def test_load_receipts_and_the_sinks_asset_count_units_not_rows_summed_over_sinks(settings_factory: Any) -> None:
+    # embeddings load each unit into two sinks (Milvus and the MongoDB marks): the top-level
+    # `rows` of a receipt and of the sinks asset are the units loaded, the per-sink rows stay per sink
+    with RunContext(settings_factory(run={"partition_max_chunks": 30},
+                                     limits={"max_inputs_per_batch": 20, "max_inputs_per_request": 10})) as ctx:
+        info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, 60)))
+        run = run_of(ctx, info)
+        assert info["final"]["results"] == 60
+        for part in run.partitions():
+            receipts = [ctx.staging.read_json(part.rel("loads", n))
+                        for n in ctx.staging.list(part.rel("loads"), ".json")]
+            assert receipts
+            for receipt in receipts:
+                part_rows = ctx.staging.count_rows(part.rel("results", f"{receipt['part']}.parquet"))
+                assert receipt["rows"] == part_rows
+                assert {s["sink"]: s["rows"] for s in receipt["sinks"]} == {"milvus": part_rows,
+                                                                           "mongo.marks": part_rows}
+            results = sum(ctx.staging.count_rows(part.rel("results", f"{n}.parquet")) for n in part.parts("results"))
+            assert read_manifest(part, "sinks")["rows"] == results
+        assert read_manifest(run, "sinks")["rows"] == 60
+        assert {t["sink"]: t["rows"] for t in info["loads"]} == {"milvus": 60, "mongo.marks": 60}

@@ -394,6 +394,15 @@ def count(client: MilvusClient, name: str, *, filter: str = "") -> int:
     return int(res[0]["count(*)"]) if res else 0
 
 
+def get_rows(client: MilvusClient, name: str, ids: list[str], output_fields: list[str]) -> list[dict[str, Any]]:
+    """The entities of `ids`, read with strong consistency.
+
+    A check or audit that runs right after a load must see what that load wrote; a server's
+    default consistency (Bounded, a few seconds of staleness) may not show it yet.
+    """
+    return list(client.get(name, ids=ids, output_fields=output_fields, consistency_level="Strong"))
+
+
 def vectors_by_text(client: MilvusClient, name: str, shas: list[str], *, batch: int = 500) -> pl.DataFrame:
     """One stored vector per text sha256 found in the collection (for re-using embeddings).
 

@@ -167,11 +167,12 @@ def scope_status(ctx: RunContext, scope: str, *, check: bool = False) -> list[Ke
                 continue  # a key that never had a unit (a bucket of a small delta)
             if rec is None:
                 row.reasons.append("never materialized")
-            if row.pending:
+            recorded_version = (rec or {}).get("code_version")
+            if recorded_version and job.selection_version and recorded_version != job.selection_version:
+                # every unit is pending then: the version is the reason
+                row.reasons.append(f"task version changed: {recorded_version} -> {job.selection_version}")
+            elif row.pending:
                 row.reasons.append(f"{row.pending} new or changed unit(s) in the source")
-            if rec is not None and rec.get("code_version") and job.selection_version \
-                    and rec["code_version"] != job.selection_version:
-                row.reasons.append(f"task version changed: {rec['code_version']} -> {job.selection_version}")
             if latest.get("checks_failed"):
                 row.reasons.append(f"failed check(s): {', '.join(latest['checks_failed'])}")
             recorded = entry.get("sink_rows", {}).get("rows")

@@ -133,6 +133,22 @@ class Job(ABC):
     def load_part(self, part: PartitionStore, results: pl.DataFrame) -> list[dict[str, Any]]:
         """Load one results part into the sinks (idempotent upserts); returns load receipts."""
 
+    def replan_requests(
+        self, part: PartitionStore, requests: pl.DataFrame, max_tokens: int
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Re-cut one shard attempt's requests into shards of at most `max_tokens` tokens.
+
+        For a shard over the provider's enqueued-token limit. Requests are kept whole (an
+        inference request is one unit); one over `max_tokens` on its own can never be queued.
+        Returns (the requests with `shard` set per new shard, in order; the unfittable units:
+        `unit_id`, `tokens`).
+        """
+        fits = requests.filter(pl.col("tokens") <= max_tokens)
+        unfit = requests.filter(pl.col("tokens") > max_tokens).select(unit_id="unit_ids", tokens="tokens")
+        caps = planning.ShardLimits.from_settings(self.ctx.settings.limits)
+        caps = planning.ShardLimits(caps.max_requests, caps.max_bytes, caps.max_inputs, max_tokens)
+        return planning.assign_shards(fits, caps), unfit.explode("unit_id")
+
     # shared
 
     def chunks(self, part: PartitionStore) -> pl.DataFrame:

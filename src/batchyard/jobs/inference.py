@@ -35,7 +35,7 @@ class InferenceJob(Job):
         self.task = get_task(task_name)
         self.inf = ctx.settings.inference
         self.prompts_dir = resolve_prompts_dir(ctx.settings.prompts_dir)
-        self.task_version = self.task.task_version(self.prompts_dir)
+        self.task_version = self.task.task_version(self.prompts_dir, self.task.model_params(self.inf))
 
     @property
     def name(self) -> str:

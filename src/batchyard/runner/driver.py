@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import polars as pl
 
+from batchyard import quota
 from batchyard.assets import run_checks, write_manifest
 from batchyard.corpus.lifecycle import materialize_keys
 from batchyard.errors import RunBusy
@@ -83,6 +84,8 @@ class _Driver:
         self.cancel_event = threading.Event()
         self._limits: RateLimits | None = None
         self.retries = batches.Retries.from_settings(ctx.settings.limits, ctx.settings.provider, ctx.settings.lane)
+        self.provider = quota.provider_key(ctx.settings.provider)
+        self.learned = quota.learned_limits(run.read_run(), self.provider)  # model -> stated limit
 
     def claim(self) -> None:
         """Lease open partitions (at most `run.partitions_per_driver` at a time) and load their records.
@@ -141,10 +144,37 @@ class _Driver:
         api = self.ctx.api
         found = batches.poll_batches(api, self.records.values())
         for rec in [r for r in self.records.values() if r.batch_id in found and r.state == "submitted"]:
-            self.keep([batches.observe(self.parts[rec.partition], rec, found[rec.batch_id or ""])])
+            new = batches.observe(self.parts[rec.partition], rec, found[rec.batch_id or ""])
+            self.keep([new])
+            if new.batch_status == "failed":
+                self.learn(new)
         ended = [r for r in self.records.values() if r.state == "ended" and not r.downloaded and r.batch_status != "failed"]
         self.io(lambda r: batches.download_shard(self.parts[r.partition], api, r.name), ended)
         return len(found)
+
+    def learn(self, rec: ShardRecord) -> None:
+        """Remember the enqueued-token limit a refused batch states (`batchyard.quota`)."""
+        limit = quota.refusal_limit(rec.errors)
+        if limit is None or self.learned.get(rec.model) == limit:
+            return
+        self.learned[rec.model] = limit
+        quota.learn(self.run, self.provider, rec.model, limit, shard=rec.key)
+        budget = self.ctx.settings.limits.enqueued_token_budget
+        log.warning("run %s: the provider states a limit of %s enqueued tokens for %s; shards are held to %s",
+                    self.run.run_id, f"{limit:,}", rec.model,
+                    quota.describe_cap(quota.effective_cap(budget, limit), budget, rec.model))
+
+    def replan_over_limit(self, throttle: batches.Throttle) -> int:
+        """Re-plan waiting shard attempts larger than their model's learned limit before they are
+        sent (each would only be refused), and finish re-plans a crash interrupted."""
+        budget = self.ctx.settings.limits.enqueued_token_budget
+        over = [r for r in self.records.values()
+                if r.state in ("planned", "uploaded") and r.lane == "batch" and self.lane != "realtime"
+                and (r.split_cap is not None or (r.model in self.learned and r.tokens > throttle.budget(r.model)))]
+        for rec in over:
+            cap = rec.split_cap or throttle.budget(rec.model)
+            self.keep(batches.split_shard(self.parts[rec.partition], rec.name, self.job, cap, budget=budget))
+        return len(over)
 
     def submit(self, chosen: Sequence[ShardRecord]) -> int:
         api = self.ctx.api
@@ -212,7 +242,9 @@ class _Driver:
             if rt:
                 self.timed("realtime", lambda: self.engine.run("realtime", lambda: self.realtime(rt)))
             taken = {r.key for r in rt}
-            throttle = batches.Throttle.from_limits(self.ctx.settings.limits)
+            throttle = batches.Throttle.from_limits(self.ctx.settings.limits, self.learned)
+            if self.learned or any(r.split_cap is not None for r in self.records.values()):
+                self.timed("replan", lambda: self.engine.run("replan", lambda: self.replan_over_limit(throttle)))
             waiting = [r for r in self.records.values() if r.key not in taken]
             chosen = batches.select_submittable(waiting, throttle, now=time.time())
             if chosen:
@@ -222,14 +254,20 @@ class _Driver:
         return after != before or bool(loaded)
 
     def finalize_done(self, *, cancelled: bool) -> None:
-        """Finish every leased partition whose shard attempts are settled and loaded."""
+        """Finish every leased partition whose shard attempts are settled and loaded.
+
+        Under a cancel, a partition counts as cancelled only when the cancel left work undone
+        (attempts still waiting); one whose every attempt was collected simply finished.
+        """
         grouped = self.by_part()
         for pid, part in self.parts.items():
             if part.read_state().get("phase") == "done":
                 continue
-            if not settled(grouped.get(pid, []), cancelled=cancelled) or unloaded_parts(part):
+            records = grouped.get(pid, [])
+            if not settled(records, cancelled=cancelled) or unloaded_parts(part):
                 continue
-            materialize_partition(self.ctx, self.job, part, grouped.get(pid, []), cancelled=cancelled)
+            cut_short = cancelled and not settled(records, cancelled=False)
+            materialize_partition(self.ctx, self.job, part, records, cancelled=cut_short)
 
     def all_done(self) -> bool:
         return all(p.read_state().get("phase") == "done" for p in self.parts.values())

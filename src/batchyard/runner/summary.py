@@ -92,7 +92,9 @@ def finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
     parts = run.partitions()
     if any(p.read_state().get("phase") != "done" for p in parts):
         return info
-    cancelled = info.get("state") == "cancelled"
+    # cancelled only when the cancel left work undone in some partition (not when it arrived
+    # after the last batch had finished)
+    cancelled = info.get("state") == "cancelled" and any(p.read_state().get("cancelled") for p in parts)
     summary = run_summary(ctx, job, run)
     manifests = write_run_manifests(run)
     summary["checks_failed"] = sorted({c for m in manifests.values() for c in m["checks_failed"]})
