@@ -214,6 +214,7 @@ def run_realtime(
     *,
     limits: RateLimits | None = None,
     cancel: threading.Event | None = None,
+    encoding: str | None = None,
 ) -> ShardRecord:
     """Send a shard attempt's lines to the synchronous endpoints; stage the answers like a batch's.
 
@@ -221,9 +222,11 @@ def run_realtime(
     (`outputs/<name>.rt/<slice>.jsonl`, errors alike), so a crash re-sends at most one slice and
     a resumed attempt skips the slices already answered. Once every slice is answered, they are
     joined into `outputs/<name>.jsonl` and `errors/<name>.jsonl` and the attempt is `ended` as a
-    `completed` batch of the `realtime` lane.
+    `completed` batch of the `realtime` lane, with the usage its answers carry (as a batch
+    reports it). Requests are fitted to the lane's window (`clients/realtime.py`: an embeddings
+    request is sent as several calls, with `encoding` to count its inputs).
     """
-    from batchyard.clients.realtime import run_shard
+    from batchyard.clients.realtime import add_counts, run_shard, usage_of
 
     ledger = Ledger(part)
     rec = ledger.load(name)
@@ -241,9 +244,10 @@ def run_realtime(
         if st.exists(out_rel):
             continue
         answered = run_shard(client, zip(lines[lo : lo + step], tokens[lo : lo + step], strict=True),
-                             settings.realtime, limits=limits, cancel=cancel)
+                             settings.realtime, limits=limits, cancel=cancel, encoding=encoding)
         st.write_bytes(part.rel("errors", f"{name}.rt", f"{k:05d}.jsonl"), answered.errors)
         st.write_bytes(out_rel, answered.output)  # last: its presence marks the slice answered
+        rec = ledger.move(rec, "submitted", realtime=add_counts(dict(rec.realtime or {}), answered.stats.as_dict()))
         crashpoint("during_realtime")
     slices = st.list(part.rel("outputs", f"{name}.rt"), ".jsonl")
     output = b"".join(st.read_bytes(part.rel("outputs", f"{name}.rt", n)) for n in slices)
@@ -251,10 +255,13 @@ def run_realtime(
     st.write_bytes(part.rel("outputs", f"{name}.jsonl"), output)
     st.write_bytes(part.rel("errors", f"{name}.jsonl"), errors)
     n_out, n_err = output.count(b"\n"), errors.count(b"\n")
-    log.info("shard %s: %d request(s) answered real-time (%d ok lines, %d error lines)",
-             rec.key, len(lines), n_out, n_err)
+    stats = rec.realtime or {}
+    log.info("shard %s: %d request(s) answered real-time in %d call(s), %d attempt(s), retries %s "
+             "(%d ok lines, %d error lines)", rec.key, len(lines), stats.get("calls", 0), stats.get("attempts", 0),
+             stats.get("retries") or "none", n_out, n_err)
     counts = {"total": len(lines), "completed": n_out, "failed": n_err}
-    return ledger.observe(rec, {"status": "completed", "request_counts": counts}, downloaded=True)
+    return ledger.observe(rec, {"status": "completed", "request_counts": counts, "usage": usage_of(output)},
+                          downloaded=True)
 
 
 # track
