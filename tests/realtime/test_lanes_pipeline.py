@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pytest
 
 from batchyard import runner
+from batchyard.audit import audit_run
 from batchyard.context import RunContext
 from batchyard.jobs.embeddings import EmbeddingsJob
+from batchyard.jobs.inference import InferenceJob
+from batchyard.pricing import DEFAULT_PRICES
 from batchyard.storage.ledger import run_records
 from tests.helpers import (
     assert_every_unit_settled_once,
@@ -118,3 +123,59 @@ def test_realtime_under_a_429_storm_stores_each_result_once(settings_factory: An
         from batchyard.clients.milvus import count
 
         assert count(ctx.milvus, job.collection) == 80
+
+
+def test_a_realtime_run_reports_the_providers_usage_is_audited_and_creates_no_batch(
+    settings_factory: Any, tmp_path: Path
+) -> None:
+    ctx, info = embed(settings_factory, tmp_path / "rt", 300, mode="realtime")
+    try:
+        final, tokens = info["final"], info["plan"]["tokens"]
+        assert final["results"] == 300 and runner.exit_code(info) == 0
+        # every staged answer carries its usage: the summary reports it, priced real-time
+        assert final["usage"]["input_tokens"] == tokens > 0
+        price = DEFAULT_PRICES["text-embedding-3-small"].input_per_1m
+        assert final["cost_reported_usd"] == pytest.approx(tokens * price / 1e6, abs=1e-6)
+        assert final["lanes"] == {"realtime": {"input_tokens": tokens, "output_tokens": 0,
+                                               "usd": final["cost_reported_usd"]}}
+        # no batch was created, and the summary does not claim one
+        assert final["batches"] == 0 and final["realtime_requests"] == info["plan"]["requests"]
+        assert "Batch API" not in info["provider"] and "real-time endpoints" in info["provider"]
+        assert server_batches(ctx, info["run_id"]) == []
+        records = run_records(run_of(ctx, info))
+        assert all(r.usage and r.usage["input_tokens"] == r.tokens for r in records)
+        assert sum(r.realtime["calls"] for r in records if r.realtime) == info["plan"]["requests"]
+        # the audit checks real-time attempts by what they have, and passes
+        report = audit_run(ctx, run_of(ctx, info))
+        assert report.ok, [str(d) for d in report.differences]
+        assert all(row["lane"] == "realtime" and row["file_id"] is None for row in report.tables["sent"])
+        # ... and still bites: an answer removed from the joined output is named
+        rec = records[0]
+        part = run_of(ctx, info).partition(rec.partition)
+        out = part.rel("outputs", f"{rec.name}.jsonl")
+        ctx.staging.write_bytes(out, b"".join(ctx.staging.read_bytes(out).splitlines(keepends=True)[1:]))
+        broken = audit_run(ctx, run_of(ctx, info), sinks=False)
+        checks = {d.check for d in broken.differences}
+        assert {f"{rec.key}: outputs = real-time slices", f"{rec.key}: real-time answers",
+                f"{rec.key}: real-time usage"} <= checks
+    finally:
+        ctx.close()
+
+
+def test_a_realtime_inference_run_prices_input_and_output(settings_factory: Any, tmp_path: Path) -> None:
+    shutil.copytree(Path(__file__).resolve().parents[2] / "prompts", tmp_path / "prompts")
+    s = settings_factory(prompts_dir=str(tmp_path / "prompts"), lane={"mode": "realtime", "realtime": FAST})
+    with RunContext(s) as ctx:
+        info = runner.execute(ctx, InferenceJob(ctx, seed(ctx, 40), "classify"))
+        final = info["final"]
+        assert final["results"] == 40 and runner.exit_code(info) == 0
+        used = final["usage"]
+        assert used["input_tokens"] > 0 and used["output_tokens"] > 0
+        price = DEFAULT_PRICES["gpt-4.1-mini"]
+        usd = (used["input_tokens"] * price.input_per_1m + used["output_tokens"] * price.output_per_1m) / 1e6
+        lane = final["lanes"]["realtime"]
+        assert (lane["input_tokens"], lane["output_tokens"]) == (used["input_tokens"], used["output_tokens"])
+        assert lane["usd"] == final["cost_reported_usd"] == pytest.approx(usd, abs=1e-6)
+        report = audit_run(ctx, run_of(ctx, info))
+        assert report.ok, [str(d) for d in report.differences]
+
