@@ -104,6 +104,27 @@ def test_auto_finishes_the_tail_of_an_expiring_backfill_realtime(settings_factor
         assert info["timings"].get("wait", 0) < 30, "the tail did not wait out a 30 s requeue backoff"
 
 
+def test_auto_fits_the_tail_to_the_lanes_window(settings_factory: Any) -> None:
+    # batches keep expiring: requests past the requeue limit go real-time, where one window admits
+    # less than one request (10 inputs): they are sent in calls that fit, not failed
+    s = settings_factory(
+        lane={"mode": "auto", "auto_max_tokens": 0, "tail_max_tokens": 0,
+              "realtime": {"tokens_per_minute": 60 * 1_000, "rate_window_s": 1.0, "requests_per_minute": 60_000}},
+        provider={"local": {"faults": {"expire_after_fraction": 0.5}}},
+        limits={"max_inputs_per_batch": 40, "max_inputs_per_request": 10, "max_requeues": 1},
+    )
+    with RunContext(s) as ctx:
+        info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, 60)))
+        records = run_records(run_of(ctx, info))
+        tail = [r for r in records if r.lane == "realtime"]
+        assert tail and max(r.tokens / r.n_requests for r in tail) > 1_000, "tail requests exceed a window"
+        assert runner.exit_code(info) == 0 and info["final"]["failures_by_code"] == {}
+        assert sum(r.realtime["split"] for r in tail if r.realtime) > 0
+        results, _ = assert_every_unit_settled_once(ctx, run_of(ctx, info))
+        assert results.height == 60 and set(results["lane"]) == {"batch", "realtime"}
+        assert_vectors_match(ctx, results, EmbeddingsJob(ctx, None).collection, 16)  # type: ignore[arg-type]
+
+
 def test_realtime_under_a_429_storm_stores_each_result_once(settings_factory: Any) -> None:
     s = settings_factory(
         lane={"mode": "realtime", "slice_requests": 5,
@@ -170,7 +191,7 @@ def test_a_realtime_inference_run_prices_input_and_output(settings_factory: Any,
         final = info["final"]
         assert final["results"] == 40 and runner.exit_code(info) == 0
         used = final["usage"]
-        assert used["input_tokens"] > 0 and used["output_tokens"] > 0
+        assert used["input_tokens"] == info["plan"]["tokens"] > 0 and used["output_tokens"] > 0
         price = DEFAULT_PRICES["gpt-4.1-mini"]
         usd = (used["input_tokens"] * price.input_per_1m + used["output_tokens"] * price.output_per_1m) / 1e6
         lane = final["lanes"]["realtime"]
