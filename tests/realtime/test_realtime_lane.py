@@ -31,6 +31,7 @@ from batchyard.clients.realtime import (
     compact_json,
     merge_embeddings,
     parse_lines,
+    plan_calls,
     retry_after_s,
     run_shard,
     usage_of,
@@ -476,6 +477,18 @@ def test_a_chat_request_that_can_never_fit_fails_naming_the_setting(start_server
     _, outcomes = inference_outcomes(task, task.endpoint, chat, [ln for ln in lines if ln["custom_id"] == cid],
                                      batch_ended_as="completed")
     assert outcome_of(outcomes) == {cid: ("fail", "request_too_large")}
+
+
+def test_each_call_fits_the_window_whatever_split_tokens_says() -> None:
+    limits = RateLimits(RealtimeSettings(tokens_per_minute=6000, rate_window_s=1.0))  # 100 tokens a window
+    inputs = ["word " * 30] * 10  # 31 tokens each
+    line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
+                       "body": {"model": "text-embedding-3-small", "input": inputs}})
+    (req,) = parse_lines([(line, 310)])
+    calls = plan_calls(req, limits, split_tokens=10_000)
+    assert isinstance(calls, list)
+    assert [(c.first, c.inputs, c.tokens) for c in calls] == [(0, 3, 93), (3, 3, 93), (6, 3, 93), (9, 1, 31)]
+    assert [c.body["input"] for c in calls] == [inputs[0:3], inputs[3:6], inputs[6:9], inputs[9:]]
 
 
 def test_merged_embeddings_keep_every_field_and_shift_each_index() -> None:

@@ -154,7 +154,8 @@ class RealtimeSettings(BaseModel):
         gt=0,
         description="An embeddings request over this many tokens is sent as several calls of at "
         "most this many (its inputs are independent; the answers are merged into the request's "
-        "one output line). Default: a quarter of the tokens one window admits.",
+        "one output line). Default: a quarter of the tokens one window admits; never more than "
+        "a window.",
     )
 
 
@@ -673,14 +674,14 @@ def plan_calls(
 ) -> list[_Call] | bytes:
     """The calls that send `req` within the lane's limits, or its error line when it can never fit.
 
-    An embeddings request over `split_tokens` is cut into consecutive slices of its `input`
-    (next fit over the exact token count of each input, `encoding` or the model's); any other
-    request is one call.
+    An embeddings request over `split_tokens` (or over a window) is cut into consecutive slices
+    of its `input` (next fit over the exact token count of each input, `encoding` or the
+    model's), each within both; any other request is one call.
     """
     inputs = req.body.get("input")
     splittable = (req.path == "/embeddings" and isinstance(inputs, list) and len(inputs) > 1
                   and all(isinstance(x, str) for x in inputs))
-    if not splittable or req.tokens <= split_tokens:
+    if not splittable or (req.tokens <= split_tokens and limits.fits(req.tokens)):
         if limits.fits(req.tokens):
             return [_Call(req, req.body, req.tokens)]
         return failed_line(req.custom_id, "request_too_large", limits.too_large(f"request {req.custom_id}", req.tokens))
@@ -693,7 +694,7 @@ def plan_calls(
     calls: list[_Call] = []
     first = tokens = 0
     for i, n in enumerate(counts):
-        if i > first and tokens + n > split_tokens:
+        if i > first and (tokens + n > split_tokens or not limits.fits(tokens + n)):  # each call fits a window
             calls.append(_Call(req, {**req.body, "input": inputs[first:i]}, tokens, first, i - first))
             first, tokens = i, 0
         tokens += n
