@@ -20,6 +20,7 @@ from batchyard.storage.ledger import run_records
 from tests.helpers import (
     assert_every_unit_settled_once,
     assert_vectors_match,
+    planned_run,
     run_of,
     seed,
     server_batches,
@@ -123,6 +124,42 @@ def test_auto_fits_the_tail_to_the_lanes_window(settings_factory: Any) -> None:
         results, _ = assert_every_unit_settled_once(ctx, run_of(ctx, info))
         assert results.height == 60 and set(results["lane"]) == {"batch", "realtime"}
         assert_vectors_match(ctx, results, EmbeddingsJob(ctx, None).collection, 16)  # type: ignore[arg-type]
+
+
+def test_a_crash_mid_shard_resends_at_most_one_window_of_tokens(
+    settings_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchyard.stages import batches
+
+    window = 3_000  # tokens a window admits: 180k a minute, counted per second
+    lane = {"mode": "realtime", "realtime": {"tokens_per_minute": 60 * window, "rate_window_s": 1.0,
+                                             "requests_per_minute": 60_000}}
+    s = settings_factory(lane=lane, limits={"max_inputs_per_batch": 400, "max_inputs_per_request": 4})
+    with RunContext(s) as ctx:
+        run = planned_run(ctx, EmbeddingsJob(ctx, seed(ctx, 60)))
+        (rec,) = run_records(run)
+        part, client = run.partition(rec.partition), ctx.api.client
+
+        def crash(point: str) -> None:
+            if point == "during_realtime":
+                raise RuntimeError("power cut")
+
+        monkeypatch.setattr(batches, "crashpoint", crash)
+        with pytest.raises(RuntimeError, match="power cut"):
+            batches.run_realtime(part, client, rec.name, s.lane)
+        monkeypatch.undo()
+        (first,) = ctx.staging.list(part.rel("outputs", f"{rec.name}.rt"), ".jsonl")
+        lo, hi = (int(x) for x in first.removesuffix(".jsonl").split("-"))
+        plan = batches.attempt_requests(part, rec.shard, rec.attempt)
+        assert lo == 0 and 0 < hi < plan.height and int(plan["tokens"][:hi].sum()) <= window
+        done = batches.run_realtime(part, client, rec.name, s.lane)
+        assert done.state == "ended" and done.request_counts == {"total": plan.height, "completed": plan.height,
+                                                                 "failed": 0}
+        # nothing was sent twice across the crash: each call's body reached the server once
+        calls = ctx._server.sync_calls()  # type: ignore[union-attr]
+        assert {c.status for c in calls} == {200} and len({c.digest for c in calls}) == len(calls)
+        assert done.realtime is not None and done.realtime["calls"] == len(calls) >= plan.height
+        assert done.usage is not None and done.usage["input_tokens"] == int(plan["tokens"].sum())
 
 
 def test_realtime_under_a_429_storm_stores_each_result_once(settings_factory: Any) -> None:
