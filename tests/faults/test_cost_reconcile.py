@@ -61,3 +61,23 @@ def test_cancel_and_resume_count_each_finished_request_once(settings_factory: An
         assert info["state"] == "finished"
         assert_every_unit_settled_once(ctx, run)
         assert_reconciled(info)
+
+
+def test_without_batch_usage_the_plan_prices_what_finished(settings_factory: Any) -> None:
+    # a provider that reports no batch usage: the planned tokens of the requests that came back ok
+    faults, local, limits = SCENARIOS["repeated expiry"]
+    s = settings_factory(provider={"local": {"faults": faults, **local}},
+                         limits={"max_inputs_per_batch": 40, "max_inputs_per_request": 10, **limits})
+    with RunContext(s) as ctx:
+        info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, N)))
+        run = run_of(ctx, info)
+        ran = 0
+        for rec in run_records(run):
+            part = run.partition(rec.partition)
+            ledger = part.rel("ledger", f"{rec.name}.json")
+            ctx.staging.write_json(ledger, {**ctx.staging.read_json(ledger), "usage": None})
+            ran += rec.state == "collected"
+        final = runner.run_summary(ctx, runner.job_for_run(ctx, run), run)
+        assert final["usage_from_plan"] == ran > 3
+        assert final["lanes"]["batch"]["input_tokens"] == final["usage"]["input_tokens"] == info["plan"]["tokens"]
+        assert final["cost_reported_usd"] == info["final"]["cost_estimate_usd"]
