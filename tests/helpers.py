@@ -44,6 +44,20 @@ def planned_run(ctx: RunContext, job: Any) -> RunStore:
     return run
 
 
+def cancelled_run(ctx: RunContext, job: Any) -> tuple[RunStore, dict[str, Any]]:
+    """A new run of `job`, driven for three rounds, then cancelled while batches are live."""
+    from batchyard import runner
+    from batchyard.storage.ledger import run_records
+
+    run = planned_run(ctx, job)
+    runner.drive(ctx, job, run, max_rounds=3, poll_interval=0.1)
+    assert any(r.state == "submitted" for r in run_records(run)), "batches must be live when we cancel"
+    runner.cancel(ctx, run.run_id)
+    info = runner.continue_run(ctx, job, run)
+    assert info["state"] == "cancelled"
+    return run, info
+
+
 def run_of(ctx: RunContext, info: dict[str, Any]) -> RunStore:
     return RunStore(ctx.staging, info["job"], info["run_id"])
 

@@ -383,13 +383,15 @@ def _run_prefect(kind: str, targets: Path | None, *, task: str | None, run_id: s
 
 
 def _print_run(info: dict[str, Any]) -> None:
+    from batchyard.pricing import figure
+
     t = Table(title=f"run {info['run_id']} ({info['job']}): {info['state']}", title_justify="left")
     t.add_column("stage", no_wrap=True)
     t.add_column("figures")
     for key in ("snapshot", "plan", "final"):
         if key in info:
             val = {k: v for k, v in info[key].items() if not isinstance(v, dict)}
-            t.add_row(key, ", ".join(f"{k}={v}" for k, v in val.items()))
+            t.add_row(key, ", ".join(f"{k}={figure(k, v)}" for k, v in val.items()))
     cost = _cost_line(info.get("final", {}))
     if cost:
         t.add_row("cost", cost)
@@ -398,7 +400,7 @@ def _print_run(info: dict[str, Any]) -> None:
         t.add_row("failures", ", ".join(f"{k}={v}" for k, v in by_code.items()))
     lanes = info.get("final", {}).get("lanes")
     if lanes:
-        t.add_row("lanes", ", ".join(f"{k}: {v['tokens']:,} tokens, ${v['usd']:.4f}" for k, v in lanes.items()))
+        t.add_row("lanes", _lanes_line(lanes))
     for r in info.get("loads", []):
         imported = f"imported={r['imported']}, " if r.get("imported") else ""  # Milvus bulk import
         t.add_row(f"load {r.get('sink')}", f"{r.get('target')}: rows={r.get('rows')}, {imported}"
@@ -417,7 +419,10 @@ def _print_run(info: dict[str, Any]) -> None:
 
 
 def _cost_line(final: dict[str, Any]) -> str:
-    """The plan's cost estimate next to what the provider reported using (batch prices)."""
+    """The plan's cost estimate, at the prices of the lane(s) the run used, next to the cost of
+    what the provider reported using (each lane at its price)."""
+    from batchyard.pricing import usd
+
     if "cost_estimate_usd" not in final:
         return ""
     tokens = final.get("cost_estimate_tokens")
@@ -425,10 +430,27 @@ def _cost_line(final: dict[str, Any]) -> str:
     if tokens:
         out = f" + at most {tokens['output_max']:,} output" if tokens.get("output_max") else ""
         planned = f" ({tokens.get('input', 0):,} input tokens{out})"
+    lanes = set(final.get("lanes") or {})
+    realtime = usd(final.get("cost_estimate_realtime_usd", 0.0))
+    if lanes == {"realtime"}:
+        estimate = f"estimate {realtime} at real-time prices{planned}"
+    else:
+        both = f", {realtime} real-time" if "realtime" in lanes else ""
+        estimate = f"estimate {usd(final['cost_estimate_usd'])} at batch prices{both}{planned}"
     usage = final.get("usage", {})
     used = ", ".join(f"{k}={v:,}" for k, v in usage.items() if k in ("input_tokens", "output_tokens")) or "none"
-    return (f"estimate ${final['cost_estimate_usd']:.6f}{planned} · "
-            f"reported ${final.get('cost_reported_usd', 0.0):.6f} (provider usage: {used})")
+    return f"{estimate} · reported {usd(final.get('cost_reported_usd', 0.0))} (provider usage: {used})"
+
+
+def _lanes_line(lanes: dict[str, Any]) -> str:
+    """Per lane: the tokens the provider finished and their cost at that lane's price."""
+    from batchyard.pricing import usd
+
+    def one(name: str, v: dict[str, Any]) -> str:
+        out = f" + {v['output_tokens']:,} output" if v.get("output_tokens") else ""
+        return f"{name}: {v.get('input_tokens', 0):,} input{out} tokens, {usd(v['usd'])}"
+
+    return ", ".join(one(k, v) for k, v in lanes.items())
 
 
 def _report(info: dict[str, Any], as_json: bool) -> NoReturn:
@@ -763,7 +785,8 @@ _AUDIT_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "rejected": [("stage", "stage"), ("code", "code"), ("units", "units")],
     "planned": [("partition", "partition"), ("units", "units"), ("sent", "sent"), ("aliases", "aliases"),
                 ("reused", "reused"), ("requests", "requests"), ("shards", "shards"), ("tokens", "tokens")],
-    "sent": [("shard", "shard attempt"), ("state", "state"), ("sha256", "sha256 (verified)"), ("file_id", "file id"),
+    "sent": [("shard", "shard attempt"), ("lane", "lane"), ("state", "state"), ("sha256", "sha256 (verified)"),
+             ("file_id", "file id"),
              ("batch_id", "batch id"), ("requests", "requests"), ("inputs", "inputs"),
              ("request_counts", "provider counts")],
     "received": [("shard", "shard attempt"), ("status", "batch"), ("sent", "sent"), ("output", "output lines"),

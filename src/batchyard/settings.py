@@ -318,7 +318,8 @@ class LaneSettings(BaseModel):
                                        description="Rates, concurrency and retries of the real-time lane.")
     slice_requests: int = Field(
         default=100, gt=0, le=50_000,
-        description="Real-time answers are staged every this many requests, so a crash re-sends at most one slice.",
+        description="Real-time answers are staged every this many requests (and at most every window of the lane's "
+        "tokens), so a crash re-sends at most one slice.",
     )
 
 

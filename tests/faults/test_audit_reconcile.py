@@ -129,16 +129,12 @@ def test_a_partitioned_run_reconciles_partition_by_partition(settings_factory: A
 
 
 def test_a_cancelled_run_reconciles_before_and_after_resume(settings_factory: Any) -> None:
-    from tests.helpers import planned_run
+    from tests.helpers import cancelled_run
 
     s = settings_factory(provider={"local": {"seconds_per_request": 0.05, "faults": {"cancelling_s": 0.2}}},
                          limits={"max_inputs_per_batch": 30, "max_inputs_per_request": 3})
     with RunContext(s) as ctx:
-        job = EmbeddingsJob(ctx, seed(ctx, N))
-        run = planned_run(ctx, job)
-        runner.drive(ctx, job, run, max_rounds=3, poll_interval=0.1)
-        runner.cancel(ctx, run.run_id)
-        assert runner.continue_run(ctx, job, run)["state"] == "cancelled"
+        run, _ = cancelled_run(ctx, EmbeddingsJob(ctx, seed(ctx, N)))
     cancelled = audited(s, run.run_id)
     assert_reconciles(cancelled)
     assert {r["code"] for r in cancelled.tables["failed"]} == {"run_cancelled"}

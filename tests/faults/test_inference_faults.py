@@ -117,8 +117,9 @@ BATCH_FAULTS = {
     "expiry": ({"expire_after_requests": 3, "expire_batches": 1}, {}),
     "server_cancel": ({"cancel_after_requests": 2, "cancel_batches": 1, "cancelling_s": 0.2}, {}),
     "validation_failure": ({"validation_failure": True, "validation_fail_batches": 1}, {}),
-    # the server counts about 10k tokens per shard of 8 requests: one shard fits the cap, two do not
-    "token_limit": ({"enqueued_token_cap": 15_000}, {"enqueued_token_budget": 1_000_000}),
+    # the server counts 10k-17k tokens per shard (8 prompts with their schema): one shard fits the cap,
+    # two do not
+    "token_limit": ({"enqueued_token_cap": 20_000}, {"enqueued_token_budget": 1_000_000}),
     "transient_http": ({"transient_error_rate": 0.3, "seed": 9}, {}),
 }
 

@@ -224,6 +224,18 @@ def test_injected_429_carries_retry_after(make_server: MakeServer) -> None:
     assert (r.headers["retry-after"], r.headers["retry-after-ms"]) == ("1", "250")
 
 
+def test_every_nth_call_is_answered_429_whatever_its_body(make_server: MakeServer) -> None:
+    server = make_server(faults={"sync_429_every": 4, "sync_retry_after_s": 0.5})
+    calls = [("/embeddings", {"model": MODEL, "input": f"t{i % 3}"}) for i in range(9)]
+    calls += [("/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})] * 3
+    answers = [post(server, path, body) for path, body in calls]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429] * 3
+    limited = answers[3]
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert (limited.headers["retry-after"], limited.headers["retry-after-ms"]) == ("1", "500")
+    assert [c.status for c in server.sync_calls()] == [200, 200, 200, 429] * 3
+
+
 def test_injected_5xx_and_slow_answers(make_server: MakeServer) -> None:
     failing = make_server(faults={"sync_5xx_rate": 1.0, "sync_5xx_statuses": [502, 503]})
     statuses = {post(failing, "/embeddings", {"model": MODEL, "input": f"t{i}"}).status_code for i in range(12)}

@@ -9,6 +9,7 @@ import polars as pl
 
 from batchyard.crash import crashpoint
 from batchyard.jobs.base import Job, with_columns_of
+from batchyard.prompt_tokens import prompt_token_counts
 from batchyard.stages import plan as planning
 from batchyard.stages.join import INFERENCE_ROWS, inference_outcomes, read_json_lines
 from batchyard.tasks.prompts import resolve_prompts_dir
@@ -108,7 +109,8 @@ class InferenceJob(Job):
             units, model=self.model, endpoint=self.endpoint, temperature=self.inf.temperature,
             max_output_tokens=self.inf.max_output_tokens, prompts_dir=self.prompts_dir,
         )
-        bodies = bodies.with_columns(tokens=planning.token_counts(bodies["body"], encoding))
+        # what the provider bills for each prompt (messages, their overhead, the schema), not the JSON
+        bodies = bodies.with_columns(tokens=prompt_token_counts(bodies["body"], self.endpoint, encoding))
         requests = planning.inference_requests(bodies, endpoint=self.endpoint)
         return self.write_plan(part, requests, rejects, units)
 

@@ -64,6 +64,13 @@ class FaultConfig(BaseModel):
         description="Share of synchronous calls (/v1/embeddings, /v1/chat/completions, "
         "/v1/responses) answered 429 with a Retry-After, as a rate limit would.",
     )
+    sync_429_every: int | None = Field(
+        default=None,
+        ge=1,
+        description="Answer every Nth synchronous call 429 (the 4th, 8th, ... with 4), counted "
+        "over all synchronous calls in arrival order: a deterministic rate-limit pattern, "
+        "whatever the bodies (with sync_retry_after_s).",
+    )
     sync_retry_after_s: float = Field(
         default=1.0,
         ge=0,

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchyard.localapi import shapes
-from batchyard.localapi.texts import embedding_inputs, prompt_texts
+from batchyard.localapi.texts import embedding_inputs
+from batchyard.prompt_tokens import prompt_tokens
 from batchyard.tokens import count_tokens, encoding_for_model
 
 MAX_REQUESTS = 50_000
@@ -204,9 +205,9 @@ def _check_body(endpoint: str, body: dict[str, Any], lineno: int, errs: _Errors)
 def _count_tokens(result: ValidationResult, endpoint: str, errs: _Errors) -> None:
     """Fill `prompt_tokens` of every request; embeddings inputs over the limits are errors."""
     encoding = encoding_for_model(result.model or "")
-    if endpoint != "/v1/embeddings":
+    if endpoint != "/v1/embeddings":  # as OpenAI bills a prompt: messages, their overhead, the schema
         for req in result.requests:
-            req.prompt_tokens = sum(count_tokens(prompt_texts(endpoint, req.body), encoding))
+            req.prompt_tokens = prompt_tokens(endpoint, req.body, encoding)
         return
     total_inputs = 0
     for req in result.requests:

@@ -57,6 +57,7 @@ from batchyard.context import RunContext, RunRef, context_for, register, run_ref
 from batchyard.errors import RunBusy, TerminalError  # noqa: E402
 from batchyard.logs import silence_noise, terminal_level  # noqa: E402
 from batchyard.orchestration.options import RunOptions, SettingsOptions, merge_overrides  # noqa: E402
+from batchyard.pricing import figure  # noqa: E402
 from batchyard.settings import load_settings  # noqa: E402
 from batchyard.storage.runs import RunStore, find_run  # noqa: E402
 from batchyard.targets import load_targets  # noqa: E402
@@ -367,7 +368,7 @@ def _finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
     final = info.get("final", {})
     rows = {**info.get("plan", {}), **{k: v for k, v in final.items() if not isinstance(v, dict)}}
     create_table_artifact(
-        [{"metric": k, "value": v} for k, v in rows.items()],
+        [{"metric": k, "value": figure(k, v)} for k, v in rows.items()],
         key=f"{run.run_id.lower()}-summary",
         description=f"{job.name} run {run.run_id}: {info.get('state')}",
     )

@@ -190,8 +190,9 @@ class _Driver:
             self._limits = RateLimits(lane.realtime)
         client = self.ctx.api.client
         limits = self._limits
+        encoding = self.ctx.settings.embedding.encoding  # what the plan counted embeddings inputs with
         self.io(lambda r: batches.run_realtime(self.parts[r.partition], client, r.name, lane, limits=limits,
-                                               cancel=self.cancel_event), chosen)
+                                               cancel=self.cancel_event, encoding=encoding), chosen)
         return len(chosen)
 
     def realtime_due(self) -> list[ShardRecord]:

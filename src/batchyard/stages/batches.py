@@ -264,16 +264,22 @@ def run_realtime(
     *,
     limits: RateLimits | None = None,
     cancel: threading.Event | None = None,
+    encoding: str | None = None,
 ) -> ShardRecord:
     """Send a shard attempt's lines to the synchronous endpoints; stage the answers like a batch's.
 
-    The answers are staged every `settings.slice_requests` requests
-    (`outputs/<name>.rt/<slice>.jsonl`, errors alike), so a crash re-sends at most one slice and
-    a resumed attempt skips the slices already answered. Once every slice is answered, they are
-    joined into `outputs/<name>.jsonl` and `errors/<name>.jsonl` and the attempt is `ended` as a
-    `completed` batch of the `realtime` lane.
+    The answers are staged slice by slice (`outputs/<name>.rt/<first>-<end>.jsonl`: the
+    attempt's requests first..end-1, errors alike). A slice holds at most
+    `settings.slice_requests` requests and at most one window of the lane's tokens (a larger
+    request is a slice of its own), so a crash re-sends at most that much, and a resumed attempt
+    sends only the requests no staged slice holds, whatever the settings are by then. Once every
+    request is answered, the slices are joined in order into `outputs/<name>.jsonl` and
+    `errors/<name>.jsonl` and the attempt is `ended` as a `completed` batch of the `realtime`
+    lane, with the usage its answers carry (as a batch reports it). Requests are fitted to the
+    lane's window (`clients/realtime.py`: an embeddings request is sent as several calls, with
+    `encoding` to count its inputs).
     """
-    from batchyard.clients.realtime import run_shard
+    from batchyard.clients.realtime import RateLimits, add_counts, run_shard, usage_of
 
     ledger = Ledger(part)
     rec = ledger.load(name)
@@ -285,15 +291,16 @@ def run_realtime(
     st = part.staging
     lines = st.read_bytes(part.rel("shards", f"{name}.jsonl")).splitlines()
     tokens = attempt_requests(part, rec.shard, rec.attempt)["tokens"].to_list()
-    step = settings.slice_requests
-    for k, lo in enumerate(range(0, len(lines), step)):
-        out_rel = part.rel("outputs", f"{name}.rt", f"{k:05d}.jsonl")
-        if st.exists(out_rel):
-            continue
-        answered = run_shard(client, zip(lines[lo : lo + step], tokens[lo : lo + step], strict=True),
-                             settings.realtime, limits=limits, cancel=cancel)
-        st.write_bytes(part.rel("errors", f"{name}.rt", f"{k:05d}.jsonl"), answered.errors)
-        st.write_bytes(out_rel, answered.output)  # last: its presence marks the slice answered
+    limits = limits or RateLimits(settings.realtime)
+    staged = [_slice_range(n) for n in st.list(part.rel("outputs", f"{name}.rt"), ".jsonl")]
+    done = {i for r in staged if r for i in range(*r)}
+    for lo, hi in realtime_slices(tokens, done, max_requests=settings.slice_requests, max_tokens=limits.max_tokens):
+        answered = run_shard(client, zip(lines[lo:hi], tokens[lo:hi], strict=True),
+                             settings.realtime, limits=limits, cancel=cancel, encoding=encoding)
+        st.write_bytes(part.rel("errors", f"{name}.rt", f"{lo:06d}-{hi:06d}.jsonl"), answered.errors)
+        # last: its presence marks the slice answered
+        st.write_bytes(part.rel("outputs", f"{name}.rt", f"{lo:06d}-{hi:06d}.jsonl"), answered.output)
+        rec = ledger.move(rec, "submitted", realtime=add_counts(dict(rec.realtime or {}), answered.stats.as_dict()))
         crashpoint("during_realtime")
     slices = st.list(part.rel("outputs", f"{name}.rt"), ".jsonl")
     output = b"".join(st.read_bytes(part.rel("outputs", f"{name}.rt", n)) for n in slices)
@@ -301,10 +308,39 @@ def run_realtime(
     st.write_bytes(part.rel("outputs", f"{name}.jsonl"), output)
     st.write_bytes(part.rel("errors", f"{name}.jsonl"), errors)
     n_out, n_err = output.count(b"\n"), errors.count(b"\n")
-    log.info("shard %s: %d request(s) answered real-time (%d ok lines, %d error lines)",
-             rec.key, len(lines), n_out, n_err)
+    stats = rec.realtime or {}
+    log.info("shard %s: %d request(s) answered real-time in %d slice(s), %d call(s), %d attempt(s), retries %s "
+             "(%d ok lines, %d error lines)", rec.key, len(lines), len(slices), stats.get("calls", 0),
+             stats.get("attempts", 0), stats.get("retries") or "none", n_out, n_err)
     counts = {"total": len(lines), "completed": n_out, "failed": n_err}
-    return ledger.observe(rec, {"status": "completed", "request_counts": counts}, downloaded=True)
+    return ledger.observe(rec, {"status": "completed", "request_counts": counts, "usage": usage_of(output)},
+                          downloaded=True)
+
+
+def _slice_range(name: str) -> tuple[int, int] | None:
+    """(first, end) of a staged slice named `<first>-<end>.jsonl`."""
+    first, _, end = name.removesuffix(".jsonl").partition("-")
+    return (int(first), int(end)) if first.isdigit() and end.isdigit() else None
+
+
+def realtime_slices(tokens: Sequence[int], done: set[int], *, max_requests: int,
+                    max_tokens: int) -> list[tuple[int, int]]:
+    """Consecutive ranges [first, end) of the requests not `done`, each at most `max_requests`
+    requests and `max_tokens` planned tokens (a larger request alone)."""
+    out: list[tuple[int, int]] = []
+    lo = 0
+    while lo < len(tokens):
+        if lo in done:
+            lo += 1
+            continue
+        hi, total = lo, 0
+        while (hi < len(tokens) and hi not in done and hi - lo < max_requests
+               and (hi == lo or total + tokens[hi] <= max_tokens)):
+            total += tokens[hi]
+            hi += 1
+        out.append((lo, hi))
+        lo = hi
+    return out
 
 
 # track

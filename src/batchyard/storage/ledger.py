@@ -92,6 +92,9 @@ class ShardRecord(BaseModel):
     downloaded: bool = False
     request_counts: dict[str, int] | None = None
     usage: dict[str, Any] | None = None
+    realtime: dict[str, Any] | None = None
+    """The real-time lane's own record: requests, calls (a split request makes several),
+    HTTP attempts, retries by reason, seconds waited (`LaneStats`, summed over slices)."""
     errors: list[dict[str, Any]] = Field(default_factory=list)
     outcome: dict[str, int] | None = None
     history: list[StatusEvent] = Field(default_factory=list)
