@@ -401,6 +401,10 @@ def _print_run(info: dict[str, Any]) -> None:
     lanes = info.get("final", {}).get("lanes")
     if lanes:
         t.add_row("lanes", _lanes_line(lanes))
+    queue = info.get("final", {}).get("queue") or {}
+    if "mean_fill_while_waiting" in queue:
+        t.add_row("provider queue", f"{queue['mean_fill_while_waiting']:.0%} full on average while work waited "
+                  f"({queue['seconds_waiting']:,} s; cap {queue['cap_tokens']:,} tokens)")
     for r in info.get("loads", []):
         imported = f"imported={r['imported']}, " if r.get("imported") else ""  # Milvus bulk import
         t.add_row(f"load {r.get('sink')}", f"{r.get('target')}: rows={r.get('rows')}, {imported}"
@@ -590,6 +594,26 @@ def resume(run_id: Annotated[str, typer.Argument(help="Run id.")], engine: Engin
     _report(info, as_json)
 
 
+def _print_queues(staging: Any, settings: Settings) -> None:
+    """The provider queues of the staging root: what every run holds against each cap."""
+    from batchyard.provider_queue import accounts
+
+    rows = accounts(staging)
+    if not rows:
+        return
+    budget = settings.limits.enqueued_token_budget
+    t = Table(title="provider queue (enqueued tokens reserved by every run and worker)", title_justify="left")
+    for col in ("account", "model", "batches", "reserved", "cap", "fill", "provider/ours", "runs"):
+        t.add_column(col, no_wrap=col in ("model", "batches"))
+    for q in rows:
+        cap = min(budget, q["stated_cap"]) if q["stated_cap"] else budget
+        t.add_row(q["account"], q["model"], str(q["reservations"]), f"{q['provider_tokens']:,}",
+                  f"{cap:,}" + (" (stated)" if q["stated_cap"] and q["stated_cap"] <= budget else ""),
+                  f"{q['provider_tokens'] / max(cap, 1):.0%}", f"{q['ratio']:.3f}", ", ".join(q["runs"][:3])
+                  + (f" (+{len(q['runs']) - 3})" if len(q["runs"]) > 3 else ""))
+    console.print(t)
+
+
 def _check_run_exists(run_id: str) -> None:
     from batchyard.errors import RunNotFound
     from batchyard.storage.runs import find_run
@@ -694,6 +718,7 @@ def status(
         for r in rows:
             t.add_row(*("" if v is None else str(v) for v in r.values()))
         console.print(t)
+        _print_queues(staging, s)
         return
     try:
         run = find_run(staging, run_id)

@@ -237,6 +237,11 @@ class LimitsSettings(BaseModel):
     enqueued_token_budget: int = Field(
         default=3_000_000, gt=0, description="Tokens allowed in non-terminal batches per model."
     )
+    enqueued_request_budget: int | None = Field(
+        default=1_000_000, gt=0,
+        description="Embeddings: requests allowed in non-terminal batches per model, across every run of the "
+        "account (OpenAI: 1,000,000 enqueued requests). None: no cap.",
+    )
     batches_per_hour: int = Field(default=2_000, gt=0, le=2_000, description="Batch creations per hour.")
     max_attempts: int = Field(
         default=3, ge=1, le=20, description="Attempts per request; expiry/cancel do not count."

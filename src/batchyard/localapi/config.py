@@ -45,6 +45,11 @@ class FaultConfig(BaseModel):
     )
     cancel_batches: int | None = Field(default=None, ge=0, description="Only the first N batches.")
     cancelling_s: float = Field(default=0.0, ge=0, description="Seconds a batch stays `cancelling`.")
+    token_count_factor: float = Field(
+        default=1.0, ge=0.5, le=2.0,
+        description="The server counts this many tokens per token of the exact count, in the enqueued-token "
+        "cap and in reported usage (a provider that counts differently from the client).",
+    )
     enqueued_token_cap: int | None = Field(
         default=None, gt=0, description="Fail new batches with `token_limit_exceeded` over this cap."
     )
@@ -141,6 +146,9 @@ class LocalApiConfig(BaseModel):
     forward_api_key: SecretStr | None = Field(default=None, description="Key for the forward target.")
     forward_concurrency: int = Field(default=4, gt=0, le=256, description="Parallel forwarded calls.")
     validating_s: float = Field(default=0.0, ge=0, description="Seconds a batch stays `validating`.")
+    in_progress_s: float = Field(
+        default=0.0, ge=0, description="Seconds a batch stays `in_progress` at least (a provider's batch latency)."
+    )
     seconds_per_request: float = Field(default=0.0, ge=0, description="Extra seconds per request.")
     finalizing_s: float = Field(default=0.0, ge=0, description="Seconds a batch stays `finalizing`.")
     shuffle_output: bool = Field(default=True, description="Write output lines in shuffled order.")

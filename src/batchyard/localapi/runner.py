@@ -105,6 +105,15 @@ class LocalServer:
         """
         return self._sync.calls() if self._sync is not None else []
 
+    def enqueued_tokens(self, model: str | None = None) -> int:
+        """Tokens (in the server's count) of the batches its enqueued-token cap counts now: those
+        in progress, finalizing or cancelling (of `model`, or of every model)."""
+        if self.store is None:
+            return 0
+        return sum(int(r.get("tokens") or 0) for r in self.store.batch_records()
+                   if r["batch"]["status"] in ("in_progress", "finalizing", "cancelling")
+                   and (model is None or r["batch"].get("model") == model))
+
     def start(self) -> LocalServer:
         """Start the worker and the HTTP server; returns self once the server answers."""
         if self._thread is not None:

@@ -49,10 +49,10 @@ CHAT_REQUESTS_PER_CHUNK = 64
 DEFAULT_FILE_TTL_S = shapes.BATCH_FILE_TTL_S
 
 
-def _counts(job: Job) -> tuple[dict[str, int], dict[str, Any]]:
+def _counts(job: Job, factor: float = 1.0) -> tuple[dict[str, int], dict[str, Any]]:
     return (
         {"total": len(job.requests), "completed": job.completed, "failed": job.failed},
-        shapes.usage(job.input_tokens, job.output_tokens),
+        shapes.usage(round(job.input_tokens * factor), job.output_tokens),
     )
 
 
@@ -200,7 +200,7 @@ class Worker:
                 and r["batch"]["status"] in ("in_progress", "finalizing", "cancelling")
                 and r["batch"]["model"] == result.model
             )
-            if queued + result.total_tokens > f.enqueued_token_cap:
+            if queued + round(result.total_tokens * f.token_count_factor) > f.enqueued_token_cap:
                 self.store.bump("token_limit_failed")
                 errors = [
                     shapes.batch_error(
@@ -222,7 +222,7 @@ class Worker:
                 model=result.model,
                 request_counts={"total": len(result.requests), "completed": 0, "failed": 0},
             )
-            r["tokens"] = result.total_tokens
+            r["tokens"] = round(result.total_tokens * self.faults.token_count_factor)
             return True
 
         job = Job(result.requests, self.store.progress_path(batch_id))
@@ -282,6 +282,9 @@ class Worker:
             self.store.bump("expired")
             return self._finish(batch_id, "expired")
         if not job.remaining:
+            started = rec["batch"].get("in_progress_at") or now
+            if now < started + self.config.in_progress_s:  # the provider's batch latency
+                return started + self.config.in_progress_s
 
             def to_finalizing(r: dict[str, Any]) -> None:
                 if r["batch"]["status"] == "in_progress":
@@ -296,7 +299,7 @@ class Worker:
         results = self._execute(rec["batch"]["endpoint"], chunk, batch_id)
         job.record(chunk, results)
         total_processed = self.store.bump("processed_requests", len(chunk))
-        counts, usage = _counts(job)
+        counts, usage = _counts(job, self.faults.token_count_factor)
 
         def apply(r: dict[str, Any]) -> None:
             r["batch"]["request_counts"] = counts
@@ -393,7 +396,7 @@ class Worker:
         fields: dict[str, Any] = {"status": status, stamp: int(now)}
         if job is not None:
             fields.update(self._write_results(batch_id, rec, job, status))
-            counts, usage = _counts(job)
+            counts, usage = _counts(job, self.faults.token_count_factor)
             fields.update(request_counts=counts, usage=usage)
 
         def apply(r: dict[str, Any]) -> None:

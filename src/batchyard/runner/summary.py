@@ -10,9 +10,10 @@ import polars as pl
 
 from batchyard.assets import write_run_manifests
 from batchyard.corpus.lifecycle import finish_run
+from batchyard.quota import TOKEN_LIMIT_CODE
 from batchyard.runner.loads import receipts, sink_totals, unloaded_parts
 from batchyard.schemas import FAILURES
-from batchyard.storage.ledger import Ledger
+from batchyard.storage.ledger import Ledger, run_records
 from batchyard.storage.runs import RunStore, utcnow
 
 if TYPE_CHECKING:
@@ -159,6 +160,13 @@ def finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
         figures = meta["targets"]
         summary["targets"] = {"target": figures["target"], "rows": figures["rows"],
                               "companies_touched": len(figures.get("by_company", {}))}
+    queue_rel = run.rel("queue.parquet")
+    if run.staging.exists(queue_rel):
+        from batchyard.provider_queue import mean_fill
+
+        summary["queue"] = mean_fill(run.staging.read_parquet(queue_rel))
+        summary["queue"]["refusals"] = sum(1 for r in run_records(run) for h in r.history
+                                           if h.note and TOKEN_LIMIT_CODE in h.note)
     lanes = set(summary["lanes"]) or {str(info.get("lane", "batch"))}
     return run.update_run(phase="done", state="cancelled" if cancelled else "finished", final=summary,
                           loads=sink_totals(loads), provider=ctx.provider_label_for(lanes),

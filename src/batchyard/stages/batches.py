@@ -120,13 +120,21 @@ class Retries:
 
 @dataclass(frozen=True)
 class Throttle:
-    """Admission limits for new batches."""
+    """Admission limits for new batches, and what the provider's queue already holds."""
 
     token_budget: int
     batches_per_hour: int
     max_live: int
     learned: Mapping[str, int] = field(default_factory=dict)
     """Model -> the enqueued-token limit the provider stated (`batchyard.quota`)."""
+    others: Mapping[str, int] = field(default_factory=dict)
+    """Model -> tokens (ours) other runs and workers of the account hold in the queue."""
+    others_requests: Mapping[str, int] = field(default_factory=dict)
+    """Model -> requests other runs and workers of the account hold in the queue."""
+    ratio: Mapping[str, float] = field(default_factory=dict)
+    """Model -> the provider's tokens per token of ours (learned; 1.0 when unknown)."""
+    request_budget: int | None = None
+    """Enqueued requests allowed per model (embeddings; None: no cap)."""
 
     @classmethod
     def from_limits(cls, limits: LimitsSettings, learned: Mapping[str, int] | None = None) -> Throttle:
@@ -138,22 +146,32 @@ class Throttle:
         """Tokens allowed in flight for `model`: the configured budget, or the stated limit if lower."""
         return effective_cap(self.token_budget, self.learned.get(model))
 
+    def fits(self, model: str, inflight: int, tokens: int) -> bool:
+        """Whether `tokens` more fit beside `inflight` (ours) under the budget, as the provider counts."""
+        from batchyard.provider_queue import fits
+
+        return fits(inflight, tokens, self.budget(model), self.ratio.get(model, 1.0))
+
 
 def select_submittable(records: Sequence[ShardRecord], throttle: Throttle, *, now: float) -> list[ShardRecord]:
     """Shard attempts to submit now, in order, keeping every model under its token budget.
 
     Interrupted submissions (uploading, creating) always continue: their tokens already count.
-    A shard held back by a backoff (`not_before`) waits, one being re-planned (`split_cap`) is
-    never sent. The queue is kept as full as the budget allows (per model: the configured
-    budget, or the provider's stated limit if lower): every shard that fits is admitted; a shard
+    What other runs of the account hold counts too (`throttle.others`), in the provider's count
+    (`throttle.ratio`). A shard held back by a backoff (`not_before`) waits, except one refused
+    for the queue's capacity while other batches held it: that one goes as soon as it fits again
+    (a batch ended), not after its backoff. One being re-planned (`split_cap`) is never sent.
+    The queue is kept as full as the budget allows: every shard that fits is admitted; a shard
     larger than the whole budget is still admitted when nothing else of its model is in flight,
     so a run can never deadlock.
     """
-    inflight: dict[str, int] = defaultdict(int)
+    inflight: dict[str, int] = defaultdict(int, throttle.others)
+    requests: dict[str, int] = defaultdict(int, throttle.others_requests)
     live = 0
     for r in records:
         if r.in_flight:
             inflight[r.model] += r.tokens
+            requests[r.model] += r.n_requests
             live += 1
     created = sorted(r.created_at for r in records if r.created_at is not None)
     recent = sum(1 for t in created if now - t < 3600)
@@ -163,12 +181,19 @@ def select_submittable(records: Sequence[ShardRecord], throttle: Throttle, *, no
             continue
         if recent + len(chosen) >= throttle.batches_per_hour:
             break
+        busy = inflight[r.model] > 0
         if r.not_before is not None and r.not_before > now:
+            capacity_refused = r.token_limit_since is not None and r.submission > 1
+            if not (capacity_refused and busy and throttle.fits(r.model, inflight[r.model], r.tokens)):
+                continue
+        if busy and not throttle.fits(r.model, inflight[r.model], r.tokens):
             continue
-        if inflight[r.model] and inflight[r.model] + r.tokens > throttle.budget(r.model):
+        if (throttle.request_budget is not None and requests[r.model]
+                and requests[r.model] + r.n_requests > throttle.request_budget):
             continue
         chosen.append(r)
         inflight[r.model] += r.tokens
+        requests[r.model] += r.n_requests
         live += 1
     return chosen
 
