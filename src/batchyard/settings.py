@@ -229,7 +229,9 @@ class LimitsSettings(BaseModel):
         default=8_192, gt=0, le=8_192, description="Tokens of one embedding input."
     )
     max_tokens_per_batch: int | None = Field(
-        default=None, gt=0, description="Tokens per batch file (default: the enqueued-token budget)."
+        default=None, gt=0,
+        description="Tokens per batch file (default: 32% of the enqueued-token budget, so three shards fill the "
+        "provider's queue with room for its own token count).",
     )
     over_limit: TOverLimit = Field(
         default="truncate", description="Inputs over the token limit: truncate or skip (recorded)."

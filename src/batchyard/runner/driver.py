@@ -148,7 +148,7 @@ class _Driver:
             self.keep(list(pool.map(fn, recs)))
 
     def track(self) -> int:
-        """Poll every live batch with one list call, record changes, download ended batches."""
+        """Poll every live batch with one list call and record what changed."""
         api = self.ctx.api
         found = batches.poll_batches(api, self.records.values())
         for rec in [r for r in self.records.values() if r.batch_id in found and r.state == "submitted"]:
@@ -156,9 +156,14 @@ class _Driver:
             self.keep([new])
             if new.batch_status == "failed":
                 self.learn(new)
+        return len(found)
+
+    def download(self) -> int:
+        """Fetch the output and error files of every ended batch into staging."""
+        api = self.ctx.api
         ended = [r for r in self.records.values() if r.state == "ended" and not r.downloaded and r.batch_status != "failed"]
         self.io(lambda r: batches.download_shard(self.parts[r.partition], api, r.name), ended)
-        return len(found)
+        return len(ended)
 
     def learn(self, rec: ShardRecord) -> None:
         """Remember the enqueued-token limit a refused batch states (`batchyard.quota`), and tell
@@ -179,14 +184,16 @@ class _Driver:
                     quota.describe_cap(quota.effective_cap(budget, limit), budget, rec.model))
 
     def replan_over_limit(self, throttle: batches.Throttle) -> int:
-        """Re-plan waiting shard attempts larger than their model's learned limit before they are
-        sent (each would only be refused), and finish re-plans a crash interrupted."""
+        """Re-plan waiting shard attempts that can never fit the provider's queue as it counts
+        (its stated limit, or the budget; times the learned ratio of its count to ours) before
+        they are sent, and finish re-plans a crash interrupted."""
         budget = self.ctx.settings.limits.enqueued_token_budget
+        learned = self.job.model in self.learned or throttle.ratio.get(self.job.model, 1.0) > 1.0
         over = [r for r in self.records.values()
                 if r.state in ("planned", "uploaded") and r.lane == "batch" and self.lane != "realtime"
-                and (r.split_cap is not None or (r.model in self.learned and r.tokens > throttle.budget(r.model)))]
+                and (r.split_cap is not None or (learned and r.tokens > throttle.largest(r.model)))]
         for rec in over:
-            cap = rec.split_cap or throttle.budget(rec.model)
+            cap = rec.split_cap or throttle.largest(rec.model)
             self.keep(batches.split_shard(self.parts[rec.partition], rec.name, self.job, cap, budget=budget))
         return len(over)
 
@@ -327,15 +334,26 @@ class _Driver:
                 self.raised[stage] = now
 
     def round(self, *, cancelled: bool) -> bool:
-        """One tracker round; returns whether anything changed."""
+        """One tracker round; returns whether anything changed.
+
+        The queue is refilled right after the poll, before the ended batches are downloaded,
+        collected and loaded: the room a batch frees is taken within one poll interval, not after
+        its results are in the sinks; what the collect plans (follow-ups) goes in the same round.
+        """
         before = {k: (r.state, r.batch_status, r.downloaded) for k, r in self.records.items()}
         if any(r.state == "submitted" or (r.state == "ended" and not r.downloaded) for r in self.records.values()):
             self.timed("track", lambda: self.engine.run("track", self.track))
+        if not cancelled:
+            self.refill()
+        if any(r.state == "ended" and not r.downloaded and r.batch_status != "failed" for r in self.records.values()):
+            self.timed("download", lambda: self.engine.run("download", self.download))
         ready = [(r.partition, r.name) for r in self.records.values()
                  if r.state == "ended" and (r.downloaded or r.batch_status == "failed")]
         for recs in self.timed("collect", lambda: self.engine.map("collect", ready)):
             self.keep(recs)
             self.observe_usage(recs)
+        if ready and not cancelled:
+            self.refill()  # follow-ups and requeues the collect planned
         parts = list(self.parts.values())
         loaded = (self.timed("load", lambda: self.engine.run("load", lambda: load_parts(self.ctx, self.job, parts)))
                   if any(unloaded_parts(p) for p in parts) else [])
@@ -345,18 +363,23 @@ class _Driver:
             rt = self.realtime_due()
             if rt:
                 self.timed("realtime", lambda: self.engine.run("realtime", lambda: self.realtime(rt)))
-            taken = {r.key for r in rt}
-            throttle = batches.Throttle.from_limits(self.ctx.settings.limits, self.learned)
-            if self.learned or any(r.split_cap is not None for r in self.records.values()):
-                self.timed("replan", lambda: self.engine.run("replan", lambda: self.replan_over_limit(throttle)))
-            waiting = [r for r in self.records.values() if r.key not in taken]
-            chosen = self.timed("admit", lambda: self.admit(waiting))
-            if chosen:
-                self.timed("submit", lambda: self.engine.run("submit", lambda: self.submit(chosen)))
         self.timed("queue", self.sync_queue)
         self.finalize_done(cancelled=cancelled)
         after = {k: (r.state, r.batch_status, r.downloaded) for k, r in self.records.items()}
         return after != before or bool(loaded)
+
+    def refill(self) -> None:
+        """Re-plan what can never fit, then admit and submit what fits the provider's queue now
+        (the real-time lane's attempts are left to it)."""
+        rt = {r.key for r in self.realtime_due()}
+        throttle = self.throttle(self.queue_view)
+        learned = self.learned or throttle.ratio.get(self.job.model, 1.0) > 1.0
+        if learned or any(r.split_cap is not None for r in self.records.values()):
+            self.timed("replan", lambda: self.engine.run("replan", lambda: self.replan_over_limit(throttle)))
+        waiting = [r for r in self.records.values() if r.key not in rt]
+        chosen = self.timed("admit", lambda: self.admit(waiting))
+        if chosen:
+            self.timed("submit", lambda: self.engine.run("submit", lambda: self.submit(chosen)))
 
     def finalize_done(self, *, cancelled: bool) -> None:
         """Finish every leased partition whose shard attempts are settled and loaded.

@@ -146,6 +146,12 @@ class Throttle:
         """Tokens allowed in flight for `model`: the configured budget, or the stated limit if lower."""
         return effective_cap(self.token_budget, self.learned.get(model))
 
+    def largest(self, model: str) -> int:
+        """The most tokens (ours) one shard may have to fit the budget in the provider's count."""
+        from batchyard.provider_queue import MARGIN
+
+        return int(self.budget(model) / (self.ratio.get(model, 1.0) * (1 + MARGIN)))
+
     def fits(self, model: str, inflight: int, tokens: int) -> bool:
         """Whether `tokens` more fit beside `inflight` (ours) under the budget, as the provider counts."""
         from batchyard.provider_queue import fits
