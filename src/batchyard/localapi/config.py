@@ -53,9 +53,10 @@ class FaultConfig(BaseModel):
     )
     transient_statuses: list[int] = Field(default=[429, 500, 503], description="Statuses to draw from.")
     text_markers: bool = Field(
-        default=True,
+        default=False,
         description="Honour `[[fault:<kind>]]` markers in request text (refusal, invalid_json, "
-        "schema_violation, truncated, error400, error500).",
+        "schema_violation, truncated, error400, error500). Off by default: with it on, anyone "
+        "whose text reaches the server (a chunk in the corpus) can make its request fail.",
     )
     sync_429_rate: float = Field(
         default=0.0,
