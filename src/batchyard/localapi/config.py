@@ -120,6 +120,36 @@ class LocalApiConfig(BaseModel):
         description="Largest file accepted by POST /v1/files (the Batch API's 200 MB input file "
         "limit); a larger upload gets 413 and is never held in memory whole.",
     )
+    max_json_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        gt=0,
+        description="Largest JSON body of any other request (a synchronous call, a batch "
+        "create): refused with 413 while it streams, never held whole beyond this.",
+    )
+    max_connections: int = Field(
+        default=512,
+        gt=0,
+        le=100_000,
+        description="Open connections at most; one more is answered 503 and closed at once "
+        "(keep it below the process's file descriptor limit, `ulimit -n`).",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="A connection must send a request's complete headers within this many seconds "
+        "(of connecting, or of its first byte after an answer), else it is closed.",
+    )
+    body_idle_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait for the next piece of a request body; then 408 and the "
+        "connection is closed.",
+    )
+    keep_alive_s: float = Field(
+        default=5.0, gt=0, le=3600, description="An idle kept-alive connection is closed after this."
+    )
     state_dir: str | None = Field(
         default=None, description="Where files and batches persist (default: <staging root>/.localapi)."
     )

@@ -51,6 +51,25 @@ class ApiError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
 
+SHOWN_CHARS = 64
+"""At most this many characters of a value a client sent are echoed in an error message."""
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS, *, quote: bool = True) -> str:
+    """A value a client sent, as an error message may quote it: `repr` (or the bare string when
+    not `quote`), cut to `limit` characters.
+
+    Why: errors that echo their input whole were a way to make the server build and send a
+    response as large as any request (a 100 MB file id came back in a 100 MB error).
+    """
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else f"<{type(value).__name__}>"
+    cut = value[:limit]
+    text = repr(cut) if quote else cut
+    return text if len(value) <= limit else f"{text}... ({len(value):,} characters)"
+
+
 def error_type(status: int) -> str:
     """OpenAI's `error.type` for an HTTP status."""
     return _ERROR_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
