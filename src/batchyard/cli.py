@@ -909,8 +909,9 @@ def serve(
 
     s = _settings(_overrides())
     cfg = s.provider.local.model_copy(update={"host": host, "port": port})
-    access = "API key required" if cfg.api_keys or cfg.api_keys_file else "no API key: loopback only"
-    if insecure and not (cfg.api_keys or cfg.api_keys_file):
+    keyed = bool(cfg.api_keys or cfg.api_keys_file or cfg.admin_api_keys)
+    access = "API key required, each key sees its own files and batches" if keyed else "no API key: loopback only"
+    if insecure and not keyed:
         access = "no API key: --insecure"
 
     def ready(url: str) -> None:

@@ -109,6 +109,17 @@ class LocalApiConfig(BaseModel):
         "loopback only (`batchyard serve --insecure` overrides). The embedded server ignores "
         "them: it makes its own random key for each process.",
     )
+    admin_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Keys that see every key's files and batches (each other key sees only its "
+        "own) and are not held to max_storage_bytes_per_key, as JSON like api_keys.",
+    )
+    max_storage_bytes_per_key: int | None = Field(
+        default=10 * 1024**3,
+        gt=0,
+        description="Bytes of live files (uploads and batch outputs) one key may hold; an upload "
+        "past it gets 413 (`storage_limit_exceeded`). None: no cap. Admin keys have none.",
+    )
     api_keys_file: str | None = Field(
         default=None,
         description="A file of further keys for `batchyard serve`: one key per line, blank lines "

@@ -24,7 +24,13 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from batchyard.localapi.auth import ServeError, ServeRefused, check_bind, load_api_keys
+from batchyard.localapi.auth import (
+    ServeError,
+    ServeRefused,
+    check_bind,
+    load_admin_keys,
+    load_api_keys,
+)
 from batchyard.localapi.config import LocalApiConfig
 from batchyard.localapi.guard import guarded_protocol, http_limits
 from batchyard.localapi.server import create_app
@@ -39,14 +45,14 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 20.0
 
 
-def _check_access(config: LocalApiConfig, insecure: bool) -> list[str]:
-    """The configured keys; refuses unusable keys and a non-loopback bind without keys (only a
-    warning when `insecure`)."""
-    keys = load_api_keys(config)
-    warning = check_bind(config.host, keys, insecure=insecure)
+def _check_access(config: LocalApiConfig, insecure: bool) -> tuple[list[str], list[str]]:
+    """The configured tenant and admin keys; refuses unusable keys and a non-loopback bind
+    without keys (only a warning when `insecure`)."""
+    keys, admin_keys = load_api_keys(config), load_admin_keys(config)
+    warning = check_bind(config.host, keys + admin_keys, insecure=insecure)
     if warning:
         log.warning(warning)
-    return keys
+    return keys, admin_keys
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -132,7 +138,7 @@ class LocalServer:
         self.store = Store(self.state_dir)
         try:
             self.worker = Worker(self.store, self.config)
-            app = create_app(self.config, self.store, self.worker, keys)
+            app = create_app(self.config, self.store, self.worker, *keys)
             self._sync = app.state.sync
             self._sock = _bind(self.config.host, self.config.port)
             self.port = self._sock.getsockname()[1]
@@ -224,7 +230,7 @@ def serve(
     store = Store(state_dir)
     worker = Worker(store, config)
     try:
-        app = create_app(config, store, worker, keys)
+        app = create_app(config, store, worker, *keys)
         sock = _bind(config.host, config.port)
         server = uvicorn.Server(_uvicorn_config(app, config, timeout_graceful_shutdown=5))
         worker.start()

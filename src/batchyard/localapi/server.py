@@ -35,9 +35,17 @@ from starlette.formparsers import MultiPartParser
 from starlette.requests import ClientDisconnect
 
 from batchyard.localapi import shapes
-from batchyard.localapi.auth import BearerAuth, KeyRing, load_api_keys
+from batchyard.localapi.auth import (
+    OPEN,
+    BearerAuth,
+    KeyRing,
+    Principal,
+    load_admin_keys,
+    load_api_keys,
+)
 from batchyard.localapi.guard import BodyGuard, Rejections, http_limits, too_large
 from batchyard.localapi.middleware import RecordSyncCalls, TransientFaults
+from batchyard.localapi.store import StorageFull
 from batchyard.localapi.sync import SYNC_PATHS, SyncEndpoints, json_body
 
 if TYPE_CHECKING:
@@ -141,6 +149,16 @@ async def read_upload(request: Request, limit: int) -> FormData:
     return form
 
 
+def _storage_full(cap: int) -> shapes.ApiError:
+    return shapes.ApiError(
+        413,
+        f"Storage limit reached: this key's files may hold at most {cap:,} bytes "
+        "(provider.local.max_storage_bytes_per_key); delete files or let them expire.",
+        param="file",
+        code="storage_limit_exceeded",
+    )
+
+
 def _limit(value: int, hi: int) -> int:
     if not 1 <= value <= hi:
         raise _invalid("limit", f"Invalid 'limit': {value}. Expected a value between 1 and {hi}.")
@@ -148,16 +166,30 @@ def _limit(value: int, hi: int) -> int:
 
 
 def create_app(
-    config: LocalApiConfig, store: Store, worker: Worker, api_keys: Sequence[str] | None = None
+    config: LocalApiConfig,
+    store: Store,
+    worker: Worker,
+    api_keys: Sequence[str] | None = None,
+    admin_keys: Sequence[str] | None = None,
 ) -> FastAPI:
     """The FastAPI app of the local Batch API server, keyed when there are keys.
 
-    `api_keys` are the keys already loaded from `config` (None: load them here).
+    `api_keys` and `admin_keys` are the keys already loaded from `config` (None: load them
+    here). Each key sees only its own files and batches, an admin key all of them; without any
+    key, every request sees everything (`auth.OPEN`).
 
     Raises:
         ServeRefused: a configured key or key file is unusable.
     """
-    keys = KeyRing(load_api_keys(config) if api_keys is None else api_keys)
+    keys = KeyRing(load_api_keys(config) if api_keys is None else api_keys,
+                   load_admin_keys(config) if admin_keys is None else admin_keys, tag=store.owner_tag)
+
+    def who(request: Request) -> Principal:
+        """The principal the key check put on the request (OPEN only on a server without keys)."""
+        principal = getattr(request.state, "principal", None if keys else OPEN)
+        if not isinstance(principal, Principal):  # a route outside the key check: never
+            raise shapes.ApiError(401, "No API key was checked for this request.")
+        return principal
     app = FastAPI(
         title="batchyard local Batch API", docs_url=None, redoc_url=None, openapi_url=None
     )
@@ -227,21 +259,28 @@ def create_app(
         app.add_api_route(path, sync_call, methods=["POST"], include_in_schema=False)
 
     # ------------------------------------------------------------------ files
-    def _file_or_404(file_id: str) -> dict[str, Any]:
+    def _file_or_404(file_id: str, principal: Principal) -> dict[str, Any]:
         meta = store.get_file(file_id)
-        if meta is None:
+        if meta is None or not principal.sees(store.file_owner(file_id)):
             raise shapes.ApiError(404, f"No such File object: {shapes.shown(file_id, quote=False)}", param="id")
         return meta
 
+    def _cap(principal: Principal) -> int | None:
+        return None if principal.admin else config.max_storage_bytes_per_key
+
     @app.post("/v1/files")
     async def upload_file(request: Request) -> JSONResponse:
+        principal = who(request)
+        cap = _cap(principal)
+        if cap is not None and store.used_bytes(principal.owner) >= cap:
+            raise _storage_full(cap)  # before a byte of the upload is read
         form = await read_upload(request, config.max_upload_bytes)
         try:
-            return JSONResponse(await _store_upload(form))
+            return JSONResponse(await _store_upload(form, principal))
         finally:
             await form.close()
 
-    async def _store_upload(form: FormData) -> dict[str, Any]:
+    async def _store_upload(form: FormData, principal: Principal) -> dict[str, Any]:
         upload_part = form.get("file")
         if not isinstance(upload_part, UploadFile):
             raise _missing("file")
@@ -261,16 +300,22 @@ def create_app(
         )
         if ttl is None and purpose == "batch":
             ttl = shapes.BATCH_FILE_TTL_S
-        return await run_in_threadpool(
-            store.add_file,
-            upload_part.file,
-            filename=upload_part.filename or "upload.jsonl",
-            purpose=purpose,
-            expires_after_s=ttl,
-        )
+        try:
+            return await run_in_threadpool(
+                store.add_file,
+                upload_part.file,
+                filename=upload_part.filename or shapes.DEFAULT_FILENAME,
+                purpose=purpose,
+                expires_after_s=ttl,
+                owner=principal.owner,
+                cap=_cap(principal),
+            )
+        except StorageFull as exc:
+            raise _storage_full(exc.cap) from None
 
     @app.get("/v1/files")
     def list_files(
+        request: Request,
         purpose: str | None = None,
         after: str | None = None,
         limit: int = 10_000,
@@ -281,33 +326,34 @@ def create_app(
                 "order",
                 f"Invalid value for 'order': {shapes.shown(order)}. Supported values are: 'asc' and 'desc'.",
             )
-        items = store.list_files(purpose=purpose, order=order)
+        items = store.list_files(purpose=purpose, order=order, visible=who(request).sees)
         page, more = shapes.paginate(items, after=after, limit=_limit(limit, 10_000))
         return shapes.list_page(page, more)
 
     @app.get("/v1/files/{file_id}")
-    def get_file(file_id: str) -> dict[str, Any]:
-        return _file_or_404(file_id)
+    def get_file(request: Request, file_id: str) -> dict[str, Any]:
+        return _file_or_404(file_id, who(request))
 
     @app.get("/v1/files/{file_id}/content")
-    def file_content(file_id: str) -> FileResponse:
-        meta = _file_or_404(file_id)
+    def file_content(request: Request, file_id: str) -> FileResponse:
+        meta = _file_or_404(file_id, who(request))
         return FileResponse(
             store.blob_path(file_id),
             media_type="application/octet-stream",
-            filename=meta["filename"],
+            filename=shapes.safe_filename(meta["filename"]),  # also for files stored before names were
         )
 
     @app.delete("/v1/files/{file_id}")
-    def delete_file(file_id: str) -> dict[str, Any]:
+    def delete_file(request: Request, file_id: str) -> dict[str, Any]:
+        _file_or_404(file_id, who(request))
         if not store.delete_file(file_id):
             raise shapes.ApiError(404, f"No such File object: {shapes.shown(file_id, quote=False)}", param="id")
         return {"id": file_id, "object": "file", "deleted": True}
 
     # ------------------------------------------------------------------ batches
-    def _batch_or_404(batch_id: str) -> dict[str, Any]:
+    def _batch_or_404(batch_id: str, principal: Principal) -> dict[str, Any]:
         rec = store.get_batch(batch_id)
-        if rec is None:
+        if rec is None or not principal.sees(rec.get("owner")):
             raise shapes.ApiError(404, f"No batch found with id {shapes.shown(batch_id)}.", param="batch_id")
         return rec["batch"]
 
@@ -316,9 +362,9 @@ def create_app(
         params = json_body(await request.body())
         if not isinstance(params, dict):
             raise shapes.ApiError(400, "The request body must be a JSON object.")
-        return await run_in_threadpool(_create_batch, params)
+        return await run_in_threadpool(_create_batch, params, who(request))
 
-    def _create_batch(params: dict[str, Any]) -> dict[str, Any]:
+    def _create_batch(params: dict[str, Any], principal: Principal) -> dict[str, Any]:
         for name in ("input_file_id", "endpoint", "completion_window"):
             if params.get(name) is None:
                 raise _missing(name)
@@ -349,7 +395,7 @@ def create_app(
             ttl = parse_expires_after(oea.get("anchor"), oea.get("seconds"), "output_expires_after")
         file_id = params["input_file_id"]
         meta = store.get_file(file_id)
-        if meta is None:
+        if meta is None or not principal.sees(store.file_owner(file_id)):
             raise _invalid(
                 "input_file_id", f"Invalid 'input_file_id': no file with id {shapes.shown(file_id)} exists."
             )
@@ -374,6 +420,7 @@ def create_app(
                 "tokens": 0,
                 "output_expires_after": ttl,
                 "cancel_reason": None,
+                "owner": principal.owner,  # its output and error files will be the owner's too
             }
         )
         response = copy.deepcopy(batch)  # the worker mutates the stored record from now on
@@ -381,17 +428,18 @@ def create_app(
         return response
 
     @app.get("/v1/batches")
-    def list_batches(after: str | None = None, limit: int = 20) -> dict[str, Any]:
-        page, more = shapes.paginate(store.list_batches(), after=after, limit=_limit(limit, 100))
+    def list_batches(request: Request, after: str | None = None, limit: int = 20) -> dict[str, Any]:
+        batches = store.list_batches(visible=who(request).sees)
+        page, more = shapes.paginate(batches, after=after, limit=_limit(limit, 100))
         return shapes.list_page(page, more)
 
     @app.get("/v1/batches/{batch_id}")
-    def get_batch(batch_id: str) -> dict[str, Any]:
-        return _batch_or_404(batch_id)
+    def get_batch(request: Request, batch_id: str) -> dict[str, Any]:
+        return _batch_or_404(batch_id, who(request))
 
     @app.post("/v1/batches/{batch_id}/cancel")
-    def cancel_batch(batch_id: str) -> dict[str, Any]:
-        _batch_or_404(batch_id)
+    def cancel_batch(request: Request, batch_id: str) -> dict[str, Any]:
+        _batch_or_404(batch_id, who(request))
 
         def apply(rec: dict[str, Any]) -> dict[str, Any]:
             b = rec["batch"]
