@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from batchyard import settings_check
@@ -179,6 +179,19 @@ class StagingSettings(BaseModel):
     s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key id.")
     s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
     s3_region: str | None = Field(default=None, description="S3 region.")
+    group: str | None = Field(
+        default=None,
+        description="Share local staging with this Unix group (name or number): folders 2750, files "
+        "0640. Unset (default): owner-only, folders 0700, files 0600. Not used on S3.",
+    )
+
+    @field_validator("group")
+    @classmethod
+    def _group_exists(cls, group: str | None) -> str | None:
+        from batchyard.storage.perms import Access
+
+        Access.for_group(group)  # a group this machine does not have is a settings error
+        return group
 
 
 class EmbeddingSettings(BaseModel):
