@@ -159,6 +159,8 @@ def guarded_protocol(limits: HttpLimits, rejections: Rejections) -> type[H11Prot
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # bytes that came before the close took effect
             if self.conn.their_state is h11.IDLE:
                 self._arm()  # a new request is starting: its headers must be complete in time
             super().data_received(data)
