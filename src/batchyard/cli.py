@@ -150,13 +150,11 @@ def _fit_request_size(lim: dict[str, Any]) -> dict[str, Any]:
     """--max-inputs-per-batch sets the shard size; requests keep their configured size (profile,
     environment) unless it no longer fits in a shard, then they are lowered to the shard size.
     The result goes into the overrides a flow gets, so the flow's settings validate too."""
-    from pydantic import ValidationError
-
     from batchyard.settings import load_settings
 
     try:
         configured = load_settings(_state.get("profile")).limits.max_inputs_per_request
-    except (ValidationError, FileNotFoundError, ConfigError):
+    except (FileNotFoundError, ConfigError):
         return lim  # reported as a usage error when the command loads its settings
     if configured > lim["max_inputs_per_batch"]:
         return {**lim, "max_inputs_per_request": lim["max_inputs_per_batch"]}
@@ -164,17 +162,12 @@ def _fit_request_size(lim: dict[str, Any]) -> dict[str, Any]:
 
 
 def _settings(overrides: dict[str, Any] | None = None) -> Settings:
-    """Settings, or a one-line usage error (bad profile, invalid value)."""
-    from pydantic import ValidationError
-
+    """Settings, or a one-line usage error (bad profile, unknown name, invalid value): the
+    error names the setting, never its value (`load_settings`)."""
     from batchyard.settings import load_settings
 
     try:
         return load_settings(_state.get("profile"), **(overrides or {}))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        _usage_error(ConfigError(f"invalid setting {where}: {first.get('msg')} (input: {first.get('input')!r})"))
     except (FileNotFoundError, ConfigError) as exc:
         _usage_error(exc)
 
@@ -994,8 +987,9 @@ def serve(
 
     s = _settings(_overrides())
     cfg = s.provider.local.model_copy(update={"host": host, "port": port})
-    access = "API key required" if cfg.api_keys or cfg.api_keys_file else "no API key: loopback only"
-    if insecure and not (cfg.api_keys or cfg.api_keys_file):
+    keyed = bool(cfg.api_keys or cfg.api_keys_file or cfg.admin_api_keys)
+    access = "API key required, each key sees its own files and batches" if keyed else "no API key: loopback only"
+    if insecure and not keyed:
         access = "no API key: --insecure"
 
     def ready(url: str) -> None:

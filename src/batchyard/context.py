@@ -56,9 +56,11 @@ class RunContext:
                 from batchyard.localapi.auth import generate_key
                 from batchyard.localapi.runner import LocalServer
 
-                # a key of this process only: other local users cannot use the port meanwhile
+                # a key of this process only: other local users cannot use the port meanwhile;
+                # an admin key, so it sees the batches of earlier processes on this state (resume)
                 key = generate_key()
-                local = provider.local.model_copy(update={"api_keys": [SecretStr(key)], "api_keys_file": None})
+                local = provider.local.model_copy(
+                    update={"api_keys": [], "admin_api_keys": [SecretStr(key)], "api_keys_file": None})
                 state_dir = local.state_dir or str(self.staging.local_dir(".localapi"))
                 self._server = LocalServer(local, state_dir)
                 self._server.start()

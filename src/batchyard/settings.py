@@ -13,14 +13,16 @@ root. Secrets are `SecretStr` and never leave this module unmasked except throug
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from batchyard import settings_check
 from batchyard.clients.realtime import RealtimeSettings
 from batchyard.localapi.config import LocalApiConfig
 from batchyard.pricing import PricingSettings
@@ -183,6 +185,19 @@ class StagingSettings(BaseModel):
     s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key id.")
     s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
     s3_region: str | None = Field(default=None, description="S3 region.")
+    group: str | None = Field(
+        default=None,
+        description="Share local staging with this Unix group (name or number): folders 2750, files "
+        "0640. Unset (default): owner-only, folders 0700, files 0600. Not used on S3.",
+    )
+
+    @field_validator("group")
+    @classmethod
+    def _group_exists(cls, group: str | None) -> str | None:
+        from batchyard.storage.perms import Access
+
+        Access.for_group(group)  # a group this machine does not have is a settings error
+        return group
 
 
 class EmbeddingSettings(BaseModel):
@@ -370,6 +385,7 @@ class Settings(BaseSettings):
         env_file=".env",
         extra="ignore",
         validate_default=True,
+        hide_input_in_errors=True,  # str(ValidationError) never shows a value (they hold secrets)
     )
 
     profile: str | None = Field(default=None, description="The profile loaded (None: defaults, .env and environment).")
@@ -441,17 +457,60 @@ def profile_source(profile: str | None = None) -> str | None:
     return str(profile_env_file(profile).resolve()) if profile else None
 
 
+def check_sources(env_files: list[Path], profile_file: Path | None = None) -> None:
+    """Refuse unknown `BATCHYARD_` names and non-JSON list/dict values, in the environment and
+    the env files, before pydantic-settings reads them (it would ignore the first and print a
+    traceback for the second). Names only, never values.
+
+    Raises:
+        ConfigError: every problem, in one line.
+    """
+    from dotenv import dotenv_values
+
+    from batchyard.errors import ConfigError
+
+    names = setting_names()
+    problems = settings_check.check_source(
+        names, {k: v for k, v in os.environ.items() if settings_check.is_batchyard_name(k)}, "the environment")
+    for path in env_files:
+        if path.is_file():
+            problems += settings_check.check_source(
+                names, dotenv_values(path), str(path), only_prefixed=path != profile_file)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@functools.cache
+def setting_names() -> settings_check.SettingNames:
+    """The environment names of the settings tree."""
+    return settings_check.setting_names(Settings)
+
+
 def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
     """Build settings for a profile: the profile's env file, then `.env`, then the environment.
 
     Raises:
-        ConfigError: a profile was named but no env file for it exists.
-        pydantic.ValidationError: a value is invalid.
+        ConfigError: a profile was named but no env file for it exists; a `BATCHYARD_` name is
+            not a setting, or a list/dict value is not JSON (`check_sources`); a value is
+            invalid (one line naming the setting, never the value: pydantic's own error holds
+            every input, secrets included, so it is not chained).
     """
+    from batchyard.errors import ConfigError
+
     profile = profile or os.environ.get("BATCHYARD_PROFILE")
     env_files: list[Path] = []
+    profile_file = None
     if profile:
-        env_files.append(profile_env_file(profile))
+        profile_file = profile_env_file(profile)
+        env_files.append(profile_file)
         overrides.setdefault("profile", profile)
     env_files.append(Path(".env"))
-    return Settings(_env_file=tuple(env_files), **overrides)  # type: ignore[call-arg]
+    check_sources(env_files, profile_file)
+    message = None
+    try:
+        return Settings(_env_file=tuple(env_files), **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        message = settings_check.describe(exc, setting_names())
+    except SettingsError as exc:  # a value pydantic-settings could not decode (not the value)
+        message = str(exc).splitlines()[0] if str(exc).strip() else "a setting could not be decoded"
+    raise ConfigError(message)  # outside the except blocks: no chained error carries the input

@@ -147,7 +147,7 @@ def test_inference_chunk_and_document_units_reconcile(settings_factory: Any, tmp
     repo = Path(__file__).resolve().parents[2]
     shutil.copytree(repo / "prompts", tmp_path / "prompts")
     s = settings_factory(prompts_dir=str(tmp_path / "prompts"), limits={"max_attempts": 2},
-                         provider={"local": {"faults": {"request_error_rate": 0.2, "seed": 4}}})
+                         provider={"local": {"faults": {"request_error_rate": 0.2, "seed": 4, "text_markers": True}}})
     texts = {"ok": "Revenue grew 8% to $1.2 billion.", "bad": "[[fault:invalid_json]] Margins expanded.",
              "blank": "   ", "e500": "[[fault:error500]] Liquidity is strong."}
     with RunContext(s) as ctx:

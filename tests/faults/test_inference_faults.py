@@ -45,7 +45,8 @@ def insert_chunks(ctx: RunContext, texts: dict[str, str], company: str = "acme")
 def ctx(settings_factory: Any, tmp_path: Path) -> Any:
     prompts = tmp_path / "prompts"
     shutil.copytree(REPO / "prompts", prompts)
-    s = settings_factory(prompts_dir=str(prompts), limits={"max_attempts": 2})
+    s = settings_factory(prompts_dir=str(prompts), limits={"max_attempts": 2},
+                         provider={"local": {"faults": {"text_markers": True}}})  # MARKERS below
     c = RunContext(s)
     yield c
     c.close()

@@ -147,8 +147,11 @@ def test_a_keyed_server_wants_the_key_on_the_sync_endpoints(make_server: MakeSer
     assert [c.status for c in server.sync_calls()] == [200, 200, 200]
 
 
-def test_text_markers_apply_to_sync_calls(api: Api) -> None:
-    client = sdk(api.server)
+def test_text_markers_apply_to_sync_calls_only_when_turned_on(api: Api, marked_api: Api) -> None:
+    plain = sdk(api.server).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "please fail [[fault:error500]]"}])
+    assert plain.choices[0].message.content, "markers are off by default: a normal answer"
+    client = sdk(marked_api.server)
 
     def chat(text: str) -> Any:
         return client.chat.completions.create(

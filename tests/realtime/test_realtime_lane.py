@@ -215,7 +215,7 @@ def test_embeddings_lane_gives_the_batch_lanes_bodies_byte_for_byte(start_server
 
 
 def test_chat_lane_gives_the_batch_lanes_parsed_outputs(start_server: ServerFactory) -> None:
-    server = start_server()
+    server = start_server(faults={"text_markers": True})
     rows = classify_rows([
         "Revenue grew 5% to EUR 10m on strong demand.",
         "The board approved a new buyback programme.",

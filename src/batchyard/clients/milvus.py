@@ -134,6 +134,9 @@ def open_vector_store(settings: MilvusSettings, *, default_path: str) -> MilvusC
         uri = str(Path(uri).expanduser())
         if settings.lite_mode == "process":
             return _LiteProcessClient(uri, **kwargs)
+        log.warning("milvus.lite_mode=thread: Milvus Lite at %s listens on a loopback TCP port without "
+                    "authentication while this process runs; other local users can reach it "
+                    "(lite_mode=process uses an owner-only Unix socket)", uri)
     return MilvusClient(uri=uri, **kwargs)
 
 

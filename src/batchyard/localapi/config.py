@@ -58,9 +58,10 @@ class FaultConfig(BaseModel):
     )
     transient_statuses: list[int] = Field(default=[429, 500, 503], description="Statuses to draw from.")
     text_markers: bool = Field(
-        default=True,
+        default=False,
         description="Honour `[[fault:<kind>]]` markers in request text (refusal, invalid_json, "
-        "schema_violation, truncated, error400, error500).",
+        "schema_violation, truncated, error400, error500). Off by default: with it on, anyone "
+        "whose text reaches the server (a chunk in the corpus) can make its request fail.",
     )
     sync_429_rate: float = Field(
         default=0.0,
@@ -120,6 +121,17 @@ class LocalApiConfig(BaseModel):
         "loopback only (`batchyard serve --insecure` overrides). The embedded server ignores "
         "them: it makes its own random key for each process.",
     )
+    admin_api_keys: list[SecretStr] = Field(
+        default_factory=list,
+        description="Keys that see every key's files and batches (each other key sees only its "
+        "own) and are not held to max_storage_bytes_per_key, as JSON like api_keys.",
+    )
+    max_storage_bytes_per_key: int | None = Field(
+        default=10 * 1024**3,
+        gt=0,
+        description="Bytes of live files (uploads and batch outputs) one key may hold; an upload "
+        "past it gets 413 (`storage_limit_exceeded`). None: no cap. Admin keys have none.",
+    )
     api_keys_file: str | None = Field(
         default=None,
         description="A file of further keys for `batchyard serve`: one key per line, blank lines "
@@ -130,6 +142,36 @@ class LocalApiConfig(BaseModel):
         gt=0,
         description="Largest file accepted by POST /v1/files (the Batch API's 200 MB input file "
         "limit); a larger upload gets 413 and is never held in memory whole.",
+    )
+    max_json_bytes: int = Field(
+        default=16 * 1024 * 1024,
+        gt=0,
+        description="Largest JSON body of any other request (a synchronous call, a batch "
+        "create): refused with 413 while it streams, never held whole beyond this.",
+    )
+    max_connections: int = Field(
+        default=512,
+        gt=0,
+        le=100_000,
+        description="Open connections at most; one more is answered 503 and closed at once "
+        "(keep it below the process's file descriptor limit, `ulimit -n`).",
+    )
+    header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="A connection must send a request's complete headers within this many seconds "
+        "(of connecting, or of its first byte after an answer), else it is closed.",
+    )
+    body_idle_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="Longest wait for the next piece of a request body; then 408 and the "
+        "connection is closed.",
+    )
+    keep_alive_s: float = Field(
+        default=5.0, gt=0, le=3600, description="An idle kept-alive connection is closed after this."
     )
     state_dir: str | None = Field(
         default=None, description="Where files and batches persist (default: <staging root>/.localapi)."

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 from batchyard.localapi import shapes
 from batchyard.localapi.executors import error_result, marker_error
 from batchyard.localapi.faults import unit_draw
-from batchyard.localapi.validation import RequestLine, validate_body
+from batchyard.localapi.validation import JsonTooDeep, RequestLine, load_json, validate_body
 
 if TYPE_CHECKING:
     from batchyard.localapi.config import FaultConfig
@@ -119,7 +119,7 @@ class SyncEndpoints:
         if every is not None and nth % every == 0:
             return self._rate_limited(digest, arrival)
         try:
-            item = validate_body(path, _json_body(raw))
+            item = validate_body(path, json_body(raw))
         except shapes.ApiError as exc:
             return SyncAnswer(exc.status, _encode(exc.body()), digest=digest, arrival=arrival)
         key = f"{digest}:{arrival}"
@@ -165,9 +165,12 @@ def _encode(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def _json_body(raw: bytes) -> object:
+def json_body(raw: bytes) -> object:
+    """A request's JSON body, or a 400 in OpenAI's shape (not JSON, or nested too deep)."""
     try:
-        return json.loads(raw)
+        return load_json(raw)
+    except JsonTooDeep as exc:
+        raise shapes.ApiError(400, f"We could not parse the JSON body of your request: {exc}.") from None
     except ValueError:
         raise shapes.ApiError(
             400,

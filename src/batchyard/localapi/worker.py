@@ -47,6 +47,8 @@ IDLE_WAIT_S = 0.25
 EMBEDDING_INPUTS_PER_CHUNK = 2048
 CHAT_REQUESTS_PER_CHUNK = 64
 DEFAULT_FILE_TTL_S = shapes.BATCH_FILE_TTL_S
+EXPIRY_SWEEP_S = 60.0
+"""How often the worker deletes expired files."""
 
 
 def _counts(job: Job, factor: float = 1.0) -> tuple[dict[str, int], dict[str, Any]]:
@@ -69,6 +71,7 @@ class Worker:
         }
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._next_sweep = 0.0
         self._thread: threading.Thread | None = None
         for rec in store.batch_records():  # progress files of finished batches are not needed
             if rec["batch"]["status"] in shapes.TERMINAL_STATUSES:
@@ -107,7 +110,17 @@ class Worker:
                 self._wake.clear()
 
     def run_once(self) -> float:
-        """Step every active batch once; seconds until something is due (0: work now)."""
+        """Step every active batch once; seconds until something is due (0: work now).
+
+        Every EXPIRY_SWEEP_S, files past their `expires_at` are deleted (not only when next
+        looked at): an expired file must not keep holding disk or its owner's storage cap.
+        """
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + EXPIRY_SWEEP_S
+            try:
+                self.store.delete_expired()
+            except OSError:
+                log.exception("could not delete expired files")
         now = time.time()
         due = now + IDLE_WAIT_S
         for batch_id in self.store.active_batch_ids():
@@ -434,11 +447,12 @@ class Worker:
         if self.config.shuffle_output:
             rng.shuffle(ok)
         ttl = rec.get("output_expires_after") or DEFAULT_FILE_TTL_S
-        out_id = self._write_file(batch_id, "output", job.progress, ok, [], ttl)
+        owner = rec.get("owner")  # the batch's output and error files belong to its owner
+        out_id = self._write_file(batch_id, "output", job.progress, ok, [], ttl, owner)
         err_lines: list[ProgressEntry | str] = [*bad, *extra]
         if self.config.shuffle_output:
             rng.shuffle(err_lines)
-        err_id = self._write_file(batch_id, "error", job.progress, [], err_lines, ttl)
+        err_id = self._write_file(batch_id, "error", job.progress, [], err_lines, ttl, owner)
         return {"output_file_id": out_id, "error_file_id": err_id}
 
     def _write_file(
@@ -449,6 +463,7 @@ class Worker:
         entries: list[ProgressEntry],
         mixed: list[ProgressEntry | str],
         ttl: int,
+        owner: str | None,
     ) -> str | None:
         items: list[ProgressEntry | str] = [*entries, *mixed]
         if not items:
@@ -470,6 +485,7 @@ class Worker:
             filename=f"{batch_id}_{kind}.jsonl",
             purpose="batch_output",
             expires_after_s=ttl,
+            owner=owner,
         )
         return file_id
 
