@@ -97,6 +97,11 @@ class MongoFields(BaseModel):
     marks: str = Field(
         default="batchyard", description="Sub-document where batchyard writes its per-space marks."
     )
+    updated_at: str | None = Field(
+        default="updated_at",
+        description="Date of a chunk's last change, set by whatever writes the chunks (`seed` does), "
+        "indexed for change detection. None or empty: the source has no such field.",
+    )
 
 
 class MongoSettings(BaseModel):
