@@ -78,16 +78,18 @@ class DocumentStoreError(TerminalError):
 class StandinBusy(TransientError):
     """Another process holds the stand-in file (for writing, or for reading while we would write)."""
 
-    def __init__(self, path: str, waited_s: float, holder: dict[str, Any] | int | None = None, *, write: bool = True) -> None:
-        if isinstance(holder, int):
-            holder = {"pid": holder}
+    def __init__(
+        self, path: str, waited_s: float, holders: list[dict[str, Any]] | int | None = None, *, write: bool = True
+    ) -> None:
+        if isinstance(holders, int):
+            holders = [{"pid": holders}]
         self.path = path
         self.waited_s = waited_s
-        self.holder = holder
-        self.holder_pid: int | None = holder.get("pid") if holder else None
+        self.holders = holders or []
+        self.holder_pid: int | None = self.holders[0]["pid"] if self.holders else None
         wanted = "write" if write else "read"
         super().__init__(
-            f"the MongoDB stand-in at {path} is {describe(holder)}; waited {waited_s:.1f} s to {wanted} it. "
+            f"the MongoDB stand-in at {path} is {describe(self.holders)}; waited {waited_s:.1f} s to {wanted} it. "
             "Retry when that process is done, or set a MongoDB URI"
         )
 
@@ -360,7 +362,7 @@ class _Standin:
         try:
             self.lock.upgrade(timeout_s)
         except LockTimeout as exc:
-            raise StandinBusy(str(self.path), exc.waited_s, exc.holder, write=True) from None
+            raise StandinBusy(str(self.path), exc.waited_s, exc.holders, write=True) from None
         with self.mutex:
             if self.data.changed_on_disk():
                 self.data.reopen()
@@ -403,7 +405,7 @@ def _open_standin(settings: MongoSettings, standin_dir: Path, lock_timeout_s: fl
             try:
                 lock.acquire(exclusive=not read_only, timeout_s=lock_timeout_s)
             except LockTimeout as exc:
-                raise StandinBusy(str(path), exc.waited_s, exc.holder, write=not read_only) from None
+                raise StandinBusy(str(path), exc.waited_s, exc.holders, write=not read_only) from None
             try:
                 standin = _Standin(path, settings.database, lock)
                 standin.load(read_only)

@@ -176,9 +176,19 @@ class FieldIndex:
 
     def add(self, doc_id: Any, key: tuple[bool, Any]) -> None:
         regular, value = key
-        if not regular:
+        if regular:
+            self._insert(doc_id, value)
+        else:
             self.irregular.add(doc_id)
-            return
+
+    def fill(self, doc_id: Any, stored: list[Any]) -> None:
+        """`add` from a persisted key (`[value]`, or `[]` when irregular)."""
+        if stored:
+            self._insert(doc_id, stored[0])
+        else:
+            self.irregular.add(doc_id)
+
+    def _insert(self, doc_id: Any, value: Any) -> None:
         bucket = self.buckets.get(value)
         if bucket is None:
             bucket = self.buckets[value] = {}
@@ -202,21 +212,6 @@ class FieldIndex:
                 del self.buckets[value]
                 if self._order is not None:
                     self._order_remove(value)
-
-    def fill(self, doc_id: Any, stored: list[Any]) -> None:
-        """`add` from a persisted key (`[value]`, or `[]` when irregular); the open's hot loop."""
-        if not stored:
-            self.irregular.add(doc_id)
-            return
-        value = stored[0]
-        bucket = self.buckets.get(value)
-        if bucket is None:
-            bucket = self.buckets[value] = {}
-            if self._order is not None:
-                self._order_add(value)
-        bucket[doc_id] = None
-        if type(value) is bool:
-            self.bools += 1
 
     def lookup(self, values: Iterable[Any]) -> tuple[Collection[Any], bool]:
         """Ids whose value equals one of `values` (+ irregular ones), and whether that is exact.

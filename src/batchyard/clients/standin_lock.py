@@ -4,8 +4,8 @@ Why. The stand-in is one file that one process writes at a time (the last save w
 win), but two runs in one project directory must take turns with it, and commands that only
 read (counts, audits, a snapshot) need not wait for each other. So a reader takes a shared
 `flock` and a writer an exclusive one, on `<file>.lock`; both wait a bounded time, polling,
-then fail with `StandinBusy` naming the process that holds it (the lock file records the last
-holder's pid, mode and since when) and how long they waited. A waiter logs one warning when the
+then fail with `StandinBusy` naming the processes that hold it (the lock file has a line per
+live holder: pid, mode, since when) and how long they waited. A waiter logs one warning when the
 wait passes `WARN_AFTER_S`, so a blocked run says what it waits for.
 
 A shared lock is turned into an exclusive one (`upgrade`) when a process that opened the
@@ -32,12 +32,12 @@ _FIRST_POLL_S, _MAX_POLL_S = 0.01, 0.25
 
 
 class LockTimeout(Exception):
-    """The lock was not granted within the wait (`holder`: what the lock file says)."""
+    """The lock was not granted within the wait (`holders`: what the lock file says)."""
 
-    def __init__(self, waited_s: float, holder: dict[str, Any] | None) -> None:
+    def __init__(self, waited_s: float, holders: list[dict[str, Any]]) -> None:
         super().__init__(f"not granted in {waited_s:.1f} s")
         self.waited_s = waited_s
-        self.holder = holder
+        self.holders = holders
 
 
 class StandinLock:
@@ -86,6 +86,7 @@ class StandinLock:
         if self.fd < 0:
             return
         try:
+            self._forget()
             fcntl.flock(self.fd, fcntl.LOCK_UN)
         finally:
             os.close(self.fd)
@@ -104,42 +105,74 @@ class StandinLock:
                     raise
             waited = time.monotonic() - start
             if waited >= timeout_s:
-                raise LockTimeout(waited, self.holder())
+                raise LockTimeout(waited, self.holders())
             if not warned and waited >= WARN_AFTER_S:
                 warned = True
-                log.warning("waiting up to %.0f s for %s: %s", timeout_s, self.label, describe(self.holder()))
+                log.warning("waiting up to %.0f s for %s: %s", timeout_s, self.label, describe(self.holders()))
             time.sleep(min(pause, max(0.0, timeout_s - waited)))
             pause = min(pause * 2, _MAX_POLL_S)
 
     def _record(self) -> None:
-        """Note this process as the holder (for the messages of those who wait)."""
-        note = {"pid": os.getpid(), "mode": "write" if self.exclusive else "read",
-                "since": datetime.now(UTC).strftime("%H:%M:%S UTC")}
+        """Note this process as a holder (for the messages of those who wait): a writer is the
+        only holder; each reader adds its line and removes it when it lets go."""
+        note = json.dumps({"pid": os.getpid(), "mode": "write" if self.exclusive else "read",
+                           "since": datetime.now(UTC).strftime("%H:%M:%S UTC")})
+        lines = [] if self.exclusive else [n for n in self._notes() if n["pid"] != os.getpid() and _alive(n["pid"])]
+        self._rewrite([*map(json.dumps, lines), note])
+
+    def _forget(self) -> None:
+        self._rewrite([json.dumps(n) for n in self._notes() if n["pid"] != os.getpid()] if not self.exclusive else [])
+
+    def _rewrite(self, lines: list[str]) -> None:
+        text = "".join(line + "\n" for line in lines).encode()
         try:
             os.ftruncate(self.fd, 0)
-            os.pwrite(self.fd, (json.dumps(note) + "\n").encode(), 0)
+            os.pwrite(self.fd, text, 0)
         except OSError:
-            pass
+            pass  # the notes only inform waiters
 
-    def holder(self) -> dict[str, Any] | None:
-        """The last holder the lock file names: {"pid", "mode", "since"} (None: unreadable)."""
+    def _notes(self) -> list[dict[str, Any]]:
         try:
-            text = self.path.read_text().strip()
+            text = self.path.read_text()
         except OSError:
-            return None
-        if text.isdigit():  # the format before modes: a pid alone
-            return {"pid": int(text)}
-        try:
-            note = json.loads(text)
-        except ValueError:
-            return None
-        return note if isinstance(note, dict) and isinstance(note.get("pid"), int) else None
+            return []
+        notes = []
+        for line in text.splitlines():
+            line = line.strip()
+            if line.isdigit():  # the format before modes: a pid alone
+                notes.append({"pid": int(line)})
+                continue
+            try:
+                note = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(note, dict) and isinstance(note.get("pid"), int):
+                notes.append(note)
+        return notes
+
+    def holders(self) -> list[dict[str, Any]]:
+        """The other live processes the lock file names: [{"pid", "mode", "since"}, ...]."""
+        return [n for n in self._notes() if n["pid"] != os.getpid() and _alive(n["pid"])]
 
 
-def describe(holder: dict[str, Any] | None) -> str:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
+def describe(holders: list[dict[str, Any]] | None) -> str:
     """"in use by another process (pid 12) for writing since 10:02:03 UTC" (or less)."""
-    if not holder:
+    if not holders:
         return "in use by another process"
+    if len(holders) > 1:
+        pids = ", ".join(str(h["pid"]) for h in holders)
+        return f"in use by {len(holders)} other processes (pids {pids}) for reading"
+    holder = holders[0]
     text = f"in use by another process (pid {holder['pid']})"
     mode = {"write": "writing", "read": "reading"}.get(holder.get("mode", ""))
     if mode:
