@@ -47,9 +47,11 @@ def _u(rng: random.Random, awkward: float) -> Any:
     return rng.choice([None, 5, 2.5, "2026", [rng.choice(DATES)], {"d": 1}, T0 - timedelta(days=1)])
 
 
-def _doc(rng: random.Random, i: int, awkward: float) -> dict[str, Any]:
+def _doc(rng: random.Random, i: int, awkward: float, nested: bool = False) -> dict[str, Any]:
+    """A chunk; `nested`: its document id names its company (each document in one company)."""
     company = rng.choice(COMPANIES)
-    doc: dict[str, Any] = {"_id": f"{company}/{i:05d}", "company": company, "document": rng.choice(DOCUMENTS),
+    document = f"{company}-{rng.choice(DOCUMENTS)}" if nested else rng.choice(DOCUMENTS)
+    doc: dict[str, Any] = {"_id": f"{company}/{i:05d}", "company": company, "document": document,
                            "n": rng.randrange(5)}
     if rng.random() < 0.95:
         doc["u"] = _u(rng, awkward)
@@ -75,7 +77,7 @@ def _targets(rng: random.Random) -> dict[str, Any]:
     if roll < 0.35:
         return {"company": {"$in": rng.sample(COMPANIES, rng.randint(1, 10))}}
     if roll < 0.7:
-        return {"$or": [{"company": c, "document": {"$in": rng.sample(DOCUMENTS, 2)}}
+        return {"$or": [{"company": c, "document": {"$in": [*rng.sample(DOCUMENTS, 2), f"{c}-{rng.choice(DOCUMENTS)}"]}}
                         for c in rng.sample(COMPANIES, rng.randint(1, 6))]}
     if roll < 0.8:
         return {"company": rng.choice(COMPANIES), "n": {"$gt": 1}}  # `n` is not indexed: checked
@@ -112,9 +114,10 @@ def _same(fast: Any, plain: Any, query: dict[str, Any], rng: random.Random) -> N
 
     assert _outcome(lambda: run(fast)) == _outcome(lambda: run(plain)), (query, sort, skip, limit, projection)
     assert _outcome(lambda: fast.count_documents(query)) == _outcome(lambda: plain.count_documents(query)), query
-    group = [{"$match": query}, {"$group": {"_id": "$company", "k": {"$sum": 1}}}]
-    got = _outcome(lambda: sorted(map(repr, fast.aggregate(group))))
-    assert got == _outcome(lambda: sorted(map(repr, plain.aggregate(group)))), query
+    for key in ("$company", {"c": "$company", "d": "$document"}, {"d": "$document", "c": "$company"}):
+        group = [{"$match": query}, {"$group": {"_id": key, "k": {"$sum": 1}}}]
+        got = _outcome(lambda: list(fast.aggregate(group)))  # noqa: B023 (called at once)
+        assert got == _outcome(lambda: list(plain.aggregate(group))), query  # noqa: B023
 
 
 @pytest.mark.parametrize("awkward", [0.0, 0.2])
@@ -122,7 +125,7 @@ def _same(fast: Any, plain: Any, query: dict[str, Any], rng: random.Random) -> N
 def test_ranges_and_sorts_match_mongomocks_scan(seed: int, awkward: float) -> None:
     rng = random.Random(seed)
     fast, plain = _pair(f"r{seed}")
-    docs = [_doc(rng, i, awkward) for i in range(400)]
+    docs = [_doc(rng, i, awkward, nested=seed % 2 == 1) for i in range(400)]
     fast.insert_many([dict(d) for d in docs])
     plain.insert_many([dict(d) for d in docs])
     for _ in range(150):
@@ -151,7 +154,7 @@ def test_writes_keep_the_sorted_values_exact(seed: int) -> None:
             for coll in (fast, plain):
                 coll.delete_many(query)
         elif roll < 0.7:
-            ops = [UpdateOne({"_id": f"c00/{i:05d}"}, {"$set": {"u": rng.choice(DATES), "company": "c00"}}, upsert=True)
+            ops = [UpdateOne({"_id": f"up/{i:05d}"}, {"$set": {"u": rng.choice(DATES), "company": "c00"}}, upsert=True)
                    for i in rng.sample(range(600), 5)]
             for coll in (fast, plain):
                 coll.bulk_write(ops, ordered=False)

@@ -918,15 +918,34 @@ class IndexedCollectionStore:
             counts = self._count_groups([self._fields[p] for p in paths], ids)
         if counts is None:
             return None
-        from mongomock.filtering import BsonComparable
-
         out = []
-        for values, n in counts.items():
-            doc: dict[str, Any] = {name: n for name in accumulators}
+        # every group value is a string (`_count_groups`), and the `_id`s share their keys, so
+        # mongomock's BSON order (`BsonComparable`) is the order of the value tuples
+        for values in sorted(counts):
+            doc: dict[str, Any] = {name: counts[values] for name in accumulators}
             doc["_id"] = values[0] if names is None else dict(zip(names, values, strict=True))
             out.append(doc)
-        out.sort(key=lambda d: BsonComparable(d["_id"]))
         return out
+
+    def _nested_counts(
+        self, outer: FieldIndex, inner: FieldIndex, ids: Collection[Any] | None
+    ) -> dict[tuple[Any, ...], int] | None:
+        """(outer, inner) counts when every inner bucket lies in one outer bucket (documents
+        within companies): one count per inner value, not one step per document. None when a
+        bucket straddles outer values (or a value is not a string)."""
+        view = None if ids is None else _as_keys(ids)
+        counts: dict[tuple[Any, ...], int] = {}
+        for value, bucket in inner.buckets.items():
+            n = len(bucket) if view is None else len(bucket.keys() & view)
+            if not n:
+                continue
+            regular, top = self.forward(next(iter(bucket)), outer.path)
+            if not regular or type(value) is not str or type(top) is not str:
+                return None
+            if not _nested_in(bucket, outer.buckets.get(top)):
+                return None
+            counts[(top, value)] = n
+        return counts
 
     def _count_groups(self, indexes: list[FieldIndex], ids: Collection[Any] | None) -> dict[tuple[Any, ...], int] | None:
         for index in indexes:
@@ -941,6 +960,11 @@ class IndexedCollectionStore:
                         return None
                     counts[(value,)] = n
             return counts
+        if len(indexes) == 2:
+            for outer, inner in ((0, 1), (1, 0)):
+                nested = self._nested_counts(indexes[outer], indexes[inner], ids)
+                if nested is not None:
+                    return {(k if outer == 0 else k[::-1]): n for k, n in nested.items()}
         keys: dict[Any, tuple[Any, ...]] = {}
         for depth, index in enumerate(indexes):
             for value, bucket in index.buckets.items():
@@ -955,10 +979,21 @@ class IndexedCollectionStore:
         return dict(collections.Counter(keys.values()))
 
 
+def _nested_in(inner: dict[Any, None], outer: dict[Any, None] | None) -> bool:
+    return outer is not None and inner.keys() <= outer.keys()
+
+
 def _aware(doc: dict[str, Any]) -> dict[str, Any]:
     from mongomock import helpers
 
     return helpers.make_datetime_timezone_aware_in_document(doc)  # type: ignore[no-any-return]
+
+
+def _as_keys(ids: Collection[Any]) -> Any:
+    """A set-like view of ids for C-level `&` (a bucket's keys, or a set)."""
+    if isinstance(ids, dict):
+        return ids.keys()
+    return ids if isinstance(ids, set | frozenset) else set(ids)
 
 
 _PLAIN_IDS = frozenset({str, int, float, bson.Int64, bson.ObjectId})  # ids returned as they are keyed
