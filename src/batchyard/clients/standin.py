@@ -61,7 +61,14 @@ import bson.errors
 from bson.codec_options import CodecOptions
 from sortedcontainers import SortedList
 
-from batchyard.clients.standin_index import ID_BRACKETS, Bounds, FieldIndex, id_bracket, plain
+from batchyard.clients.standin_index import (
+    ID_BRACKETS,
+    Bounds,
+    FieldIndex,
+    SortedIds,
+    id_bracket,
+    plain,
+)
 from batchyard.clients.standin_plan import EVERYTHING, Term, build_and, flatten_and, id_bounds
 
 _PLAN_CACHE = 8
@@ -242,7 +249,7 @@ class IndexedCollectionStore:
         self._lock = threading.RLock()
         self._locs = {}  # id -> slot (slots grow in natural order)
         self._refs = array("Q")  # slot -> blob reference (0: the document was deleted)
-        self._sorted: dict[int, SortedList] = {b: SortedList() for b in ID_BRACKETS}
+        self._sorted = SortedIds()
         self._others: set[Any] = set()
         self._fields: dict[str, FieldIndex] = {}
         self._key_version = 0  # bumped whenever a candidate set could change
@@ -338,7 +345,7 @@ class IndexedCollectionStore:
             if bracket is None:
                 self._others.discard(key)
             else:
-                self._sorted[bracket].remove(key)
+                self._sorted.discard(key, bracket)
             self._key_version += 1
 
     def __len__(self) -> int:
@@ -417,22 +424,32 @@ class IndexedCollectionStore:
                 self._refs.append(ref)
                 self._add_key(key)
                 self._key_version += 1
+                self._index(key, keys)
             else:
                 old_ref = self._refs[slot]
-                _, old = self._old(old_ref)
-                if old != keys:
-                    self._key_version += 1
-                self._unindex(key, old)
+                self._reindex(key, self._old(old_ref)[1], keys)
                 self._blobs.release(self._name, old_ref, key, False)
                 self._refs[slot] = ref
-            self._index(key, keys)
+
+    def _reindex(self, key: Any, old: dict[str, tuple[bool, Any]], new: dict[str, tuple[bool, Any]]) -> None:
+        """Move a document between the buckets whose value changed (marks change none)."""
+        changed = False
+        for path, index_key in new.items():
+            was = old[path]
+            if was != index_key or type(was[1]) is not type(index_key[1]):
+                index = self._fields[path]
+                index.remove(key, was)
+                index.add(key, index_key)
+                changed = True
+        if changed:
+            self._key_version += 1
 
     def _add_key(self, key: Any) -> None:
         bracket = id_bracket(key)
         if bracket is None:
             self._others.add(key)
         elif not self._bulk:
-            self._sorted[bracket].add(key)
+            self._sorted.add(key, bracket)
 
     def _keys_of(self, doc: dict[str, Any]) -> dict[str, tuple[bool, Any]]:
         """The document's key in each field index."""
@@ -531,9 +548,10 @@ class IndexedCollectionStore:
             self._add_key(key)
         else:  # an update appended later in the file
             old_ref = self._refs[slot]
-            self._unindex(key, self._old(old_ref)[1])
+            self._reindex(key, self._old(old_ref)[1], self._unpack_keys(stored))
             self._blobs.release(self._name, old_ref, key, False)
             self._refs[slot] = ref
+            return True
         for path, index in fields.items():
             index.fill(key, stored[path])
         return True
@@ -550,7 +568,7 @@ class IndexedCollectionStore:
         if bracket is None:
             self._others.discard(key)
         elif not self._bulk:
-            self._sorted[bracket].discard(key)
+            self._sorted.discard(key, bracket)
         self._blobs.release(self._name, ref, key, False)
 
     def end_load(self) -> None:
@@ -560,7 +578,7 @@ class IndexedCollectionStore:
                 bracket = id_bracket(key)
                 if bracket is not None:
                     by_bracket[bracket].append(key)
-            self._sorted = {b: SortedList(keys) for b, keys in by_bracket.items()}
+            self._sorted = SortedIds({b: SortedList(keys) for b, keys in by_bracket.items()})
         self._bulk = False
         self._key_version += 1
         self._plans.clear()
@@ -584,7 +602,7 @@ class IndexedCollectionStore:
             ids = list(self._locs)
             refs = self.refs()
             position = {k: i for i, k in enumerate(ids)} if self._holes() else self._locs
-            sorted_ids = {b: [position[k] for k in keys] for b, keys in self._sorted.items()}
+            sorted_ids = {b: [position[k] for k in self._sorted.of(b)] for b in ID_BRACKETS}
             fields = {}
             for path, index in self._fields.items():
                 values = list(index.buckets)
@@ -603,25 +621,17 @@ class IndexedCollectionStore:
         return len(self._refs) != len(self._locs)
 
     def import_state(self, state: dict[str, Any]) -> None:
-        """Fill an empty store from `export_state()` columns (fields not indexed are kept too:
-        an index created later in this process then needs no scan)."""
+        """Fill an empty store from `export_state()` columns. The sorted `_id` index and the
+        field indexes are built when first read (an open that reads by `_id` builds none);
+        fields no index names are kept too: an index created later then needs no scan."""
         ids: list[Any] = state["ids"]
         with self._lock:
             self._locs = dict(zip(ids, range(len(ids)), strict=True))
-            self._refs = array("Q", state["refs"])
-            self._sorted = {b: SortedList([ids[i] for i in state["sorted"].get(b, ())]) for b in ID_BRACKETS}
+            self._refs = array("Q", state["refs"])  # a copy of the packed column (fast)
+            self._sorted = SortedIds.from_positions(ids, state["sorted"])
             self._others = {ids[i] for i in state["others"]}
             for path, column in state["fields"].items():
-                index = FieldIndex(path)
-                members = [ids[i] for i in column["members"]]
-                at = 0
-                for value, n in zip(column["values"], column["sizes"], strict=True):
-                    index.buckets[value] = dict.fromkeys(members[at : at + n])
-                    if type(value) is bool:
-                        index.bools += n
-                    at += n
-                index.irregular = {ids[i] for i in column["irregular"]}
-                self._fields[path] = index
+                self._fields[path] = FieldIndex.from_column(path, ids, column)
             self._key_version += 1
             self._plans.clear()
 
@@ -810,7 +820,7 @@ class IndexedCollectionStore:
             if rng.empty:
                 return 0
             if ids is None:
-                i, j = rng.span(self._sorted[rng.bracket])
+                i, j = rng.span(self._sorted.of(rng.bracket))
                 return j - i
             return sum(1 for k in ids if rng.contains(k))
 
@@ -864,7 +874,7 @@ class IndexedCollectionStore:
         A small candidate set is sorted once per plan (cached with it) and bisected; a large one
         (or none: every document) is checked while walking the sorted `_id` index.
         """
-        if members is not None and len(members) * 8 < len(self._sorted[bracket]):
+        if members is not None and len(members) * 8 < len(self._locs):
             with self._lock:
                 ordered = plan.found.sorted.get(bracket)
                 if ordered is None:
@@ -886,7 +896,7 @@ class IndexedCollectionStore:
         batch = 256
         while True:
             with self._lock:
-                found = self._sorted[bracket].irange(lo, hi, (lo_incl, hi_incl), reverse=reverse)
+                found = self._sorted.of(bracket).irange(lo, hi, (lo_incl, hi_incl), reverse=reverse)
                 keys = list(itertools.islice(found, batch))
             if not keys:
                 return

@@ -36,7 +36,8 @@ from batchyard.clients.standin import store_key
 FORMAT = "batchyard-mongo-standin-index"
 VERSION = 1
 _NATIVE = frozenset({str, int, float, bool, type(None)})
-_OID, _BSON = 1, 2  # msgpack extension codes: ObjectId (12 bytes), any other value as BSON {"v": value}
+# msgpack extension codes: ObjectId (12 bytes), a dict id (as mongomock keys it), any other value
+_OID, _BSON, _DICT = 1, 2, 3  # (the last two as BSON {"v": value})
 _MAGIC = b"BYIX"
 
 
@@ -47,7 +48,7 @@ def path_for(data_path: Path) -> Path:
 def _pack_value(value: Any) -> Any:
     if type(value) is ObjectId:
         return msgspec.msgpack.Ext(_OID, value.binary)
-    return msgspec.msgpack.Ext(_BSON, bson.encode({"v": value}))
+    return msgspec.msgpack.Ext(_DICT if isinstance(value, dict) else _BSON, bson.encode({"v": value}))
 
 
 def _pack(values: list[Any]) -> list[Any]:
@@ -62,6 +63,8 @@ def _unpack_ext(code: int, data: memoryview) -> Any:
         return ObjectId(bytes(data))
     if code == _BSON:
         return bson.decode(bytes(data))["v"]
+    if code == _DICT:
+        return store_key(bson.decode(bytes(data))["v"])
     raise ValueError(f"unknown extension {code}")
 
 
@@ -69,10 +72,11 @@ def _ints(values: list[int], typecode: str) -> bytes:
     return array(typecode, values).tobytes()
 
 
-def _from_ints(data: bytes, typecode: str) -> list[int]:
+def _from_ints(data: bytes, typecode: str) -> array[int]:
+    """Packed integers, kept packed: indexes built later index into them."""
     out = array(typecode)
     out.frombytes(data)
-    return out.tolist()
+    return out
 
 
 def encode(identity: dict[str, Any], collections: dict[str, dict[str, Any]]) -> bytes:
@@ -111,9 +115,8 @@ def decode(blob: bytes) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {}
     for name, col in data["collections"].items():
-        ids = [store_key(k) if isinstance(k, dict) else k for k in col["ids"]]
         out[name] = {
-            "ids": ids,
+            "ids": col["ids"],
             "refs": _from_ints(col["refs"], "Q"),
             "sorted": {int(b): _from_ints(pos, "q") for b, pos in col["sorted"].items()},
             "others": _from_ints(col["others"], "q"),
