@@ -3,9 +3,11 @@ against the stand-in before it (measured in the same run).
 
 Data (built once per size and seed, cached under `benchmarks/.data/standin-changes-<n>-s<seed>/`
 and reused by every case): a stand-in seeded with `batchyard.seed.seed_store` (all chunks
-stamped `SEEDED`), saved, then 100 chunks edited with `batchyard.seed_changes.edit_chunks`
-(stamped `CHANGED`) and saved again: the file, its index checkpoint and `meta.json` (the seed's
-catalogue and the changed ids). Each worker opens a fresh copy of those files.
+stamped `SEEDED`) and closed (which writes its index checkpoint), then opened again and 100
+chunks edited with `batchyard.seed_changes.edit_chunks` (stamped `CHANGED`): those 100 records
+come after the checkpoint, so every open replays them, as after a run's loads. Kept: the file,
+its checkpoint and `meta.json` (the seed's catalogue and the changed ids). Each worker opens a
+fresh copy of those files.
 
 Variants (each in its own process):
 
@@ -93,8 +95,8 @@ def ensure_data(n: int, seed: int) -> Path:
     shutil.rmtree(root, ignore_errors=True)
     start = time.perf_counter()
     with open_document_store(MongoSettings(), standin_dir=root) as store:
-        report = seed_store(store, n, seed=seed, updated_at=SEEDED)
-        store.save()
+        report = seed_store(store, n, seed=seed, updated_at=SEEDED)  # the close writes the checkpoint
+    with open_document_store(MongoSettings(), standin_dir=root) as store:  # replayed at every open
         changed = edit_chunks(store, CHANGES, seed=seed, at=CHANGED).edited
         sizes = {d["_id"]: d["n"] for d in store.chunks.aggregate([{"$group": {"_id": "$company_id", "n": {"$sum": 1}}}])}
     meta = {"catalog": report.catalog, "changed": sorted(changed), "largest": max(sizes, key=sizes.__getitem__)}

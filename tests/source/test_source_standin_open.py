@@ -15,7 +15,7 @@ import pytest
 from pymongo import UpdateOne
 
 from batchyard.clients import standin_file
-from batchyard.clients.mongo import StandinBusy, open_document_store, standin_path
+from batchyard.clients.mongo import StandinBusy, open_document_store, standin_in_use, standin_path
 from batchyard.clients.standin import StandinFileError
 from batchyard.settings import MongoSettings
 
@@ -63,9 +63,10 @@ def _snapshot(store: Any) -> dict[str, Any]:
 
 
 def _fill(tmp_path: Path, n: int = 300) -> dict[str, Any]:
+    """`n` chunks (the close writes a checkpoint), then 47 changes after it (no checkpoint)."""
     with open_document_store(SETTINGS, standin_dir=tmp_path) as store:
         store.chunks.insert_many([_chunk(i, ("acme", "globex")[i % 2]) for i in range(n)])
-        store.save()
+    with open_document_store(SETTINGS, standin_dir=tmp_path) as store:
         store.chunks.bulk_write([UpdateOne({"_id": f"acme/{i:05d}"}, {"$set": {"updated_at": T0 + timedelta(days=1)}})
                                  for i in range(0, 40, 2)], ordered=False)
         store.chunks.delete_many({"_id": {"$in": [f"globex/{i:05d}" for i in range(1, 30, 2)]}})
@@ -76,7 +77,7 @@ def _fill(tmp_path: Path, n: int = 300) -> dict[str, Any]:
 def test_open_reads_only_the_records_after_the_checkpoint(
     tmp_path: Path, small_checkpoints: None, records_read: list[int]
 ) -> None:
-    expected = _fill(tmp_path)  # 300 inserts saved (a checkpoint), then 47 changes saved after it
+    expected = _fill(tmp_path)
     assert standin_file.checkpoint.path_for(standin_path(tmp_path, "batchyard")).exists()
     records_read[0] = 0
     with open_document_store(SETTINGS, standin_dir=tmp_path, read_only=True) as store:
@@ -234,6 +235,8 @@ def test_two_processes_take_turns(tmp_path: Path) -> None:
         message = str(info.value)
         assert f"(pid {proc.pid}) for writing since" in message and " s to read it" in message
         assert 0.3 <= info.value.waited_s < 10  # bounded by the timeout, plus one poll at most
+        busy = standin_in_use(tmp_path, "batchyard", write=False)  # a fail-fast check, no wait
+        assert busy is not None and busy.holder_pid == proc.pid
         release.set()
         start = time.monotonic()
         with open_document_store(SETTINGS, standin_dir=tmp_path, lock_timeout_s=30) as store:
@@ -244,6 +247,7 @@ def test_two_processes_take_turns(tmp_path: Path) -> None:
         release.set()
         proc.join(30)
     assert proc.exitcode == 0
+    assert standin_in_use(tmp_path, "batchyard") is None
 
     holding, release = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=_reader, args=(str(tmp_path), holding, release))

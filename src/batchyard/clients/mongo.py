@@ -286,8 +286,8 @@ def open_document_store(
     """Open MongoDB (`settings.uri`) or the persisted stand-in under `standin_dir`.
 
     Opening does not contact a real server; the first operation does. `read_only` concerns the
-    stand-in only: it then shares the file with other readers and refuses every write
-    (`DocumentStoreError`... raised by the write as `StandinFileError`); a real server is used as is.
+    stand-in only: it then shares the file with other readers, and every write through it raises
+    `StandinFileError` ("opened read-only"); a real server is used as is.
 
     Raises:
         DocumentStoreError: the URI is invalid (the message never contains it), or the stand-in
@@ -394,6 +394,22 @@ def standin_label(path: Path) -> str:
     return f"MongoDB stand-in (mongomock, persisted at {path})"
 
 
+def standin_in_use(standin_dir: str | os.PathLike[str], database: str, *, write: bool = True) -> StandinBusy | None:
+    """Whether another process holds the stand-in now (for writing, or for reading when `write`):
+    a `StandinBusy` naming the holders, or None. Never waits, holds nothing: for commands that
+    fail fast before they start (the lock file's lines are its format, read them only here)."""
+    path = standin_path(standin_dir, database).resolve()
+    lock = StandinLock(path.with_name(path.name + ".lock"), f"the MongoDB stand-in at {path}")
+    if not lock.path.exists():
+        return None
+    try:
+        lock.acquire(exclusive=write, timeout_s=0.0)
+    except LockTimeout as exc:
+        return StandinBusy(str(path), exc.waited_s, exc.holders, write=write)
+    lock.release()
+    return None
+
+
 def _open_standin(settings: MongoSettings, standin_dir: Path, lock_timeout_s: float, read_only: bool) -> DocumentStore:
     path = standin_path(standin_dir, settings.database).resolve()
     with _STANDINS_LOCK:
@@ -449,6 +465,8 @@ def _release_standin(standin: _Standin) -> None:
             return  # inherited through fork: the parent saves it and owns the (shared) lock
         try:
             standin.save()  # writes nothing when nothing changed
+            if standin.refs <= 0:
+                standin.data.checkpoint_if_stale()
         finally:
             if standin.refs <= 0:
                 _STANDINS.pop(standin.path, None)
@@ -464,6 +482,7 @@ __all__ = [
     "open_document_store",
     "patch_mongomock",
     "redact_uri",
+    "standin_in_use",
     "standin_label",
     "standin_path",
 ]

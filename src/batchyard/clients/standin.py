@@ -597,21 +597,28 @@ class IndexedCollectionStore:
             self._locs = dict(zip(self._locs, range(len(refs)), strict=True))
 
     def export_state(self) -> dict[str, Any]:
-        """The in-memory indexes as columns, for a checkpoint (`standin_checkpoint`)."""
+        """The in-memory indexes as columns, for a checkpoint (`standin_checkpoint`): ids in
+        natural order, and everything else as packed arrays of positions among them."""
         with self._lock:
             ids = list(self._locs)
-            refs = self.refs()
-            position = {k: i for i, k in enumerate(ids)} if self._holes() else self._locs
-            sorted_ids = {b: [position[k] for k in self._sorted.of(b)] for b in ID_BRACKETS}
+            refs, locs = self._refs, self._locs
+            position = {k: i for i, k in enumerate(ids)} if self._holes() else locs
             fields = {}
             for path, index in self._fields.items():
-                values = list(index.buckets)
-                members = [position[k] for bucket in index.buckets.values() for k in bucket]
-                sizes = [len(bucket) for bucket in index.buckets.values()]
-                fields[path] = {"values": values, "sizes": sizes, "members": members,
-                                "irregular": [position[k] for k in index.irregular]}
-            return {"ids": ids, "refs": refs, "sorted": sorted_ids,
-                    "others": [position[k] for k in self._others], "fields": fields}
+                buckets = index.buckets
+                fields[path] = {
+                    "values": list(buckets),
+                    "sizes": array("q", map(len, buckets.values())),
+                    "members": array("q", (position[k] for bucket in buckets.values() for k in bucket)),
+                    "irregular": array("q", map(position.__getitem__, index.irregular)),
+                }
+            return {
+                "ids": ids,
+                "refs": array("Q", (refs[slot] for slot in locs.values())),
+                "sorted": {b: array("q", map(position.__getitem__, self._sorted.of(b))) for b in ID_BRACKETS},
+                "others": array("q", map(position.__getitem__, self._others)),
+                "fields": fields,
+            }
 
     def field_paths(self) -> list[str]:
         """The fields this store keeps an index for."""

@@ -68,8 +68,8 @@ def _unpack_ext(code: int, data: memoryview) -> Any:
     raise ValueError(f"unknown extension {code}")
 
 
-def _ints(values: list[int], typecode: str) -> bytes:
-    return array(typecode, values).tobytes()
+def _ints(values: array[int], typecode: str) -> bytes:
+    return (values if values.typecode == typecode else array(typecode, values)).tobytes()
 
 
 def _from_ints(data: bytes, typecode: str) -> array[int]:

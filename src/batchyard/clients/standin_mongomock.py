@@ -24,7 +24,7 @@ holds all its matching documents at once, as mongomock's cursors do (the pipelin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import bson
 from bson import ObjectId
@@ -200,7 +200,7 @@ def _fast_window(cursor: Any) -> list[dict[str, Any]] | None:
     if not isinstance(st, IndexedCollectionStore):
         return None
     sort = _one_sort(cursor._sort)
-    if sort is False or sort is True:
+    if sort is False:
         return None
     limit = None if not cursor._limit else cursor._skip + abs(cursor._limit)
     coll = cursor.collection
@@ -307,7 +307,7 @@ def _project(doc: dict[str, Any], tree: dict[str, Any], include: bool) -> dict[s
 _ABSENT = object()
 
 
-def _one_sort(sort: Any) -> tuple[str, int] | bool | None:
+def _one_sort(sort: Any) -> tuple[str, int] | Literal[False] | None:
     """(field, 1 / -1) for a sort on one field, None for no sort, False for any other sort."""
     if not sort:
         return None
