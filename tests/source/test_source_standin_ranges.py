@@ -251,3 +251,36 @@ def test_change_pages_newest_change_and_company_ids_read_only_what_they_return(m
     ids_of_one = [d["_id"] for d in coll.find({"company_id": "co007"}, {"_id": 1})]
     assert len(ids_of_one) == n // companies and all(i.startswith("co007/") for i in ids_of_one)
     assert decoded[0] == 0
+
+
+def test_many_target_clauses_and_few_candidates_match_the_scan(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A targets `$or` of 80 company + documents clauses and a range matching ~30 chunks: each
+    candidate is tested against its company's clause only, with mongomock's answers."""
+    from batchyard.clients import standin_plan
+
+    routed = [0]
+    orig = standin_plan.AnyOf._routed
+
+    def count(self: standin_plan.AnyOf, view: Any, *args: Any) -> Any:
+        routed[0] += 1
+        return orig(self, view, *args)
+
+    monkeypatch.setattr(standin_plan.AnyOf, "_routed", count)
+    rng = random.Random(7)
+    fast, plain = _pair("routes")
+    companies = [f"k{i:03d}" for i in range(100)]
+    docs = [{"_id": f"{c}/{i:05d}", "company": c, "document": f"{c}-{i % 4}",
+             "u": DATES[0] if rng.random() < 0.95 else rng.choice([*DATES[1:], None, [DATES[2]], "x"])}
+            for i, c in ((i, rng.choice(companies)) for i in range(3_000))]
+    fast.insert_many([dict(d) for d in docs])
+    plain.insert_many([dict(d) for d in docs])
+    for _ in range(25):
+        targets = {"$or": [{"company": c, "document": {"$in": [f"{c}-{j}" for j in rng.sample(range(4), 2)]}}
+                           for c in rng.sample(companies, 80)]}
+        if rng.random() < 0.3:
+            targets["$or"].append({"company": {"$in": rng.sample(companies, 3)}})  # a clause routed nowhere
+        query = {**targets, **_range(rng)}
+        for sort in ([("_id", 1)], [("u", -1)]):
+            assert list(fast.find(query).sort(sort).limit(50)) == list(plain.find(query).sort(sort).limit(50)), query
+        assert fast.count_documents(query) == plain.count_documents(query)
+    assert routed[0] > 0

@@ -228,11 +228,19 @@ class AllOf(Term):
 
 
 class AnyOf(Term):
-    """A disjunction of narrowing clauses: their union."""
+    """A disjunction of narrowing clauses: their union.
 
-    def __init__(self, terms: list[Term]) -> None:
+    Many clauses that each fix one value of a common field (the targets `$or` of company +
+    documents) are routed: a few candidates are each read once for that field and tested only
+    against the clauses of their value, not against all of them.
+    """
+
+    def __init__(self, store: _Store, terms: list[Term]) -> None:
+        self.store = store
         self.terms = terms
         self.exact = all(t.exact for t in terms)
+        self._routes: tuple[str, dict[Any, list[Term]], list[Term]] | None = None
+        self._routes_built = False
 
     def estimate(self, cap: int) -> int:
         total = 0
@@ -250,12 +258,52 @@ class AnyOf(Term):
 
     def keep(self, candidates: Collection[Any]) -> Collection[Any]:
         view = _as_set(candidates)
+        routes = self._route() if len(self.terms) > _FORWARD_COST and len(view) < len(self.terms) else None
+        if routes is not None:
+            return self._routed(view, *routes)
         kept: set[Any] = set()
         for term in self.terms:
             if len(kept) == len(view):
                 break
             kept.update(term.keep(view))
         return kept
+
+    def _routed(self, view: Any, path: str, by_value: dict[Any, list[Term]], rest: list[Term]) -> set[Any]:
+        kept: set[Any] = set()
+        for key in view:
+            regular, value = self.store.forward(key, path)
+            clauses = [*by_value.get(value, ()), *rest] if regular else self.terms
+            if any(term.keep({key}) for term in clauses):
+                kept.add(key)
+        return kept
+
+    def _route(self) -> tuple[str, dict[Any, list[Term]], list[Term]] | None:
+        """(field, clauses by the one value they fix, clauses fixing none) when most clauses fix
+        one value of the same field (computed once)."""
+        if not self._routes_built:
+            self._routes_built = True
+            fixed = [_fixed(term) for term in self.terms]
+            paths = [f[0] for f in fixed if f is not None]
+            path = max(set(paths), key=paths.count) if paths else None
+            if path is not None and 2 * paths.count(path) > len(self.terms):
+                by_value: dict[Any, list[Term]] = {}
+                rest: list[Term] = []
+                for term, f in zip(self.terms, fixed, strict=True):
+                    if f is not None and f[0] == path:
+                        by_value.setdefault(f[1], []).append(term)
+                    else:
+                        rest.append(term)
+                self._routes = (path, by_value, rest)
+        return self._routes
+
+
+def _fixed(term: Term) -> tuple[str, Any] | None:
+    """(field, value) when `term` can only match documents holding that one value there."""
+    if isinstance(term, AllOf):
+        return next((f for f in map(_fixed, term.terms) if f is not None), None)
+    if isinstance(term, Equal) and len(term.wanted) == 1 and not term.index.irregular:
+        return term.index.path, term.wanted[0]
+    return None
 
 
 class Everything(Term):
@@ -332,7 +380,7 @@ def _build_or(store: _Store, value: Any) -> Term | None:
         if term is EVERYTHING:  # this clause alone matches everything
             return EVERYTHING
         terms.append(term)
-    return terms[0] if len(terms) == 1 else AnyOf(terms)
+    return terms[0] if len(terms) == 1 else AnyOf(store, terms)
 
 
 # --------------------------------------------------------------------------- filter shapes
