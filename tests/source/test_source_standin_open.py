@@ -317,3 +317,26 @@ def test_the_checkpoint_keeps_every_kind_of_id_and_value(tmp_path: Path, small_c
     with open_document_store(SETTINGS, standin_dir=tmp_path, read_only=True) as store:
         assert not store._standin.data.read_whole  # type: ignore[union-attr]
         assert answers(store) == expected
+
+
+def test_a_closed_standin_lets_go_of_its_indexes(tmp_path: Path) -> None:
+    """Closing the last store frees the indexes at once (reference counting), not at the next
+    full garbage collection: a process opening the stand-in per operation must not hold two."""
+    import gc
+    import weakref
+
+    _fill(tmp_path)
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        store = open_document_store(SETTINGS, standin_dir=tmp_path)
+        chunks = store.chunks
+        assert chunks.count_documents({"company_id": "acme"}) > 0
+        assert list(chunks.find({"company_id": {"$in": ["acme", "globex"]}, "updated_at": {"$gte": T0}}).limit(1))
+        indexes = weakref.ref(chunks._store)
+        store.close()
+        del store, chunks
+        assert indexes() is None
+    finally:
+        if enabled:
+            gc.enable()

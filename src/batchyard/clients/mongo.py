@@ -23,6 +23,23 @@ counts and `$group` counts from hash and sorted indexes; `batchyard.clients.stan
 append-only file with commit records. Opening reads a few bytes per document (no `insert_many`)
 and the chunk fields the pipeline looks up by are indexed on open (`_ensure_lookup_indexes`).
 
+What the stand-in answers from its indexes, i.e. what costs about what it returns (the same
+pymongo calls a real server answers from its own indexes; `mongo.fields.*` names the fields):
+
+- `find({<targets>, updated_at: {$gte: T}, _id: {$gt: last}}).sort("_id", 1).limit(page)` with
+  the targets as a company `$in` or an `$or` of company + document `$in` (`iter_id_pages`): the
+  `updated_at` range (`$gt/$gte/$lt/$lte`) drives, the targets only filter its candidates, so a
+  pass over 100 changed chunks of 1M costs milliseconds; the candidates are built once per
+  filter and reused by every page while no indexed value changes;
+- `find(<targets>, {updated_at: 1}).sort(updated_at, -1).limit(1)` (the newest change): walks
+  the sorted dates from the newest, decoding one document;
+- `aggregate([{$match: <targets>}, {$group: {_id: "$company" (or company + document), n: {$sum: 1}}}])`
+  and `count_documents(<filter>)`: counted from the indexes, no document decoded;
+- `find({company: c}, {_id: 1})` (a company's ids) and `find({_id: {$in: ids}})`: no scan, and
+  no document decoded for an `_id`-only projection;
+- not cheap: filters on fields no index names (each candidate is decoded and checked by
+  mongomock), sorts on unindexed fields or without a limit, and anything mongomock must scan.
+
 Within one process every store opened on the same stand-in file shares one in-memory database
 (so two stages see each other's writes). Across processes they take turns (`standin_lock`): a
 store opened for writing (the default) holds an exclusive file lock until it is closed, one
@@ -378,7 +395,14 @@ class _Standin:
                 raise DocumentStoreError(standin_label(self.path), str(exc)) from None
 
     def close(self) -> None:
+        """Close the file and let go of the in-memory database: mongomock's client and database
+        objects refer to each other, so without this the indexes (hundreds of MB at 1M chunks)
+        would stay until the next full garbage collection."""
         self.data.close()
+        for db in self.client._database_accesses.values():
+            db._collection_accesses.clear()
+        self.client._database_accesses.clear()
+        self.server._databases.clear()
 
 
 _STANDINS: dict[Path, _Standin] = {}

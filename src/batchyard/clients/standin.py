@@ -52,6 +52,7 @@ import contextlib
 import copy
 import itertools
 import threading
+import weakref
 from array import array
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any
@@ -674,7 +675,9 @@ class IndexedCollectionStore:
             if cached is not None and cached[0] == self._key_version:
                 self._plans.move_to_end(cache_key)  # type: ignore[arg-type]
                 return Plan(cached[1], cached[2], id_range)
-            term = build_and(self, base) if base else EVERYTHING
+            # terms reach the store through a weak proxy: the plan cache holds them, and a cycle
+            # would keep a closed stand-in's indexes alive until the next full garbage collection
+            term = build_and(weakref.proxy(self), base) if base else EVERYTHING
             if term is None:
                 if id_range is None:
                     return None
