@@ -261,7 +261,7 @@ def markdown(result: dict[str, Any]) -> str:
         for s in a["stages"]:
             o = b_stages.get(s["stage"])
             if o is not None:
-                ratio = f"{o['seconds'] / s['seconds']:,.0f}x" if s["seconds"] > 0 else "-"
+                ratio = f"{o['seconds'] / s['seconds']:,.0f}x" if s["seconds"] > 0 and o["seconds"] > 0 else "-"
                 prev = f"{o['seconds']:.3f} ({b['cpu'][s['stage']]:.3f}) | {o['peak_rss_mb']:,.0f} | {ratio}"
             else:
                 prev = "not run | | "
