@@ -276,7 +276,8 @@ def finish_run(ctx: RunContext, job: Job, run: RunStore, *, cancelled: bool) -> 
             # another open run (a run cancelled later leaves its window to be read again)
             if det.high_water is not None and not (c in bounds and bounds[c] is None):
                 bound = bounds.get(c)
-                cursors[th] = det.high_water if bound is None else _iso_min(det.high_water, bound)
+                safe = det.safe_bound or det.high_water
+                cursors[th] = safe if bound is None else _iso_min(safe, bound)
             full_at = dict(entry.get("full_at", {}))
             if c in det.full:
                 full_at[th] = det.started_at

@@ -233,7 +233,7 @@ def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress 
     if held:
         log.warning("%d unit(s) left to open run(s) of this scope that hold them: %s", sum(held.values()),
                     ", ".join(f"{r} ({n})" for r, n in sorted(held.items())))
-    stats = {**totals, "partitions": len(specs), "orphans": sum(o.height for o in orphans),
+    stats = {"chunks": 0, "rejected": 0, **totals, "partitions": len(specs), "orphans": sum(o.height for o in orphans),
              "duplicate_ids": duplicates, "held_by_open_runs": sum(held.values()),
              "pruned": int(pruned.get("pruned", 0)), "read": "full" if not det.since else
              ("changes" if not det.full else "mixed")}
