@@ -146,7 +146,7 @@ def search_text(
     while len(seen) < k:
         exclude = f"text_sha256 not in {json.dumps(list(seen))}" if seen else ""
         limit = 2 * (k - len(seen))
-        hits = search(client, name, vector, limit=limit, filter=_and(scope, exclude))
+        hits = search(client, name, vector, limit=limit, filter=_and(scope, exclude), consistency_level="Strong")
         if not new_texts(hits, seen) or len(hits) < limit:
             break
     best = list(seen.values())[:k]
