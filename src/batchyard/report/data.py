@@ -15,6 +15,8 @@ from typing import Any
 
 import polars as pl
 
+from batchyard.errors import TerminalError
+
 TERMINAL = ("completed", "failed", "expired", "cancelled")
 _STARTS = ("creating", "submitted")
 """History states that begin a submission: the create call (batch lane) or the first real-time
@@ -99,12 +101,16 @@ def inflight_series(spans: Iterable[Span], *, now: float) -> tuple[list[float], 
     return times, values
 
 
-def check_queue_samples(frame: pl.DataFrame) -> pl.DataFrame:
-    """The provider-queue samples (`queue.parquet`), sorted by time; a clear error when a column
-    is missing."""
+class BadQueueSamples(TerminalError, ValueError):
+    """A run's queue samples file lacks a column the report plots."""
+
+
+def check_queue_samples(frame: pl.DataFrame, where: str = "queue.parquet") -> pl.DataFrame:
+    """The provider-queue samples (`queue.parquet`), sorted by time; a clear error naming the
+    file when a column is missing."""
     missing = [c for c in QUEUE_COLUMNS if c not in frame.columns]
     if missing:
-        raise ValueError(f"queue.parquet lacks column(s) {', '.join(missing)}")
+        raise BadQueueSamples(f"{where} lacks column(s) {', '.join(missing)}")
     return frame.select(QUEUE_COLUMNS).sort("t")
 
 

@@ -109,7 +109,7 @@ def _queue_samples(run: RunStore) -> Any:
     rel = run.rel(QUEUE_FILE)
     if not run.staging.exists(rel):
         return None
-    return data.check_queue_samples(run.staging.read_parquet(rel))
+    return data.check_queue_samples(run.staging.read_parquet(rel), where=run.staging.path(rel))
 
 
 def _budget(info: dict[str, Any], models: set[str]) -> int | None:
