@@ -1021,6 +1021,8 @@ def search(
     """
     import tempfile
 
+    from rich.markup import escape
+
     from batchyard.context import RunContext
     from batchyard.search import search_text
 
@@ -1037,13 +1039,17 @@ def search(
     if as_json:
         _emit_json(hits)
         return
-    t = Table(title=f"nearest to {_snippet(text, 60)!r} ({settings.milvus.metric_type}, "
-              f"{settings.embedding.space})", title_justify="left")
-    for col in ("rank", "score", "chunk", "company", "document", "copies", "text"):
-        t.add_column(col, no_wrap=col in ("chunk", "score"), justify="right" if col in ("rank", "score", "copies") else "left")
+    t = Table(title=f"nearest to {_snippet(text, 50)!r}", title_justify="left", caption_justify="left",
+              caption=f"score: {settings.milvus.metric_type} in space {settings.embedding.space}; "
+              "copies: chunks with this exact text, shown once")
+    for col in ("rank", "score", "copies"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("chunk (company · document)", overflow="fold", ratio=2)
+    t.add_column("text", min_width=24, ratio=3)
     for h in hits:
-        t.add_row(str(h["rank"]), f"{h['score']:.4f}", h["chunk_id"], h["company"] or "", h["document"] or "",
-                  f"{h['count']:,}", _snippet(h["text"], 100) if h["text"] is not None else "(not in the source)")
+        where = f"[dim]{escape(h['company'] or '')} · {escape(h['document'] or '')}[/dim]"
+        t.add_row(str(h["rank"]), f"{h['score']:.4f}", f"{h['count']:,}", f"{escape(h['chunk_id'])}\n{where}",
+                  escape(_snippet(h["text"], 160)) if h["text"] is not None else "[dim](not in the source)[/dim]")
     console.print(t)
     if not hits:
         console.print("no vector matched")

@@ -187,6 +187,6 @@ def _unknown_scope(ctx: RunContext, collection: str, company: str | None, docume
                     if value is not None)
     query = {f: v for f, v in ((fields.company, company), (fields.document, document)) if v is not None}
     if ctx.store.chunks.find_one(query, {"_id": 1}) is None:
-        return UnknownScope(f"unknown {what}: no chunk of it in the document store ({ctx.store.label})")
+        return UnknownScope(f"unknown {what}: no chunk of it in {ctx.store.label}")
     return UnknownScope(f"{what} has no vector in Milvus collection {collection!r} yet: "
                         "run `batchyard embed` with it in the targets")
