@@ -111,16 +111,11 @@ def search_text(
         ConfigError: an empty or too long query, k out of range, an unknown company or document.
         NoCollection: nothing was embedded in this space yet.
         DimensionMismatch: the collection has another dimension than the configured space.
+        VectorStoreError: Milvus failed (unreachable, refused), in one line naming where.
     """
-    from batchyard.clients.milvus import (
-        DimensionMismatch,
-        collection_dim,
-        collection_name,
-        count,
-        search,
-        vector_store_label,
-    )
-    from batchyard.jobs.embeddings import NATIVE_DIMS
+    from pymilvus.exceptions import MilvusException
+
+    from batchyard.clients.milvus import VectorStoreError, collection_name, vector_store_label
     from batchyard.tokens import encoding_for_model
 
     if not 1 <= k <= MAX_K:
@@ -129,9 +124,21 @@ def search_text(
     emb = s.embedding
     check_query(query, max_tokens=s.limits.max_tokens_per_input, encoding=emb.encoding or encoding_for_model(emb.model))
     name = collection_name(s.milvus.collection_prefix, emb.space)
+    where = vector_store_label(s.milvus, default_path=str(ctx.staging.local_dir() / "milvus.db"))
+    try:
+        return _search(ctx, query, name, where, k=k, company=company, document=document)
+    except MilvusException as exc:  # unreachable server, bad token, ...: one line, naming where
+        raise VectorStoreError(name, f"{' '.join(str(exc.message).split())} ({where})") from None
+
+
+def _search(ctx: RunContext, query: str, name: str, where: str, *, k: int, company: str | None,
+            document: str | None) -> list[dict[str, Any]]:
+    from batchyard.clients.milvus import DimensionMismatch, collection_dim, count, search
+    from batchyard.jobs.embeddings import NATIVE_DIMS
+
+    emb = ctx.settings.embedding
     client = ctx.milvus
     if not client.has_collection(name):
-        where = vector_store_label(s.milvus, default_path=str(ctx.staging.local_dir() / "milvus.db"))
         raise NoCollection(name, emb.space, where)
     dims = emb.dimensions or NATIVE_DIMS.get(emb.model, 1536)
     existing = collection_dim(client, name)

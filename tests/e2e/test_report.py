@@ -145,6 +145,23 @@ def test_the_report_defaults_to_the_run_folder_and_plots_queue_samples_when_the_
     assert missing.returncode == 2 and "run 'no-such-run' not found" in missing.stderr
 
 
+def test_the_report_of_an_unfinished_run_shows_its_batches_in_flight(settings_factory: Any) -> None:
+    from batchyard import runner
+    from batchyard.context import RunContext
+    from batchyard.jobs.embeddings import EmbeddingsJob
+    from batchyard.report import build
+    from tests.helpers import run_of, seed
+
+    slow = {"local": {"validating_s": 60.0}}  # no batch ends while we look
+    settings = settings_factory(limits={"max_inputs_per_batch": 10, "max_inputs_per_request": 5}, provider=slow)
+    with RunContext(settings) as ctx:
+        info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, 30)), wait=False)
+        assert info["phase"] != "done"
+        found = sections(build(run_of(ctx, info)))
+    assert "The run has no summary yet" in found["cost"] and "<svg" not in found["cost"]
+    assert found["timeline"].count("<svg") == 1 and found["queue"].count("<svg") == 1
+
+
 # --------------------------------------------------------------------------- in a real browser
 
 

@@ -24,6 +24,22 @@ def source_chunks(tmp_path: Path) -> list[dict[str, Any]]:
         return list(ctx.store.chunks.find({}, {"text": 1, "company_id": 1, "document_id": 1}))
 
 
+def release(tmp_path: Path, env: dict[str, str]) -> None:
+    """Release the space's collection (as a restarted server, or a new Lite process, has it)."""
+    from batchyard.clients.milvus import collection_name, open_vector_store
+    from batchyard.settings import MilvusSettings
+
+    milvus = MilvusSettings(uri=env.get("BATCHYARD_MILVUS__URI"),
+                            collection_prefix=env.get("BATCHYARD_MILVUS__COLLECTION_PREFIX", "chunks"))
+    client = open_vector_store(milvus, default_path=str(tmp_path / "staging" / "milvus.db"))
+    try:
+        name = collection_name(milvus.collection_prefix, "text_embedding_3_small_64")
+        client.release_collection(name)
+        assert client.get_load_state(name)["state"].name == "NotLoad"
+    finally:
+        client.close()
+
+
 def search(tmp_path: Path, env: dict[str, str], *args: str) -> list[dict[str, Any]]:
     out = cli(["search", *args, "--json"], tmp_path, **env)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
@@ -54,6 +70,7 @@ def test_search_finds_a_stored_chunks_own_text_first_and_shows_each_text_once(
         boilerplate, n_boilerplate = copies.most_common(1)[0]
         assert n_boilerplate > 1
 
+        release(tmp_path, env)  # search loads a released collection
         hits = search(tmp_path, env, unique["text"], "--k", "5")
         assert hits[0]["chunk_id"] == unique["_id"] and hits[0]["text"] == unique["text"]
         assert hits[0]["score"] >= 0.99 and hits[0]["count"] == 1
@@ -92,3 +109,16 @@ def test_search_finds_a_stored_chunks_own_text_first_and_shows_each_text_once(
                 if name.startswith(env["BATCHYARD_MILVUS__COLLECTION_PREFIX"]):
                     client.drop_collection(name)
             client.close()
+
+
+def test_search_errors_are_one_line_an_unreachable_milvus_and_a_bad_k(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    down = cli(["search", "anything"], tmp_path, BATCHYARD_MILVUS__URI=f"http://127.0.0.1:{port}")
+    assert down.returncode == 1 and len(down.stderr.strip().splitlines()) == 1, down.stderr
+    assert f"Milvus at http://127.0.0.1:{port}" in down.stderr and "Traceback" not in down.stderr
+    bad_k = cli(["search", "anything", "--k", "0"], tmp_path)
+    assert bad_k.returncode == 2 and "--k must be between 1 and 1000, not 0" in bad_k.stderr
