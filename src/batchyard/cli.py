@@ -1022,6 +1022,85 @@ def demo(
     raise typer.Exit(code)
 
 
+# --------------------------------------------------------------------------- look at the data
+
+
+@app.command()
+def search(
+    text: Annotated[str, typer.Argument(help="The text to search for.")],
+    k: Annotated[int, typer.Option("--k", help="Distinct texts to show.")] = 10,
+    company: Annotated[str | None, typer.Option(help="Only chunks of this company.")] = None,
+    document: Annotated[str | None, typer.Option(help="Only chunks of this document.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """The chunks nearest to TEXT in the Milvus collection of the configured embedding space.
+
+    The text is embedded like the corpus (provider, model, dimensions; the embedded local server
+    when no API key is set). Identical texts are shown once, with how many chunks carry them.
+    """
+    import tempfile
+
+    from rich.markup import escape
+
+    from batchyard.context import RunContext
+    from batchyard.search import search_text
+
+    settings = _settings(_overrides())
+    _check_locks(settings)
+    # the embedded server answers one embeddings call here: give it a state of its own, so a
+    # search neither waits for nor loads the state of a run's server
+    with tempfile.TemporaryDirectory(prefix="batchyard-search-") as state:
+        if settings.provider.embedded:
+            local = settings.provider.local.model_copy(update={"state_dir": state})
+            settings = settings.model_copy(update={"provider": settings.provider.model_copy(update={"local": local})})
+        with RunContext(settings) as ctx:
+            hits = _guarded(lambda: {"hits": search_text(ctx, text, k=k, company=company, document=document)})["hits"]
+    if as_json:
+        _emit_json(hits)
+        return
+    t = Table(title=f"nearest to {_snippet(text, 50)!r}", title_justify="left", caption_justify="left",
+              caption=f"score: {settings.milvus.metric_type} in space {settings.embedding.space}; "
+              "copies: chunks with this exact text, shown once")
+    for col in ("rank", "score", "copies"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("chunk (company · document)", overflow="fold", ratio=2)
+    t.add_column("text", min_width=24, ratio=3)
+    for h in hits:
+        where = f"[dim]{escape(h['company'] or '')} · {escape(h['document'] or '')}[/dim]"
+        t.add_row(str(h["rank"]), f"{h['score']:.4f}", f"{h['count']:,}", f"{escape(h['chunk_id'])}\n{where}",
+                  escape(_snippet(h["text"], 160)) if h["text"] is not None else "[dim](not in the source)[/dim]")
+    console.print(t)
+    if not hits:
+        console.print("no vector matched")
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write the page here (default: report.html in the "
+                                            "run's staging folder).")] = None,
+) -> None:
+    """Write one self-contained HTML page about a run: summary, cost per lane, a timeline of every
+    shard attempt, the provider queue's fill, tokens per shard, failures by code, the bins.
+
+    Read from the run's staged files only (no API call); the page loads nothing from anywhere.
+    """
+    from batchyard.report import write
+    from batchyard.storage.runs import find_run
+    from batchyard.storage.staging import Staging
+
+    _check_run_exists(run_id)
+    run = find_run(Staging.from_settings(_settings(_overrides()).staging), run_id)
+    written = _guarded(lambda: {"w": write(run, out)})["w"]
+    console.print(f"report of run {run_id} ({run.job}) written to {written.location} "
+                  f"({written.bytes / 1024:,.0f} KiB)", highlight=False, soft_wrap=True)
+
+
+def _snippet(text: str | None, width: int) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def run() -> None:  # pragma: no cover - the console script
     """Entry point: `batchyard`."""
     app()

@@ -131,6 +131,17 @@ class BatchApi:
         # is not even the suppressed `__context__`: tblib (loaded by Dask) pickles that too
         raise error
 
+    # the real-time embeddings endpoint (for `batchyard search`: one query, not a shard)
+
+    def embed(self, model: str, texts: list[str], dimensions: int | None) -> list[list[float]]:
+        """Vectors of `texts` from `/v1/embeddings`, with this class's retries and key scrubbing."""
+        extra: dict[str, Any] = {"dimensions": dimensions} if dimensions is not None else {}
+        got = self._call(
+            f"embed {len(texts)} text(s) with {model}",
+            lambda: self.client.embeddings.create(model=model, input=texts, encoding_format="float", **extra),
+        )
+        return [list(d.embedding) for d in sorted(got.data, key=lambda d: d.index)]
+
     # files
 
     def upload(self, filename: str, data: bytes) -> str:
