@@ -78,13 +78,14 @@ class Detection:
     reasons: dict[str, str] = field(default_factory=dict)
     """Why each company is read in full, or reconciled."""
     by_document: list[tuple[str, str, int]] = field(default_factory=list)
-    """Chunk counts of listed documents (company, document, count), for unmatched targets."""
+    """Chunk counts of listed documents (company, document, count), for unmatched targets (not
+    kept in run.json: a targets file may list thousands of documents)."""
     version: str = ""
     kind: str = "aware"
     """How the source stores the change field (see `value_kind`)."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "by_document"}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Detection:

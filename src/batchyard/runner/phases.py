@@ -222,6 +222,8 @@ def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress 
         run.staging.write_parquet(run.rel("failures", "snapshot-orphans.parquet"), pl.concat(orphans))
     duplicates = _find_duplicates(run)
     crashpoint("after_snapshot")
+    if not dry:
+        lifecycle.new_units(ctx, job, run)  # before any load marks them: what the sink never had
     pruned = lifecycle.prune_run(ctx, job, run, det, dry=dry)
     totals: dict[str, Any] = defaultdict(int)
     for part in run.partitions():
