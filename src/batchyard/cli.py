@@ -278,30 +278,6 @@ def _check_inputs(kind: str, targets: Path | None, task: str | None) -> None:
         _usage_error(exc)
 
 
-def _check_locks(s: Settings) -> None:
-    """Fail fast when another process holds the embedded MongoDB stand-in this run needs."""
-    import fcntl
-
-    from batchyard.clients.mongo import standin_path
-    from batchyard.storage.staging import Staging
-
-    if s.mongo.uri is not None or s.run.partitions_per_driver is not None:
-        return  # a real server; or several drivers of one run that take turns with the stand-in
-    path = standin_path(Staging.from_settings(s.staging).local_dir(".mongo-standin"), s.mongo.database)
-    lock = path.with_name(path.name + ".lock")
-    if not lock.exists():
-        return
-    with open(lock, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            _fail(BatchyardError(f"the MongoDB stand-in at {path} is in use by another process (pid {holder}); "
-                                 "wait for it to finish, or set BATCHYARD_MONGO__URI"))
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _run_job(kind: str, targets: Path | None, *, engine: EngineChoice | str, overrides: dict[str, Any],
              task: str | None = None, run_id: str | None = None, wait: bool = True,
              show_progress: bool = True) -> dict[str, Any]:
@@ -311,7 +287,6 @@ def _run_job(kind: str, targets: Path | None, *, engine: EngineChoice | str, ove
     engine = EngineChoice(engine)
     _check_inputs(kind, targets, task)
     settings = _settings(overrides)
-    _check_locks(settings)
     progress, update = _progress()
     profile = _state.get("profile")
     with progress if show_progress else _Quiet():
@@ -482,7 +457,6 @@ def _dry_run(kind: str, targets: Path, *, task: str | None, run_id: str | None, 
 
     _check_inputs(kind, targets, task)
     settings = _settings(overrides)
-    _check_locks(settings)
 
     def go() -> dict[str, Any]:
         progress, update = _progress()
@@ -771,8 +745,6 @@ def audit(
 
     _check_run_exists(run_id)
     settings = _settings(_overrides())
-    if sinks or unit_id:
-        _check_locks(settings)
     try:
         with RunContext(settings) as ctx:
             run = find_run(ctx.staging, run_id)
@@ -1046,7 +1018,6 @@ def search(
     from batchyard.search import search_text
 
     settings = _settings(_overrides())
-    _check_locks(settings)
     # the embedded server answers one embeddings call here: give it a state of its own, so a
     # search neither waits for nor loads the state of a run's server
     with tempfile.TemporaryDirectory(prefix="batchyard-search-") as state:

@@ -255,6 +255,10 @@ class DocumentStore:
     def _scrub(self, text: str) -> str:
         return _scrub(text, self._secrets)
 
+    def wanted(self) -> bool:
+        """Whether another process waits for this stand-in (a real server: never)."""
+        return self._standin is not None and self._standin.lock.wanted()
+
     # lifecycle
     def save(self) -> None:
         """Persist the stand-in now (atomic); nothing to do for a real server."""
@@ -297,7 +301,7 @@ def open_document_store(
     settings: MongoSettings,
     *,
     standin_dir: str | os.PathLike[str],
-    lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+    lock_timeout_s: float | None = None,
     read_only: bool = False,
 ) -> DocumentStore:
     """Open MongoDB (`settings.uri`) or the persisted stand-in under `standin_dir`.
@@ -313,7 +317,8 @@ def open_document_store(
     """
     if settings.uri is not None:
         return _open_server(settings)
-    return _open_standin(settings, Path(standin_dir), lock_timeout_s, read_only)
+    return _open_standin(settings, Path(standin_dir), settings.standin_wait_s if lock_timeout_s is None
+                         else lock_timeout_s, read_only)
 
 
 def _open_server(settings: MongoSettings) -> DocumentStore:

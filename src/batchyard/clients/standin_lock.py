@@ -94,8 +94,36 @@ class StandinLock:
             os.close(self.fd)
             self.fd, self.exclusive = -1, False
 
+    @property
+    def waiters(self) -> Path:
+        """A folder where processes waiting for the lock leave their pid (`wanted`)."""
+        return self.path.with_name(self.path.name + ".wait")
+
+    def wanted(self) -> bool:
+        """Whether another live process waits for this lock (a holder lets go when it can)."""
+        try:
+            names = os.listdir(self.waiters)
+        except OSError:
+            return False
+        return any(n.isdigit() and int(n) != os.getpid() and _alive(int(n)) for n in names)
+
     def _wait(self, fd: int, exclusive: bool, timeout_s: float) -> None:
         mode = (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB
+        try:
+            fcntl.flock(fd, mode)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise
+        mark = self.waiters / str(os.getpid())
+        self.waiters.mkdir(mode=0o700, exist_ok=True)
+        mark.touch(mode=0o600)
+        try:
+            self._poll(fd, mode, timeout_s)
+        finally:
+            mark.unlink(missing_ok=True)
+
+    def _poll(self, fd: int, mode: int, timeout_s: float) -> None:
         start = time.monotonic()
         pause, warned = _FIRST_POLL_S, False
         while True:

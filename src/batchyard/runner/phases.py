@@ -242,6 +242,7 @@ def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress 
     run.update_run(phase="plan", snapshot=stats, held_by_open_runs=held)
     add_timings(run, {"snapshot": peak_rss_mb()}, snapshot=time.perf_counter() - t0)
     trim_memory()
+    ctx.yield_store()  # another process of the project directory waits for the stand-in
     return stats
 
 
