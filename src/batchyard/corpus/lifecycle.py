@@ -316,15 +316,23 @@ def finish_run(ctx: RunContext, job: Job, run: RunStore, *, cancelled: bool) -> 
     known = corpus.companies()
     # what the sink holds per company follows from what this run added, where the registry knows it
     # from before and nothing was reconciled; a reconciled or new company is counted in the sink
-    measure = [c for c in touched if c in reconciled or "rows" not in known.get(c, {}).get("sink_rows", {})]
+    from batchyard.corpus.prune import held_before
+
+    # what the sink holds per company follows from what it held (the registry's figure, or what the
+    # prune read for a reconciled company), less what was pruned, plus the units this run loaded
+    # that it did not hold; a company never counted before is counted in the sink
+    held = held_before(run)
+    reconciled_held = {str(c): int(n) for c, n in held.group_by("company_id").len().iter_rows()}
+    measure = [c for c in touched if c not in reconciled_held and "rows" not in known.get(c, {}).get("sink_rows", {})]
     targets_now = target_rows(ctx, job, touched=measure) if touched else {}
     if touched:
-        added = _added_per_company(job, run)
+        added = _added_per_company(job, run, held)
         pruned = _pruned_per_company(run)
         for c in touched:
-            if c not in measure:
-                targets_now["by_company"][c] = (int(known[c]["sink_rows"]["rows"]) + added.get(c, 0)
-                                                - pruned.get(c, 0))
+            if c in measure:
+                continue
+            start = reconciled_held[c] if c in reconciled_held else int(known[c]["sink_rows"]["rows"])
+            targets_now["by_company"][c] = start + added.get(c, 0) - pruned.get(c, 0)
     with corpus.lease(owner, wait_s=ctx.settings.corpus.select_wait_s):
         bounds = _lower_bounds(corpus, run.run_id)
         changes: dict[str, dict[str, Any]] = {}
@@ -360,23 +368,28 @@ def finish_run(ctx: RunContext, job: Job, run: RunStore, *, cancelled: bool) -> 
     return targets_now
 
 
-def _added_per_company(job: Job, run: RunStore) -> dict[str, int]:
-    """Units new to the sink (see `new_units`) that this run loaded, per company."""
+def _added_per_company(job: Job, run: RunStore, held: pl.DataFrame) -> dict[str, int]:
+    """Units this run loaded that the sink did not hold before, per company: of a reconciled
+    company, those not among what the prune read; of another, those new to the sink (`new_units`)."""
     st = run.staging
-    rel = run.rel("new_units.parquet")
-    if not st.exists(rel):
-        return {}
-    new = st.read_parquet(rel)
     loaded = []
     for part in run.partitions():
         rels = [part.rel("results", f"{n}.parquet") for n in part.parts("results")]
         rels = [r for r in rels if st.count_rows(r)]
         if rels:
-            loaded.append(st.scan_parquet(rels).select(pl.col(job.result_key).cast(pl.String).alias("unit_id")).collect())
+            loaded.append(st.scan_parquet(rels).select(pl.col(job.result_key).cast(pl.String).alias("unit_id"),
+                                                       pl.col("company_id").cast(pl.String)).collect())
     if not loaded:
         return {}
-    got = new.join(pl.concat(loaded).unique(), on="unit_id", how="semi").group_by("company_id").len()
-    return {str(c): int(n) for c, n in got.iter_rows()}
+    frame = pl.concat(loaded).unique("unit_id")
+    reconciled = held["company_id"].unique()
+    in_reconciled = frame.filter(pl.col("company_id").is_in(reconciled.implode()))
+    fresh = in_reconciled.join(held.select("unit_id"), on="unit_id", how="anti")
+    rel = run.rel("new_units.parquet")
+    if st.exists(rel):
+        others = frame.filter(~pl.col("company_id").is_in(reconciled.implode()))
+        fresh = pl.concat([fresh, others.join(st.read_parquet(rel).select("unit_id"), on="unit_id", how="semi")])
+    return {str(c): int(n) for c, n in fresh.group_by("company_id").len().iter_rows()}
 
 
 def _pruned_per_company(run: RunStore) -> dict[str, int]:

@@ -175,10 +175,16 @@ def rejected_in_sink(ctx: RunContext, job: Job, rejected: set[str]) -> pl.DataFr
     return pl.DataFrame(rows, schema=PRUNED, orient="row").unique("unit_id")
 
 
-def stale_units(ctx: RunContext, job: Job, targets: list[CompanyTarget], rejected: set[str]) -> pl.DataFrame:
-    """Units the sink holds for these company targets that the source no longer has (valid)."""
+def stale_units(ctx: RunContext, job: Job, targets: list[CompanyTarget], rejected: set[str],
+                held_out: list[tuple[str, str]] | None = None) -> pl.DataFrame:
+    """Units the sink holds for these company targets that the source no longer has (valid).
+
+    `held_out` gets every (unit, company) the sink held before the prune (the run's finish derives
+    what it holds after from it, without reading the sink again)."""
     source = source_units(ctx, job, targets)
     held = held_units(ctx, job, targets)
+    if held_out is not None:
+        held_out.extend((u, c) for c, units in held.items() for u in units)
     rows: list[tuple[str, str, str]] = []
     for target in targets:
         c = target.company_id
@@ -204,7 +210,11 @@ def prune(ctx: RunContext, job: Job, run: RunStore, det: Detection) -> dict[str,
         batch = todo[i : i + _COMPANIES]
         rel = run.rel("prune", f"{i // _COMPANIES:05d}.parquet")
         if not st.exists(rel):
-            st.write_parquet(rel, stale_units(ctx, job, batch, rejected))
+            held: list[tuple[str, str]] = []
+            stale = stale_units(ctx, job, batch, rejected, held)
+            st.write_parquet(run.rel("prune", "held", f"{i // _COMPANIES:05d}.parquet"),
+                             pl.DataFrame(held, schema={"unit_id": pl.String, "company_id": pl.String}, orient="row"))
+            st.write_parquet(rel, stale)  # last: its presence says the batch was reconciled
     pruned = pruned_units(run)
     marks_unset = _apply(ctx, job, run, pruned)
     by_reason = {str(r): int(n) for r, n in pruned.group_by("reason").len().rows()} if pruned.height else {}
@@ -217,6 +227,15 @@ def prune(ctx: RunContext, job: Job, run: RunStore, det: Detection) -> dict[str,
         log.warning("run %s pruned %d unit(s) the source no longer has (%s) from %s", run.run_id, pruned.height,
                     ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items())), receipt["sink"])
     return receipt
+
+
+def held_before(run: RunStore) -> pl.DataFrame:
+    """Every (unit_id, company_id) the sink held, for the reconciled companies, before the prune."""
+    st = run.staging
+    rels = [run.rel("prune", "held", n) for n in st.list(run.rel("prune", "held"), ".parquet")]
+    if not rels:
+        return pl.DataFrame(schema={"unit_id": pl.String, "company_id": pl.String})
+    return pl.concat([st.read_parquet(r) for r in rels])
 
 
 def pruned_units(run: RunStore) -> pl.DataFrame:
