@@ -55,10 +55,11 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 import pyarrow as pa
-from bpe_openai import _bindings
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator, Sequence
+
+    from bpe_openai import _bindings
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +89,10 @@ def encoding_for_model(model: str) -> str:
 
 @cache
 def _tokenizer(encoding: str) -> _bindings.PyTokenizer:
+    # imported on first use: loading the vocabularies costs ~0.6 s, which a run with nothing to
+    # count (a no-op, a status) never needs to pay
+    from bpe_openai import _bindings
+
     return _bindings.tokenizer_for_encoding(encoding)
 
 
