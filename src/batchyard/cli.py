@@ -26,6 +26,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -172,6 +174,34 @@ def _settings(overrides: dict[str, Any] | None = None) -> Settings:
 
 def _emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _print_table(title: str, headers: list[str], rows: list[list[str]], *, no_wrap: set[str] | None = None,
+                 title_style: str | None = None, out: Console | None = None) -> None:
+    """A table that fits the terminal: columns side by side when they fit at their narrowest,
+    else one block per row (`column  value` lines), so that no column is squeezed out of sight
+    (rich shrinks columns that do not fit to nothing)."""
+    out = out or console
+    no_wrap = no_wrap or set()
+    table = Table(title=title, title_justify="left", title_style=title_style)
+    for h in headers:
+        table.add_column(h, no_wrap=h in no_wrap)
+    for row in rows:
+        table.add_row(*row)
+    # measured unconstrained: rich clamps a measurement to the width it is given
+    if Measurement.get(out, out.options.update_width(100_000), table).minimum <= out.width:
+        out.print(table)
+        return
+    out.print(title, style=title_style or "italic", highlight=False)
+    for i, row in enumerate(rows):
+        block = Table.grid(padding=(0, 2))
+        block.add_column(no_wrap=True, style="bold")
+        block.add_column(overflow="fold")
+        for h, value in zip(headers, row, strict=True):
+            block.add_row(h, value)
+        if i:
+            out.print()
+        out.print(block)
 
 
 # --------------------------------------------------------------------------- configuration and tasks
@@ -646,12 +676,9 @@ def status(
         if as_json:
             _emit_json(rows)
             return
-        t = Table(title=f"runs in {staging.root}", title_justify="left")
-        for col in ("run", "job", "state", "phase", "partitions", "shards", "results", "failures"):
-            t.add_column(col, no_wrap=col == "run", min_width=len("20261130T070000Z-abcdef") if col == "run" else None)
-        for r in rows:
-            t.add_row(*("" if v is None else str(v) for v in r.values()))
-        console.print(t)
+        _print_table(f"runs in {staging.root}", ["run", "job", "state", "phase", "partitions", "shards", "results",
+                                                 "failures"],
+                     [["" if v is None else str(v) for v in r.values()] for r in rows], no_wrap={"run", "job"})
         return
     try:
         run = find_run(staging, run_id)
@@ -664,23 +691,17 @@ def status(
         _emit_json({"run": info, "partitions": parts,
                     "shards": [r.model_dump(mode="json", exclude={"history"}) for r in records] if shards else None})
         return
-    t = Table(title=f"run {run_id} ({run.job}): {info.get('state')} / {info.get('phase')}", title_justify="left")
-    for col in ("partition", "companies", "phase", "chunks", "requests", "shards", "waiting", "results",
-                "loaded_parts"):
-        t.add_column(col, no_wrap=col == "partition")
-    for p in parts:
-        t.add_row(*(str(v) for v in p.values()))
-    console.print(t)
+    _print_table(f"run {run_id} ({run.job}): {info.get('state')} / {info.get('phase')}",
+                 ["partition", "companies", "phase", "chunks", "requests", "shards", "waiting", "results",
+                  "loaded_parts"], [[str(v) for v in p.values()] for p in parts], no_wrap={"partition"})
     waiting = [r for r in records if r.waiting_note]
     if shards or waiting:
-        st = Table(title="shard attempts" if shards else "waiting shard attempts", title_justify="left")
-        for col in ("shard", "state", "batch status", "requests", "inputs", "tokens", "batch", "outcome / note"):
-            st.add_column(col, no_wrap=col in ("shard", "batch"))
-        for rec in records if shards else waiting:
-            note = rec.waiting_note or ", ".join(f"{k} {v}" for k, v in (rec.outcome or {}).items())
-            st.add_row(rec.key, rec.state, rec.batch_status or "", str(rec.n_requests), str(rec.n_inputs),
-                       str(rec.tokens), rec.batch_id or "", note)
-        console.print(st)
+        _print_table("shard attempts" if shards else "waiting shard attempts",
+                     ["shard", "state", "batch status", "requests", "inputs", "tokens", "batch", "outcome / note"],
+                     [[rec.key, rec.state, rec.batch_status or "", str(rec.n_requests), str(rec.n_inputs),
+                       str(rec.tokens), rec.batch_id or "",
+                       rec.waiting_note or ", ".join(f"{k} {v}" for k, v in (rec.outcome or {}).items())]
+                      for rec in (records if shards else waiting)], no_wrap={"shard", "batch"})
 
 
 # --------------------------------------------------------------------------- audit
@@ -689,7 +710,9 @@ def status(
 @app.command(epilog=EPILOG)
 def audit(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
-    unit_id: Annotated[str | None, typer.Option("--id", help="Show the full trail of one chunk or unit id.")] = None,
+    unit_id: Annotated[str | None, typer.Option("--id", help="Show the trail of one chunk or unit id.")] = None,
+    full: Annotated[bool, typer.Option("--full", help="With --id: also print the whole request line and each "
+                                       "whole output or error line (megabytes for a large request).")] = False,
     sinks: Annotated[bool, typer.Option("--sinks/--no-sinks", help="Also check that Milvus and MongoDB hold what "
                                         "was loaded (default), or check staging only.")] = True,
     as_json: AsJson = False,
@@ -702,7 +725,8 @@ def audit(
     shard file must match its ledger sha256. Exit 0 when everything reconciles, 5 when something
     differs (each difference names the counts and the units). With --id: the trail of one chunk
     or unit, from its source row to its Milvus/MongoDB document (exit 5 if the trail
-    contradicts itself).
+    contradicts itself): its own input, where its output line is and, for an embedding, the
+    vector's first values and norm; --full adds the whole request and output lines.
     """
     from batchyard.audit import audit_run
     from batchyard.context import RunContext
@@ -718,7 +742,7 @@ def audit(
             run = find_run(ctx.staging, run_id)
             if unit_id is not None:
                 try:
-                    found = trail(ctx, run, unit_id)
+                    found = trail(ctx, run, unit_id, full=full)
                 except UnitNotFound as exc:
                     _usage_error(exc)
                 if as_json:
@@ -783,91 +807,112 @@ def _print_audit(report: Any) -> None:
         if not rows:
             console.print(f"{name}: none", style="italic")
             continue
-        t = Table(title=name + (" (provider counts: completed/failed/total)" if name == "sent" else ""),
-                  title_justify="left")
-        for key, label in columns:
-            t.add_column(label, no_wrap=key in _NO_WRAP)
-        for row in rows:
-            t.add_row(*(_audit_cell(row, key) for key, _ in columns))
-        console.print(t)
+        _print_table(name + (" (provider counts: completed/failed/total)" if name == "sent" else ""),
+                     [label for _, label in columns], [[_audit_cell(row, key) for key, _ in columns] for row in rows],
+                     no_wrap={label for key, label in columns if key in _NO_WRAP})
     for note in report.notes:
         console.print(f"note: {note}", highlight=False)
     if report.ok:
         console.print(f"[green]{report.checks:,} counts reconciled; everything agrees[/green]")
         return
-    t = Table(title=f"{len(report.differences)} difference(s) in {report.checks:,} reconciled counts",
-              title_justify="left", title_style="bold red")
-    for col in ("check", "expected", "actual", "units"):
-        t.add_column(col, no_wrap=col == "units")
-    for d in report.differences:
-        units = "\n".join(d.units) + (f"\n(+{d.more} more)" if d.more else "")
-        t.add_row(d.check, d.expected, d.actual, units)
-    console.print(t)
+    _print_table(f"{len(report.differences)} difference(s) in {report.checks:,} reconciled counts",
+                 ["check", "expected", "actual", "units"],
+                 [[d.check, d.expected, d.actual, "\n".join(d.units) + (f"\n(+{d.more} more)" if d.more else "")]
+                  for d in report.differences], no_wrap={"units"}, title_style="bold red")
+
+
+def _own_output_text(own: dict[str, Any]) -> str:
+    """What an output or error line says about one unit, in a few words."""
+    if own.get("error"):
+        err = own["error"]
+        return f"error {err.get('code')}: {err.get('message')}" if isinstance(err, dict) else f"error: {err}"
+    if "vector" in own:
+        vec = own["vector"]
+        if vec is None:
+            return f"data[{own['data_index']}]: no valid vector"
+        head = ", ".join(f"{v:.6f}" for v in vec["head"])
+        return f"data[{own['data_index']}]: {vec['dims']} dimensions, norm {vec['norm']:.6f}, first values [{head}, …]"
+    return f"answer: {own.get('answer', '')}"
 
 
 def _print_trail(found: dict[str, Any]) -> None:
+    rows: list[tuple[str, str]] = []
+    for src in found.get("source", []):
+        rows.append(("source row", f"chunk {src['chunk_id']} (_id {src['source_id']}), company {src['company_id']}, "
+                     f"document {src['document_id']}, index {src['chunk_index']}, text sha256 {src['text_sha256']}"))
+    plan = found.get("plan")
+    if plan:
+        route = plan.get("route", "request")
+        tokens = plan.get("tokens", plan.get("n_tokens"))
+        rows.append(("planned", f"unit {found['unit_id']} in partition {found['partition']}, {route}"
+                     + (f", {tokens} tokens" if tokens else "") + (", truncated" if plan.get("truncated") else "")))
+    served = found.get("served_by")
+    if served:
+        rows.append(("served by", served["why"]))
+    req = found.get("request")
+    if req:
+        own = req.get("own", {})
+        rows.append(("request", f"custom_id {req['custom_id']}, shard {req['shard']}: input {req['position'] + 1} "
+                     f"of {req['n_inputs']} (index {req['position']}), line of {own.get('line_bytes', 0):,} bytes"
+                     + (f", model {own['model']}" if own.get("model") else "")))
+        if own.get("system_chars"):
+            rows.append(("system prompt", f"{own['system_chars']:,} characters (the task's, the same for every unit)"))
+        if own.get("input") is not None:
+            rows.append(("input", str(own["input"])))
+    for a in found.get("attempts", []):
+        raw = a["raw"]
+        where = (f"{raw['file']} line {raw['line_no']} ({raw.get('line_bytes', 0):,} bytes)" if raw
+                 else "no output or error line")
+        outcome = a["outcome"] or {}
+        rows.append((f"attempt {a['shard']}.{a['attempt']}",
+                     f"file {a['file_id']}, batch {a['batch_id']} ({a['batch_status']}), sha256 "
+                     f"{'verified' if a['sha256_ok'] else 'DIFFERS'}; {where}; outcome {outcome.get('outcome')}"
+                     f" ({outcome.get('final')}{', ' + str(outcome['code']) if outcome.get('code') else ''})"))
+        if raw and raw.get("own"):
+            rows.append(("  output", _own_output_text(raw["own"])))
+    result = found.get("result")
+    if result:
+        rows.append(("result", f"results/{result['part']}.parquet"
+                     + (f", vector_source {result['vector_source']}" if result.get("vector_source") else "")))
+    for f in found.get("failures", []):
+        rows.append(("failure", f"failures/{f['part']}.parquet: {f['code']}: {f['message']}"))
+    loaded = found.get("loaded") or {}
+    receipt = loaded.get("receipt")
+    if receipt:
+        rows.append(("loaded", f"loads/{loaded['part']}.json at {receipt['at']}: "
+                     + ", ".join(f"{s['sink']} {s['target']}" for s in receipt["sinks"])))
+    if "milvus" in loaded:
+        m = loaded["milvus"]
+        rows.append(("Milvus", f"collection {m['collection']}: "
+                     + (f"chunk_id {m['chunk_id']}, run {m['run_id']}, text sha256 {m['text_sha256']}" if m["found"]
+                        else "not found")))
+    if "mongo" in loaded:
+        m = loaded["mongo"]
+        doc = m.get("mark") or m.get("document")
+        rows.append(("MongoDB", f"{m['collection']} {json.dumps(m['filter'], default=str)}: "
+                     + (json.dumps(doc, default=str) if m["found"] else "not found")))
+    for note in loaded.get("superseded", []):
+        rows.append(("note", note))
+    for d in found.get("differences", []):
+        rows.append(("[red]difference[/red]", d))
     t = Table(title=f"trail of {found['id']} in run {found['run_id']} ({found['job']})", title_justify="left",
               show_header=False)
     t.add_column("what", no_wrap=True)
     t.add_column("value", overflow="fold")
-    for src in found.get("source", []):
-        t.add_row("source row", f"chunk {src['chunk_id']} (_id {src['source_id']}), company {src['company_id']}, "
-                  f"document {src['document_id']}, index {src['chunk_index']}, text sha256 {src['text_sha256']}")
-    plan = found.get("plan")
-    if plan:
-        route = plan.get("route", "request")
-        t.add_row("planned", f"unit {found['unit_id']} in partition {found['partition']}, {route}"
-                  + (f", {plan.get('tokens', plan.get('n_tokens'))} tokens" if plan.get("tokens", plan.get("n_tokens")) else "")
-                  + (", truncated" if plan.get("truncated") else ""))
-    served = found.get("served_by")
-    if served:
-        t.add_row("served by", served["why"])
-    req = found.get("request")
-    if req:
-        t.add_row("request", f"custom_id {req['custom_id']} (input {req['position']} of {req['n_inputs']}), "
-                  f"shard {req['shard']}")
-    for a in found.get("attempts", []):
-        raw = a["raw"]
-        where = f"{raw['file']} line {raw['line_no']}" if raw else "no output or error line"
-        outcome = a["outcome"] or {}
-        t.add_row(f"attempt {a['shard']}.{a['attempt']}",
-                  f"file {a['file_id']}, batch {a['batch_id']} ({a['batch_status']}), sha256 "
-                  f"{'verified' if a['sha256_ok'] else 'DIFFERS'}; {where}; outcome {outcome.get('outcome')}"
-                  f" ({outcome.get('final')}{', ' + str(outcome['code']) if outcome.get('code') else ''})")
-    result = found.get("result")
-    if result:
-        t.add_row("result", f"results/{result['part']}.parquet"
-                  + (f", vector_source {result['vector_source']}" if result.get("vector_source") else ""))
-    for f in found.get("failures", []):
-        t.add_row("failure", f"failures/{f['part']}.parquet: {f['code']}: {f['message']}")
-    loaded = found.get("loaded") or {}
-    receipt = loaded.get("receipt")
-    if receipt:
-        t.add_row("loaded", f"loads/{loaded['part']}.json at {receipt['at']}: "
-                  + ", ".join(f"{s['sink']} {s['target']}" for s in receipt["sinks"]))
-    if "milvus" in loaded:
-        m = loaded["milvus"]
-        t.add_row("Milvus", f"collection {m['collection']}: "
-                  + (f"chunk_id {m['chunk_id']}, run {m['run_id']}, text sha256 {m['text_sha256']}" if m["found"]
-                     else "not found"))
-    if "mongo" in loaded:
-        m = loaded["mongo"]
-        doc = m.get("mark") or m.get("document")
-        t.add_row("MongoDB", f"{m['collection']} {json.dumps(m['filter'], default=str)}: "
-                  + (json.dumps(doc, default=str) if m["found"] else "not found"))
-    for note in loaded.get("superseded", []):
-        t.add_row("note", note)
-    for d in found.get("differences", []):
-        t.add_row("[red]difference[/red]", d)
+    for what, value in rows:
+        t.add_row(what, escape(value))
     console.print(t)
-    if req:
+    if req and "line" in req:
         console.print(f"request line ({req['custom_id']}):", style="bold")
         console.print(req["line"], markup=False, highlight=False, soft_wrap=True)
     for a in found.get("attempts", []):
-        if a["raw"]:
+        if a["raw"] and "text" in a["raw"]:
             console.print(f"raw line, {a['raw']['file']} line {a['raw']['line_no']} (batch {a['batch_id']}):",
                           style="bold")
             console.print(a["raw"]["text"], markup=False, highlight=False, soft_wrap=True)
+    if req and "line" not in req:
+        console.print(f"`batchyard audit {found['run_id']} --id {found['id']} --full` prints the whole request "
+                      "and output lines", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -888,14 +933,12 @@ def assets(
     if as_json:
         _emit_json(rows)
         return
-    t = Table(title="assets", title_justify="left")
-    for col in ("scope", "asset", "partition", "run", "data version", "materialized", "status", "reason"):
-        t.add_column(col, no_wrap=col in ("asset", "partition", "run", "status"))
-    for r in rows:
-        color = "green" if r["status"] == "fresh" else "yellow"
-        t.add_row(r["scope"], r["asset"], r["partition"], r["run_id"], (r["data_version"] or "")[:12],
-                  (r["materialized_at"] or "")[:19], f"[{color}]{r['status']}[/{color}]", "; ".join(r["reasons"]))
-    console.print(t)
+    color = {"fresh": "green"}
+    _print_table("assets", ["scope", "asset", "partition", "run", "data version", "materialized", "status", "reason"],
+                 [[r["scope"], r["asset"], r["partition"], r["run_id"], (r["data_version"] or "")[:12],
+                   (r["materialized_at"] or "")[:19],
+                   f"[{color.get(r['status'], 'yellow')}]{r['status']}[/]", escape("; ".join(r["reasons"]))]
+                  for r in rows], no_wrap={"asset", "partition", "run", "status"})
 
 
 @app.command()
