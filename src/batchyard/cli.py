@@ -16,11 +16,15 @@ Every user error is checked before Prefect starts, so it costs no server start-u
 
 from __future__ import annotations
 
+import atexit
 import enum
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -45,6 +49,10 @@ for _k, _v in {
     "PREFECT_SERVER_UI_ENABLED": "false",
     "PREFECT_LOGGING_LEVEL": "ERROR",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    # a flow run started here sends Prefect the INFO records a deployment run sends (state
+    # changes, task runs); the terminal shows batchyard's own lines and one-line errors only
+    "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "INFO",
+    "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "INFO",
 }.items():
     os.environ.setdefault(_k, _v)
 
@@ -104,21 +112,57 @@ def main(
     _state["profile"] = profile
     _state["root"] = root
     _state["verbose"] = verbose
+    # Prefect's console handler: its records (a flow run's crash, a traceback) stay out of the
+    # terminal, which gets one line per error (set before Prefect is imported, which applies it)
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING" if verbose else "CRITICAL")
     from batchyard.logs import configure_logging
 
     configure_logging(logging.INFO if verbose else logging.WARNING)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM stops a command as Ctrl-C does: its run is recorded as `interrupted`."""
+    _state["signal"] = signum
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # --------------------------------------------------------------------------- errors
 
 
 def _fail(exc: BaseException, code: int = EXIT_ERROR) -> NoReturn:
-    """One line on stderr (the traceback only with --verbose), then exit with `code`."""
-    if _state.get("verbose"):
-        err_console.print_exception()
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr (the traceback only with --verbose), then exit with `code`.
+
+    An infrastructure failure names the component, its address (secrets masked) and the cause
+    (`batchyard.infra`). When a run stopped on it, a second line says how to resume it."""
+    from batchyard.infra import one_line
+
+    if _state.get("verbose") and exc.__traceback__ is not None:
+        from rich.traceback import Traceback
+
+        err_console.print(Traceback.from_exception(type(exc), exc, exc.__traceback__))
+    err_console.print(f"[red]error:[/red] {escape(one_line(exc, _state.get('settings')))}", highlight=False,
+                      soft_wrap=True)
+    _resume_hint(exc)
     raise typer.Exit(code)
+
+
+def _resume_hint(exc: BaseException) -> None:
+    """The last line after a run stopped early: its state, and the command that continues it."""
+    tagged = getattr(exc, "batchyard_run", None)
+    if tagged:
+        _job, run_id, state = tagged
+        err_console.print(f"run {run_id} is {state}; `batchyard resume {run_id}` continues it", highlight=False,
+                          soft_wrap=True)
+
+
+def _interrupted(exc: BaseException) -> NoReturn:
+    """Ctrl-C or SIGTERM: say so (and how to resume the run it stopped), exit 130 or 143."""
+    signum = int(_state.get("signal") or signal.SIGINT)
+    err_console.print(f"interrupted ({signal.Signals(signum).name})", highlight=False)
+    _resume_hint(exc)
+    raise typer.Exit(128 + signum)
 
 
 def _usage_error(exc: BaseException) -> NoReturn:
@@ -268,10 +312,25 @@ def seed(
 # --------------------------------------------------------------------------- jobs
 
 
-def _progress() -> tuple[Progress, Any]:
+class _Quiet:
+    """A progress display that shows nothing (`--json`)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _progress(show: bool = True) -> tuple[Any, Any]:
+    """A progress bar on stderr (transient) and the callback that moves it; its first label is
+    set by the caller at once, so the terminal never shows a bare `starting 0/?`."""
+    if not show:
+        return _Quiet(), lambda event: None
     progress = Progress(
         TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err_console, transient=True,
+        disable=not err_console.is_terminal,  # a log file or a pipe gets the errors only
     )
     bar = progress.add_task("starting", total=None, detail="")
 
@@ -324,86 +383,162 @@ def _check_locks(s: Settings) -> None:
         except OSError:
             fh.seek(0)
             holder = fh.read().strip() or "?"
+            if holder == str(os.getpid()):
+                return  # this command opened it already (`_launch`)
             _fail(BatchyardError(f"the MongoDB stand-in at {path} is in use by another process (pid {holder}); "
                                  "wait for it to finish, or set BATCHYARD_MONGO__URI"))
         fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
+# --------------------------------------------------------------------------- what a run command starts
+
+
+def _prefect_api() -> Any:
+    """The Prefect API of this command, started (once per process) in the background: a
+    temporary server comes up while the command loads and opens everything else
+    (`orchestration.temporary`). Called before anything else a Prefect-engine command does."""
+    api = _state.get("prefect_api")
+    if api is None:
+        from batchyard.infra import InfraError
+        from batchyard.orchestration.temporary import PrefectApi
+
+        try:
+            api = PrefectApi().start()
+        except InfraError as exc:
+            _fail(exc)
+        _state["prefect_api"] = api
+        atexit.register(api.stop)  # after Prefect's own exit hooks (they send its last logs and events)
+    return api
+
+
+def _launch(settings: Settings, *, sinks: bool = True, provider: bool = True) -> Any:
+    """The command's run context, its clients opened in the background (`batchyard.launch`);
+    one per distinct settings, closed when the command exits."""
+    from batchyard.launch import Launch
+
+    launches: dict[tuple[str, bool, bool], Launch] = _state.setdefault("launches", {})
+    key = (settings.model_dump_json(), sinks, provider)
+    if key not in launches:
+        if not launches:
+            atexit.register(_close_launches)
+        launches[key] = Launch(settings, sinks=sinks, provider=provider).start()
+    return launches[key]
+
+
+def _close_launches() -> None:
+    for launch in _state.pop("launches", {}).values():
+        launch.close()
+
+
+_WHAT = {"staging": "staging root", "document store": "document store", "Milvus": "Milvus",
+         "Batch API": "embedded Batch API server"}
+
+
+def _ready(launch: Any, api: Any, update: Any) -> Any:
+    """Wait for the launch (and the Prefect API), showing what is still starting; raise the
+    first failure at once, whatever is still pending."""
+    while True:
+        pending = [_WHAT.get(n, n) for n in launch.pending()]
+        if api is not None and not api.ready:
+            pending.append("Prefect's temporary API server" if api.temporary else "Prefect API check")
+        launch.check()
+        if not pending:
+            break
+        update({"stage": "starting", "detail": ", ".join(pending), "completed": 0, "total": None})
+        time.sleep(0.1)
+    ctx = launch.ready()
+    if api is not None:
+        api.wait()
+    return ctx
+
+
+def _open(overrides: dict[str, Any], api: Any, update: Any, *, sinks: bool = True, provider: bool = True) -> Any:
+    """The command's settings, checked, and its run context once everything is open."""
+    settings = _settings(overrides)
+    _state["settings"] = settings
+    if sinks:
+        _check_locks(settings)
+    prefect = _state.get("prefect_api")
+    if prefect is not None:  # the inputs are good: import Prefect while its server comes up
+        prefect.preload("batchyard.orchestration.flows")
+    return _ready(_launch(settings, sinks=sinks, provider=provider), api, update)
+
+
+def _starting(api: Any, update: Any) -> None:
+    """The first progress line, at once: what the command is waiting for."""
+    update({"stage": "starting", "completed": 0, "total": None,
+            "detail": "Prefect's temporary API server" if api is not None and api.temporary else "opening"})
+
+
 def _run_job(kind: str, targets: Path | None, *, engine: EngineChoice | str, overrides: dict[str, Any],
              task: str | None = None, run_id: str | None = None, wait: bool = True,
              show_progress: bool = True) -> dict[str, Any]:
+    """Run a job (or resume a run) on the chosen engine; returns its run.json.
+
+    Under Prefect, Prefect's API starts first (it takes longest), then the inputs and settings
+    are checked, then the stores open while it comes up; the progress bar shows all of it."""
     from batchyard import runner
-    from batchyard.context import RunContext
 
     engine = EngineChoice(engine)
-    _check_inputs(kind, targets, task)
-    settings = _settings(overrides)
-    _check_locks(settings)
-    progress, update = _progress()
-    profile = _state.get("profile")
-    with progress if show_progress else _Quiet():
+    api = _prefect_api() if engine is EngineChoice.prefect else None
+    progress, update = _progress(show_progress)
+    with progress:
+        _starting(api, update)
+        _check_inputs(kind, targets, task)
+        ctx = _open(overrides, api, update)
         hook = update if show_progress else None
-        if engine is EngineChoice.prefect:
-            return _run_prefect(kind, targets, task=task, run_id=run_id, wait=wait, profile=profile,
-                                overrides=overrides, hook=hook)
-        with RunContext(settings) as ctx:
-            if kind == "resume":
-                return runner.resume(ctx, run_id or "", on_progress=hook)
-            from batchyard.targets import load_targets
+        if api is not None:
+            return _run_prefect(kind, targets, task=task, run_id=run_id, wait=wait, overrides=overrides, hook=hook,
+                                ctx=ctx)
+        if kind == "resume":
+            return runner.resume(ctx, run_id or "", on_progress=hook)
+        from batchyard.targets import load_targets
 
-            tg = load_targets(targets) if targets else None
-            if kind == "embeddings":
-                from batchyard.jobs.embeddings import EmbeddingsJob
+        tg = load_targets(targets) if targets else None
+        if kind == "embeddings":
+            from batchyard.jobs.embeddings import EmbeddingsJob
 
-                job: Any = EmbeddingsJob(ctx, tg)  # type: ignore[arg-type]
-            else:
-                from batchyard.jobs.inference import InferenceJob
+            job: Any = EmbeddingsJob(ctx, tg)  # type: ignore[arg-type]
+        else:
+            from batchyard.jobs.inference import InferenceJob
 
-                job = InferenceJob(ctx, tg, task or "")  # type: ignore[arg-type]
-            return runner.execute(ctx, job, run_id=run_id, on_progress=hook, wait=wait)
-
-
-class _Quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+            job = InferenceJob(ctx, tg, task or "")  # type: ignore[arg-type]
+        return runner.execute(ctx, job, run_id=run_id, on_progress=hook, wait=wait)
 
 
-def _run_prefect(kind: str, targets: Path | None, *, task: str | None, run_id: str | None, wait: bool,
-                 profile: str | None, overrides: dict[str, Any], hook: Any) -> dict[str, Any]:
-    try:
-        from batchyard.orchestration import flows
-    except Exception as exc:  # pragma: no cover - broken install
-        _fail(exc)
+def _call_flow(name: str, settings: Settings, ctx: Any, hook: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run one of `orchestration.flows` in this process, in the command's context; returns what
+    it returned whatever its final state (Prefect imported here: after `PREFECT_API_URL` is set)."""
+    from batchyard.orchestration import flows
+
     if hook is not None:
         flows.PROGRESS_HOOKS.append(hook)
-    settings = _settings(overrides)
     try:
-        if kind == "embeddings":
-            return flows.with_runner(flows.embeddings_flow, settings)(
-                targets=str(targets), run_id=run_id, profile=profile, overrides=overrides, wait=wait)
-        if kind == "inference":
-            return flows.with_runner(flows.inference_flow, settings)(
-                task_name=task or "", targets=str(targets), run_id=run_id, profile=profile, overrides=overrides,
-                wait=wait)
-        return flows.with_runner(flows.resume_flow, settings)(run_id=run_id or "", profile=profile,
-                                                              overrides=overrides)
-    except RuntimeError as exc:
-        if "ephemeral Prefect API server" in str(exc):
-            _fail(BatchyardError(
-                "Prefect's temporary API server did not start in time "
-                f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')}); "
-                "run again, raise that timeout, or use --engine local"))
-        raise
+        with flows.provided_context(ctx):
+            state = flows.with_runner(getattr(flows, name), settings)(
+                profile=_state.get("profile"), return_state=True, **kwargs)
+        return flows.outcome(state)
     finally:
         if hook is not None:
             flows.PROGRESS_HOOKS.remove(hook)
 
 
+def _run_prefect(kind: str, targets: Path | None, *, task: str | None, run_id: str | None, wait: bool,
+                 overrides: dict[str, Any], hook: Any, ctx: Any) -> dict[str, Any]:
+    settings = ctx.settings
+    if kind == "embeddings":
+        return _call_flow("embeddings_flow", settings, ctx, hook, targets=str(targets), run_id=run_id,
+                          overrides=overrides, wait=wait)
+    if kind == "inference":
+        return _call_flow("inference_flow", settings, ctx, hook, task_name=task or "", targets=str(targets),
+                          run_id=run_id, overrides=overrides, wait=wait)
+    return _call_flow("resume_flow", settings, ctx, hook, run_id=run_id or "", overrides=overrides)
+
+
 def _print_run(info: dict[str, Any]) -> None:
-    t = Table(title=f"run {info['run_id']} ({info['job']}): {info['state']}", title_justify="left")
+    from batchyard.runner import describe_state
+
+    t = Table(title=f"run {info['run_id']} ({info['job']}): {describe_state(info)}", title_justify="left")
     t.add_column("stage", no_wrap=True)
     t.add_column("figures")
     for key in ("snapshot", "plan", "final"):
@@ -462,7 +597,8 @@ def _report(info: dict[str, Any], as_json: bool) -> NoReturn:
 
 
 def _guarded(fn: Any) -> dict[str, Any]:
-    """Run a job, turning batchyard errors into one-line exits."""
+    """Run a job, turning its errors into one-line exits (exit 2 for usage errors, 1 for the
+    rest, 130/143 for Ctrl-C/SIGTERM); `--verbose` adds the traceback."""
     try:
         return dict(fn())
     except typer.Exit:
@@ -470,6 +606,12 @@ def _guarded(fn: Any) -> dict[str, Any]:
     except (ConfigError, FileNotFoundError) as exc:
         _usage_error(exc)
     except BatchyardError as exc:
+        from batchyard.trail import UnitNotFound
+
+        _fail(exc, EXIT_USAGE if isinstance(exc, UnitNotFound) else EXIT_ERROR)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
+    except Exception as exc:
         _fail(exc)
 
 
@@ -603,17 +745,27 @@ def rerun(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
     start: Annotated[RerunFrom, typer.Option("--from", help="results (re-parse staged outputs, reload sinks) or "
                                              "sinks (reload only).")] = RerunFrom.sinks,
+    engine: Engine = EngineChoice.prefect,
     as_json: AsJson = False,
 ) -> None:
-    """Re-materialize a finished run from its staged files, without calling the Batch API."""
+    """Re-materialize a finished run from its staged files, without calling the Batch API.
+
+    Under Prefect (default) it is a flow run (`batchyard-rerun`) that materializes the assets it
+    rewrote."""
     from batchyard import runner
-    from batchyard.context import RunContext
 
     _check_run_exists(run_id)
+    api = _prefect_api() if engine is EngineChoice.prefect else None
 
     def go() -> dict[str, Any]:
-        with RunContext(_settings(_overrides())) as ctx:
+        progress, update = _progress(not as_json)
+        with progress:
+            _starting(api, update)
+            ctx = _open(_overrides(), api, update, provider=False)
             try:
+                if api is not None:
+                    return _call_flow("rerun_flow", ctx.settings, ctx, update, run_id=run_id, start=start.value,
+                                      overrides=_overrides())
                 return runner.rematerialize(ctx, run_id, start=start.value)
             except ValueError as exc:
                 _fail(exc)
@@ -657,6 +809,7 @@ def status(
     as_json: AsJson = False,
 ) -> None:
     """Show runs, or one run's partitions (and shards), as tables or JSON."""
+    from batchyard import runner
     from batchyard.runner import partition_table
     from batchyard.storage.ledger import run_records
     from batchyard.storage.runs import find_run, list_runs
@@ -669,7 +822,7 @@ def status(
         for run in list_runs(staging):
             info = run.read_run()
             final = info.get("final", {})
-            rows.append({"run": run.run_id, "job": run.job, "state": info.get("state", "?"),
+            rows.append({"run": run.run_id, "job": run.job, "state": runner.describe_state(info),
                          "phase": info.get("phase", "?"), "partitions": len(info.get("partitions", [])),
                          "shards": info.get("plan", {}).get("shards"), "results": final.get("results"),
                          "failures": final.get("failures")})
@@ -691,7 +844,7 @@ def status(
         _emit_json({"run": info, "partitions": parts,
                     "shards": [r.model_dump(mode="json", exclude={"history"}) for r in records] if shards else None})
         return
-    _print_table(f"run {run_id} ({run.job}): {info.get('state')} / {info.get('phase')}",
+    _print_table(f"run {run_id} ({run.job}): {runner.describe_state(info)} / {info.get('phase')}",
                  ["partition", "companies", "phase", "chunks", "requests", "shards", "waiting", "results",
                   "loaded_parts"], [[str(v) for v in p.values()] for p in parts], no_wrap={"partition"})
     waiting = [r for r in records if r.waiting_note]
@@ -715,6 +868,7 @@ def audit(
                                        "whole output or error line (megabytes for a large request).")] = False,
     sinks: Annotated[bool, typer.Option("--sinks/--no-sinks", help="Also check that Milvus and MongoDB hold what "
                                         "was loaded (default), or check staging only.")] = True,
+    engine: Engine = EngineChoice.prefect,
     as_json: AsJson = False,
 ) -> None:
     """Reconcile a run from its staged files and the sinks, with no Batch API call.
@@ -726,38 +880,35 @@ def audit(
     differs (each difference names the counts and the units). With --id: the trail of one chunk
     or unit, from its source row to its Milvus/MongoDB document (exit 5 if the trail
     contradicts itself): its own input, where its output line is and, for an embedding, the
-    vector's first values and norm; --full adds the whole request and output lines.
+    vector's first values and norm; --full adds the whole request and output lines. Under
+    Prefect (default) the audit is a flow run (`batchyard-audit`), `Failed` when something differs.
     """
-    from batchyard.audit import audit_run
-    from batchyard.context import RunContext
     from batchyard.storage.runs import find_run
-    from batchyard.trail import UnitNotFound, trail
+    from batchyard.trail import audit_or_trail
 
     _check_run_exists(run_id)
-    settings = _settings(_overrides())
-    if sinks or unit_id:
-        _check_locks(settings)
-    try:
-        with RunContext(settings) as ctx:
-            run = find_run(ctx.staging, run_id)
-            if unit_id is not None:
-                try:
-                    found = trail(ctx, run, unit_id, full=full)
-                except UnitNotFound as exc:
-                    _usage_error(exc)
-                if as_json:
-                    _emit_json(found)
-                else:
-                    _print_trail(found)
-                raise typer.Exit(EXIT_CHECKS if found["differences"] else EXIT_OK)
-            report = audit_run(ctx, run, sinks=sinks)
-    except BatchyardError as exc:
-        _fail(exc)
+    api = _prefect_api() if engine is EngineChoice.prefect else None
+    uses_sinks = bool(sinks or unit_id)
+
+    def go() -> dict[str, Any]:
+        progress, update = _progress(not as_json)
+        with progress:
+            _starting(api, update)
+            ctx = _open(_overrides(), api, update, sinks=uses_sinks, provider=False)
+            if api is not None:
+                return _call_flow("audit_flow", ctx.settings, ctx, None, run_id=run_id, unit_id=unit_id,
+                                  sinks=sinks, full=full, overrides=_overrides())
+            return audit_or_trail(ctx, find_run(ctx.staging, run_id), unit_id=unit_id, sinks=sinks, full=full)
+
+    out = _guarded(go)
+    kind = out.pop("kind")
     if as_json:
-        _emit_json(report.to_json())
+        _emit_json(out)
+    elif kind == "trail":
+        _print_trail(out)
     else:
-        _print_audit(report)
-    raise typer.Exit(EXIT_OK if report.ok else EXIT_CHECKS)
+        _print_audit(out)
+    raise typer.Exit(EXIT_CHECKS if out["differences"] else EXIT_OK)
 
 
 _AUDIT_COLUMNS: dict[str, list[tuple[str, str]]] = {
@@ -798,27 +949,30 @@ def _audit_cell(row: dict[str, Any], key: str) -> str:
     return "" if value is None else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
-def _print_audit(report: Any) -> None:
-    run = report.run
+def _print_audit(report: dict[str, Any]) -> None:
+    """The audit report (its JSON form) as tables."""
+    run = report["run"]
     console.print(f"[bold]audit of run {run['run_id']}[/bold] ({run['job']}, {run['state']} / {run['phase']})",
                   highlight=False)
     for name, columns in _AUDIT_COLUMNS.items():
-        rows = report.tables.get(name, [])
+        rows = report.get(name, [])
         if not rows:
             console.print(f"{name}: none", style="italic")
             continue
         _print_table(name + (" (provider counts: completed/failed/total)" if name == "sent" else ""),
                      [label for _, label in columns], [[_audit_cell(row, key) for key, _ in columns] for row in rows],
                      no_wrap={label for key, label in columns if key in _NO_WRAP})
-    for note in report.notes:
+    for note in report["notes"]:
         console.print(f"note: {note}", highlight=False)
-    if report.ok:
-        console.print(f"[green]{report.checks:,} counts reconciled; everything agrees[/green]")
+    differences = report["differences"]
+    if not differences:
+        console.print(f"[green]{report['checks']:,} counts reconciled; everything agrees[/green]")
         return
-    _print_table(f"{len(report.differences)} difference(s) in {report.checks:,} reconciled counts",
+    _print_table(f"{len(differences)} difference(s) in {report['checks']:,} reconciled counts",
                  ["check", "expected", "actual", "units"],
-                 [[d.check, d.expected, d.actual, "\n".join(d.units) + (f"\n(+{d.more} more)" if d.more else "")]
-                  for d in report.differences], no_wrap={"units"}, title_style="bold red")
+                 [[d["check"], d["expected"], d["actual"],
+                   "\n".join(d["units"]) + (f"\n(+{d['more']} more)" if d["more"] else "")] for d in differences],
+                 no_wrap={"units"}, title_style="bold red")
 
 
 def _own_output_text(own: dict[str, Any]) -> str:
@@ -983,14 +1137,22 @@ def demo(
     task: Annotated[str, typer.Option(help="Inference task to run after the embeddings.")] = "classify",
 ) -> None:
     """Seed a small corpus, embed it, run one inference task, and show what came back."""
-    from batchyard.demo import run_demo
-
-    _check_inputs("inference", None, task)
     os.environ.setdefault("BATCHYARD_PROVIDER__POLL_INTERVAL_S", "0.5")
-    code = _guarded(lambda: {"code": run_demo(console, chunks=chunks, engine=engine.value, task=task,
-                                              run_job=_run_job, overrides=_overrides(),
-                                              settings=_settings(_overrides()), print_run=_print_run)})["code"]
-    raise typer.Exit(code)
+    api = _prefect_api() if engine is EngineChoice.prefect else None  # comes up while the corpus is seeded
+    console.rule("1. seed")
+
+    def go() -> dict[str, Any]:
+        progress, update = _progress()
+        with progress:
+            _starting(api, update)
+            _check_inputs("inference", None, task)
+            ctx = _open(_overrides(), None, update)
+        from batchyard.demo import run_demo
+
+        return {"code": run_demo(console, chunks=chunks, engine=engine.value, task=task, ctx=ctx, run_job=_run_job,
+                                 overrides=_overrides(), print_run=_print_run)}
+
+    raise typer.Exit(_guarded(go)["code"])
 
 
 def run() -> None:  # pragma: no cover - the console script

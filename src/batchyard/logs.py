@@ -1,7 +1,9 @@
 """Logging: batchyard's own lines in, known noise out, in the CLI and in Prefect flows alike.
 
-- `configure_logging(level)`: the CLI's handler for batchyard's loggers, and the noise filters;
-  `terminal_level()` tells flows that the CLI chose a level (they keep it, not INFO).
+- `configure_logging(level)`: the CLI's handler for batchyard's loggers (the only one that
+  prints them: they do not propagate to the root logger, where Prefect's console handler would
+  print each warning a second time), and the noise filters; `terminal_level()` is the level it
+  set. A flow run still gets batchyard's INFO records (its handler sits on the same logger).
 - `silence_noise()`: loggers of libraries that are chatty or print spurious tracebacks:
   Milvus Lite answers a client probe (`AllocTimestamp`) it does not implement, and gRPC logs
   that as an ERROR with a traceback on every load; HTTP client request lines; uvicorn access
@@ -53,6 +55,8 @@ def configure_logging(level: int = logging.WARNING) -> None:
     _terminal["level"] = level
     root = logging.getLogger("batchyard")
     root.setLevel(level)
+    # printed by this handler only: Prefect's root console handler would print every warning again
+    root.propagate = False
     if not any(getattr(h, "_batchyard", False) for h in root.handlers):
         handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))

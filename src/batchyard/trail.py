@@ -372,3 +372,15 @@ def trail(ctx: RunContext, run: RunStore, ident: str, *, full: bool = False) -> 
     (`attempts[].raw.text`), whole.
     """
     return _Trail(ctx, run, ident, full=full).build()
+
+
+def audit_or_trail(ctx: RunContext, run: RunStore, *, unit_id: str | None = None, sinks: bool = True,
+                   full: bool = False) -> dict[str, Any]:
+    """`batchyard audit` as plain JSON, whatever runs it (the CLI, or its Prefect flow): the
+    trail of `unit_id` (`kind` "trail"), else the run's reconciliation (`kind` "audit"). Both
+    carry `differences` (empty when everything agrees). Raises UnitNotFound."""
+    if unit_id is not None:
+        return {"kind": "trail", **trail(ctx, run, unit_id, full=full)}
+    from batchyard.audit import audit_run
+
+    return {"kind": "audit", **audit_run(ctx, run, sinks=sinks).to_json()}
