@@ -138,6 +138,7 @@ def _fail(exc: BaseException, code: int = EXIT_ERROR) -> NoReturn:
     (`batchyard.infra`). When a run stopped on it, a second line says how to resume it."""
     from batchyard.infra import one_line
 
+    _settle()
     if _state.get("verbose") and exc.__traceback__ is not None:
         from rich.traceback import Traceback
 
@@ -146,6 +147,13 @@ def _fail(exc: BaseException, code: int = EXIT_ERROR) -> NoReturn:
                       soft_wrap=True)
     _resume_hint(exc)
     raise typer.Exit(code)
+
+
+def _settle() -> None:
+    """Before an early exit: let the background import of Prefect finish (see `PrefectApi.settle`)."""
+    api = _state.get("prefect_api")
+    if api is not None:
+        api.settle()
 
 
 def _resume_hint(exc: BaseException) -> None:
@@ -160,6 +168,7 @@ def _resume_hint(exc: BaseException) -> None:
 def _interrupted(exc: BaseException) -> NoReturn:
     """Ctrl-C or SIGTERM: say so (and how to resume the run it stopped), exit 130 or 143."""
     signum = int(_state.get("signal") or signal.SIGINT)
+    _settle()
     err_console.print(f"interrupted ({signal.Signals(signum).name})", highlight=False)
     _resume_hint(exc)
     raise typer.Exit(128 + signum)
@@ -477,8 +486,6 @@ def _run_job(kind: str, targets: Path | None, *, engine: EngineChoice | str, ove
 
     Under Prefect, Prefect's API starts first (it takes longest), then the inputs and settings
     are checked, then the stores open while it comes up; the progress bar shows all of it."""
-    from batchyard import runner
-
     engine = EngineChoice(engine)
     api = _prefect_api() if engine is EngineChoice.prefect else None
     progress, update = _progress(show_progress)
@@ -490,6 +497,8 @@ def _run_job(kind: str, targets: Path | None, *, engine: EngineChoice | str, ove
         if api is not None:
             return _run_prefect(kind, targets, task=task, run_id=run_id, wait=wait, overrides=overrides, hook=hook,
                                 ctx=ctx)
+        from batchyard import runner
+
         if kind == "resume":
             return runner.resume(ctx, run_id or "", on_progress=hook)
         from batchyard.targets import load_targets
@@ -752,8 +761,6 @@ def rerun(
 
     Under Prefect (default) it is a flow run (`batchyard-rerun`) that materializes the assets it
     rewrote."""
-    from batchyard import runner
-
     _check_run_exists(run_id)
     api = _prefect_api() if engine is EngineChoice.prefect else None
 
@@ -766,6 +773,8 @@ def rerun(
                 if api is not None:
                     return _call_flow("rerun_flow", ctx.settings, ctx, update, run_id=run_id, start=start.value,
                                       overrides=_overrides())
+                from batchyard import runner
+
                 return runner.rematerialize(ctx, run_id, start=start.value)
             except ValueError as exc:
                 _fail(exc)

@@ -77,12 +77,18 @@ def _first_line(text: str, limit: int = 240) -> str:
 
 
 def _mongo_cause(exc: BaseException) -> str:
-    """pymongo's message without its configured timeouts and topology description."""
-    text = str(exc).split(" (configured timeouts", 1)[0].split(", Timeout:", 1)[0]
+    """pymongo's message without its configured timeouts and topology description, and how long
+    server selection waited (`mongo.server_selection_timeout_s`)."""
+    full = str(exc)
+    text = full.split(" (configured timeouts", 1)[0].split(", Timeout:", 1)[0]
     text = text.split(", Topology Description:", 1)[0]
     # "host:port: [Errno 111] Connection refused" -> the reason, per server
     parts = [p.split(": ", 1)[-1] for p in text.split(",") if p.strip()]
-    return _first_line("; ".join(dict.fromkeys(p.strip() for p in parts)))
+    cause = "; ".join(dict.fromkeys(p.strip() for p in parts))
+    waited = re.search(r"Timeout: ([0-9.]+)s", full)
+    if waited:
+        cause += f" (no server answered within {float(waited.group(1)):g} s: mongo.server_selection_timeout_s)"
+    return _first_line(cause, limit=320)
 
 
 def _milvus_cause(exc: BaseException) -> str:

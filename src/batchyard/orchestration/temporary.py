@@ -256,8 +256,9 @@ class PrefectApi:
     def preload(self, module: str) -> None:
         """Import `module` (Prefect, 2-4 s) on a background thread while the server starts.
 
-        `stop()` waits for that import: a daemon thread killed inside an extension module's
-        initialisation at interpreter exit aborts the process ("FATAL: exception not rethrown")."""
+        A command that exits must wait for it first (`settle`): a daemon thread killed inside an
+        extension module's initialisation at interpreter exit aborts the process ("FATAL:
+        exception not rethrown"), and Prefect's exit hooks cannot be registered any more then."""
         import importlib
 
         def load() -> None:
@@ -268,9 +269,14 @@ class PrefectApi:
             self._preload = threading.Thread(target=load, name="batchyard-prefect-import", daemon=True)
             self._preload.start()
 
-    def stop(self) -> None:
-        self._stop.set()
+    def settle(self) -> None:
+        """Wait for the background import (`preload`): Prefect registers exit hooks as it
+        loads, which fails noisily once the interpreter has begun to exit."""
         if self._preload is not None:
             self._preload.join(60)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.settle()
         if self.server is not None:
             self.server.stop()
