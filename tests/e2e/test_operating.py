@@ -147,3 +147,17 @@ def test_ctrl_c_and_sigterm_leave_the_run_interrupted_and_resume_finishes_it(see
     assert states == {"by-ctrl-c": "finished", "by-sigterm": "interrupted"}
     resumed = cli(seeded, "resume", "by-sigterm", "--engine", "local", "--json")
     assert resumed.returncode == 0 and json.loads(resumed.stdout)["state"] == "finished", resumed.stderr[-3000:]
+
+
+def test_a_run_under_prefect_prints_each_warning_once_and_no_noise(seeded: Path) -> None:
+    company = (seeded / "targets.yaml").read_text().split("company_id:")[1].split()[0]
+    (seeded / "t.yaml").write_text(f"companies:\n  - company_id: {company}\n  - company_id: nosuchco\n")
+    out = cli(seeded, "embed", "--targets", "t.yaml")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stderr.count("target nosuchco matched no chunk") == 1, out.stderr
+    # Prefect's own records (its console handler prints them a second time), its temporary
+    # server's output, and gRPC's keepalive complaints stay off the terminal
+    for noise in ("| WARNING |", "| ERROR |", "Error flushing events", "Traceback", "too_many_pings", "GOAWAY"):
+        assert noise not in out.stderr, (noise, out.stderr)
+    assert out.stderr.strip().splitlines() == [
+        line for line in out.stderr.strip().splitlines() if line.startswith("WARNING batchyard.")], out.stderr
