@@ -11,7 +11,11 @@ Exit codes are part of the interface (scripts and schedulers read them):
 | 4 | the run was cancelled, or is not finished yet (e.g. `--no-wait`) |
 | 5 | an integrity check failed (`audit`, asset checks) |
 
-Every user error is checked before Prefect starts, so it costs no server start-up.
+Every user error is checked before the command waits for Prefect: a usage error exits at once,
+stopping the temporary server a Prefect-engine command starts first (it takes longest to come
+up; see `orchestration/temporary.py`). What a run needs is opened in the background meanwhile
+(`launch.py`), and a service that cannot be reached is one line (`infra.py`) before any run is
+created. Ctrl-C and SIGTERM exit 130 and 143, the run they stopped marked `interrupted`.
 """
 
 from __future__ import annotations
@@ -150,10 +154,13 @@ def _fail(exc: BaseException, code: int = EXIT_ERROR) -> NoReturn:
 
 
 def _settle() -> None:
-    """Before an early exit: let the background import of Prefect finish (see `PrefectApi.settle`)."""
+    """Before an early exit: let what runs in the background finish (the import of Prefect, see
+    `PrefectApi.settle`; the opening of the stores), so that the error is the last line printed."""
     api = _state.get("prefect_api")
     if api is not None:
         api.settle()
+    for launch in _state.get("launches", []):
+        launch.settle()
 
 
 def _resume_hint(exc: BaseException) -> None:
@@ -425,17 +432,18 @@ def _launch(settings: Settings, *, sinks: bool = True, provider: bool = True) ->
     one per distinct settings, closed when the command exits."""
     from batchyard.launch import Launch
 
-    launches: dict[tuple[str, bool, bool], Launch] = _state.setdefault("launches", {})
-    key = (settings.model_dump_json(), sinks, provider)
-    if key not in launches:
-        if not launches:
-            atexit.register(_close_launches)
-        launches[key] = Launch(settings, sinks=sinks, provider=provider).start()
-    return launches[key]
+    launches: list[Launch] = _state.setdefault("launches", [])
+    for launch in launches:  # settings compare their secrets too (a JSON dump would mask them)
+        if launch.settings == settings and (launch.sinks, launch.provider) == (sinks, provider):
+            return launch
+    if not launches:
+        atexit.register(_close_launches)
+    launches.append(Launch(settings, sinks=sinks, provider=provider).start())
+    return launches[-1]
 
 
 def _close_launches() -> None:
-    for launch in _state.pop("launches", {}).values():
+    for launch in _state.pop("launches", []):
         launch.close()
 
 

@@ -84,6 +84,11 @@ class Launch:
         log.debug("opening the %s failed", name, exc_info=exc)
         raise exc
 
+    def settle(self) -> None:
+        """Wait for every background step, failed or not (before an exit: nothing more to log)."""
+        for future in self._steps.values():
+            future.exception()
+
     def close(self) -> None:
         """Close every client (waits for the background steps first)."""
         self._pool.shutdown(wait=True)

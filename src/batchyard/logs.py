@@ -49,6 +49,16 @@ def terminal_level() -> int | None:
     return _terminal.get("level")
 
 
+FOR_PREFECT_ONLY = {"terminal": False}
+"""`extra=` of a record meant for a flow run's logs, not for the terminal of the CLI that started
+it, which prints the same facts its own way (the summary's failures, the audit's differences)."""
+
+
+class _NotForTerminal(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "terminal", True) is not False
+
+
 def configure_logging(level: int = logging.WARNING) -> None:
     """One stderr handler for batchyard's loggers at `level`, and the noise silenced."""
     silence_noise()
@@ -60,6 +70,7 @@ def configure_logging(level: int = logging.WARNING) -> None:
     if not any(getattr(h, "_batchyard", False) for h in root.handlers):
         handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_NotForTerminal())
         handler._batchyard = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     for handler in root.handlers:

@@ -68,3 +68,18 @@ def test_a_finished_run_stays_finished_whatever_fails_after_it(settings_factory:
         with pytest.raises(RuntimeError), runner.recording_stop(run):
             raise RuntimeError("the summary artifact could not be written")
     assert run.read_run()["state"] == "finished" and "error" not in run.read_run()
+
+
+def test_the_recorded_cause_names_the_service_without_its_credentials(settings_factory: Any, tmp_path: Any) -> None:
+    from batchyard.targets import CompanyTarget, Targets
+
+    port = free_port()
+    secret = "s3cr3t-in-the-uri"
+    s = settings_factory(mongo={"uri": f"mongodb://ops:{secret}@127.0.0.1:{port}/db", "server_selection_timeout_s": 0.5})
+    with RunContext(s) as ctx, pytest.raises(Exception) as stopped:
+        runner.execute(ctx, EmbeddingsJob(ctx, Targets(companies=[CompanyTarget(company_id="acme")])))
+    [run] = list_runs(RunContext(settings_factory()).staging)
+    error = run.read_run()["error"]
+    assert error.startswith(f"MongoDB at mongodb://127.0.0.1:{port} is unreachable: ") and "within 0.5 s" in error
+    staged = "".join(p.read_text(errors="replace") for p in (tmp_path / "staging").rglob("*.json"))
+    assert secret not in staged and secret not in str(stopped.value.batchyard_run)  # type: ignore[attr-defined]

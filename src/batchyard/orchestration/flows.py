@@ -62,7 +62,7 @@ from prefect.states import Cancelled, Failed  # noqa: E402
 from batchyard import runner  # noqa: E402
 from batchyard.context import RunContext, RunRef, context_for, register, run_ref  # noqa: E402
 from batchyard.errors import RunBusy, TerminalError  # noqa: E402
-from batchyard.logs import silence_noise  # noqa: E402
+from batchyard.logs import FOR_PREFECT_ONLY, silence_noise  # noqa: E402
 from batchyard.orchestration.options import RunOptions, SettingsOptions, merge_overrides  # noqa: E402
 from batchyard.settings import load_settings  # noqa: E402
 from batchyard.storage.runs import RunStore, find_run  # noqa: E402
@@ -371,7 +371,7 @@ def _failures_artifact(job: Job, run: RunStore, final: dict[str, Any]) -> None:
     with their stage, code and message (the first `FAILURES_ARTIFACT_ROWS`)."""
     by_code = ", ".join(f"{code} {n}" for code, n in sorted(final.get("failures_by_code", {}).items()))
     log.warning("run %s finished with %d failed unit(s): %s (exit code 3; `batchyard audit %s` lists them)",
-                run.run_id, final["failures"], by_code, run.run_id)
+                run.run_id, final["failures"], by_code, run.run_id, extra=FOR_PREFECT_ONLY)
     frame = runner.failures_frame(run)
     cols = [c for c in ("unit_id", "stage", "code", "message", "attempt") if c in frame.columns]
     rows = frame.select(cols).head(FAILURES_ARTIFACT_ROWS).to_dicts()
@@ -396,7 +396,7 @@ def outcome_state(info: dict[str, Any]) -> Any:
                          data=info)
     if runner.exit_code(info) == 5:
         checks = ", ".join(info.get("final", {}).get("checks_failed", []))
-        log.error("run %s: integrity check(s) failed: %s (exit code 5)", run_id, checks)
+        log.error("run %s: integrity check(s) failed: %s (exit code 5)", run_id, checks, extra=FOR_PREFECT_ONLY)
         return Failed(message=f"batchyard run {run_id}: integrity check(s) failed: {checks}", data=info)
     return info
 
@@ -692,7 +692,7 @@ def audit_flow(run_id: str, unit_id: str | None = None, sinks: bool = True, full
             rows = [d if isinstance(d, dict) else {"difference": d} for d in differences]
             create_table_artifact(rows, key=f"{run_id.lower()}-audit", description=f"{what}: what differs")
             for d in differences:
-                log.error("%s: %s", what, d.get("check", d) if isinstance(d, dict) else d)
+                log.error("%s: %s", what, d.get("check", d) if isinstance(d, dict) else d, extra=FOR_PREFECT_ONLY)
             return Failed(message=f"{what}: {len(differences)} difference(s)", data=out)
         log.info("%s: everything agrees%s", what, f" ({out['checks']:,} counts reconciled)" if "checks" in out else "")
         return out
