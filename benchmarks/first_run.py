@@ -16,7 +16,7 @@ warmed by one unmeasured run (`--home warm`, default: a user's second and later 
 Per run it records: the first output of any kind, the first *labelled* progress line (a
 progress bar whose stage is not just `starting`, or whose detail says what it waits for; the
 old CLI showed `starting 0/?` with no label), and the total wall time. Results go to
-`results/first-run-latest.md` and a table. Not a pass/fail test; run it on an idle machine
+`results/first-run-<home>-latest.md` and a table. Not a pass/fail test; run it on an idle machine
 (the load average is recorded).
 
     python benchmarks/first_run.py --runs 3 [--home warm|fresh] [--baseline main|DIR|none]
@@ -165,7 +165,7 @@ def report(opts: Any, variants: dict[str, tuple[Path, str]], results: dict[str, 
         lines.append("| " + " | ".join(row) + " |")
     console.print(table)
     RESULTS_DIR.mkdir(exist_ok=True)
-    out = RESULTS_DIR / "first-run-latest.md"
+    out = RESULTS_DIR / f"first-run-{opts.home}-latest.md"
     out.write_text("\n".join(lines) + f"\n\nMachine: {meta}\n")
     console.print(f"written to {out}")
 
