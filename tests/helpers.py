@@ -44,6 +44,20 @@ def planned_run(ctx: RunContext, job: Any) -> RunStore:
     return run
 
 
+def cancelled_run(ctx: RunContext, job: Any) -> tuple[RunStore, dict[str, Any]]:
+    """A new run of `job`, driven for three rounds, then cancelled while batches are live."""
+    from batchyard import runner
+    from batchyard.storage.ledger import run_records
+
+    run = planned_run(ctx, job)
+    runner.drive(ctx, job, run, max_rounds=3, poll_interval=0.1)
+    assert any(r.state == "submitted" for r in run_records(run)), "batches must be live when we cancel"
+    runner.cancel(ctx, run.run_id)
+    info = runner.continue_run(ctx, job, run)
+    assert info["state"] == "cancelled"
+    return run, info
+
+
 def run_of(ctx: RunContext, info: dict[str, Any]) -> RunStore:
     return RunStore(ctx.staging, info["job"], info["run_id"])
 
@@ -106,6 +120,7 @@ def assert_one_batch_per_submission(ctx: RunContext, run: RunStore) -> None:
 
 def assert_vectors_match(ctx: RunContext, results: pl.DataFrame, collection: str, dims: int) -> None:
     """Milvus holds each result once, with the hash executor's vector of its chunk text."""
+    from batchyard.clients.milvus import get_rows
     from batchyard.localapi.executors import hash_embedding
 
     client = ctx.milvus
@@ -113,7 +128,7 @@ def assert_vectors_match(ctx: RunContext, results: pl.DataFrame, collection: str
     ids = results["chunk_id"].to_list()
     got = {}
     for i in range(0, len(ids), 500):
-        for row in client.get(collection, ids=ids[i : i + 500], output_fields=["chunk_id", "vector"]):
+        for row in get_rows(client, collection, ids[i : i + 500], ["chunk_id", "vector"]):
             got[row["chunk_id"]] = np.asarray(row["vector"], dtype=np.float32)
     assert set(got) == set(ids)
     texts = {d["_id"]: d["text"] for d in ctx.store.chunks.find({"_id": {"$in": ids}}, {"text": 1})}

@@ -1,4 +1,4 @@
-"""The asset graph, declared as data (Dagster style): specs, data versions, checks, staleness.
+"""The asset graph, declared as data (Dagster style): specs, data versions, checks, asset keys.
 
 ```
 mongodb://…/<db>/<chunks collection>        (source, external)
@@ -14,11 +14,9 @@ materializes it writes `p=<id>/manifests/<asset>.json`:
   snapshot's parts for `chunks`, the downloaded output files for `batches`);
 - `code_version`, `inputs`, `rows`, `paths`, timings, and the results of its **checks**.
 
-The run keeps a roll-up `manifests/<asset>.json` over its partitions. `staleness` compares the
-latest run of a job with the source and the current code and settings: an asset is stale when
-the source has new or changed chunks (or units without a result), its code version or the
-task version changed, settings that feed the version changed, or a check failed; anything
-downstream of a stale asset is stale too.
+The run keeps a roll-up `manifests/<asset>.json` over its partitions. What the corpus holds
+across runs, per stable partition key, and whether it is fresh or stale, is the corpus state's
+business (`batchyard.corpus`, `batchyard assets`).
 
 Prefect materializes these assets with the same keys (`asset_key`) and the manifests'
 figures as metadata (see `batchyard.orchestration`).
@@ -106,19 +104,23 @@ def _clean(key: str) -> str:
 
 
 def job_scope(job: Any) -> str:
-    """`embeddings/<space>` or `inference/<task>@<version>`: what one asset lineage is about."""
+    """`embeddings/<space>` or `inference/<task>`: what one asset lineage is about.
+
+    A task's version is not part of it: a prompt edit is a new version of the same asset (its
+    materializations carry the task version as their code version), as in Dagster.
+    """
     if job.kind == "embeddings":
         return f"embeddings/{job.emb.space}"
-    return f"inference/{job.task.name}@{job.task_version}"
+    return f"inference/{job.task.name}"
 
 
 def asset_key(job: Any, key: str, root: str) -> str:
     """The asset key of one of a job's assets in one staging root.
 
-    `batchyard://<job kind>/<space or task@version>/<asset>@<staging root>`, e.g.
-    `batchyard://embeddings/text-embedding-3-small_256/results@/data/staging`: runs of
-    different embedding spaces, tasks or staging roots never share a key. Characters Prefect
-    refuses in keys become `_`.
+    `batchyard://<job kind>/<space or task>/<asset>@<staging root>`, e.g.
+    `batchyard://embeddings/text-embedding-3-small_256/results@/data/staging`: the same in every
+    run; runs of different embedding spaces, tasks or staging roots never share a key.
+    Characters Prefect refuses in keys become `_`.
     """
     return _clean(f"batchyard://{job_scope(job)}/{key}@{root.removeprefix('s3://')}")
 
@@ -136,7 +138,8 @@ def target_asset_keys(ctx: RunContext, job: Any) -> list[str]:
         from batchyard.clients.milvus import is_local_uri
 
         uri = s.milvus.uri or str(ctx.staging.local_dir() / "milvus.db")
-        where = "lite" + uri.replace("\\", "/") if is_local_uri(uri) else uri.split("://", 1)[-1].rpartition("@")[2]
+        where = ("lite/" + uri.replace("\\", "/").lstrip("/") if is_local_uri(uri)
+                 else uri.split("://", 1)[-1].rpartition("@")[2])
         return [_clean(f"milvus://{where}/{job.collection}"),
                 _clean(f"mongodb://{_mongo_where(ctx)}/{s.mongo.database}/{s.mongo.chunks_collection}"
                        f"/{s.mongo.fields.marks}.{job.emb.space}")]
@@ -144,9 +147,10 @@ def target_asset_keys(ctx: RunContext, job: Any) -> list[str]:
 
 
 def _mongo_where(ctx: RunContext) -> str:
+    """The hosts of a MongoDB URI, or `standin/<its folder>`: two stand-ins never share a key."""
     uri = ctx.settings.mongo.uri
     if uri is None:
-        return "standin"
+        return "standin/" + str(ctx.staging.local_dir(".mongo-standin").resolve()).replace("\\", "/").lstrip("/")
     from batchyard.clients.mongo import redact_uri
 
     return redact_uri(uri.get_secret_value()).split("://", 1)[-1]
@@ -335,13 +339,15 @@ def _sinks_match_results(ctx: RunContext, job: Job, part: PartitionStore) -> Che
         return CheckResult("sinks_match_results", "sinks", True, "nothing to load")
     results = pl.concat(frames, how="diagonal_relaxed")
     if job.kind == "embeddings":
+        from batchyard.clients.milvus import get_rows
+
         ids = results["chunk_id"].to_list()
         found = 0
         client = ctx.milvus
         name = job.collection  # type: ignore[attr-defined]
         client.load_collection(name)  # a new process (a resumed run) starts with it released
         for i in range(0, len(ids), 1000):
-            found += len(client.get(name, ids=ids[i : i + 1000], output_fields=["chunk_id"]))
+            found += len(get_rows(client, name, ids[i : i + 1000], ["chunk_id"]))
         fields = ctx.settings.mongo.fields
         path = f"{fields.marks}.{job.emb.space}.run_id"  # type: ignore[attr-defined]
         marked = 0
@@ -374,78 +380,3 @@ CHECKS: dict[str, Callable[[RunContext, Job, PartitionStore], CheckResult]] = {
 def run_checks(ctx: RunContext, job: Job, part: PartitionStore, asset: str) -> list[CheckResult]:
     """Run the declared checks of an asset on one partition."""
     return [CHECKS[name](ctx, job, part) for name in ASSET_BY_KEY[asset].checks]
-
-
-# --------------------------------------------------------------------------- staleness
-
-
-@dataclass
-class AssetStatus:
-    """One asset of one partition of the latest run of a job: fresh or stale, and why."""
-
-    scope: str
-    asset: str
-    partition: str
-    run_id: str
-    data_version: str | None
-    materialized_at: str | None
-    fresh: bool
-    reasons: list[str]
-
-    def to_json(self) -> dict[str, Any]:
-        return {"scope": self.scope, "asset": self.asset, "partition": self.partition, "run_id": self.run_id,
-                "data_version": self.data_version, "materialized_at": self.materialized_at,
-                "status": "fresh" if self.fresh else "stale", "reasons": self.reasons}
-
-
-VERSIONED_PARAMS = ("model", "dimensions", "task_version", "endpoint", "temperature", "max_output_tokens",
-                    "document_token_budget")
-SHARD_LIMITS = ("max_requests_per_batch", "max_bytes_per_batch", "safety_margin", "max_inputs_per_batch",
-                "max_inputs_per_request", "max_tokens_per_request", "max_tokens_per_input", "max_tokens_per_batch",
-                "over_limit", "enqueued_token_budget")
-
-
-def settings_drift(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Parameters that feed the data versions and differ between a run and the current settings."""
-    out = [f"{k} {recorded.get(k)!r} -> {current.get(k)!r}" for k in VERSIONED_PARAMS
-           if k in current and recorded.get(k) != current.get(k)]
-    rl, cl = recorded.get("limits", {}), current.get("limits", {})
-    out += [f"limits.{k} {rl.get(k)!r} -> {cl.get(k)!r}" for k in SHARD_LIMITS if rl.get(k) != cl.get(k)]
-    return out
-
-
-def staleness(ctx: RunContext, job: Job, run: RunStore, pending_by_company: dict[str, int]) -> list[AssetStatus]:
-    """Fresh or stale, with reasons, for every asset of every partition of `run` (the latest run of
-    `job`'s scope), given the source's pending units per company (`pending_by_company`)."""
-    info = run.read_run()
-    drift = settings_drift(info.get("params", {}), job.params())
-    scope = job_scope(job)
-    out: list[AssetStatus] = []
-    for part in run.partitions():
-        state = part.read_state()
-        companies = state.get("companies", [])
-        pending = sum(pending_by_company.get(c, 0) for c in companies)
-        if state.get("buckets", 1) > 1:
-            pending = math.ceil(pending / state["buckets"])  # spread over the company's buckets
-        upstream_stale = False
-        for spec in ASSETS:
-            m = read_manifest(part, spec.key)
-            reasons: list[str] = []
-            if m is None:
-                reasons.append("never materialized")
-            else:
-                if m.get("code_version") != spec.code_version:
-                    reasons.append(f"code version {m.get('code_version')} -> {spec.code_version}")
-                failed = [c["name"] for c in m.get("checks", []) if not c.get("passed")]
-                if failed:
-                    reasons.append(f"failed check(s): {', '.join(failed)}")
-            if spec.key == "chunks" and pending:
-                reasons.append(f"{pending} new or changed source unit(s)")
-            if spec.key == "chunks" and drift:
-                reasons.append("settings changed: " + "; ".join(drift))
-            if upstream_stale:
-                reasons.append("upstream is stale")
-            out.append(AssetStatus(scope, spec.key, part.pid, run.run_id, (m or {}).get("data_version"),
-                                   (m or {}).get("materialized_at"), not reasons, reasons))
-            upstream_stale = upstream_stale or bool(reasons)
-    return out

@@ -12,6 +12,9 @@ units ─▶ requests.parquet           every unit that is sent is in exactly on
 requests ─▶ shards/<s>.<n>.jsonl    the file's sha256 is the ledger's, its lines are the plan's
 shard ─▶ outputs + errors           lines sent = output + error lines + missing; the provider's
                                     request_counts agree with the answered lines
+                                    (real-time lane: no file or batch to upload, so every line
+                                    is answered, the staged slices make up the output and error
+                                    files, and the ledger's usage is what the answers carry)
 outputs ─▶ parsed/<s>.<n>           the job's own `parse_attempt` re-derives every outcome (and
                                     vector or parsed answer) from the raw files: they must match
 parsed ─▶ results, failures,        ok units are in the attempt's results part, failed ones in its
@@ -435,12 +438,16 @@ class _Auditor:
                   ("sha256 of the plan's request lines", hashlib.sha256(shard_bytes(plan["line"])).hexdigest()))
         lines = len(data.splitlines()) if data is not None else 0
         self.same(f"{key}: requests", ("ledger n_requests", rec.n_requests), (f"lines of shards/{name}.jsonl", lines))
-        if rec.state in _UPLOADED and not rec.file_id:
+        unsent = bool(rec.split_into) and rec.batch_id is None  # re-planned before it was sent
+        if rec.lane == "realtime":  # no uploaded file: its lines went straight to the endpoints
+            self.realtime_files(part, rec)
+        elif rec.state in _UPLOADED and not rec.file_id and not unsent:
             self.differ(f"{key}: file id", f"a file id (state {rec.state})", "none in the ledger")
-        if rec.state in _CREATED and not rec.batch_id:
+        if rec.state in _CREATED and not rec.batch_id and not unsent:
             self.differ(f"{key}: batch id", f"a batch id (state {rec.state})", "none in the ledger")
         self.tables["sent"].append({
-            "partition": rec.partition, "shard": rec.shard, "attempt": rec.attempt, "state": rec.state,
+            "partition": rec.partition, "shard": rec.shard, "attempt": rec.attempt, "lane": rec.lane,
+            "state": rec.state,
             "sha256": rec.sha256, "sha256_ok": sha_ok, "file_id": rec.file_id, "batch_id": rec.batch_id,
             "past_batches": rec.past_batches, "requests": rec.n_requests, "inputs": rec.n_inputs,
             "tokens": rec.tokens, "request_counts": rec.request_counts,
@@ -451,9 +458,28 @@ class _Auditor:
         if parsed is None:
             self.differ(f"{key}: parsed", "parsed/ for a collected attempt", f"no parsed/{name}.parquet")
             return
-        if rec.batch_status != "failed":
+        if rec.batch_status != "failed" and not unsent:
             self.received(part, rec, plan, parsed)
         self.parsed(part, rec, plan, parsed)
+
+    def realtime_files(self, part: PartitionStore, rec: ShardRecord) -> None:
+        """A real-time attempt that ended: its output and error files are the answers staged
+        slice by slice (`<folder>/<name>.rt/`), in order, and nothing else."""
+        if rec.state not in ("ended", "collected"):
+            return
+        st, name = part.staging, rec.name
+        for folder in ("outputs", "errors"):
+            joined = read_staged(part, folder, name)
+            if joined is None:
+                self.differ(f"{rec.key}: {folder} file", f"{folder}/{name}.jsonl (real-time answers)",
+                            "it is not staged")
+                continue
+            slices = st.list(part.rel(folder, f"{name}.rt"), ".jsonl")
+            staged = b"".join(st.read_bytes(part.rel(folder, f"{name}.rt", n)) for n in slices)
+            self.same(f"{rec.key}: {folder} = real-time slices",
+                      (f"sha256 of {folder}/{name}.rt/*.jsonl ({len(slices)} slice(s))",
+                       hashlib.sha256(staged).hexdigest()),
+                      (f"sha256 of {folder}/{name}.jsonl", hashlib.sha256(joined).hexdigest()))
 
     def received(self, part: PartitionStore, rec: ShardRecord, plan: pl.DataFrame, parsed: pl.DataFrame) -> None:
         """Output and error lines against the lines sent, the provider's counts and the parsed part."""
@@ -478,7 +504,10 @@ class _Auditor:
                 counts["unfinished"] += head.unfinished
         missing = plan.height - counts["output"] - counts["error"]
         self.tables["received"].append({"partition": rec.partition, "shard": rec.shard, "attempt": rec.attempt,
-                                        "status": rec.batch_status, "sent": plan.height, **counts, "missing": missing})
+                                        "lane": rec.lane, "status": rec.batch_status, "sent": plan.height, **counts,
+                                        "missing": missing})
+        if rec.lane == "realtime":
+            self.realtime_answers(rec, plan, out_heads + err_heads, output)
         rc = rec.request_counts or {}
         if rc.get("total"):
             self.same(f"{key}: provider total", ("provider request_counts.total", rc.get("total")),
@@ -488,6 +517,22 @@ class _Auditor:
                       ("provider request_counts.completed+failed", rc.get("completed", 0) + rc.get("failed", 0)),
                       (f"answered lines in outputs/{name}.jsonl + errors/{name}.jsonl", answered))
         self.rederive(rec, plan, parsed, output, errors)
+
+    def realtime_answers(self, rec: ShardRecord, plan: pl.DataFrame, heads: list[tuple[int, LineHead]],
+                         output: bytes) -> None:
+        """The real-time lane answers every request line exactly once, and the ledger's usage is
+        the usage its answers carry (there is no batch to report it)."""
+        from batchyard.clients.realtime import usage_of
+
+        lines = pl.Series("custom_id", [h.custom_id for _, h in heads], dtype=pl.String)
+        self.same_units(f"{rec.key}: real-time answers", ("requests sent", plan["custom_id"]),
+                        ("custom_ids of the output and error lines", lines))
+        used = usage_of(output)
+        ledger = rec.usage or {}
+        self.same(f"{rec.key}: real-time usage",
+                  ("ledger usage input/output tokens", (ledger.get("input_tokens"), ledger.get("output_tokens"))),
+                  (f"usage of the answers in outputs/{rec.name}.jsonl",
+                   (used["input_tokens"], used["output_tokens"])))
 
     def rederive(
         self, rec: ShardRecord, plan: pl.DataFrame, parsed: pl.DataFrame, output: bytes, errors: bytes
@@ -560,6 +605,9 @@ class _Auditor:
         failures = _frame(part, "failures", f"{name}.parquet")
         self.same_units(f"{key}: failed units = failures", ("failed units in parsed", failed["unit_id"]),
                         (f"failures/{name}.parquet", _ids(failures, "unit_id")))
+        if rec.split_into:
+            self.split(part, rec, parsed)
+            return
         pending = parsed.filter(pl.col("final") == "pending")["custom_id"].unique()
         nxt = f"{rec.shard}.{rec.attempt + 1}"
         followup = _frame(part, "followups", f"{nxt}.parquet")
@@ -568,6 +616,21 @@ class _Auditor:
                             (f"followups/{nxt}.parquet", _ids(followup, "custom_id")))
             if not Ledger(part).exists(nxt):
                 self.differ(f"{key}: next attempt", f"a ledger record for {nxt}", "none")
+
+    def split(self, part: PartitionStore, rec: ShardRecord, parsed: pl.DataFrame) -> None:
+        """A re-planned attempt (over the provider's limit): its pending units are the units of the
+        shards it was re-planned into, each in exactly one (their custom_ids may differ)."""
+        key = rec.key
+        pending = parsed.filter(pl.col("final") == "pending")["unit_id"]
+        plans = [_frame(part, "followups", f"{n}.parquet") for n in rec.split_into]
+        units = [p.select(pl.col("unit_ids").explode())["unit_ids"] for p in plans if p is not None]
+        self.same_units(f"{key}: pending units = re-planned shards", ("pending units in parsed", pending),
+                        (f"units of followups/{{{','.join(rec.split_into)}}}",
+                         pl.concat(units) if units else pl.Series("unit_id", [], pl.String)))
+        missing = [n for n, p in zip(rec.split_into, plans, strict=True) if p is None or not Ledger(part).exists(n)]
+        if missing:
+            self.differ(f"{key}: re-planned shards", f"a plan and a ledger record for each of {rec.split_into}",
+                        f"none for {missing}")
 
     # settlement and loading
 
@@ -644,8 +707,10 @@ def sink_rows(ctx: RunContext, job: Job, sink: str, rows: pl.DataFrame) -> dict[
         client = ctx.milvus
         if not client.has_collection(coll):
             return {}
+        from batchyard.clients.milvus import get_rows
+
         client.load_collection(coll)
-        got = client.get(coll, ids=rows["chunk_id"].to_list(), output_fields=["chunk_id", "run_id"])
+        got = get_rows(client, coll, rows["chunk_id"].to_list(), ["chunk_id", "run_id"])
         return {g["chunk_id"]: g.get("run_id") for g in got}
     if sink == "mongo.marks":
         from batchyard.stages.snapshot import get_path, mark_path, mongo_id

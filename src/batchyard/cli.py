@@ -85,6 +85,11 @@ class EngineChoice(enum.StrEnum):
 
 Engine = Annotated[EngineChoice, typer.Option(help="prefect (flows, tasks, artifacts) or local (plain threads).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON (for scripts).")]
+FullScan = Annotated[bool, typer.Option(
+    "--full-scan", help="Read every targeted chunk, not only those changed since the last run (the periodic "
+    "full reconcile; see corpus.full_scan_every_s).")]
+KeepDeleted = Annotated[bool, typer.Option(
+    "--keep-deleted", help="Do not prune: keep vectors and results of chunks the source no longer has.")]
 DryRun = Annotated[bool, typer.Option(
     "--dry-run", help="Snapshot and plan in this process without contacting the Batch API provider, then print "
     "partitions, shards, requests, inputs, tokens and the estimated cost at batch prices (inference: output at "
@@ -185,12 +190,16 @@ def _usage_error(exc: BaseException) -> NoReturn:
     _fail(exc, EXIT_USAGE)
 
 
-def _overrides(lane: str | None = None, **limits: Any) -> dict[str, Any]:
+def _overrides(lane: str | None = None, *, full_scan: bool = False, keep_deleted: bool = False,
+               **limits: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if _state.get("root"):
         out["staging"] = {"root": _state["root"]}
     if lane is not None:
         out["lane"] = {"mode": lane}
+    corpus = {**({"full_scan": True} if full_scan else {}), **({"prune": False} if keep_deleted else {})}
+    if corpus:
+        out["corpus"] = corpus
     lim = {k: v for k, v in limits.items() if v is not None}
     if "max_inputs_per_batch" in lim:
         lim = _fit_request_size(lim)
@@ -203,13 +212,11 @@ def _fit_request_size(lim: dict[str, Any]) -> dict[str, Any]:
     """--max-inputs-per-batch sets the shard size; requests keep their configured size (profile,
     environment) unless it no longer fits in a shard, then they are lowered to the shard size.
     The result goes into the overrides a flow gets, so the flow's settings validate too."""
-    from pydantic import ValidationError
-
     from batchyard.settings import load_settings
 
     try:
         configured = load_settings(_state.get("profile")).limits.max_inputs_per_request
-    except (ValidationError, FileNotFoundError, ConfigError):
+    except (FileNotFoundError, ConfigError):
         return lim  # reported as a usage error when the command loads its settings
     if configured > lim["max_inputs_per_batch"]:
         return {**lim, "max_inputs_per_request": lim["max_inputs_per_batch"]}
@@ -217,17 +224,12 @@ def _fit_request_size(lim: dict[str, Any]) -> dict[str, Any]:
 
 
 def _settings(overrides: dict[str, Any] | None = None) -> Settings:
-    """Settings, or a one-line usage error (bad profile, invalid value)."""
-    from pydantic import ValidationError
-
+    """Settings, or a one-line usage error (bad profile, unknown name, invalid value): the
+    error names the setting, never its value (`load_settings`)."""
     from batchyard.settings import load_settings
 
     try:
         return load_settings(_state.get("profile"), **(overrides or {}))
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
-        _usage_error(ConfigError(f"invalid setting {where}: {first.get('msg')} (input: {first.get('input')!r})"))
     except (FileNotFoundError, ConfigError) as exc:
         _usage_error(exc)
 
@@ -289,7 +291,8 @@ def tasks() -> None:
     for col in ("task", "version", "unit", "endpoint", "prompt", "description"):
         t.add_column(col, no_wrap=col in ("task", "version"))
     for task in list_tasks():
-        t.add_row(task.name, task.task_version(prompts), task.unit, task.endpoint, task.prompt, task.description)
+        version = task.task_version(prompts, task.model_params(s.inference))
+        t.add_row(task.name, version, task.unit, task.endpoint, task.prompt, task.description)
     console.print(t)
 
 
@@ -553,6 +556,7 @@ def _run_prefect(kind: str, targets: Path | None, *, task: str | None, run_id: s
 
 
 def _print_run(info: dict[str, Any]) -> None:
+    from batchyard.pricing import figure
     from batchyard.runner import describe_state
 
     t = Table(title=f"run {info['run_id']} ({info['job']}): {describe_state(info)}", title_justify="left")
@@ -561,7 +565,7 @@ def _print_run(info: dict[str, Any]) -> None:
     for key in ("snapshot", "plan", "final"):
         if key in info:
             val = {k: v for k, v in info[key].items() if not isinstance(v, dict)}
-            t.add_row(key, ", ".join(f"{k}={v}" for k, v in val.items()))
+            t.add_row(key, ", ".join(f"{k}={figure(k, v)}" for k, v in val.items()))
     cost = _cost_line(info.get("final", {}))
     if cost:
         t.add_row("cost", cost)
@@ -570,10 +574,15 @@ def _print_run(info: dict[str, Any]) -> None:
         t.add_row("failures", ", ".join(f"{k}={v}" for k, v in by_code.items()))
     lanes = info.get("final", {}).get("lanes")
     if lanes:
-        t.add_row("lanes", ", ".join(f"{k}: {v['tokens']:,} tokens, ${v['usd']:.4f}" for k, v in lanes.items()))
+        t.add_row("lanes", _lanes_line(lanes))
+    queue = info.get("final", {}).get("queue") or {}
+    if "mean_fill_while_waiting" in queue:
+        t.add_row("provider queue", f"{queue['mean_fill_while_waiting']:.0%} full on average while work waited "
+                  f"({queue['seconds_waiting']:,} s; cap {queue['cap_tokens']:,} tokens)")
     for r in info.get("loads", []):
-        t.add_row(f"load {r.get('sink')}", f"{r.get('target')}: rows={r.get('rows')}, upserted={r.get('upserted')}, "
-                  f"modified={r.get('modified')}, parts={r.get('parts')}")
+        imported = f"imported={r['imported']}, " if r.get("imported") else ""  # Milvus bulk import
+        t.add_row(f"load {r.get('sink')}", f"{r.get('target')}: rows={r.get('rows')}, {imported}"
+                  f"upserted={r.get('upserted')}, modified={r.get('modified')}, parts={r.get('parts')}")
     unmatched = info.get("targets_unmatched")
     if unmatched:
         t.add_row("unmatched targets", ", ".join(unmatched))
@@ -588,7 +597,10 @@ def _print_run(info: dict[str, Any]) -> None:
 
 
 def _cost_line(final: dict[str, Any]) -> str:
-    """The plan's cost estimate next to what the provider reported using (batch prices)."""
+    """The plan's cost estimate, at the prices of the lane(s) the run used, next to the cost of
+    what the provider reported using (each lane at its price)."""
+    from batchyard.pricing import usd
+
     if "cost_estimate_usd" not in final:
         return ""
     tokens = final.get("cost_estimate_tokens")
@@ -596,10 +608,27 @@ def _cost_line(final: dict[str, Any]) -> str:
     if tokens:
         out = f" + at most {tokens['output_max']:,} output" if tokens.get("output_max") else ""
         planned = f" ({tokens.get('input', 0):,} input tokens{out})"
+    lanes = set(final.get("lanes") or {})
+    realtime = usd(final.get("cost_estimate_realtime_usd", 0.0))
+    if lanes == {"realtime"}:
+        estimate = f"estimate {realtime} at real-time prices{planned}"
+    else:
+        both = f", {realtime} real-time" if "realtime" in lanes else ""
+        estimate = f"estimate {usd(final['cost_estimate_usd'])} at batch prices{both}{planned}"
     usage = final.get("usage", {})
     used = ", ".join(f"{k}={v:,}" for k, v in usage.items() if k in ("input_tokens", "output_tokens")) or "none"
-    return (f"estimate ${final['cost_estimate_usd']:.6f}{planned} · "
-            f"reported ${final.get('cost_reported_usd', 0.0):.6f} (provider usage: {used})")
+    return f"{estimate} · reported {usd(final.get('cost_reported_usd', 0.0))} (provider usage: {used})"
+
+
+def _lanes_line(lanes: dict[str, Any]) -> str:
+    """Per lane: the tokens the provider finished and their cost at that lane's price."""
+    from batchyard.pricing import usd
+
+    def one(name: str, v: dict[str, Any]) -> str:
+        out = f" + {v['output_tokens']:,} output" if v.get("output_tokens") else ""
+        return f"{name}: {v.get('input_tokens', 0):,} input{out} tokens, {usd(v['usd'])}"
+
+    return ", ".join(one(k, v) for k, v in lanes.items())
 
 
 def _report(info: dict[str, Any], as_json: bool) -> NoReturn:
@@ -694,12 +723,15 @@ def embed(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the batches (default), or submit and "
                                        "return: the scheduled tracker finishes the run.")] = True,
     lane: LaneOption = None,
+    full_scan: FullScan = False,
+    keep_deleted: KeepDeleted = False,
     dry_run: DryRun = False,
     as_json: AsJson = False,
 ) -> None:
-    """Embed the target chunks that are new or changed; load Milvus; mark MongoDB."""
-    over = _overrides(lane=lane.value if lane else None, max_inputs_per_batch=max_inputs_per_batch,
-                      max_requests_per_batch=max_requests_per_batch)
+    """Embed the target chunks that are new or changed; load Milvus; mark MongoDB; prune what the
+    source no longer has."""
+    over = _overrides(lane=lane.value if lane else None, full_scan=full_scan, keep_deleted=keep_deleted,
+                      max_inputs_per_batch=max_inputs_per_batch, max_requests_per_batch=max_requests_per_batch)
     if dry_run:
         _dry_run("embeddings", targets, task=None, run_id=run_id, overrides=over, as_json=as_json)
     info = _guarded(lambda: _run_job("embeddings", targets, engine=engine, run_id=run_id, overrides=over,
@@ -717,11 +749,15 @@ def infer(
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the batches (default), or submit and "
                                        "return: the scheduled tracker finishes the run.")] = True,
     lane: LaneOption = None,
+    full_scan: FullScan = False,
+    keep_deleted: KeepDeleted = False,
     dry_run: DryRun = False,
     as_json: AsJson = False,
 ) -> None:
-    """Run an inference task over the target units without a result for its version."""
-    over = _overrides(lane=lane.value if lane else None, max_requests_per_batch=max_requests_per_batch)
+    """Run an inference task over the target units without a result for its version; flag or
+    remove results of units the source no longer has."""
+    over = _overrides(lane=lane.value if lane else None, full_scan=full_scan, keep_deleted=keep_deleted,
+                      max_requests_per_batch=max_requests_per_batch)
     if dry_run:
         _dry_run("inference", targets, task=task, run_id=run_id, overrides=over, as_json=as_json)
     info = _guarded(lambda: _run_job("inference", targets, engine=engine, task=task, run_id=run_id,
@@ -737,6 +773,26 @@ def resume(run_id: Annotated[str, typer.Argument(help="Run id.")], engine: Engin
     info = _guarded(lambda: _run_job("resume", None, engine=engine, run_id=run_id, overrides=_overrides(),
                                      show_progress=not as_json))
     _report(info, as_json)
+
+
+def _print_queues(staging: Any, settings: Settings) -> None:
+    """The provider queues of the staging root: what every run holds against each cap."""
+    from batchyard.provider_queue import accounts
+
+    rows = accounts(staging)
+    if not rows:
+        return
+    budget = settings.limits.enqueued_token_budget
+    t = Table(title="provider queue (enqueued tokens reserved by every run and worker)", title_justify="left")
+    for col in ("account", "model", "batches", "reserved", "cap", "fill", "provider/ours", "runs"):
+        t.add_column(col, no_wrap=col in ("model", "batches"))
+    for q in rows:
+        cap = min(budget, q["stated_cap"]) if q["stated_cap"] else budget
+        t.add_row(q["account"], q["model"], str(q["reservations"]), f"{q['provider_tokens']:,}",
+                  f"{cap:,}" + (" (stated)" if q["stated_cap"] and q["stated_cap"] <= budget else ""),
+                  f"{q['provider_tokens'] / max(cap, 1):.0%}", f"{q['ratio']:.3f}", ", ".join(q["runs"][:3])
+                  + (f" (+{len(q['runs']) - 3})" if len(q["runs"]) > 3 else ""))
+    console.print(t)
 
 
 def _check_run_exists(run_id: str) -> None:
@@ -809,7 +865,9 @@ def cancel(
             out = runner.cancel(ctx, run_id, wait_s=wait_s)
     except BatchyardError as exc:
         _fail(exc)
-    if out["driven_by"]:
+    if out["ended"]:
+        console.print(f"run {run_id} already ended ({out['ended']}): nothing to cancel, nothing changed")
+    elif out["driven_by"]:
         owner = out["driven_by"]["owner"]
         state = "acknowledged" if out["acknowledged"] else "recorded (not yet acknowledged)"
         console.print(f"run {run_id}: cancel {state}; the process driving it ({owner}) cancels its live batches, "
@@ -849,6 +907,7 @@ def status(
         _print_table(f"runs in {staging.root}", ["run", "job", "state", "phase", "partitions", "shards", "results",
                                                  "failures"],
                      [["" if v is None else str(v) for v in r.values()] for r in rows], no_wrap={"run", "job"})
+        _print_queues(staging, s)
         return
     try:
         run = find_run(staging, run_id)
@@ -935,7 +994,8 @@ _AUDIT_COLUMNS: dict[str, list[tuple[str, str]]] = {
     "rejected": [("stage", "stage"), ("code", "code"), ("units", "units")],
     "planned": [("partition", "partition"), ("units", "units"), ("sent", "sent"), ("aliases", "aliases"),
                 ("reused", "reused"), ("requests", "requests"), ("shards", "shards"), ("tokens", "tokens")],
-    "sent": [("shard", "shard attempt"), ("state", "state"), ("sha256", "sha256 (verified)"), ("file_id", "file id"),
+    "sent": [("shard", "shard attempt"), ("lane", "lane"), ("state", "state"), ("sha256", "sha256 (verified)"),
+             ("file_id", "file id"),
              ("batch_id", "batch id"), ("requests", "requests"), ("inputs", "inputs"),
              ("request_counts", "provider counts")],
     "received": [("shard", "shard attempt"), ("status", "batch"), ("sent", "sent"), ("output", "output lines"),
@@ -1086,30 +1146,39 @@ def _print_trail(found: dict[str, Any]) -> None:
                       "and output lines", highlight=False, markup=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(epilog=EPILOG)
 def assets(
     job: Annotated[str | None, typer.Option("--job", help="Only this job (embeddings, inference-<task>).")] = None,
+    check: Annotated[bool, typer.Option("--check", help="Also compare the sinks with the source unit by unit "
+                                        "(exit 5 on a difference).")] = False,
     as_json: AsJson = False,
 ) -> None:
-    """Every asset of the latest run of each job: data version, when, fresh or stale (and why).
+    """Every partition key of every job: its latest materialization across runs and its state now.
 
-    An asset is stale when the source has new or changed chunks, its code version, the task's
-    prompt version or the settings that feed it changed, or one of its checks failed.
+    A key is stale when the source has units to process for it, its task version or a setting
+    that shapes results changed, its last materialization failed a check, or the sink holds
+    fewer or more than was loaded (Milvus counts per company). `--check` runs the checks against
+    the sinks now and exits 5 when one fails.
     """
     from batchyard import runner
     from batchyard.context import RunContext
 
     with RunContext(_settings(_overrides())) as ctx:
-        rows = _guarded(lambda: {"rows": runner.asset_status(ctx, job_name=job)})["rows"]
+        rows = _guarded(lambda: {"rows": runner.asset_status(ctx, job_name=job, check=check)})["rows"]
+    failed = check and any(r for row in rows for r in row["reasons"] if r.startswith(("check:", "failed check")))
     if as_json:
         _emit_json(rows)
-        return
+        raise typer.Exit(EXIT_CHECKS if failed else EXIT_OK)
     color = {"fresh": "green"}
-    _print_table("assets", ["scope", "asset", "partition", "run", "data version", "materialized", "status", "reason"],
-                 [[r["scope"], r["asset"], r["partition"], r["run_id"], (r["data_version"] or "")[:12],
-                   (r["materialized_at"] or "")[:19],
+    _print_table("assets: partition keys",
+                 ["scope", "partition", "run", "materialized", "results", "failures", "in flight", "status", "reason"],
+                 [[r["scope"].rsplit("/", 1)[0], r["partition"], r["run_id"] or "", (r["materialized_at"] or "")[:19],
+                   f"{r['results']:,}", f"{r['failures']:,}", f"{r['in_flight']:,}" if r["in_flight"] else "",
                    f"[{color.get(r['status'], 'yellow')}]{r['status']}[/]", escape("; ".join(r["reasons"]))]
-                  for r in rows], no_wrap={"asset", "partition", "run", "status"})
+                  for r in rows], no_wrap={"partition", "run", "status"})
+    stale = sum(1 for r in rows if r["status"] == "stale")
+    console.print(f"{len(rows):,} partition key(s): {len(rows) - stale:,} fresh, {stale:,} stale")
+    raise typer.Exit(EXIT_CHECKS if failed else EXIT_OK)
 
 
 @app.command()
@@ -1130,8 +1199,9 @@ def serve(
 
     s = _settings(_overrides())
     cfg = s.provider.local.model_copy(update={"host": host, "port": port})
-    access = "API key required" if cfg.api_keys or cfg.api_keys_file else "no API key: loopback only"
-    if insecure and not (cfg.api_keys or cfg.api_keys_file):
+    keyed = bool(cfg.api_keys or cfg.api_keys_file or cfg.admin_api_keys)
+    access = "API key required, each key sees its own files and batches" if keyed else "no API key: loopback only"
+    if insecure and not keyed:
         access = "no API key: --insecure"
 
     def ready(url: str) -> None:

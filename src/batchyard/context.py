@@ -56,9 +56,11 @@ class RunContext:
                 from batchyard.localapi.auth import generate_key
                 from batchyard.localapi.runner import LocalServer
 
-                # a key of this process only: other local users cannot use the port meanwhile
+                # a key of this process only: other local users cannot use the port meanwhile;
+                # an admin key, so it sees the batches of earlier processes on this state (resume)
                 key = generate_key()
-                local = provider.local.model_copy(update={"api_keys": [SecretStr(key)], "api_keys_file": None})
+                local = provider.local.model_copy(
+                    update={"api_keys": [], "admin_api_keys": [SecretStr(key)], "api_keys_file": None})
                 state_dir = local.state_dir or str(self.staging.local_dir(".localapi"))
                 self._server = LocalServer(local, state_dir)
                 self._server.start()
@@ -70,11 +72,19 @@ class RunContext:
 
     @property
     def provider_label(self) -> str:
-        """Where batches go, for reports (never with a key)."""
+        """Where requests go, for reports (never with a key), by the configured lane mode."""
+        mode = self.settings.lane.mode
+        return self.provider_label_for({"batch", "realtime"} if mode == "auto" else {mode})
+
+    def provider_label_for(self, lanes: set[str]) -> str:
+        """Where requests of `lanes` (batch, realtime) went: the Batch API, the real-time
+        endpoints, or both, on the embedded server or at the provider's URL."""
         p = self.settings.provider
+        apis = " and ".join(name for lane, name in (("batch", "Batch API"), ("realtime", "real-time endpoints"))
+                            if lane in lanes) or "Batch API"
         if p.embedded:
-            return "local Batch API server (embedded, in-process)"
-        return f"Batch API at {p.base_url or 'https://api.openai.com/v1'}"
+            return f"local server (embedded, in-process): {apis}"
+        return f"{apis} at {p.base_url or 'https://api.openai.com/v1'}"
 
     # document store
 

@@ -21,6 +21,8 @@ CRASH_POINTS = (
     "before_receipt",
 )
 REALTIME_CRASH_POINTS = ("during_realtime",)
+PRUNE_CRASH_POINTS = ("during_prune",)
+"""Inside a prune, between deleting vectors (or flagging results) and its receipt."""
 
 
 def crashpoint(name: str) -> None:

@@ -66,6 +66,16 @@ class LedgerError(TerminalError):
         super().__init__(f"shard {shard}: {reason}")
 
 
+def in_shard(exc: BatchyardError, run_id: str, shard: str) -> BatchyardError:
+    """`exc`, its message now naming the run and the shard it failed on (type and attributes
+    kept, so callers still tell terminal from transient and read `status`)."""
+    prefix = f"run {run_id}, shard {shard}: "
+    text = str(exc)
+    if not text.startswith(prefix):
+        exc.args = (prefix + text.removeprefix(f"shard {shard}: "),)  # a LedgerError names the shard
+    return exc
+
+
 class RunNotFound(TerminalError, FileNotFoundError):
     """No run with that id exists in the staging root."""
 

@@ -4,6 +4,9 @@
   prints them: they do not propagate to the root logger, where Prefect's console handler would
   print each warning a second time), and the noise filters; `terminal_level()` is the level it
   set. A flow run still gets batchyard's INFO records (its handler sits on the same logger).
+- `OneLineErrors`: without `--verbose`, Prefect's flow and task run loggers keep the one line
+  of a batchyard error (whose message names what failed) but not its traceback: the CLI
+  prints that error as one line anyway.
 - `silence_noise()`: loggers of libraries that are chatty or print spurious tracebacks:
   Milvus Lite answers a client probe (`AllocTimestamp`) it does not implement, and gRPC logs
   that as an ERROR with a traceback on every load; HTTP client request lines; uvicorn access
@@ -36,6 +39,21 @@ NOISY = {
     "prefect.server.services.telemetry": logging.CRITICAL,
     "prefect.telemetry": logging.CRITICAL,
 }
+
+
+PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
+class OneLineErrors(logging.Filter):
+    """Drops the traceback of a record whose exception is a `BatchyardError` (the line stays)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from batchyard.errors import BatchyardError
+
+        exc = record.exc_info[1] if isinstance(record.exc_info, tuple) else None
+        if isinstance(exc, BatchyardError):
+            record.exc_info, record.exc_text = None, None
+        return True
 
 
 def silence_noise() -> None:
@@ -76,3 +94,9 @@ def configure_logging(level: int = logging.WARNING) -> None:
     for handler in root.handlers:
         if getattr(handler, "_batchyard", False):
             handler.setLevel(level)
+    for name in PREFECT_RUN_LOGGERS:
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, OneLineErrors)]:
+            logger.removeFilter(f)
+        if level > logging.INFO:  # --verbose keeps the tracebacks
+            logger.addFilter(OneLineErrors())

@@ -87,3 +87,19 @@ def plan_cost(
         "input_tokens": input_tokens,
         "output_tokens": output_tokens,
     }
+
+
+def usd(amount: float) -> str:
+    """Money as people read it: fixed decimals (`$0.000033`, never `3.3e-05`), 6 of them, as the
+    estimates are rounded (a millionth of a dollar)."""
+    return f"${amount:,.6f}"
+
+
+def figure(key: str, value: Any) -> str:
+    """One summary figure as text: money (`*_usd` keys) with `usd`, other floats with fixed
+    decimals, the rest as is."""
+    if isinstance(value, float) and key.endswith("_usd"):
+        return usd(value)
+    if isinstance(value, float):
+        return f"{value:,.3f}"
+    return str(value)

@@ -13,14 +13,16 @@ root. Secrets are `SecretStr` and never leave this module unmasked except throug
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
+from batchyard import settings_check
 from batchyard.clients.realtime import RealtimeSettings
 from batchyard.localapi.config import LocalApiConfig
 from batchyard.pricing import PricingSettings
@@ -96,6 +98,12 @@ class MongoFields(BaseModel):
     text: str = Field(default="text", description="The chunk text.")
     marks: str = Field(
         default="batchyard", description="Sub-document where batchyard writes its per-space marks."
+    )
+    updated_at: str | None = Field(
+        default="updated_at",
+        description="A change field the source sets whenever a chunk is written (a date or a number); "
+        "runs then read only chunks changed since the last run (`corpus.*`). None or empty: the source has "
+        "none, and every run scans the targeted chunks in full.",
     )
 
 
@@ -183,6 +191,19 @@ class StagingSettings(BaseModel):
     s3_access_key_id: SecretStr | None = Field(default=None, description="S3 access key id.")
     s3_secret_access_key: SecretStr | None = Field(default=None, description="S3 secret key.")
     s3_region: str | None = Field(default=None, description="S3 region.")
+    group: str | None = Field(
+        default=None,
+        description="Share local staging with this Unix group (name or number): folders 2750, files "
+        "0640. Unset (default): owner-only, folders 0700, files 0600. Not used on S3.",
+    )
+
+    @field_validator("group")
+    @classmethod
+    def _group_exists(cls, group: str | None) -> str | None:
+        from batchyard.storage.perms import Access
+
+        Access.for_group(group)  # a group this machine does not have is a settings error
+        return group
 
 
 class EmbeddingSettings(BaseModel):
@@ -229,13 +250,20 @@ class LimitsSettings(BaseModel):
         default=8_192, gt=0, le=8_192, description="Tokens of one embedding input."
     )
     max_tokens_per_batch: int | None = Field(
-        default=None, gt=0, description="Tokens per batch file (default: the enqueued-token budget)."
+        default=None, gt=0,
+        description="Tokens per batch file (default: 32% of the enqueued-token budget, so three shards fill the "
+        "provider's queue with room for its own token count).",
     )
     over_limit: TOverLimit = Field(
         default="truncate", description="Inputs over the token limit: truncate or skip (recorded)."
     )
     enqueued_token_budget: int = Field(
         default=3_000_000, gt=0, description="Tokens allowed in non-terminal batches per model."
+    )
+    enqueued_request_budget: int | None = Field(
+        default=1_000_000, gt=0,
+        description="Embeddings: requests allowed in non-terminal batches per model, across every run of the "
+        "account (OpenAI: 1,000,000 enqueued requests). None: no cap.",
     )
     batches_per_hour: int = Field(default=2_000, gt=0, le=2_000, description="Batch creations per hour.")
     max_attempts: int = Field(
@@ -269,6 +297,35 @@ class RunSettings(BaseModel):
     )
 
 
+class CorpusSettings(BaseModel):
+    """The corpus across runs: change detection, claims between runs, pruning."""
+
+    change_slack_s: float = Field(
+        default=600.0, ge=0, le=30 * 86_400,
+        description="Change queries start this long before the cursor, for late writers and clock skew.",
+    )
+    full_scan_every_s: float = Field(
+        default=7 * 86_400.0, gt=0,
+        description="A company is scanned in full (not only its changes) when its last full scan is older.",
+    )
+    claim_ttl_s: float = Field(
+        default=3 * 86_400.0, gt=0,
+        description="An open run with no activity for this long is abandoned: its claims are ignored.",
+    )
+    prune: bool = Field(
+        default=True,
+        description="Remove from the sinks what no longer exists in the source (`--keep-deleted` turns it off).",
+    )
+    full_scan: bool = Field(
+        default=False,
+        description="Read every targeted chunk, not only the changes since the last run (`--full-scan`).",
+    )
+    select_wait_s: float = Field(
+        default=3_600.0, ge=0,
+        description="How long a run waits for another run of its scope to finish selecting units.",
+    )
+
+
 class LaneSettings(BaseModel):
     """Which lane requests take: the Batch API (half price, up to 24 h) or real-time calls."""
 
@@ -289,7 +346,8 @@ class LaneSettings(BaseModel):
                                        description="Rates, concurrency and retries of the real-time lane.")
     slice_requests: int = Field(
         default=100, gt=0, le=50_000,
-        description="Real-time answers are staged every this many requests, so a crash re-sends at most one slice.",
+        description="Real-time answers are staged every this many requests (and at most every window of the lane's "
+        "tokens), so a crash re-sends at most one slice.",
     )
 
 
@@ -317,6 +375,11 @@ class InferenceSettings(BaseModel):
     document_token_budget: int = Field(
         default=6_000, gt=0, le=1_000_000, description="Tokens of chunk text per document unit."
     )
+    on_deleted: Literal["flag", "remove"] = Field(
+        default="flag",
+        description="Results of units gone from the source: flag them (`deleted_at`) or remove them "
+        "(a task may set its own).",
+    )
 
 
 class Settings(BaseSettings):
@@ -328,6 +391,7 @@ class Settings(BaseSettings):
         env_file=".env",
         extra="ignore",
         validate_default=True,
+        hide_input_in_errors=True,  # str(ValidationError) never shows a value (they hold secrets)
     )
 
     profile: str | None = Field(default=None, description="The profile loaded (None: defaults, .env and environment).")
@@ -338,6 +402,7 @@ class Settings(BaseSettings):
     embedding: EmbeddingSettings = Field(default_factory=EmbeddingSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     run: RunSettings = Field(default_factory=RunSettings)
+    corpus: CorpusSettings = Field(default_factory=CorpusSettings)
     pricing: PricingSettings = Field(default_factory=PricingSettings)
     orchestration: OrchestrationSettings = Field(default_factory=OrchestrationSettings)
     lane: LaneSettings = Field(default_factory=LaneSettings)
@@ -398,17 +463,60 @@ def profile_source(profile: str | None = None) -> str | None:
     return str(profile_env_file(profile).resolve()) if profile else None
 
 
+def check_sources(env_files: list[Path], profile_file: Path | None = None) -> None:
+    """Refuse unknown `BATCHYARD_` names and non-JSON list/dict values, in the environment and
+    the env files, before pydantic-settings reads them (it would ignore the first and print a
+    traceback for the second). Names only, never values.
+
+    Raises:
+        ConfigError: every problem, in one line.
+    """
+    from dotenv import dotenv_values
+
+    from batchyard.errors import ConfigError
+
+    names = setting_names()
+    problems = settings_check.check_source(
+        names, {k: v for k, v in os.environ.items() if settings_check.is_batchyard_name(k)}, "the environment")
+    for path in env_files:
+        if path.is_file():
+            problems += settings_check.check_source(
+                names, dotenv_values(path), str(path), only_prefixed=path != profile_file)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+@functools.cache
+def setting_names() -> settings_check.SettingNames:
+    """The environment names of the settings tree."""
+    return settings_check.setting_names(Settings)
+
+
 def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
     """Build settings for a profile: the profile's env file, then `.env`, then the environment.
 
     Raises:
-        ConfigError: a profile was named but no env file for it exists.
-        pydantic.ValidationError: a value is invalid.
+        ConfigError: a profile was named but no env file for it exists; a `BATCHYARD_` name is
+            not a setting, or a list/dict value is not JSON (`check_sources`); a value is
+            invalid (one line naming the setting, never the value: pydantic's own error holds
+            every input, secrets included, so it is not chained).
     """
+    from batchyard.errors import ConfigError
+
     profile = profile or os.environ.get("BATCHYARD_PROFILE")
     env_files: list[Path] = []
+    profile_file = None
     if profile:
-        env_files.append(profile_env_file(profile))
+        profile_file = profile_env_file(profile)
+        env_files.append(profile_file)
         overrides.setdefault("profile", profile)
     env_files.append(Path(".env"))
-    return Settings(_env_file=tuple(env_files), **overrides)  # type: ignore[call-arg]
+    check_sources(env_files, profile_file)
+    message = None
+    try:
+        return Settings(_env_file=tuple(env_files), **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        message = settings_check.describe(exc, setting_names())
+    except SettingsError as exc:  # a value pydantic-settings could not decode (not the value)
+        message = str(exc).splitlines()[0] if str(exc).strip() else "a setting could not be decoded"
+    raise ConfigError(message)  # outside the except blocks: no chained error carries the input

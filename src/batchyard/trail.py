@@ -266,12 +266,18 @@ class _Trail:
             "own": own_input(req["line"], position), **({"line": req["line"]} if self.full else {}),
         }
         ledger = Ledger(part)
-        attempt = 1
-        while ledger.exists(f"{req['shard']}.{attempt}"):
-            rec = ledger.load(f"{req['shard']}.{attempt}")
-            if attempt > 1 and not _rows(part, "followups", pl.col("custom_id") == req["custom_id"], names=[rec.name]):
+        shard, attempt, custom_id = req["shard"], 1, req["custom_id"]
+        while ledger.exists(f"{shard}.{attempt}"):
+            rec = ledger.load(f"{shard}.{attempt}")
+            if attempt > 1 and not _rows(part, "followups", pl.col("custom_id") == custom_id, names=[rec.name]):
                 break  # settled in an earlier attempt
-            self.out["attempts"].append(self.attempt(part, rec, req["custom_id"], unit, sent_as, position))
+            self.out["attempts"].append(self.attempt(part, rec, custom_id, unit, sent_as, position))
+            if rec.split_into:  # re-planned under the provider's limit: follow the unit into its new shard
+                moved = _rows(part, "followups", pl.col("unit_ids").list.contains(sent_as), names=rec.split_into)
+                if not moved:
+                    break
+                shard, custom_id = moved[0]["shard"], moved[0]["custom_id"]
+                position = list(moved[0]["unit_ids"]).index(sent_as)  # its place in the re-packed request
             attempt += 1
 
     def attempt(
@@ -325,6 +331,7 @@ class _Trail:
         self.out["loaded"] = loaded
 
     def sinks(self, row: dict[str, Any]) -> dict[str, Any]:
+        from batchyard.clients.milvus import get_rows
         from batchyard.stages.snapshot import get_path, mark_path, mongo_id
 
         ctx, job, run_id = self.ctx, self.job, self.run.run_id
@@ -335,8 +342,8 @@ class _Trail:
             got = []
             if client.has_collection(coll):
                 client.load_collection(coll)
-                got = client.get(coll, ids=[row["chunk_id"]],
-                                 output_fields=["chunk_id", "run_id", "text_sha256", "company_id", "document_id"])
+                got = get_rows(client, coll, [row["chunk_id"]],
+                               ["chunk_id", "run_id", "text_sha256", "company_id", "document_id"])
             out["milvus"] = {"collection": coll, "found": bool(got), **(dict(got[0]) if got else {})}
             fields = ctx.settings.mongo.fields
             path = mark_path(fields, job.emb.space)  # type: ignore[attr-defined]

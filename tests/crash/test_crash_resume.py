@@ -7,6 +7,7 @@ unit has exactly one result or failure, and the server holds exactly one batch p
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -129,3 +130,71 @@ def test_inference_crash_then_resume(tmp_path: Path, server: str, point: str) ->
         assert_one_batch_per_submission(ctx, run)
         stored = ctx.store.collection("inference_results").count_documents({"task": "classify"})
         assert stored == 30
+
+
+def test_a_crash_inside_a_prune_prunes_on_resume(tmp_path: Path, server: str) -> None:
+    env = pipeline_env(tmp_path, server, None)
+    assert cli(["seed", "--chunks", "120", "--companies", "3", "--targets-out", "t.yaml"], env, tmp_path).returncode == 0
+    assert cli(["embed", "--targets", "t.yaml", "--engine", "local"], env, tmp_path).returncode == 0
+
+    from batchyard.context import RunContext
+    from batchyard.jobs.embeddings import EmbeddingsJob
+
+    with RunContext(settings_for(tmp_path, server)) as ctx:
+        gone = [d["_id"] for d in ctx.store.chunks.find({}).sort("_id", 1)][::10]  # 12 chunks, 3 companies
+        ctx.store.chunks.delete_many({"_id": {"$in": gone}})
+        ctx.store.save()
+    crashed = cli(["embed", "--targets", "t.yaml", "--engine", "local"], pipeline_env(tmp_path, server, "during_prune"),
+                  tmp_path)
+    assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+    run_id = sorted(p.name for p in (tmp_path / "staging" / "embeddings").iterdir())[-1]
+    resumed = cli(["resume", run_id, "--engine", "local", "--json"], env, tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    with RunContext(settings_for(tmp_path, server)) as ctx:
+        job = EmbeddingsJob(ctx, None)  # type: ignore[arg-type]
+        ctx.milvus.load_collection(job.collection)
+        held = {r["chunk_id"] for r in ctx.milvus.query(job.collection, filter='chunk_id != ""',
+                                                         output_fields=["chunk_id"], limit=1000)}
+        assert held == {str(d["_id"]) for d in ctx.store.chunks.find({}, {"_id": 1})}
+        assert not held & {str(g) for g in gone}
+        from batchyard.storage.runs import RunStore
+
+        info = RunStore(ctx.staging, "embeddings", run_id).read_run()
+        assert info["state"] == "finished" and info["final"]["pruned"] == len(gone)
+def test_a_crash_while_replanning_a_shard_over_the_providers_limit_then_resume(tmp_path: Path) -> None:
+    # default limits: one shard of ~14k tokens per partition; the provider's cap is 5,000. The
+    # pipeline dies after a refused shard's follow-ups are written, before it is collected
+    env = {"BATCHYARD_PROVIDER__LOCAL__SECONDS_PER_REQUEST": "0.01",
+           "BATCHYARD_PROVIDER__LOCAL__FAULTS__ENQUEUED_TOKEN_CAP": "5000"}
+    with ServerProcess(tmp_path / "server", env=env) as proc:
+        base = {k: v for k, v in pipeline_env(tmp_path, proc.base_url, None).items()
+                if not k.startswith("BATCHYARD_LIMITS__")}
+        seeded = cli(["seed", "--chunks", str(N), "--companies", "4", "--targets-out", "t.yaml"], base, tmp_path)
+        assert seeded.returncode == 0, seeded.stderr
+        crashed = cli(["embed", "--targets", "t.yaml", "--engine", "local"],
+                      {**base, "BATCHYARD_CRASH_AT": "before_collect"}, tmp_path)
+        assert crashed.returncode == -signal.SIGKILL, crashed.stderr[-2000:]
+        run_id = only_run(tmp_path, "embeddings")
+        ledgers = [json.loads(p.read_text()) for p in (tmp_path / "staging").glob(f"embeddings/{run_id}/*/ledger/*")]
+        cut = [r for r in ledgers if r["state"] == "ended" and r["split_cap"] == 5000]
+        assert cut and any(r["split_from"] for r in ledgers), "the crash came mid-split: follow-ups written"
+        resumed = cli(["resume", run_id, "--engine", "local"], base, tmp_path)
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+
+        from batchyard.audit import audit_run
+        from batchyard.context import RunContext
+        from batchyard.storage.ledger import run_records
+        from batchyard.storage.runs import RunStore
+        from tests.helpers import assert_every_unit_settled_once, assert_one_batch_per_submission
+
+        with RunContext(settings_for(tmp_path, proc.base_url)) as ctx:
+            run = RunStore(ctx.staging, "embeddings", run_id)
+            results, failures = assert_every_unit_settled_once(ctx, run)
+            assert results.height == N and failures.height == 0
+            assert_one_batch_per_submission(ctx, run)
+            records = run_records(run)
+            over = [r for r in records if r.attempt == 1 and r.tokens > 5000]
+            assert over and all(r.split_into and r.submission == 1 for r in over)
+            assert all(r.tokens <= 5000 for r in records if r.split_from)
+            report = audit_run(ctx, run)
+            assert report.ok, [str(d) for d in report.differences]

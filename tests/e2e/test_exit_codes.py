@@ -140,6 +140,19 @@ def test_cancel_reaches_a_run_another_process_drives(tmp_path: Path) -> None:
     assert json.loads(resumed.stdout)["final"]["results"] == 60
 
 
+def test_cancel_of_a_finished_run_says_so_and_changes_nothing(tmp_path: Path) -> None:
+    assert cli(["seed", "--chunks", "20", "--companies", "1", "--targets-out", "t.yaml"], tmp_path).returncode == 0
+    done = cli(["embed", "--targets", "t.yaml", "--engine", "local", "--json"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    run_id = json.loads(done.stdout)["run_id"]
+    out = cli(["cancel", run_id], tmp_path)
+    assert out.returncode == 0, out.stderr
+    text = " ".join(out.stdout.split())
+    assert f"run {run_id} already ended (finished): nothing to cancel" in text and "resume" not in text
+    run = json.loads((tmp_path / "staging" / "embeddings" / run_id / "run.json").read_text())
+    assert (run["state"], run["phase"]) == ("finished", "done")
+
+
 def test_prefect_that_cannot_start_in_time_is_one_line_with_a_way_out(tmp_path: Path) -> None:
     write_targets(tmp_path, "companies: [acme]\n")
     extra = {"PREFECT_HOME": str(tmp_path / "prefect-home"), "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "1"}

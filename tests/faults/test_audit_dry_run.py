@@ -106,6 +106,11 @@ def test_inference_output_tokens_are_estimated_from_max_output_tokens(settings_f
         assert final["cost_estimate_tokens"] == {"input": est["input_tokens"], "output_max": 9000}
         assert 0 < final["usage"]["output_tokens"] <= 9000
         assert 0 < final["cost_reported_usd"] < final["cost_estimate_usd"]
+        # the plan counts each prompt as the provider bills it (the local server as OpenAI does)
+        assert final["usage"]["input_tokens"] == est["input_tokens"]
+        lane = final["lanes"]["batch"]
+        assert (lane["input_tokens"], lane["output_tokens"]) == (est["input_tokens"], final["usage"]["output_tokens"])
+        assert lane["usd"] == final["cost_reported_usd"]
 
 
 def test_prices_are_per_model_and_overrides_keep_the_other_defaults(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -129,16 +129,12 @@ def test_a_partitioned_run_reconciles_partition_by_partition(settings_factory: A
 
 
 def test_a_cancelled_run_reconciles_before_and_after_resume(settings_factory: Any) -> None:
-    from tests.helpers import planned_run
+    from tests.helpers import cancelled_run
 
     s = settings_factory(provider={"local": {"seconds_per_request": 0.05, "faults": {"cancelling_s": 0.2}}},
                          limits={"max_inputs_per_batch": 30, "max_inputs_per_request": 3})
     with RunContext(s) as ctx:
-        job = EmbeddingsJob(ctx, seed(ctx, N))
-        run = planned_run(ctx, job)
-        runner.drive(ctx, job, run, max_rounds=3, poll_interval=0.1)
-        runner.cancel(ctx, run.run_id)
-        assert runner.continue_run(ctx, job, run)["state"] == "cancelled"
+        run, _ = cancelled_run(ctx, EmbeddingsJob(ctx, seed(ctx, N)))
     cancelled = audited(s, run.run_id)
     assert_reconciles(cancelled)
     assert {r["code"] for r in cancelled.tables["failed"]} == {"run_cancelled"}
@@ -151,7 +147,7 @@ def test_inference_chunk_and_document_units_reconcile(settings_factory: Any, tmp
     repo = Path(__file__).resolve().parents[2]
     shutil.copytree(repo / "prompts", tmp_path / "prompts")
     s = settings_factory(prompts_dir=str(tmp_path / "prompts"), limits={"max_attempts": 2},
-                         provider={"local": {"faults": {"request_error_rate": 0.2, "seed": 4}}})
+                         provider={"local": {"faults": {"request_error_rate": 0.2, "seed": 4, "text_markers": True}}})
     texts = {"ok": "Revenue grew 8% to $1.2 billion.", "bad": "[[fault:invalid_json]] Margins expanded.",
              "blank": "   ", "e500": "[[fault:error500]] Liquidity is strong."}
     with RunContext(s) as ctx:

@@ -62,23 +62,67 @@ def test_embeddings_flow_materializes_every_asset(tmp_path: Path) -> None:
     for asset in ("chunks", "requests", "batches", "results", "sinks"):
         event = by_key[f"batchyard://embeddings/{space}/{asset}"]
         payload = event.payload
-        assert payload["run_id"] == info["run_id"] and payload["partition"] == "p0000"
+        assert payload["run_id"] == info["run_id"] and payload["bin"] == "p0000"
         assert payload["data_version"] and payload["code_version"] and payload["staging_path"]
+        assert set(payload["partition_keys"]) == set(info["detection"]["counts"])  # the companies
         assert isinstance(payload["rows"], int)
     assert by_key[f"batchyard://embeddings/{space}/results"].payload["failures_by_code"] == {}
     assert by_key[f"batchyard://embeddings/{space}/results"].payload["checks"]["every_unit_once"] == "passed"
     assert by_key[f"batchyard://embeddings/{space}/requests"].payload["tokens"] > 0
     upstream = {r.id for r in by_key[f"batchyard://embeddings/{space}/chunks"].related}
-    assert "mongodb://standin/batchyard/chunks" in upstream  # the source collection is an asset
-    assert any(k.startswith("milvus://") for k in by_key)  # so are the collections results land in
-    assert any(k.startswith("mongodb://standin/batchyard/chunks/batchyard.") for k in by_key)
-    # a second flow run finds nothing new
+    standin = f"mongodb://standin{tmp_path / 'staging' / '.mongo-standin'}/batchyard/chunks"
+    assert standin in upstream  # the source collection is an asset, named by the store it lives in
+    assert any(k.startswith(f"milvus://lite{tmp_path}/staging/milvus.db/") for k in by_key)  # so are the targets
+    assert any(k.startswith(f"{standin}/batchyard.") for k in by_key)
+    # a second flow run finds nothing new; a third, after an edit, materializes the same keys
     again = embeddings_flow(targets=targets, overrides=overrides(tmp_path))
     assert again["plan"]["requests"] == 0
+    edit_one_chunk(tmp_path)
+    third = embeddings_flow(targets=targets, overrides=overrides(tmp_path))
+    assert third["final"]["results"] == 1
+    later = asset_events(third["run_id"], expect=("chunks", "requests", "batches", "results", "sinks"))
+    stage_keys = {e.resource.id for e in events if e.resource.id.startswith("batchyard://")}
+    assert {e.resource.id for e in later if e.resource.id.startswith("batchyard://")} == stage_keys
+    assert {e.payload["bin"] for e in later if "bin" in e.payload} == {"p0000"}
+
+
+def edit_one_chunk(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from batchyard.context import RunContext
+    from batchyard.settings import Settings
+
+    with RunContext(Settings(_env_file=None, **overrides(tmp_path))) as ctx:
+        doc = ctx.store.chunks.find_one({})
+        ctx.store.chunks.update_one({"_id": doc["_id"]}, {"$set": {"text": doc["text"] + " (edited)",
+                                                                  "updated_at": datetime.now(UTC)}})
+        ctx.store.save()
+
+
+def test_a_failed_check_fails_its_materialization(tmp_path: Path) -> None:
+    from batchyard import runner
+    from batchyard.context import RunContext
+    from batchyard.jobs.embeddings import EmbeddingsJob
+    from batchyard.orchestration.flows import embeddings_flow
+    from batchyard.settings import Settings
+    from batchyard.targets import load_targets
+    from tests.helpers import planned_run
+
+    targets = seed_targets(tmp_path, 30)
+    with RunContext(Settings(_env_file=None, **overrides(tmp_path))) as ctx:
+        run = planned_run(ctx, EmbeddingsJob(ctx, load_targets(targets)))
+        # a source chunk is deleted while the run is in flight: its vector loads, its mark cannot
+        ctx.store.chunks.delete_one({"_id": ctx.store.chunks.find_one({})["_id"]})
+        ctx.store.save()
+    info = embeddings_flow(targets=targets, run_id=run.run_id, overrides=overrides(tmp_path))
+    assert info["final"]["checks_failed"] == ["sinks_match_results"] and runner.exit_code(info) == 5
+    failed = asset_events(run.run_id, expect=("sinks",), name="prefect.asset.materialization.failed")
+    (event,) = [e for e in failed if e.resource.id.split("@")[0].endswith("/sinks")]
+    assert event.payload["checks"]["sinks_match_results"].startswith("failed:")
 
 
 def asset_events(run_id: str, *, expect: tuple[str, ...] = ("batches", "results", "sinks"),
-                 wait_s: float = 30.0) -> list[Any]:
+                 wait_s: float = 30.0, name: str = "prefect.asset.materialization.succeeded") -> list[Any]:
     """The asset materialization events of a run (events reach the API a few seconds late)."""
     import time
 
@@ -91,8 +135,7 @@ def asset_events(run_id: str, *, expect: tuple[str, ...] = ("batches", "results"
     found: list[Any] = []
     while time.monotonic() < deadline:
         with get_client(sync_client=True) as client:
-            page = client.read_events(EventFilter(event=EventNameFilter(name=[
-                "prefect.asset.materialization.succeeded"])), limit=50)
+            page = client.read_events(EventFilter(event=EventNameFilter(name=[name])), limit=50)
             events = list(page.events)
             while page.next_page:
                 page = client.read_events_page(page.next_page)

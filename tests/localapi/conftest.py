@@ -156,6 +156,12 @@ def api(server: LocalServer) -> Api:
 
 
 @pytest.fixture
+def marked_api(make_server: MakeServer) -> Api:
+    """Helpers bound to a server that honours `[[fault:<kind>]]` text markers (off by default)."""
+    return Api(make_server(faults={"text_markers": True}))
+
+
+@pytest.fixture
 def make_api(make_server: MakeServer) -> MakeApi:
     """Factory: `make_api(faults={...}, **config)` -> Api on a fresh server."""
 

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, ValidationError
 from batchyard.localapi.schema_gen import generate_value
 
 if TYPE_CHECKING:
-    from conftest import Api, MakeApi
+    from conftest import Api
 
 
 class Entity(BaseModel):
@@ -106,7 +106,8 @@ def test_plain_text_and_json_object_without_schema(api: Api) -> None:
     assert len(out["two"]["response"]["body"]["choices"]) == 2
 
 
-def test_chat_text_markers(api: Api) -> None:
+def test_chat_text_markers(marked_api: Api) -> None:
+    api = marked_api
     kinds = ["refusal", "invalid_json", "schema_violation", "truncated", "error400", "error500"]
     lines = [api.chat(k, f"Some text [[fault:{k}]] here", SCHEMA) for k in kinds]
     lines.append(api.chat("clean", "Some clean text", SCHEMA))
@@ -135,7 +136,8 @@ def test_chat_text_markers(api: Api) -> None:
     assert err["error500"]["response"]["body"]["error"]["type"] == "server_error"
 
 
-def test_responses_text_markers(api: Api) -> None:
+def test_responses_text_markers(marked_api: Api) -> None:
+    api = marked_api
     lines = [api.resp(k, f"x [[fault:{k}]]", SCHEMA) for k in ("refusal", "truncated", "error400")]
     b = api.run(lines, "/v1/responses")
     out, err = api.by_id(b.output_file_id), api.by_id(b.error_file_id)
@@ -149,7 +151,8 @@ def test_responses_text_markers(api: Api) -> None:
     assert err["error400"]["response"]["status_code"] == 400
 
 
-def test_embeddings_error_markers_fail_the_whole_request(api: Api) -> None:
+def test_embeddings_error_markers_fail_the_whole_request(marked_api: Api) -> None:
+    api = marked_api
     lines = [
         api.emb("e400", ["fine", "bad [[fault:error400]]"]),
         api.emb("e500", "bad [[fault:error500]]"),
@@ -161,8 +164,8 @@ def test_embeddings_error_markers_fail_the_whole_request(api: Api) -> None:
     assert list(api.by_id(b.output_file_id)) == ["ok"]
 
 
-def test_markers_ignored_when_disabled(make_api: MakeApi) -> None:
-    api = make_api(faults={"text_markers": False})
+def test_markers_are_ignored_unless_turned_on(api: Api) -> None:
+    """A chunk's text reaches the server: by default no text can make its request fail."""
     b = api.run(
         [
             api.chat("r", "x [[fault:refusal]]", SCHEMA),
@@ -171,8 +174,10 @@ def test_markers_ignored_when_disabled(make_api: MakeApi) -> None:
         "/v1/chat/completions",
     )
     out = api.by_id(b.output_file_id)
-    assert set(out) == {"r", "e"}
+    assert set(out) == {"r", "e"} and b.error_file_id is None
     Facts.model_validate_json(_content(out["r"]))
+    e = api.run([api.emb("e500", "bad [[fault:error500]]"), api.emb("e400", ["x", "[[fault:error400]]"])])
+    assert set(api.by_id(e.output_file_id)) == {"e500", "e400"} and e.error_file_id is None
 
 
 def test_schema_generator_covers_keywords() -> None:

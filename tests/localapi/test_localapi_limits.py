@@ -149,7 +149,7 @@ def open_umask() -> Iterator[None]:
 def test_state_files_are_owner_only(make_server: MakeServer, api_for: type[Api], tmp_path: Path,
                                     open_umask: None) -> None:
     state = tmp_path / "state"
-    server = make_server(state_dir=state, seconds_per_request=0.01)
+    server = make_server(state_dir=state, seconds_per_request=0.01, faults={"text_markers": True})
     api = api_for(server)
     lines = [api.emb(f"r{i}", f"text {i}") for i in range(20)] + [api.emb("bad", "x", model="other")]
     failed = api.run(lines)  # validation fails (two models): its input stays

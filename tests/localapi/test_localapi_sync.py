@@ -147,8 +147,11 @@ def test_a_keyed_server_wants_the_key_on_the_sync_endpoints(make_server: MakeSer
     assert [c.status for c in server.sync_calls()] == [200, 200, 200]
 
 
-def test_text_markers_apply_to_sync_calls(api: Api) -> None:
-    client = sdk(api.server)
+def test_text_markers_apply_to_sync_calls_only_when_turned_on(api: Api, marked_api: Api) -> None:
+    plain = sdk(api.server).chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "please fail [[fault:error500]]"}])
+    assert plain.choices[0].message.content, "markers are off by default: a normal answer"
+    client = sdk(marked_api.server)
 
     def chat(text: str) -> Any:
         return client.chat.completions.create(
@@ -222,6 +225,18 @@ def test_injected_429_carries_retry_after(make_server: MakeServer) -> None:
     r = post(part, "/responses", {"model": "gpt-4o-mini", "input": "x"})
     assert r.status_code == 429
     assert (r.headers["retry-after"], r.headers["retry-after-ms"]) == ("1", "250")
+
+
+def test_every_nth_call_is_answered_429_whatever_its_body(make_server: MakeServer) -> None:
+    server = make_server(faults={"sync_429_every": 4, "sync_retry_after_s": 0.5})
+    calls = [("/embeddings", {"model": MODEL, "input": f"t{i % 3}"}) for i in range(9)]
+    calls += [("/chat/completions", {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x"}]})] * 3
+    answers = [post(server, path, body) for path, body in calls]
+    assert [r.status_code for r in answers] == [200, 200, 200, 429] * 3
+    limited = answers[3]
+    assert limited.json()["error"]["code"] == "rate_limit_exceeded"
+    assert (limited.headers["retry-after"], limited.headers["retry-after-ms"]) == ("1", "500")
+    assert [c.status for c in server.sync_calls()] == [200, 200, 200, 429] * 3
 
 
 def test_injected_5xx_and_slow_answers(make_server: MakeServer) -> None:

@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import polars as pl
+import pytest
 
 from batchyard import runner
+from batchyard.audit import audit_run
 from batchyard.context import RunContext
 from batchyard.jobs.embeddings import EmbeddingsJob
+from batchyard.jobs.inference import InferenceJob
+from batchyard.pricing import DEFAULT_PRICES
 from batchyard.storage.ledger import run_records
 from tests.helpers import (
     assert_every_unit_settled_once,
     assert_vectors_match,
+    planned_run,
     run_of,
     seed,
     server_batches,
@@ -99,6 +105,63 @@ def test_auto_finishes_the_tail_of_an_expiring_backfill_realtime(settings_factor
         assert info["timings"].get("wait", 0) < 30, "the tail did not wait out a 30 s requeue backoff"
 
 
+def test_auto_fits_the_tail_to_the_lanes_window(settings_factory: Any) -> None:
+    # batches keep expiring: requests past the requeue limit go real-time, where one window admits
+    # less than one request (10 inputs): they are sent in calls that fit, not failed
+    s = settings_factory(
+        lane={"mode": "auto", "auto_max_tokens": 0, "tail_max_tokens": 0,
+              "realtime": {"tokens_per_minute": 60 * 1_000, "rate_window_s": 1.0, "requests_per_minute": 60_000}},
+        provider={"local": {"faults": {"expire_after_fraction": 0.5}}},
+        limits={"max_inputs_per_batch": 40, "max_inputs_per_request": 10, "max_requeues": 1},
+    )
+    with RunContext(s) as ctx:
+        info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, 60)))
+        records = run_records(run_of(ctx, info))
+        tail = [r for r in records if r.lane == "realtime"]
+        assert tail and max(r.tokens / r.n_requests for r in tail) > 1_000, "tail requests exceed a window"
+        assert runner.exit_code(info) == 0 and info["final"]["failures_by_code"] == {}
+        assert sum(r.realtime["split"] for r in tail if r.realtime) > 0
+        results, _ = assert_every_unit_settled_once(ctx, run_of(ctx, info))
+        assert results.height == 60 and set(results["lane"]) == {"batch", "realtime"}
+        assert_vectors_match(ctx, results, EmbeddingsJob(ctx, None).collection, 16)  # type: ignore[arg-type]
+
+
+def test_a_crash_mid_shard_resends_at_most_one_window_of_tokens(
+    settings_factory: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from batchyard.stages import batches
+
+    window = 3_000  # tokens a window admits: 180k a minute, counted per second
+    lane = {"mode": "realtime", "realtime": {"tokens_per_minute": 60 * window, "rate_window_s": 1.0,
+                                             "requests_per_minute": 60_000}}
+    s = settings_factory(lane=lane, limits={"max_inputs_per_batch": 400, "max_inputs_per_request": 4})
+    with RunContext(s) as ctx:
+        run = planned_run(ctx, EmbeddingsJob(ctx, seed(ctx, 60)))
+        (rec,) = run_records(run)
+        part, client = run.partition(rec.partition), ctx.api.client
+
+        def crash(point: str) -> None:
+            if point == "during_realtime":
+                raise RuntimeError("power cut")
+
+        monkeypatch.setattr(batches, "crashpoint", crash)
+        with pytest.raises(RuntimeError, match="power cut"):
+            batches.run_realtime(part, client, rec.name, s.lane)
+        monkeypatch.undo()
+        (first,) = ctx.staging.list(part.rel("outputs", f"{rec.name}.rt"), ".jsonl")
+        lo, hi = (int(x) for x in first.removesuffix(".jsonl").split("-"))
+        plan = batches.attempt_requests(part, rec.shard, rec.attempt)
+        assert lo == 0 and 0 < hi < plan.height and int(plan["tokens"][:hi].sum()) <= window
+        done = batches.run_realtime(part, client, rec.name, s.lane)
+        assert done.state == "ended" and done.request_counts == {"total": plan.height, "completed": plan.height,
+                                                                 "failed": 0}
+        # nothing was sent twice across the crash: each call's body reached the server once
+        calls = ctx._server.sync_calls()  # type: ignore[union-attr]
+        assert {c.status for c in calls} == {200} and len({c.digest for c in calls}) == len(calls)
+        assert done.realtime is not None and done.realtime["calls"] == len(calls) >= plan.height
+        assert done.usage is not None and done.usage["input_tokens"] == int(plan["tokens"].sum())
+
+
 def test_realtime_under_a_429_storm_stores_each_result_once(settings_factory: Any) -> None:
     s = settings_factory(
         lane={"mode": "realtime", "slice_requests": 5,
@@ -118,3 +181,59 @@ def test_realtime_under_a_429_storm_stores_each_result_once(settings_factory: An
         from batchyard.clients.milvus import count
 
         assert count(ctx.milvus, job.collection) == 80
+
+
+def test_a_realtime_run_reports_the_providers_usage_is_audited_and_creates_no_batch(
+    settings_factory: Any, tmp_path: Path
+) -> None:
+    ctx, info = embed(settings_factory, tmp_path / "rt", 300, mode="realtime")
+    try:
+        final, tokens = info["final"], info["plan"]["tokens"]
+        assert final["results"] == 300 and runner.exit_code(info) == 0
+        # every staged answer carries its usage: the summary reports it, priced real-time
+        assert final["usage"]["input_tokens"] == tokens > 0
+        price = DEFAULT_PRICES["text-embedding-3-small"].input_per_1m
+        assert final["cost_reported_usd"] == pytest.approx(tokens * price / 1e6, abs=1e-6)
+        assert final["lanes"] == {"realtime": {"input_tokens": tokens, "output_tokens": 0,
+                                               "usd": final["cost_reported_usd"]}}
+        # no batch was created, and the summary does not claim one
+        assert final["batches"] == 0 and final["realtime_requests"] == info["plan"]["requests"]
+        assert "Batch API" not in info["provider"] and "real-time endpoints" in info["provider"]
+        assert server_batches(ctx, info["run_id"]) == []
+        records = run_records(run_of(ctx, info))
+        assert all(r.usage and r.usage["input_tokens"] == r.tokens for r in records)
+        assert sum(r.realtime["calls"] for r in records if r.realtime) == info["plan"]["requests"]
+        # the audit checks real-time attempts by what they have, and passes
+        report = audit_run(ctx, run_of(ctx, info))
+        assert report.ok, [str(d) for d in report.differences]
+        assert all(row["lane"] == "realtime" and row["file_id"] is None for row in report.tables["sent"])
+        # ... and still bites: an answer removed from the joined output is named
+        rec = records[0]
+        part = run_of(ctx, info).partition(rec.partition)
+        out = part.rel("outputs", f"{rec.name}.jsonl")
+        ctx.staging.write_bytes(out, b"".join(ctx.staging.read_bytes(out).splitlines(keepends=True)[1:]))
+        broken = audit_run(ctx, run_of(ctx, info), sinks=False)
+        checks = {d.check for d in broken.differences}
+        assert {f"{rec.key}: outputs = real-time slices", f"{rec.key}: real-time answers",
+                f"{rec.key}: real-time usage"} <= checks
+    finally:
+        ctx.close()
+
+
+def test_a_realtime_inference_run_prices_input_and_output(settings_factory: Any, tmp_path: Path) -> None:
+    shutil.copytree(Path(__file__).resolve().parents[2] / "prompts", tmp_path / "prompts")
+    s = settings_factory(prompts_dir=str(tmp_path / "prompts"), lane={"mode": "realtime", "realtime": FAST})
+    with RunContext(s) as ctx:
+        info = runner.execute(ctx, InferenceJob(ctx, seed(ctx, 40), "classify"))
+        final = info["final"]
+        assert final["results"] == 40 and runner.exit_code(info) == 0
+        used = final["usage"]
+        assert used["input_tokens"] == info["plan"]["tokens"] > 0 and used["output_tokens"] > 0
+        price = DEFAULT_PRICES["gpt-4.1-mini"]
+        usd = (used["input_tokens"] * price.input_per_1m + used["output_tokens"] * price.output_per_1m) / 1e6
+        lane = final["lanes"]["realtime"]
+        assert (lane["input_tokens"], lane["output_tokens"]) == (used["input_tokens"], used["output_tokens"])
+        assert lane["usd"] == final["cost_reported_usd"] == pytest.approx(usd, abs=1e-6)
+        report = audit_run(ctx, run_of(ctx, info))
+        assert report.ok, [str(d) for d in report.differences]
+

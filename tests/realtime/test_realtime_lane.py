@@ -29,9 +29,12 @@ from batchyard.clients.realtime import (
     RateLimits,
     RealtimeSettings,
     compact_json,
+    merge_embeddings,
     parse_lines,
+    plan_calls,
     retry_after_s,
     run_shard,
+    usage_of,
 )
 from batchyard.errors import ApiTerminalError
 from batchyard.localapi.sync import SyncCall
@@ -212,7 +215,7 @@ def test_embeddings_lane_gives_the_batch_lanes_bodies_byte_for_byte(start_server
 
 
 def test_chat_lane_gives_the_batch_lanes_parsed_outputs(start_server: ServerFactory) -> None:
-    server = start_server()
+    server = start_server(faults={"text_markers": True})
     rows = classify_rows([
         "Revenue grew 5% to EUR 10m on strong demand.",
         "The board approved a new buyback programme.",
@@ -415,6 +418,91 @@ def test_a_request_over_the_window_budget_is_not_sent(start_server: ServerFactor
     (err,) = lines_of(result.errors)
     assert err.custom_id == rows["custom_id"][0] and err.error is not None
     assert err.error["code"] == "request_too_large" and "10000 tokens" in err.error["message"]
+    # no retry can fix it: the join fails it at once, and says which setting to raise
+    outcomes = embedding_join(rows, result.output, result.errors)[1]
+    assert outcome_of(outcomes)[rows["custom_id"][0]] == ("fail", "request_too_large")
+    assert "lane.realtime.tokens_per_minute to at least 600000" in err.error["message"]
+
+
+def test_an_embeddings_request_over_the_window_is_sent_in_calls_and_answered_in_one_line(
+    start_server: ServerFactory,
+) -> None:
+    # every 4th call is refused; one window admits half of a request
+    server = start_server(faults={"sync_429_every": 4, "sync_retry_after_s": 0.05})
+    rows = embedding_rows(40, per_request=20)
+    assert rows.height == 2
+    budget = max(rows["tokens"].to_list()) // 2
+    settings = {"tokens_per_minute": budget * 60, "rate_window_s": 1.0, "arrival_margin_s": MARGIN_S,
+                "split_tokens": budget // 2, "max_retries": 8, **FAST}
+    batch_out, batch_err = batch_lane(server, rows, "/v1/embeddings")
+    result = lane(server, rows, **settings)
+
+    assert result.errors == b"" and batch_err == b""
+    assert_each_once(rows, result)  # one line per request, however many calls it took
+    assert result.stats.requests == 2 and result.stats.split == 2 and result.stats.calls >= 6
+    for line in map(json.loads, result.output.splitlines()):
+        parts = line["parts"]
+        assert [p["first"] for p in parts] == list(itertools.accumulate([0] + [p["inputs"] for p in parts[:-1]]))
+        assert sum(p["inputs"] for p in parts) == 20 and {p["status_code"] for p in parts} == {200}
+        assert sorted(d["index"] for d in line["response"]["body"]["data"]) == list(range(20))
+    # the join maps every input back by custom_id and index: the batch lane's vectors, all ok
+    (v1, o1), (v2, o2) = embedding_join(rows, batch_out, b""), embedding_join(rows, result.output, b"")
+    assert set(o1["outcome"]) == set(o2["outcome"]) == {"ok"} and v2.height == 40
+    assert v1.sort("unit_id").equals(v2.sort("unit_id"))
+    # as the server saw it: calls within the window, 429s retried, the usage is what it counted
+    calls = server.sync_calls()
+    assert [c.status for c in calls].count(429) == len(calls) // 4 >= 1
+    assert busiest(calls, 1.0, lambda c: c.tokens) <= budget
+    assert max(c.tokens for c in calls) <= budget // 2
+    answered = sum(c.tokens for c in calls if c.status == 200)
+    assert usage_of(result.output)["input_tokens"] == answered == int(rows["tokens"].sum())
+
+
+def test_a_chat_request_that_can_never_fit_fails_naming_the_setting(start_server: ServerFactory) -> None:
+    server = start_server()
+    chat = classify_rows(["Revenue grew 5% to EUR 10m on strong demand."])
+    emb = embedding_rows(3, per_request=3)
+    settings = RealtimeSettings(tokens_per_minute=600, rate_window_s=1.0)  # 10 tokens per window
+    result = run_shard(sdk(server), pairs(chat) + pairs(emb), settings)
+    assert result.output == b"" and server.sync_calls() == [], "nothing that cannot fit is sent"
+    errors = {ln.custom_id: ln.error for ln in lines_of(result.errors)}
+    cid = chat["custom_id"][0]
+    assert errors[cid] is not None and errors[cid]["code"] == "request_too_large"
+    assert f"request {cid} has {chat['tokens'][0]} tokens" in errors[cid]["message"]
+    assert "raise lane.realtime.tokens_per_minute" in errors[cid]["message"]
+    emb_error = errors[emb["custom_id"][0]]
+    assert emb_error is not None and emb_error["message"].startswith(f"input 0 of request {emb['custom_id'][0]}")
+    task = get_task("classify")
+    lines = read_json_lines(result.errors, "errors")[0]
+    _, outcomes = inference_outcomes(task, task.endpoint, chat, [ln for ln in lines if ln["custom_id"] == cid],
+                                     batch_ended_as="completed")
+    assert outcome_of(outcomes) == {cid: ("fail", "request_too_large")}
+
+
+def test_each_call_fits_the_window_whatever_split_tokens_says() -> None:
+    limits = RateLimits(RealtimeSettings(tokens_per_minute=6000, rate_window_s=1.0))  # 100 tokens a window
+    inputs = ["word " * 30] * 10  # 31 tokens each
+    line = json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/embeddings",
+                       "body": {"model": "text-embedding-3-small", "input": inputs}})
+    (req,) = parse_lines([(line, 310)])
+    calls = plan_calls(req, limits, split_tokens=10_000)
+    assert isinstance(calls, list)
+    assert [(c.first, c.inputs, c.tokens) for c in calls] == [(0, 3, 93), (3, 3, 93), (6, 3, 93), (9, 1, 31)]
+    assert [c.body["input"] for c in calls] == [inputs[0:3], inputs[3:6], inputs[6:9], inputs[9:]]
+
+
+def test_merged_embeddings_keep_every_field_and_shift_each_index() -> None:
+    a = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":"AAAA"},' \
+        b'{"object":"embedding","index":1,"embedding":"BBBB"}],"model":"m","usage":{"prompt_tokens":5,"total_tokens":5}}'
+    b = b'{"object":"list","data":[{"object":"embedding","index":0,"embedding":"CCCC","extra":[1.5e-7]}],' \
+        b'"model":"m2","usage":{"prompt_tokens":3,"total_tokens":3}}'
+    merged = json.loads(merge_embeddings([a, b], [0, 2]))
+    assert [(d["index"], d["embedding"]) for d in merged["data"]] == [(0, "AAAA"), (1, "BBBB"), (2, "CCCC")]
+    assert merged["data"][2]["extra"] == [1.5e-7] and merged["model"] == "m" and merged["object"] == "list"
+    assert merged["usage"] == {"prompt_tokens": 8, "total_tokens": 8}
+    assert usage_of(b'{"custom_id":"x","response":{"status_code":200,"body":{"usage":{"prompt_tokens":4,'
+                    b'"completion_tokens":2,"total_tokens":6}}}}\n') == {
+        "input_tokens": 4, "output_tokens": 2, "total_tokens": 6}
 
 
 # =========================================================================== pure helpers

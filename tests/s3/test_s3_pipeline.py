@@ -81,7 +81,8 @@ def test_embeddings_run_stages_every_artifact_on_s3(settings_factory: Any, s3: S
         }
         assert expected <= got, f"missing on S3: {sorted(expected - got)}"
         unexpected = {k for k in got - expected
-                      if not any(f"/{d}/" in k for d in ("errors", "anomalies", "followups", "chunks"))}
+                      if not any(f"/{d}/" in k or k.startswith(f"{d}/")
+                                 for d in ("errors", "anomalies", "followups", "chunks", "prune"))}
         assert not unexpected, f"unexpected objects: {sorted(unexpected)}"
         assert ctx.staging.read_json(run.rel("run.json"))["state"] == "finished"
         manifest = ctx.staging.read_json(run.rel("manifests", "results.json"))

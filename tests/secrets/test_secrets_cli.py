@@ -39,7 +39,8 @@ def secret_fields(model: type[BaseModel] = Settings, prefix: str = "") -> list[s
 
 def test_the_settings_tree_has_the_secret_fields_these_tests_cover() -> None:
     assert set(secret_fields()) == {
-        "provider.api_key", "provider.local.forward_api_key", "provider.local.api_keys", "mongo.uri", "milvus.token",
+        "provider.api_key", "provider.local.forward_api_key", "provider.local.api_keys",
+        "provider.local.admin_api_keys", "mongo.uri", "milvus.token",
         "staging.s3_access_key_id", "staging.s3_secret_access_key",
         "milvus.bulk_s3_access_key_id", "milvus.bulk_s3_secret_access_key",
     }
@@ -50,6 +51,7 @@ def secret_env(sent: Sentinels) -> dict[str, str]:
         "BATCHYARD_PROVIDER__API_KEY": sent.api_key,
         "BATCHYARD_PROVIDER__LOCAL__FORWARD_API_KEY": sent.api_key + "-fwd",
         "BATCHYARD_PROVIDER__LOCAL__API_KEYS": json.dumps([sent.server_key, sent.api_key + "-srv"]),
+        "BATCHYARD_PROVIDER__LOCAL__ADMIN_API_KEYS": json.dumps([sent.server_key + "-adm", sent.api_key + "-adm"]),
         "BATCHYARD_MONGO__URI": f"mongodb://batchyard:{sent.mongo_password}@db.example:27017/?replicaSet=rs0",
         "BATCHYARD_MILVUS__TOKEN": sent.milvus_token,
         "BATCHYARD_STAGING__S3_ACCESS_KEY_ID": sent.s3_key,
@@ -74,7 +76,7 @@ def test_config_show_masks_secrets_from_the_environment(sentinels: Sentinels, tm
             node: Any = shown
             for part in path.split("."):
                 node = node[part]
-            if isinstance(node, list):  # provider.local.api_keys: the two keys, each masked
+            if isinstance(node, list):  # provider.local.(admin_)api_keys: two keys each, masked
                 assert node == ["**********"] * 2, path
             else:
                 assert node == "**********", path

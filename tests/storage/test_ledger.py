@@ -101,6 +101,30 @@ def test_throttle_keeps_tokens_in_flight_under_budget() -> None:
     assert [r.shard for r in chosen] == ["s00001"]  # 400 in flight + 400 fits; + another 400 would not
 
 
+def test_throttle_keeps_each_model_under_the_lower_of_budget_and_stated_limit() -> None:
+    recs = [record(f"s{i:05d}", tokens=400) for i in range(4)] + [record("s00009", tokens=400, model="other")]
+    recs[0] = recs[0].model_copy(update={"state": "submitted"})
+    recs[4] = recs[4].model_copy(update={"state": "submitted"})
+    throttle = Throttle(token_budget=1000, batches_per_hour=100, max_live=50, learned={"m": 700})
+    assert throttle.budget("m") == 700 and throttle.budget("other") == 1000
+    assert select_submittable(recs, throttle, now=0) == []  # 400 in flight + 400 is over the stated 700
+    lower = Throttle(token_budget=1000, batches_per_hour=100, max_live=50, learned={"m": 5000})
+    assert [r.shard for r in select_submittable(recs, lower, now=0)] == ["s00001"]  # the budget is lower
+    # an attempt being re-planned is never sent
+    recs[1] = recs[1].model_copy(update={"split_cap": 300})
+    assert [r.shard for r in select_submittable(recs, lower, now=0)] == ["s00002"]
+
+
+def test_a_split_moves_waiting_or_refused_attempts_to_collected_after_recording_the_cap(ledger: Ledger) -> None:
+    rec = ledger.create(record())
+    rec = ledger.intend_split(rec, 500, "not sent: over the limit")
+    assert (rec.state, rec.split_cap) == ("planned", 500) and ledger.load(rec.name).split_cap == 500
+    rec = ledger.move(rec, "collected", split_into=["s00000-1.2"])
+    assert rec.split_into == ["s00000-1.2"]
+    with pytest.raises(LedgerError):
+        ledger.intend_split(rec, 400, "again")
+
+
 def test_throttle_admits_a_lone_oversized_shard_and_respects_hourly_cap() -> None:
     recs = [record(f"s{i:05d}", tokens=5000) for i in range(3)]
     chosen = select_submittable(recs, Throttle(token_budget=1000, batches_per_hour=100, max_live=50), now=0)

@@ -60,24 +60,61 @@ def _independent_render(template_text: str, values: dict[str, str]) -> tuple[str
     return fill(system), fill(user)
 
 
-def test_task_version_is_code_version_plus_prompt_hash(prompts_dir: Path) -> None:
+PARAMS = {"model": "gpt-4.1-mini", "endpoint": "/v1/chat/completions", "temperature": 0.0, "max_output_tokens": 400}
+
+
+def test_task_version_is_code_version_plus_content_hash(prompts_dir: Path) -> None:
     for task in list_tasks():
-        version = task.task_version(prompts_dir)
+        version = task.task_version(prompts_dir, PARAMS)
         assert re.fullmatch(rf"{re.escape(task.version)}\+[0-9a-f]{{12}}", version), version
-        assert version == task.task_version(prompts_dir)
+        assert version == task.task_version(prompts_dir, dict(PARAMS))
 
 
-def test_task_version_changes_when_prompt_bytes_change(
-    tmp_prompts: Path, prompts_dir: Path
-) -> None:
+def test_task_version_ignores_what_is_not_sent(tmp_prompts: Path, prompts_dir: Path) -> None:
     task = get_task("classify")
-    before = task.task_version(tmp_prompts)
-    assert before == task.task_version(prompts_dir)  # same bytes, same version, any directory
+    before = task.task_version(tmp_prompts, PARAMS)
+    assert before == task.task_version(prompts_dir, PARAMS)  # same content, same version, any directory
     path = tmp_prompts / task.prompt
-    path.write_bytes(path.read_bytes() + b" ")  # a single trailing space
-    after = task.task_version(tmp_prompts)
-    assert after != before
-    assert after.split("+")[0] == before.split("+")[0] == task.version
+    source = path.read_text(encoding="utf-8")
+    notes, rest = source.split("## system\n", 1)
+    system, user = rest.split("## user\n", 1)
+    edits = {
+        "maintainer notes": notes.replace("Notes for maintainers", "Notes for maintainers (reviewed 2026-12)")
+        + "More notes: the labels were last changed in v1.\n\n## system\n" + rest,
+        "trailing whitespace and blank lines": notes + "## system   \n\n" + system.replace(".\n", ".  \n", 3)
+        + "\n\n\n## user\n" + user + "\n\n  \n",
+        "a comment in a section": notes + "## system\n<!-- keep the labels in sync with the enums -->\n"
+        + system + "## user\n" + user,
+    }
+    sent = task.load_prompt(prompts_dir)
+    for what, text in edits.items():
+        path.write_text(text, encoding="utf-8")
+        assert task.task_version(tmp_prompts, PARAMS) == before, what
+        edited = task.load_prompt(tmp_prompts)
+        assert (edited.system, edited.user) == (sent.system, sent.user), f"{what}: what is sent changed"
+
+
+def test_task_version_follows_what_is_sent_and_shapes_the_output(tmp_prompts: Path) -> None:
+    task = get_task("classify")
+    base = task.task_version(tmp_prompts, PARAMS)
+    path = tmp_prompts / task.prompt
+    source = path.read_text(encoding="utf-8")
+    versions = {"base": base}
+    path.write_text(source.replace("You classify one passage at a time.", "You classify one passage."),
+                    encoding="utf-8")
+    versions["system prompt"] = task.task_version(tmp_prompts, PARAMS)
+    path.write_text(source.replace("## user\n", "## user\nCompany: {{company_id}}\n"), encoding="utf-8")
+    versions["user template"] = task.task_version(tmp_prompts, PARAMS)
+    path.write_text(source, encoding="utf-8")
+    assert task.task_version(tmp_prompts, PARAMS) == base
+    other_schema = InferenceTask(name=task.name, version=task.version, description="", unit=task.unit,
+                                 output_model=_Out, prompt=task.prompt)
+    versions["output schema"] = other_schema.task_version(tmp_prompts, PARAMS)
+    for key, value in (("model", "gpt-4.1"), ("temperature", 0.7), ("max_output_tokens", 800),
+                       ("endpoint", "/v1/responses")):
+        versions[key] = task.task_version(tmp_prompts, {**PARAMS, key: value})
+    assert len(set(versions.values())) == len(versions), versions
+    assert {v.split("+")[0] for v in versions.values()} == {task.version}
 
 
 def test_repo_prompts_parse_with_both_sections(prompts_dir: Path) -> None:

@@ -170,6 +170,16 @@ class BatchApi:
 
         self._call(f"download {file_id}", fetch)
 
+    def file_exists(self, file_id: str) -> bool:
+        """Whether the server still has a file (False on 404: expired, deleted or purged)."""
+        try:
+            self._call(f"retrieve file {file_id}", lambda: self.client.files.retrieve(file_id))
+        except ApiTerminalError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
     def delete_file(self, file_id: str) -> None:
         """Delete a remote file (missing files are fine)."""
         try:

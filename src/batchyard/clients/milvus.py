@@ -142,6 +142,9 @@ def open_vector_store(settings: MilvusSettings, *, default_path: str) -> MilvusC
         uri = str(Path(uri).expanduser())
         if settings.lite_mode == "process":
             return _LiteProcessClient(uri, **kwargs)
+        log.warning("milvus.lite_mode=thread: Milvus Lite at %s listens on a loopback TCP port without "
+                    "authentication while this process runs; other local users can reach it "
+                    "(lite_mode=process uses an owner-only Unix socket)", uri)
     return MilvusClient(uri=uri, **kwargs)
 
 
@@ -400,6 +403,15 @@ def count(client: MilvusClient, name: str, *, filter: str = "") -> int:
         collection_name=name, filter=filter, output_fields=["count(*)"], consistency_level="Strong"
     )
     return int(res[0]["count(*)"]) if res else 0
+
+
+def get_rows(client: MilvusClient, name: str, ids: list[str], output_fields: list[str]) -> list[dict[str, Any]]:
+    """The entities of `ids`, read with strong consistency.
+
+    A check or audit that runs right after a load must see what that load wrote; a server's
+    default consistency (Bounded, a few seconds of staleness) may not show it yet.
+    """
+    return list(client.get(name, ids=ids, output_fields=output_fields, consistency_level="Strong"))
 
 
 def vectors_by_text(client: MilvusClient, name: str, shas: list[str], *, batch: int = 500) -> pl.DataFrame:

@@ -50,6 +50,7 @@ from batchyard.clients.standin_file import FORMAT, VERSION, StandinDatabase
 from batchyard.clients.standin_mongomock import install_indexed_store
 from batchyard.errors import TerminalError, TransientError
 from batchyard.settings import MongoSettings
+from batchyard.storage.perms import file_mode_in
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,7 @@ def standin_label(path: Path) -> str:
 
 def _lock(lock_path: Path, timeout_s: float) -> int:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, file_mode_in(lock_path.parent))  # staging's access
     start = time.monotonic()
     while True:
         try:

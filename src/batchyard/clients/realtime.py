@@ -14,7 +14,22 @@ output/error file format, so join, load, audit and rerun cannot tell which lane 
 - a request that could not be answered at all is `{"response": null, "error": {"code",
   "message"}}`: `timeout`, `connection_error`, `invalid_response` or `lane_error` (the join
   classifies these as `retry`), `batch_cancelled` when `cancel` was set before it was sent
-  (`requeue`), `request_too_large` when its tokens exceed what the limits admit in one window.
+  (`requeue`), `request_too_large` when it can never fit the lane's window (`fail`: its message
+  names the setting to raise).
+
+Requests are fitted to the lane's own limits, not only to the plan's. An embeddings request
+(the plan packs up to 300k tokens into one) whose planned tokens exceed `split_tokens` (default:
+a quarter of what one window admits, so that several calls share a window and it fills evenly)
+is sent as several calls over consecutive slices of its `input`: the inputs of an embeddings
+request are independent. Each call is limited, retried and counted on its own; their answers are
+merged back into the request's one line, so the join, the audit and a rerun from staging map
+every input back by custom_id and `data[i].index` as for a batch line: `data` holds every
+call's entries with `index` shifted by the position of the call's first input, `usage` is the
+sum of the calls' usage, every other field is the first call's, and the line lists the calls in
+`parts` (`request_id`, `first` input, `inputs`, `status_code`). If any call fails, the request
+gets one error line (the worst failure: a final 4xx before a retryable error before a cancel),
+with `parts` too. A chat or responses request cannot be split: one that exceeds a window, or an
+embeddings input that does, is never sent and gets `request_too_large`.
 
 Every custom_id ends in exactly one line, whatever happens. A 401 or 403 is not a per-request
 outcome but a wrong key or account: nothing more is sent and `ApiTerminalError` is raised, as
@@ -80,6 +95,7 @@ from tenacity.stop import stop_base
 
 from batchyard.clients.batch_api import is_transient
 from batchyard.errors import ApiTerminalError
+from batchyard.tokens import count_tokens, encoding_for_model
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +149,14 @@ class RealtimeSettings(BaseModel):
         description="A 429 asking to wait longer than this is not retried here; its error line "
         "goes to the join, which retries it in a follow-up attempt.",
     )
+    split_tokens: int | None = Field(
+        default=None,
+        gt=0,
+        description="An embeddings request over this many tokens is sent as several calls of at "
+        "most this many (its inputs are independent; the answers are merged into the request's "
+        "one output line). Default: a quarter of the tokens one window admits; never more than "
+        "a window.",
+    )
 
 
 class Cancelled(Exception):
@@ -160,6 +184,15 @@ class RateLimits:
     def fits(self, tokens: int) -> bool:
         """Whether a request of `tokens` can ever be admitted (it fits in one window)."""
         return self._weight(tokens) <= self.max_tokens // self.unit
+
+    def too_large(self, what: str, tokens: int) -> str:
+        """Why `what` (of `tokens` tokens) can never be sent, naming the settings that decide it."""
+        share = self.window_s / 60
+        need = math.ceil(tokens / share)
+        return (f"{what} has {tokens} tokens, more than the real-time lane admits in one window "
+                f"({self.max_tokens} tokens per {self.window_s:g} s); it was not sent: raise "
+                f"lane.realtime.tokens_per_minute to at least {need} (or lane.realtime.rate_window_s "
+                "towards 60), or send it through the batch lane")
 
     def _weight(self, tokens: int) -> int:
         return math.ceil(tokens / self.unit)
@@ -215,6 +248,10 @@ class LaneStats:
     """What one `run_shard` call did (for logs, the ledger and tests)."""
 
     requests: int = 0
+    split: int = 0
+    """Embeddings requests sent as several calls (over `split_tokens`)."""
+    calls: int = 0
+    """Calls the requests were sent as (a split request counts each of its calls)."""
     attempts: int = 0
     """HTTP calls made (each took a request slot and its tokens)."""
     succeeded: int = 0
@@ -227,6 +264,12 @@ class LaneStats:
     """Seconds requests waited for the client-side limits, summed over threads."""
     retry_wait_s: float = 0.0
     """Seconds slept before retries (Retry-After or backoff), summed over threads."""
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON (for the ledger), waits rounded to ms."""
+        return {"requests": self.requests, "split": self.split, "calls": self.calls, "attempts": self.attempts,
+                "succeeded": self.succeeded, "errors": self.errors, "retries": dict(self.retries),
+                "rate_wait_s": round(self.rate_wait_s, 3), "retry_wait_s": round(self.retry_wait_s, 3)}
 
 
 @dataclass(frozen=True)
@@ -245,6 +288,49 @@ class _Request:
     """The endpoint relative to the SDK's base URL (`/embeddings`, ...)."""
     body: dict[str, Any]
     tokens: int
+
+
+@dataclass(frozen=True)
+class _Call:
+    """One call of a request: the whole request, or a slice of an embeddings request's inputs."""
+
+    req: _Request
+    body: dict[str, Any]
+    tokens: int
+    first: int = 0
+    """Position in the request's `input` of the call's first input (a slice)."""
+    inputs: int = 0
+    """Inputs of the slice (0: the whole request)."""
+
+    @property
+    def label(self) -> str:
+        """How messages name the call."""
+        if not self.inputs:
+            return f"request {self.req.custom_id}"
+        return f"request {self.req.custom_id} (inputs {self.first}-{self.first + self.inputs - 1})"
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """What one call got: an HTTP answer (`status`, compact JSON `body`), or none (`code`)."""
+
+    call: _Call
+    status: int | None = None
+    request_id: str | None = None
+    body: bytes = b""
+    code: str | None = None
+    message: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status is not None and 200 <= self.status < 300
+
+    def severity(self) -> int:
+        """Which failure speaks for a split request: a final 4xx, then a retryable error, then a
+        cancel (the join fails, retries or requeues the request accordingly)."""
+        if self.status is not None:
+            return 3 if self.status < 500 and self.status not in (408, 409, 429) else 2
+        return 1 if self.code == "batch_cancelled" else 2
 
 
 class InvalidResponse(Exception):
@@ -342,28 +428,113 @@ def _line_id() -> str:
     return "rt_req_" + secrets.token_hex(12)
 
 
-def http_line(custom_id: str, status: int, request_id: str | None, body: bytes) -> bytes:
-    """An output/error line for an HTTP answer; `body` is compact JSON, spliced in as is."""
-    return msgspec.json.encode(
-        {
-            "id": _line_id(),
-            "custom_id": custom_id,
-            "response": {"status_code": status, "request_id": request_id, "body": msgspec.Raw(body)},
-            "error": None,
-        }
-    )
+def http_line(
+    custom_id: str, status: int, request_id: str | None, body: bytes, parts: list[dict[str, Any]] | None = None
+) -> bytes:
+    """An output/error line for an HTTP answer; `body` is compact JSON, spliced in as is.
+    `parts` lists the calls of a split request."""
+    line: dict[str, Any] = {
+        "id": _line_id(),
+        "custom_id": custom_id,
+        "response": {"status_code": status, "request_id": request_id, "body": msgspec.Raw(body)},
+        "error": None,
+    }
+    if parts is not None:
+        line["parts"] = parts
+    return msgspec.json.encode(line)
 
 
-def failed_line(custom_id: str, code: str, message: str) -> bytes:
+def failed_line(custom_id: str, code: str, message: str, parts: list[dict[str, Any]] | None = None) -> bytes:
     """An error line for a request that got no HTTP answer."""
-    return msgspec.json.encode(
-        {
-            "id": _line_id(),
-            "custom_id": custom_id,
-            "response": None,
-            "error": {"code": code, "message": message},
-        }
-    )
+    line: dict[str, Any] = {
+        "id": _line_id(),
+        "custom_id": custom_id,
+        "response": None,
+        "error": {"code": code, "message": message},
+    }
+    if parts is not None:
+        line["parts"] = parts
+    return msgspec.json.encode(line)
+
+
+def add_counts(total: dict[str, Any], more: Mapping[str, Any]) -> dict[str, Any]:
+    """`total` plus `more`, field by field (numbers summed, nested mappings alike, others skipped)."""
+    for key, value in more.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float):
+            total[key] = (total.get(key) or 0) + value
+        elif isinstance(value, Mapping):
+            total[key] = add_counts(dict(total.get(key) or {}), value)
+    return total
+
+
+class _UsageBody(msgspec.Struct):
+    usage: dict[str, Any] | None = None
+
+
+class _UsageResponse(msgspec.Struct):
+    body: _UsageBody | None = None
+
+
+class _UsageLine(msgspec.Struct):
+    response: _UsageResponse | None = None
+
+
+_USAGE_LINE = msgspec.json.Decoder(_UsageLine)
+_USAGE_NAMES = {"prompt_tokens": "input_tokens", "completion_tokens": "output_tokens",
+                "prompt_tokens_details": "input_tokens_details", "completion_tokens_details": "output_tokens_details"}
+
+
+def usage_of(output: bytes) -> dict[str, Any]:
+    """The provider's usage summed over the answers of an output file, in the Batch API's shape
+    (`input_tokens`, `output_tokens`, `total_tokens`, details), as a batch reports it: the
+    real-time lane has no batch to report it, but every answer carries its own `usage`."""
+    total: dict[str, Any] = {"input_tokens": 0, "output_tokens": 0, "total_tokens": 0}
+    for raw in output.splitlines():
+        try:
+            line = _USAGE_LINE.decode(raw)
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            continue  # not an answer: the join records it as an anomaly
+        used = line.response.body.usage if line.response and line.response.body else None
+        if used:
+            add_counts(total, {_USAGE_NAMES.get(k, k): v for k, v in used.items()})
+    return total
+
+
+_Fields = dict[str, msgspec.Raw]
+
+
+def merge_embeddings(bodies: list[bytes], firsts: list[int]) -> bytes:
+    """One `/v1/embeddings` body from the bodies of a split request's calls, in order.
+
+    `data` holds every call's entries, `index` shifted by the position of the call's first
+    input (`firsts`), so entry `index` i is the request's i-th input as in an unsplit answer;
+    `usage` is summed; every other field is the first call's. Vectors stay as sent (raw JSON).
+
+    Raises:
+        InvalidResponse: a body is not a JSON object.
+    """
+    try:
+        tops = [msgspec.json.decode(b, type=_Fields) for b in bodies]
+        data: list[_Fields] = []
+        usage: dict[str, Any] = {}
+        for top, first in zip(tops, firsts, strict=True):
+            for item in msgspec.json.decode(top.get("data", b"[]"), type=list[_Fields]):
+                index = msgspec.json.decode(item["index"]) if "index" in item else None
+                if isinstance(index, int) and not isinstance(index, bool):
+                    item["index"] = msgspec.Raw(msgspec.json.encode(index + first))
+                data.append(item)
+            used = msgspec.json.decode(top["usage"]) if "usage" in top else None
+            if isinstance(used, dict):
+                add_counts(usage, used)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise InvalidResponse(f"a call's body cannot be merged: {exc}") from None
+    merged: dict[str, Any] = dict(tops[0])
+    merged["data"] = data
+    if usage:
+        merged["usage"] = usage
+    return msgspec.json.encode(merged)
 
 
 def compact_json(raw: bytes) -> bytes:
@@ -446,59 +617,41 @@ class _Lane:
     def _stopped(self) -> bool:
         return self.halt.is_set() or (self.cancel is not None and self.cancel.is_set())
 
-    def _attempt(self, req: _Request) -> tuple[httpx2.Response, bytes]:
+    def _attempt(self, call: _Call) -> tuple[httpx2.Response, bytes]:
         if self._stopped():
             raise Cancelled
-        waited = self.limits.acquire(req.tokens, self.cancel)
+        waited = self.limits.acquire(call.tokens, self.cancel)
         if self.halt.is_set():
             raise Cancelled
         with self._lock:
             self.stats.attempts += 1
             self.stats.rate_wait_s += waited
-        response = self.client.post(req.path, cast_to=httpx2.Response, body=req.body)
+        response = self.client.post(call.req.path, cast_to=httpx2.Response, body=call.body)
         return response, compact_json(response.content)
 
-    def send(self, req: _Request) -> tuple[bool, bytes]:
-        """(is an output line, the line) for one request; never raises (a 401/403 sets `terminal`)."""
-        if not self.limits.fits(req.tokens):
-            return False, failed_line(
-                req.custom_id,
-                "request_too_large",
-                f"request {req.custom_id} has {req.tokens} tokens, more than the real-time lane "
-                f"admits in one window ({self.limits.max_tokens} tokens per "
-                f"{self.limits.window_s:g} s); it was not sent",
-            )
+    def send(self, call: _Call) -> _Answer:
+        """What one call got; never raises (a 401/403 sets `terminal`)."""
         try:
-            response, body = self.retrying(self._attempt, req)
+            response, body = self.retrying(self._attempt, call)
         except Cancelled:
-            return False, failed_line(req.custom_id, "batch_cancelled", CANCELLED_MESSAGE)
+            return _Answer(call, code="batch_cancelled", message=CANCELLED_MESSAGE)
         except (openai.AuthenticationError, openai.PermissionDeniedError) as exc:
-            self._stop_all(req, exc)
-            return False, failed_line(req.custom_id, "batch_cancelled", CANCELLED_MESSAGE)
+            self._stop_all(call.req, exc)
+            return _Answer(call, code="batch_cancelled", message=CANCELLED_MESSAGE)
         except openai.APIStatusError as exc:
             rid = exc.response.headers.get("x-request-id")
-            return False, http_line(req.custom_id, exc.status_code, rid, _error_body(exc.response))
+            return _Answer(call, exc.status_code, rid, _error_body(exc.response))
         except openai.APITimeoutError:
-            return False, failed_line(
-                req.custom_id,
-                "timeout",
-                f"request {req.custom_id} got no answer within {self.settings.timeout_s:g} s "
-                "on its last try",
-            )
+            return _Answer(call, code="timeout", message=f"{call.label} got no answer within "
+                           f"{self.settings.timeout_s:g} s on its last try")
         except openai.APIConnectionError as exc:
-            return False, failed_line(
-                req.custom_id, "connection_error", f"request {req.custom_id}: {type(exc).__name__}: {exc}"
-            )
+            return _Answer(call, code="connection_error", message=f"{call.label}: {type(exc).__name__}: {exc}")
         except InvalidResponse as exc:
-            return False, failed_line(req.custom_id, "invalid_response", f"request {req.custom_id}: {exc}")
+            return _Answer(call, code="invalid_response", message=f"{call.label}: {exc}")
         except Exception as exc:  # a bug must not lose the line: log it, let the join retry it
-            log.exception("real-time request %s failed", req.custom_id)
-            return False, failed_line(
-                req.custom_id, "lane_error", f"request {req.custom_id}: {type(exc).__name__}: {exc}"
-            )
-        return True, http_line(
-            req.custom_id, response.status_code, response.headers.get("x-request-id"), body
-        )
+            log.exception("real-time %s failed", call.label)
+            return _Answer(call, code="lane_error", message=f"{call.label}: {type(exc).__name__}: {exc}")
+        return _Answer(call, response.status_code, response.headers.get("x-request-id"), body)
 
     def _stop_all(self, req: _Request, exc: openai.APIStatusError) -> None:
         """Remember the first 401/403 and make every other request stop before it is sent."""
@@ -516,6 +669,60 @@ class _Lane:
         self.halt.set()
 
 
+def plan_calls(
+    req: _Request, limits: RateLimits, *, split_tokens: int, encoding: str | None = None
+) -> list[_Call] | bytes:
+    """The calls that send `req` within the lane's limits, or its error line when it can never fit.
+
+    An embeddings request over `split_tokens` (or over a window) is cut into consecutive slices
+    of its `input` (next fit over the exact token count of each input, `encoding` or the
+    model's), each within both; any other request is one call.
+    """
+    inputs = req.body.get("input")
+    splittable = (req.path == "/embeddings" and isinstance(inputs, list) and len(inputs) > 1
+                  and all(isinstance(x, str) for x in inputs))
+    if not splittable or (req.tokens <= split_tokens and limits.fits(req.tokens)):
+        if limits.fits(req.tokens):
+            return [_Call(req, req.body, req.tokens)]
+        return failed_line(req.custom_id, "request_too_large", limits.too_large(f"request {req.custom_id}", req.tokens))
+    assert isinstance(inputs, list)
+    counts = count_tokens(inputs, encoding or encoding_for_model(str(req.body.get("model", ""))))
+    for i, n in enumerate(counts):
+        if not limits.fits(n):
+            return failed_line(req.custom_id, "request_too_large",
+                               limits.too_large(f"input {i} of request {req.custom_id}", n))
+    calls: list[_Call] = []
+    first = tokens = 0
+    for i, n in enumerate(counts):
+        if i > first and (tokens + n > split_tokens or not limits.fits(tokens + n)):  # each call fits a window
+            calls.append(_Call(req, {**req.body, "input": inputs[first:i]}, tokens, first, i - first))
+            first, tokens = i, 0
+        tokens += n
+    calls.append(_Call(req, {**req.body, "input": inputs[first:]}, tokens, first, len(inputs) - first))
+    return calls
+
+
+def request_line(req: _Request, answers: list[_Answer]) -> tuple[bool, bytes]:
+    """(is an output line, the line) of a request from the answers to its calls."""
+    if len(answers) == 1 and not answers[0].call.inputs:
+        a = answers[0]
+        if a.status is None:
+            return False, failed_line(req.custom_id, a.code or "lane_error", a.message)
+        return a.ok, http_line(req.custom_id, a.status, a.request_id, a.body)
+    parts = [{"request_id": a.request_id, "first": a.call.first, "inputs": a.call.inputs, "status_code": a.status}
+             for a in answers]
+    if all(a.ok for a in answers):
+        try:
+            body = merge_embeddings([a.body for a in answers], [a.call.first for a in answers])
+        except InvalidResponse as exc:
+            return False, failed_line(req.custom_id, "invalid_response", f"request {req.custom_id}: {exc}", parts)
+        return True, http_line(req.custom_id, answers[0].status or 200, answers[0].request_id, body, parts)
+    worst = max((a for a in answers if not a.ok), key=_Answer.severity)
+    if worst.status is None:
+        return False, failed_line(req.custom_id, worst.code or "lane_error", worst.message, parts)
+    return False, http_line(req.custom_id, worst.status, worst.request_id, worst.body, parts)
+
+
 def run_shard(
     client: openai.OpenAI,
     lines: Iterable[tuple[str | bytes, int]],
@@ -523,16 +730,19 @@ def run_shard(
     *,
     limits: RateLimits | None = None,
     cancel: threading.Event | None = None,
+    encoding: str | None = None,
 ) -> LaneResult:
     """Send a shard's request lines to the synchronous endpoints; batch output and error bytes.
 
     Args:
         client: an SDK client of the provider (its own retries and timeout are overridden).
         lines: `(line, tokens)`: each exact request line of the shard and its planned tokens.
-        settings: rates, concurrency, retries.
+        settings: rates, concurrency, retries, `split_tokens`.
         limits: the client-side limits to share with other calls (default: fresh ones).
         cancel: when set, requests not yet sent end as `batch_cancelled` error lines; requests
             in flight finish.
+        encoding: the tokenizer the plan counted embeddings inputs with (default: the model's),
+            to cut a request into calls.
 
     Returns:
         Output lines (2xx) and error lines, in the order of `lines`, each custom_id exactly once.
@@ -542,15 +752,27 @@ def run_shard(
         ApiTerminalError: the provider refused the key or the account (401, 403).
     """
     requests = parse_lines(lines)
-    lane = _Lane(client, settings, limits or RateLimits(settings), cancel)
-    workers = max(1, min(settings.concurrency, len(requests)))
+    limits = limits or RateLimits(settings)
+    lane = _Lane(client, settings, limits, cancel)
+    split_tokens = settings.split_tokens or max(1, limits.max_tokens // 4)
+    planned = [plan_calls(r, limits, split_tokens=split_tokens, encoding=encoding) for r in requests]
+    calls = [c for p in planned if isinstance(p, list) for c in p]
+    workers = max(1, min(settings.concurrency, len(calls)))
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="realtime") as pool:
-        answers = list(pool.map(lane.send, requests))
+        answers = iter(list(pool.map(lane.send, calls)))
     if lane.terminal is not None:
         raise lane.terminal
-    output = [line for ok, line in answers if ok]
-    errors = [line for ok, line in answers if not ok]
+    output: list[bytes] = []
+    errors: list[bytes] = []
+    for req, p in zip(requests, planned, strict=True):
+        if isinstance(p, bytes):
+            errors.append(p)
+            continue
+        ok, line = request_line(req, [next(answers) for _ in p])
+        (output if ok else errors).append(line)
     lane.stats.requests = len(requests)
+    lane.stats.split = sum(1 for p in planned if isinstance(p, list) and p[0].inputs)
+    lane.stats.calls = len(calls)
     lane.stats.succeeded = len(output)
     lane.stats.errors = len(errors)
     return LaneResult(_jsonl(output), _jsonl(errors), lane.stats)

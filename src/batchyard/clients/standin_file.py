@@ -36,6 +36,7 @@ import bson
 
 from batchyard.clients.standin import IndexedCollectionStore, StandinFileError, database_store
 from batchyard.gctune import fewer_collections
+from batchyard.storage.perms import fit_to_folder
 
 FORMAT = "batchyard-mongo-standin"
 VERSION = 2
@@ -232,6 +233,7 @@ class LogFile:
                     pos += len(commit) + 16
                     fh.flush()
                     os.fsync(fh.fileno())
+                fit_to_folder(tmp)  # mkstemp made it 0600; staging may share it with a group
                 os.replace(tmp, self.path)
             except BaseException:
                 with contextlib.suppress(OSError):

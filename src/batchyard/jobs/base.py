@@ -77,8 +77,19 @@ class Job(ABC):
         """Run parameters recorded in run.json (no secrets)."""
 
     @abstractmethod
-    def source_pages(self, targets: Targets) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
-        """(chunks page, rejects page) pairs of the source rows to process for `targets`."""
+    def source_pages(self, targets: Targets, extra: dict[str, Any] | None = None
+                     ) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+        """(chunks page, rejects page) pairs of the source rows to process for `targets`
+        (`extra`: a filter that narrows the read, e.g. to a company's changes)."""
+
+    @property
+    def selection_version(self) -> str:
+        """What the corpus' change cursors are valid for (an inference task's version)."""
+        return ""
+
+    def unit_ids(self, chunks: pl.DataFrame) -> pl.Series:
+        """The unit id of each chunk row (chunk units: the chunk id)."""
+        return chunks["chunk_id"].alias("unit_id")
 
     def bucket_key(self) -> pl.Expr:
         """What a split company's chunks are hashed on to pick their partition: the chunk id, so
@@ -121,6 +132,22 @@ class Job(ABC):
     @abstractmethod
     def load_part(self, part: PartitionStore, results: pl.DataFrame) -> list[dict[str, Any]]:
         """Load one results part into the sinks (idempotent upserts); returns load receipts."""
+
+    def replan_requests(
+        self, part: PartitionStore, requests: pl.DataFrame, max_tokens: int
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Re-cut one shard attempt's requests into shards of at most `max_tokens` tokens.
+
+        For a shard over the provider's enqueued-token limit. Requests are kept whole (an
+        inference request is one unit); one over `max_tokens` on its own can never be queued.
+        Returns (the requests with `shard` set per new shard, in order; the unfittable units:
+        `unit_id`, `tokens`).
+        """
+        fits = requests.filter(pl.col("tokens") <= max_tokens)
+        unfit = requests.filter(pl.col("tokens") > max_tokens).select(unit_id="unit_ids", tokens="tokens")
+        caps = planning.ShardLimits.from_settings(self.ctx.settings.limits)
+        caps = planning.ShardLimits(caps.max_requests, caps.max_bytes, caps.max_inputs, max_tokens)
+        return planning.assign_shards(fits, caps), unfit.explode("unit_id")
 
     # shared
 

@@ -12,6 +12,7 @@ served one of three ways, recorded in `route` and in the result's `vector_source
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any
 
 import polars as pl
@@ -99,12 +100,14 @@ class EmbeddingsJob(Job):
 
     # snapshot
 
-    def source_pages(self, targets: Targets) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+    def source_pages(self, targets: Targets, extra: dict[str, Any] | None = None
+                     ) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
         from batchyard.stages.snapshot import iter_unprocessed_chunks
 
         mongo = self.ctx.settings.mongo
         return iter_unprocessed_chunks(
-            self.ctx.store.chunks, targets, mongo.fields, space=self.emb.space, page_size=self.ctx.page_size
+            self.ctx.store.chunks, targets, mongo.fields, space=self.emb.space, page_size=self.ctx.page_size,
+            extra=extra,
         )
 
     def after_snapshot(self, part: PartitionStore) -> None:
@@ -210,6 +213,32 @@ class EmbeddingsJob(Job):
             run_id=pl.lit(part.run_id),
             partition=pl.lit(part.pid),
         ).drop("route", "rep")
+
+    def replan_requests(
+        self, part: PartitionStore, requests: pl.DataFrame, max_tokens: int
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Re-pack the attempt's inputs into requests and shards of at most `max_tokens` tokens.
+
+        Inputs are independent, so a request over the limit is cut too (new requests get their
+        custom_ids as at plan time); only an input over `max_tokens` on its own is unfittable.
+        Each new request keeps the highest retry and requeue counts of the requests its inputs
+        came from.
+        """
+        sent = [(cid, text) for line, ids in requests.select("line", "unit_ids").iter_rows()
+                for cid, text in zip(ids, json.loads(line)["body"]["input"], strict=True)]
+        texts = pl.DataFrame(sent, schema={"chunk_id": pl.String, "text": pl.String}, orient="row")
+        inputs = self._inputs(part).join(texts, on="chunk_id", how="inner")
+        fit, unfit = inputs.filter(pl.col("tokens") <= max_tokens), inputs.filter(pl.col("tokens") > max_tokens)
+        caps = planning.ShardLimits.from_settings(self.ctx.settings.limits)
+        caps = planning.ShardLimits(caps.max_requests, caps.max_bytes, caps.max_inputs, max_tokens)
+        dims = self.emb.dimensions if self.emb.pass_dimensions else None
+        new = planning.embedding_requests(fit, model=self.emb.model, dimensions=dims, limits=self.ctx.settings.limits,
+                                          shard_limits=caps)
+        before = requests.select("unit_ids", "spent", "requeues").explode("unit_ids")
+        carried = (new.select("custom_id", "unit_ids").explode("unit_ids").join(before, on="unit_ids")
+                   .group_by("custom_id").agg(pl.col("spent").max(), pl.col("requeues").max()))
+        new = new.drop("spent", "requeues").join(carried, on="custom_id", how="left", maintain_order="left")
+        return new.select(planning.REQUESTS.names()), unfit.select(unit_id="chunk_id", tokens="tokens")
 
     def planned_units(self, part: PartitionStore) -> pl.DataFrame:
         rel = part.rel("inputs.parquet")

@@ -9,6 +9,7 @@ import polars as pl
 
 from batchyard.crash import crashpoint
 from batchyard.jobs.base import Job, with_columns_of
+from batchyard.prompt_tokens import prompt_token_counts
 from batchyard.stages import plan as planning
 from batchyard.stages.join import INFERENCE_ROWS, inference_outcomes, read_json_lines
 from batchyard.tasks.prompts import resolve_prompts_dir
@@ -35,7 +36,7 @@ class InferenceJob(Job):
         self.task = get_task(task_name)
         self.inf = ctx.settings.inference
         self.prompts_dir = resolve_prompts_dir(ctx.settings.prompts_dir)
-        self.task_version = self.task.task_version(self.prompts_dir)
+        self.task_version = self.task.task_version(self.prompts_dir, self.task.model_params(self.inf))
 
     @property
     def name(self) -> str:
@@ -69,7 +70,8 @@ class InferenceJob(Job):
             "limits": self.ctx.settings.limits.model_dump(mode="json"),
         }
 
-    def source_pages(self, targets: Targets) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
+    def source_pages(self, targets: Targets, extra: dict[str, Any] | None = None
+                     ) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
         from batchyard.stages.snapshot import iter_chunks_for_task
 
         mongo = self.ctx.settings.mongo
@@ -77,7 +79,21 @@ class InferenceJob(Job):
         return iter_chunks_for_task(
             store.chunks, store.collection(self.results_collection), targets, mongo.fields,
             task=self.task.name, task_version=self.task_version, unit=self.task.unit, page_size=self.ctx.page_size,
+            extra=extra,
         )
+
+    @property
+    def selection_version(self) -> str:
+        return self.task_version
+
+    def unit_ids(self, chunks: pl.DataFrame) -> pl.Series:
+        if self.task.unit != "document":
+            return super().unit_ids(chunks)
+        from batchyard.tasks.units import document_unit_id
+
+        return pl.Series("unit_id", [document_unit_id(c, d) for c, d in
+                                     zip(chunks["company_id"].to_list(), chunks["document_id"].to_list(), strict=True)],
+                         dtype=pl.String)
 
     def bucket_key(self) -> pl.Expr:
         if self.task.unit == "document":  # every chunk of a document in the same partition
@@ -93,7 +109,8 @@ class InferenceJob(Job):
             units, model=self.model, endpoint=self.endpoint, temperature=self.inf.temperature,
             max_output_tokens=self.inf.max_output_tokens, prompts_dir=self.prompts_dir,
         )
-        bodies = bodies.with_columns(tokens=planning.token_counts(bodies["body"], encoding))
+        # what the provider bills for each prompt (messages, their overhead, the schema), not the JSON
+        bodies = bodies.with_columns(tokens=prompt_token_counts(bodies["body"], self.endpoint, encoding))
         requests = planning.inference_requests(bodies, endpoint=self.endpoint)
         return self.write_plan(part, requests, rejects, units)
 

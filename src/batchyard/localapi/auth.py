@@ -10,10 +10,15 @@ Why: `batchyard serve` is meant for other machines, and its routes hand out ever
   key is never echoed, logged or kept.
 - Keys are compared in constant time: the sha256 of the presented token against the sha256 of
   every configured key, always all of them, with `hmac.compare_digest`.
+- Keys are tenants: what a key creates is tagged with its owner tag (`Store.owner_tag`, never
+  the key), and a key sees only its own files and batches (`Principal`); others get 404, as if
+  they did not exist. Admin keys (`provider.local.admin_api_keys`) see everything.
 - Without keys the server only binds a loopback address; `check_bind` refuses anything else
   unless the caller explicitly accepts the risk (`batchyard serve --insecure`).
 - The embedded server (started by batchyard inside a run) gets a fresh `generate_key()` key for
-  the life of the process, so other local users cannot read a run's files through its port.
+  the life of the process, so other local users cannot read a run's files through its port; it
+  is an admin key, so a later process (a resume, with a key of its own) sees the earlier
+  process's batches.
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -100,7 +106,7 @@ def read_key_file(path: str | Path) -> list[str]:
 
 
 def load_api_keys(config: LocalApiConfig) -> list[str]:
-    """Every key the server accepts: `api_keys` plus those of `api_keys_file` (may be empty)."""
+    """The tenants' keys: `api_keys` plus those of `api_keys_file` (may be empty)."""
     keys = [
         _check_key(k.get_secret_value(), f"provider.local.api_keys[{i}]")
         for i, k in enumerate(config.api_keys)
@@ -108,6 +114,14 @@ def load_api_keys(config: LocalApiConfig) -> list[str]:
     if config.api_keys_file:
         keys += read_key_file(config.api_keys_file)
     return keys
+
+
+def load_admin_keys(config: LocalApiConfig) -> list[str]:
+    """The admin keys (`admin_api_keys`): they see every tenant's files and batches."""
+    return [
+        _check_key(k.get_secret_value(), f"provider.local.admin_api_keys[{i}]")
+        for i, k in enumerate(config.admin_api_keys)
+    ]
 
 
 def is_loopback(host: str) -> bool:
@@ -141,21 +155,45 @@ def check_bind(host: str, keys: Sequence[str], *, insecure: bool = False) -> str
     )
 
 
-class KeyRing:
-    """The accepted keys, kept as sha256 digests only."""
+@dataclass(frozen=True)
+class Principal:
+    """Who a request comes from: the owner tag of its key, and whether that key is an admin's.
 
-    def __init__(self, keys: Iterable[str]) -> None:
-        self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+    A key sees (lists, reads, downloads, cancels, deletes) only the files and batches it owns,
+    and an admin key everything; anything else is answered 404, as if it did not exist.
+    """
+
+    owner: str | None
+    admin: bool = False
+
+    def sees(self, owner: str | None) -> bool:
+        """Whether this principal may see an object with that owner."""
+        return self.admin or (owner is not None and owner == self.owner)
+
+
+OPEN = Principal(owner=None, admin=True)
+"""Every request of a server without keys (loopback only): one tenant that sees everything."""
+
+
+class KeyRing:
+    """The accepted keys, kept as sha256 digests only, each with the principal it stands for."""
+
+    def __init__(self, keys: Iterable[str], admin_keys: Iterable[str] = (),
+                 tag: Callable[[str], str] | None = None) -> None:
+        tag = tag or (lambda key: "k-" + hashlib.sha256(key.encode()).hexdigest()[:24])
+        self._entries = [(hashlib.sha256(k.encode()).digest(), Principal(tag(k))) for k in keys]
+        self._entries += [(hashlib.sha256(k.encode()).digest(), Principal(tag(k), admin=True)) for k in admin_keys]
 
     def __bool__(self) -> bool:
-        return bool(self._digests)
+        return bool(self._entries)
 
-    def accepts(self, token: bytes) -> bool:
-        """True when token is one of the keys; compares against every key, in constant time."""
+    def accepts(self, token: bytes) -> Principal | None:
+        """The principal of a key, or None; compares against every key, in constant time."""
         presented = hashlib.sha256(token).digest()
-        found = False
-        for digest in self._digests:
-            found |= hmac.compare_digest(presented, digest)
+        found = None
+        for digest, principal in self._entries:
+            if hmac.compare_digest(presented, digest):
+                found = principal  # no early exit: the time does not say which key matched
         return found
 
 
@@ -187,7 +225,9 @@ class BearerAuth:
             await self.app(scope, receive, send)  # lifespan events, /healthz
             return
         token = bearer_token(scope["headers"])
-        if token is not None and self.keys.accepts(token):
+        principal = self.keys.accepts(token) if token is not None else None
+        if principal is not None:
+            scope.setdefault("state", {})["principal"] = principal
             await self.app(scope, receive, send)
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})  # policy violation (403)

@@ -122,7 +122,7 @@ class EmbeddingsExecutor(Executor):
         if not isinstance(dims, int) or isinstance(dims, bool) or not 1 <= dims <= native:
             return error_result(
                 400,
-                f"Invalid 'dimensions': expected an integer between 1 and {native}, got {dims!r}.",
+                f"Invalid 'dimensions': expected an integer between 1 and {native}, got {shapes.shown(dims)}.",
             )
         return dims
 
@@ -136,7 +136,7 @@ class EmbeddingsExecutor(Executor):
             if fmt not in ("float", "base64"):
                 results[pos] = error_result(
                     400,
-                    f"Invalid value for 'encoding_format': {fmt!r}. Supported values are: 'float' and 'base64'.",
+                    f"Invalid value for 'encoding_format': {shapes.shown(fmt)}. Supported values are: 'float' and 'base64'.",
                 )
                 continue
             dims = self._dims(body)

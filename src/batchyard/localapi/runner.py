@@ -18,12 +18,21 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
-from batchyard.localapi.auth import ServeError, ServeRefused, check_bind, load_api_keys
+from batchyard.localapi.auth import (
+    ServeError,
+    ServeRefused,
+    check_bind,
+    load_admin_keys,
+    load_api_keys,
+)
 from batchyard.localapi.config import LocalApiConfig
+from batchyard.localapi.guard import guarded_protocol, http_limits
 from batchyard.localapi.server import create_app
 from batchyard.localapi.store import Store
 from batchyard.localapi.sync import SyncCall, SyncEndpoints
@@ -36,22 +45,29 @@ log = logging.getLogger(__name__)
 START_TIMEOUT_S = 20.0
 
 
-def _check_access(config: LocalApiConfig, insecure: bool) -> list[str]:
-    """The configured keys; refuses unusable keys and a non-loopback bind without keys (only a
-    warning when `insecure`)."""
-    keys = load_api_keys(config)
-    warning = check_bind(config.host, keys, insecure=insecure)
+def _check_access(config: LocalApiConfig, insecure: bool) -> tuple[list[str], list[str]]:
+    """The configured tenant and admin keys; refuses unusable keys and a non-loopback bind
+    without keys (only a warning when `insecure`)."""
+    keys, admin_keys = load_api_keys(config), load_admin_keys(config)
+    warning = check_bind(config.host, keys + admin_keys, insecure=insecure)
     if warning:
         log.warning(warning)
-    return keys
+    return keys, admin_keys
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A listening socket on host:port (port 0: a free one); ServeError when that fails."""
+    """A listening socket on host:port (port 0: a free one); ServeError when that fails.
+
+    The socket is made with `IPPROTO_TCP`: asyncio sets TCP_NODELAY only on accepted sockets
+    whose `proto` says TCP, and without it every answer on a kept-alive connection waited for
+    the client's delayed ACK, about 44 ms (`benchmarks/bench_serve.py`). TCP_NODELAY is set on
+    the listener too (Linux passes it on to accepted sockets).
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.bind((host, port))
         sock.listen(2048)
     except OSError as exc:
@@ -59,6 +75,15 @@ def _bind(host: str, port: int) -> socket.socket:
         raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.setblocking(False)
     return sock
+
+
+def _uvicorn_config(app: FastAPI, config: LocalApiConfig, **kwargs: Any) -> uvicorn.Config:
+    """uvicorn's settings for the app: h11 with the connection cap and header timeout of
+    `guard.guarded_protocol`, kept-alive connections closed after `config.keep_alive_s`."""
+    limits = http_limits(config)
+    protocol = guarded_protocol(limits, app.state.rejections)
+    return uvicorn.Config(app, http=protocol, log_level="warning", access_log=False,
+                          timeout_keep_alive=config.keep_alive_s, **kwargs)  # type: ignore[arg-type]
 
 
 def _url_host(host: str) -> str:
@@ -105,6 +130,15 @@ class LocalServer:
         """
         return self._sync.calls() if self._sync is not None else []
 
+    def enqueued_tokens(self, model: str | None = None) -> int:
+        """Tokens (in the server's count) of the batches its enqueued-token cap counts now: those
+        in progress, finalizing or cancelling (of `model`, or of every model)."""
+        if self.store is None:
+            return 0
+        return sum(int(r.get("tokens") or 0) for r in self.store.batch_records()
+                   if r["batch"]["status"] in ("in_progress", "finalizing", "cancelling")
+                   and (model is None or r["batch"].get("model") == model))
+
     def start(self) -> LocalServer:
         """Start the worker and the HTTP server; returns self once the server answers."""
         if self._thread is not None:
@@ -113,19 +147,12 @@ class LocalServer:
         self.store = Store(self.state_dir)
         try:
             self.worker = Worker(self.store, self.config)
-            app = create_app(self.config, self.store, self.worker, keys)
+            app = create_app(self.config, self.store, self.worker, *keys)
             self._sync = app.state.sync
             self._sock = _bind(self.config.host, self.config.port)
             self.port = self._sock.getsockname()[1]
-            self._server = uvicorn.Server(
-                uvicorn.Config(
-                    app,
-                    log_level="warning",
-                    access_log=False,
-                    timeout_graceful_shutdown=2,
-                    lifespan="off",
-                )
-            )
+            self._server = uvicorn.Server(_uvicorn_config(app, self.config, timeout_graceful_shutdown=2,
+                                                          lifespan="off"))
             self.worker.start()
             sock = self._sock
             self._thread = threading.Thread(
@@ -212,11 +239,9 @@ def serve(
     store = Store(state_dir)
     worker = Worker(store, config)
     try:
-        app = create_app(config, store, worker, keys)
+        app = create_app(config, store, worker, *keys)
         sock = _bind(config.host, config.port)
-        server = uvicorn.Server(
-            uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=5)
-        )
+        server = uvicorn.Server(_uvicorn_config(app, config, timeout_graceful_shutdown=5))
         worker.start()
         if on_ready is not None:
             on_ready(f"http://{_url_host(config.host)}:{sock.getsockname()[1]}/v1")

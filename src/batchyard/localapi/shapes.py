@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import unicodedata
 from typing import Any
 
 DAY_S = 24 * 3600
@@ -49,6 +50,49 @@ class ApiError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON body of this error."""
         return error_body(self.message, self.type, self.param, self.code)
+
+
+SHOWN_CHARS = 64
+"""At most this many characters of a value a client sent are echoed in an error message."""
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS, *, quote: bool = True) -> str:
+    """A value a client sent, as an error message may quote it: `repr` (or the bare string when
+    not `quote`), cut to `limit` characters.
+
+    Why: errors that echo their input whole were a way to make the server build and send a
+    response as large as any request (a 100 MB file id came back in a 100 MB error).
+    """
+    if not isinstance(value, str):
+        text = repr(value)
+        return text if len(text) <= limit else f"<{type(value).__name__}>"
+    cut = value[:limit]
+    text = repr(cut) if quote else cut
+    return text if len(value) <= limit else f"{text}... ({len(value):,} characters)"
+
+
+FILENAME_CHARS = 200
+DEFAULT_FILENAME = "upload.jsonl"
+
+
+def safe_filename(name: str) -> str:
+    """The name an uploaded file is stored and served under: its last path component, without
+    control, format (right-to-left override and other bidi marks) or unassigned characters, at
+    most FILENAME_CHARS characters (the extension kept); DEFAULT_FILENAME when nothing is left.
+
+    Why: the name comes from the client and goes back out in FileObjects and in the
+    Content-Disposition of every download; `../../../../tmp/pwned` or a name that reads backwards
+    must not reach another tool that saves or shows it.
+    """
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    base = "".join(c for c in base if not unicodedata.category(c).startswith("C")).strip()
+    if base.strip(".") == "":
+        return DEFAULT_FILENAME
+    if len(base) > FILENAME_CHARS:
+        stem, dot, ext = base.rpartition(".")
+        ext = ext[:16] if dot and stem else ""
+        base = base[: FILENAME_CHARS - len(ext) - 1] + "." + ext if ext else base[:FILENAME_CHARS]
+    return base
 
 
 def error_type(status: int) -> str:

@@ -4,6 +4,7 @@ Layout::
 
     state_dir/
       lock                    flock held by the live server (one server per state_dir)
+      owner.salt              random salt of the owner tags (HMAC of a key; never the key)
       counters.json           fault counters and processed-request totals
       files/<file_id>.json    FileObject metadata      blobs/<file_id>   file content
       batches/<batch_id>.json batch record: {"batch": <Batch JSON>, "seq", "t", ...}
@@ -15,6 +16,11 @@ memory; the lock `Store.lock` serialises mutations between the HTTP threads and 
 The files hold chunk texts and model outputs, so they are owner-only: every file is created
 0o600 (`open_private`) and the state_dir (when the store creates it) and its sub-directories are
 0o700, whatever the umask.
+
+Each file and batch records its owner: the tag of the key that created it (`owner_tag`, an HMAC
+of the key under this state_dir's salt; None when the server has no keys). The server shows a
+key only what it owns (`auth.Principal`). A file past its `expires_at` is deleted when it is
+next looked at, and by `delete_expired`, which the worker calls every minute.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import fcntl
+import hashlib
+import hmac
 import json
 import os
+import secrets
 import shutil
 import threading
 import time
@@ -53,6 +62,14 @@ COPY_CHUNK_BYTES = 1024 * 1024
 
 class StateDirLockedError(RuntimeError):
     """Another live server holds this state_dir."""
+
+
+class StorageFull(Exception):
+    """An owner's files would pass its storage cap."""
+
+    def __init__(self, used: int, adding: int, cap: int) -> None:
+        self.used, self.adding, self.cap = used, adding, cap
+        super().__init__(f"storage cap of {cap:,} bytes: {used:,} bytes held, {adding:,} more refused")
 
 
 def _private_opener(path: str, flags: int) -> int:
@@ -101,7 +118,23 @@ class Store:
         self._files: dict[str, dict[str, Any]] = {}
         self._batches: dict[str, dict[str, Any]] = {}
         self._counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self.clock: Callable[[], float] = time.time
+        """Now, for expiry (a test moves it forward instead of waiting an hour)."""
+        self._salt = self._load_salt()
         self._load()
+
+    def _load_salt(self) -> bytes:
+        path = self.root / "owner.salt"
+        if not path.exists():
+            tmp = self.root / f".owner.salt.{os.getpid()}.tmp"
+            with open_private(tmp, "wb") as fh:
+                fh.write(secrets.token_bytes(32))
+            os.replace(tmp, path)
+        return path.read_bytes()
+
+    def owner_tag(self, key: str) -> str:
+        """The owner recorded for what a key creates: stable for this state_dir, not the key."""
+        return "k-" + hmac.new(self._salt, key.encode(), hashlib.sha256).hexdigest()[:24]
 
     # ------------------------------------------------------------------ loading / closing
     def _load(self) -> None:
@@ -146,22 +179,38 @@ class Store:
         return self.root / "blobs" / f".{tag}.{os.getpid()}.{threading.get_ident()}.tmp"
 
     def add_file(
-        self, content: IO[bytes], *, filename: str, purpose: str, expires_after_s: int | None
+        self,
+        content: IO[bytes],
+        *,
+        filename: str,
+        purpose: str,
+        expires_after_s: int | None,
+        owner: str | None = None,
+        cap: int | None = None,
     ) -> dict[str, Any]:
-        """Store an uploaded file (copied from `content` in chunks) and return its FileObject."""
+        """Store an uploaded file (copied from `content` in chunks) and return its FileObject.
+
+        Raises:
+            StorageFull: the owner's live files and this one would pass `cap` bytes.
+        """
         file_id = shapes.new_id("file-")
         tmp = self.tmp_blob_path(file_id)
-        with open_private(tmp, "wb") as fh:
-            shutil.copyfileobj(content, fh, COPY_CHUNK_BYTES)
-            fh.flush()
-            os.fsync(fh.fileno())
-        return self.register_file(
-            tmp,
-            file_id=file_id,
-            filename=filename,
-            purpose=purpose,
-            expires_after_s=expires_after_s,
-        )
+        try:
+            with open_private(tmp, "wb") as fh:
+                shutil.copyfileobj(content, fh, COPY_CHUNK_BYTES)
+                fh.flush()
+                os.fsync(fh.fileno())
+            return self.register_file(
+                tmp,
+                file_id=file_id,
+                filename=filename,
+                purpose=purpose,
+                expires_after_s=expires_after_s,
+                owner=owner,
+                cap=cap,
+            )
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def register_file(
         self,
@@ -171,21 +220,30 @@ class Store:
         filename: str,
         purpose: str,
         expires_after_s: int | None,
+        owner: str | None = None,
+        cap: int | None = None,
     ) -> dict[str, Any]:
-        """Move a fully written temp blob into place under `file_id` and record its metadata."""
-        now = int(time.time())
+        """Move a fully written temp blob into place under `file_id` and record its metadata
+        (`owner`: the tag of the key it belongs to; `cap`: see `add_file`)."""
+        now = int(self.clock())
         expires_at = now + expires_after_s if expires_after_s else None
+        nbytes = tmp.stat().st_size
         meta = shapes.file_object(
             file_id,
-            nbytes=tmp.stat().st_size,
+            nbytes=nbytes,
             created_at=now,
-            filename=filename,
+            filename=shapes.safe_filename(filename),
             purpose=purpose,
             expires_at=expires_at,
         )
         with self.lock:
+            if cap is not None:
+                self.delete_expired()
+                used = self.used_bytes(owner)
+                if used + nbytes > cap:
+                    raise StorageFull(used, nbytes, cap)
             os.replace(tmp, self.blob_path(file_id))
-            stored = {**meta, "_t": time.time()}
+            stored = {**meta, "_t": time.time(), "_owner": owner}
             write_json_atomic(self.root / "files" / f"{file_id}.json", stored)
             self._files[file_id] = stored
         return meta
@@ -196,18 +254,49 @@ class Store:
             meta = self._files.get(file_id)
             if meta is None:
                 return None
-            if meta.get("expires_at") is not None and meta["expires_at"] <= time.time():
+            if self._expired(meta, self.clock()):
                 self.delete_file(file_id)
                 return None
             return {k: v for k, v in meta.items() if not k.startswith("_")}
 
+    def file_owner(self, file_id: str) -> str | None:
+        """The owner tag of a file (None: no keys when it was made, or no such file)."""
+        with self.lock:
+            return (self._files.get(file_id) or {}).get("_owner")
+
+    @staticmethod
+    def _expired(meta: dict[str, Any], now: float) -> bool:
+        return meta.get("expires_at") is not None and meta["expires_at"] <= now
+
+    def used_bytes(self, owner: str | None) -> int:
+        """Bytes of an owner's live files (inputs and batch outputs alike)."""
+        with self.lock:
+            now = self.clock()
+            return sum(m["bytes"] for m in self._files.values()
+                       if m.get("_owner") == owner and not self._expired(m, now))
+
+    def delete_expired(self, now: float | None = None) -> list[str]:
+        """Delete every file past its `expires_at`; their ids."""
+        with self.lock:
+            now = self.clock() if now is None else now
+            gone = [fid for fid, m in self._files.items() if self._expired(m, now)]
+            for fid in gone:
+                self.delete_file(fid)
+            return gone
+
     def list_files(
-        self, *, purpose: str | None = None, order: str = "desc"
+        self,
+        *,
+        purpose: str | None = None,
+        order: str = "desc",
+        visible: Callable[[str | None], bool] = lambda owner: True,
     ) -> list[dict[str, Any]]:
-        """Live files, by creation time (`desc`: newest first)."""
+        """Live files whose owner is `visible`, by creation time (`desc`: newest first)."""
         with self.lock:
             order_keys = {
-                fid: (m.get("_t", m["created_at"]), fid) for fid, m in self._files.items()
+                fid: (m.get("_t", m["created_at"]), fid)
+                for fid, m in self._files.items()
+                if visible(m.get("_owner"))
             }
         metas = [m for fid in order_keys if (m := self.get_file(fid)) is not None]
         if purpose:
@@ -245,11 +334,13 @@ class Store:
             rec = self._batches.get(batch_id)
             return copy.deepcopy(rec) if rec is not None else None
 
-    def list_batches(self) -> list[dict[str, Any]]:
-        """Batch objects, newest first."""
+    def list_batches(
+        self, visible: Callable[[str | None], bool] = lambda owner: True
+    ) -> list[dict[str, Any]]:
+        """Batch objects whose owner is `visible`, newest first."""
         with self.lock:
             recs = sorted(self._batches.values(), key=lambda r: r["seq"], reverse=True)
-            return [copy.deepcopy(r["batch"]) for r in recs]
+            return [copy.deepcopy(r["batch"]) for r in recs if visible(r.get("owner"))]
 
     def update_batch(self, batch_id: str, fn: Callable[[dict[str, Any]], T]) -> T:
         """Run `fn(record)` under the lock on the live record, persist it, return fn's result."""

@@ -11,7 +11,8 @@ Faults of their own (`FaultConfig.sync_*`) emulate what a real-time API does und
 with `retry-after` (and `retry-after-ms`), 5xx, and slow answers that make a client time out.
 Each is drawn from the seed, the sha256 of the request body and how many times that body has
 arrived, so a retry draws afresh and a run is reproducible whatever the order in which
-concurrent calls arrive.
+concurrent calls arrive. `sync_429_every` is the deterministic one: every Nth call the server
+receives is answered 429, whatever its body.
 
 Every call that passed the key check is recorded as a `SyncCall` (arrival time, status, prompt
 tokens) once it was answered (a slow call only after its delay): tests read
@@ -34,7 +35,7 @@ from typing import TYPE_CHECKING
 from batchyard.localapi import shapes
 from batchyard.localapi.executors import error_result, marker_error
 from batchyard.localapi.faults import unit_draw
-from batchyard.localapi.validation import RequestLine, validate_body
+from batchyard.localapi.validation import JsonTooDeep, RequestLine, load_json, validate_body
 
 if TYPE_CHECKING:
     from batchyard.localapi.config import FaultConfig
@@ -91,6 +92,7 @@ class SyncEndpoints:
         self.executor_for = executor_for
         self._lock = threading.Lock()
         self._arrivals: Counter[str] = Counter()
+        self._received = 0  # synchronous calls answered so far (for `sync_429_every`)
         self._calls: list[SyncCall] = []
 
     # ------------------------------------------------------------------ the record
@@ -111,8 +113,13 @@ class SyncEndpoints:
         with self._lock:
             self._arrivals[digest] += 1
             arrival = self._arrivals[digest]
+            self._received += 1
+            nth = self._received
+        every = self.faults.sync_429_every
+        if every is not None and nth % every == 0:
+            return self._rate_limited(digest, arrival)
         try:
-            item = validate_body(path, _json_body(raw))
+            item = validate_body(path, json_body(raw))
         except shapes.ApiError as exc:
             return SyncAnswer(exc.status, _encode(exc.body()), digest=digest, arrival=arrival)
         key = f"{digest}:{arrival}"
@@ -128,15 +135,19 @@ class SyncEndpoints:
         """An injected 429 or 5xx for the call with this key, else None."""
         f = self.faults
         if f.sync_429_rate > 0 and unit_draw(f.seed, key, "sync_429") < f.sync_429_rate:
-            body = shapes.status_error_body(
-                429, f"Rate limit reached (injected). Please try again in {f.sync_retry_after_s:g}s."
-            )
-            return SyncAnswer(429, _encode(body), retry_after_headers(f.sync_retry_after_s))
+            return self._rate_limited()
         if f.sync_5xx_rate > 0 and unit_draw(f.seed, key, "sync_5xx") < f.sync_5xx_rate:
             statuses = f.sync_5xx_statuses
             status = statuses[int(unit_draw(f.seed, key, "sync_5xx_status") * len(statuses))]
             return SyncAnswer(status, _encode(shapes.status_error_body(status)))
         return None
+
+    def _rate_limited(self, digest: str = "", arrival: int = 0) -> SyncAnswer:
+        """An injected 429 with the configured Retry-After."""
+        wait = self.faults.sync_retry_after_s
+        body = shapes.status_error_body(429, f"Rate limit reached (injected). Please try again in {wait:g}s.")
+        headers = {**retry_after_headers(wait), "x-request-id": shapes.new_id("req_", 16)}
+        return SyncAnswer(429, _encode(body), headers, digest=digest, arrival=arrival)
 
     def _execute(self, path: str, item: RequestLine) -> SyncAnswer:
         """The executor's answer, or the error a text marker asks for."""
@@ -154,9 +165,12 @@ def _encode(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def _json_body(raw: bytes) -> object:
+def json_body(raw: bytes) -> object:
+    """A request's JSON body, or a 400 in OpenAI's shape (not JSON, or nested too deep)."""
     try:
-        return json.loads(raw)
+        return load_json(raw)
+    except JsonTooDeep as exc:
+        raise shapes.ApiError(400, f"We could not parse the JSON body of your request: {exc}.") from None
     except ValueError:
         raise shapes.ApiError(
             400,

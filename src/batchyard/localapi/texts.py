@@ -1,22 +1,11 @@
-"""Text extraction from request bodies (token estimates, fault markers, output seeding)."""
+"""Text extraction from request bodies (fault markers, output seeding); prompt tokens are counted
+by `batchyard.prompt_tokens`, as the provider bills them."""
 
 from __future__ import annotations
 
 from typing import Any
 
-
-def _content_texts(content: Any) -> list[str]:
-    """Texts of a message `content`: a string, or a list of parts with `text`."""
-    if isinstance(content, str):
-        return [content]
-    out: list[str] = []
-    if isinstance(content, list):
-        for part in content:
-            if isinstance(part, str):
-                out.append(part)
-            elif isinstance(part, dict) and isinstance(part.get("text"), str):
-                out.append(part["text"])
-    return out
+from batchyard.prompt_tokens import content_texts
 
 
 def embedding_inputs(body: dict[str, Any]) -> list[str]:
@@ -46,16 +35,6 @@ def _items(endpoint: str, body: dict[str, Any]) -> list[tuple[str | None, Any]]:
     return []
 
 
-def prompt_texts(endpoint: str, body: dict[str, Any]) -> list[str]:
-    """Every prompt text of a request (embeddings inputs; all message/input texts + instructions)."""
-    if endpoint == "/v1/embeddings":
-        return embedding_inputs(body)
-    texts = [t for _, content in _items(endpoint, body) for t in _content_texts(content)]
-    if isinstance(body.get("instructions"), str):
-        texts.append(body["instructions"])
-    return texts
-
-
 def user_text(endpoint: str, body: dict[str, Any]) -> str:
     """The user-supplied text of a request: embeddings inputs, or user-role message texts."""
     if endpoint == "/v1/embeddings":
@@ -64,5 +43,5 @@ def user_text(endpoint: str, body: dict[str, Any]) -> str:
         t
         for role, content in _items(endpoint, body)
         if role in (None, "user")
-        for t in _content_texts(content)
+        for t in content_texts(content)
     )

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchyard.localapi import shapes
-from batchyard.localapi.texts import embedding_inputs, prompt_texts
+from batchyard.localapi.texts import embedding_inputs
+from batchyard.prompt_tokens import prompt_tokens
 from batchyard.tokens import count_tokens, encoding_for_model
 
 MAX_REQUESTS = 50_000
@@ -23,6 +24,40 @@ MAX_TOKENS_PER_INPUT = 8_192
 MAX_TOKENS_PER_EMBEDDING_REQUEST = 300_000
 MAX_ERRORS = 100
 """Validation stops recording errors after this many (the batch fails anyway)."""
+MAX_JSON_DEPTH = 64
+"""Deepest nesting of arrays and objects accepted in a request line or body (OpenAI's own
+structured-output schemas nest far less); deeper JSON is refused as invalid, never parsed on into
+a recursion error."""
+
+
+class JsonTooDeep(ValueError):
+    """JSON nested deeper than MAX_JSON_DEPTH."""
+
+    def __init__(self) -> None:
+        super().__init__(f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
+
+
+def load_json(raw: bytes | str) -> Any:
+    """`json.loads`, refusing JSON nested deeper than MAX_JSON_DEPTH.
+
+    Raises:
+        JsonTooDeep: too deep (also when the parser itself runs out of recursion).
+        ValueError: not JSON.
+    """
+    try:
+        obj = json.loads(raw)
+    except RecursionError:
+        raise JsonTooDeep() from None
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else None
+        if children is None:
+            continue
+        if depth > MAX_JSON_DEPTH:
+            raise JsonTooDeep()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return obj
 
 
 @dataclass
@@ -99,7 +134,7 @@ def _check_line(
     if method != "POST":
         errs.add(
             "invalid_value",
-            f"Invalid value for 'method': {method!r}. Only 'POST' is supported.",
+            f"Invalid value for 'method': {shapes.shown(method)}. Only 'POST' is supported.",
             param="method",
             line=lineno,
         )
@@ -107,7 +142,7 @@ def _check_line(
     if url != endpoint:
         errs.add(
             "url_mismatch",
-            f"The URL provided for this request ({url!r}) does not match the batch endpoint ({endpoint!r}).",
+            f"The URL provided for this request ({shapes.shown(url)}) does not match the batch endpoint ({shapes.shown(endpoint)}).",
             param="url",
             line=lineno,
         )
@@ -204,9 +239,9 @@ def _check_body(endpoint: str, body: dict[str, Any], lineno: int, errs: _Errors)
 def _count_tokens(result: ValidationResult, endpoint: str, errs: _Errors) -> None:
     """Fill `prompt_tokens` of every request; embeddings inputs over the limits are errors."""
     encoding = encoding_for_model(result.model or "")
-    if endpoint != "/v1/embeddings":
+    if endpoint != "/v1/embeddings":  # as OpenAI bills a prompt: messages, their overhead, the schema
         for req in result.requests:
-            req.prompt_tokens = sum(count_tokens(prompt_texts(endpoint, req.body), encoding))
+            req.prompt_tokens = prompt_tokens(endpoint, req.body, encoding)
         return
     total_inputs = 0
     for req in result.requests:
@@ -256,7 +291,10 @@ def validate_input(content: bytes, endpoint: str) -> ValidationResult:
             continue
         nlines += 1
         try:
-            obj = json.loads(raw)
+            obj = load_json(raw)
+        except JsonTooDeep as exc:
+            errs.add("invalid_json_line", f"This line is not valid JSON: {exc}.", line=lineno)
+            continue
         except ValueError:
             errs.add("invalid_json_line", "This line is not parseable as valid JSON.", line=lineno)
             continue
@@ -267,7 +305,7 @@ def validate_input(content: bytes, endpoint: str) -> ValidationResult:
         if custom_id in seen:
             errs.add(
                 "duplicate_custom_id",
-                f"The custom_id {custom_id!r} is a duplicate of the one on line {seen[custom_id]}. "
+                f"The custom_id {shapes.shown(custom_id)} is a duplicate of the one on line {seen[custom_id]}. "
                 "The custom_id parameter must be unique for each request in a batch.",
                 param="custom_id",
                 line=lineno,
@@ -279,7 +317,7 @@ def validate_input(content: bytes, endpoint: str) -> ValidationResult:
         elif body["model"] != result.model:
             errs.add(
                 "model_mismatch",
-                f"The model {body['model']!r} does not match the model {result.model!r} of the other "
+                f"The model {shapes.shown(body['model'])} does not match the model {shapes.shown(result.model)} of the other "
                 "requests. Each input file may only contain requests for a single model.",
                 param="body.model",
                 line=lineno,

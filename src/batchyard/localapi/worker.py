@@ -47,12 +47,14 @@ IDLE_WAIT_S = 0.25
 EMBEDDING_INPUTS_PER_CHUNK = 2048
 CHAT_REQUESTS_PER_CHUNK = 64
 DEFAULT_FILE_TTL_S = shapes.BATCH_FILE_TTL_S
+EXPIRY_SWEEP_S = 60.0
+"""How often the worker deletes expired files."""
 
 
-def _counts(job: Job) -> tuple[dict[str, int], dict[str, Any]]:
+def _counts(job: Job, factor: float = 1.0) -> tuple[dict[str, int], dict[str, Any]]:
     return (
         {"total": len(job.requests), "completed": job.completed, "failed": job.failed},
-        shapes.usage(job.input_tokens, job.output_tokens),
+        shapes.usage(round(job.input_tokens * factor), job.output_tokens),
     )
 
 
@@ -69,6 +71,7 @@ class Worker:
         }
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._next_sweep = 0.0
         self._thread: threading.Thread | None = None
         for rec in store.batch_records():  # progress files of finished batches are not needed
             if rec["batch"]["status"] in shapes.TERMINAL_STATUSES:
@@ -107,7 +110,17 @@ class Worker:
                 self._wake.clear()
 
     def run_once(self) -> float:
-        """Step every active batch once; seconds until something is due (0: work now)."""
+        """Step every active batch once; seconds until something is due (0: work now).
+
+        Every EXPIRY_SWEEP_S, files past their `expires_at` are deleted (not only when next
+        looked at): an expired file must not keep holding disk or its owner's storage cap.
+        """
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + EXPIRY_SWEEP_S
+            try:
+                self.store.delete_expired()
+            except OSError:
+                log.exception("could not delete expired files")
         now = time.time()
         due = now + IDLE_WAIT_S
         for batch_id in self.store.active_batch_ids():
@@ -200,7 +213,7 @@ class Worker:
                 and r["batch"]["status"] in ("in_progress", "finalizing", "cancelling")
                 and r["batch"]["model"] == result.model
             )
-            if queued + result.total_tokens > f.enqueued_token_cap:
+            if queued + round(result.total_tokens * f.token_count_factor) > f.enqueued_token_cap:
                 self.store.bump("token_limit_failed")
                 errors = [
                     shapes.batch_error(
@@ -222,7 +235,7 @@ class Worker:
                 model=result.model,
                 request_counts={"total": len(result.requests), "completed": 0, "failed": 0},
             )
-            r["tokens"] = result.total_tokens
+            r["tokens"] = round(result.total_tokens * self.faults.token_count_factor)
             return True
 
         job = Job(result.requests, self.store.progress_path(batch_id))
@@ -282,6 +295,9 @@ class Worker:
             self.store.bump("expired")
             return self._finish(batch_id, "expired")
         if not job.remaining:
+            started = rec["batch"].get("in_progress_at") or now
+            if now < started + self.config.in_progress_s:  # the provider's batch latency
+                return started + self.config.in_progress_s
 
             def to_finalizing(r: dict[str, Any]) -> None:
                 if r["batch"]["status"] == "in_progress":
@@ -296,7 +312,7 @@ class Worker:
         results = self._execute(rec["batch"]["endpoint"], chunk, batch_id)
         job.record(chunk, results)
         total_processed = self.store.bump("processed_requests", len(chunk))
-        counts, usage = _counts(job)
+        counts, usage = _counts(job, self.faults.token_count_factor)
 
         def apply(r: dict[str, Any]) -> None:
             r["batch"]["request_counts"] = counts
@@ -393,7 +409,7 @@ class Worker:
         fields: dict[str, Any] = {"status": status, stamp: int(now)}
         if job is not None:
             fields.update(self._write_results(batch_id, rec, job, status))
-            counts, usage = _counts(job)
+            counts, usage = _counts(job, self.faults.token_count_factor)
             fields.update(request_counts=counts, usage=usage)
 
         def apply(r: dict[str, Any]) -> None:
@@ -431,11 +447,12 @@ class Worker:
         if self.config.shuffle_output:
             rng.shuffle(ok)
         ttl = rec.get("output_expires_after") or DEFAULT_FILE_TTL_S
-        out_id = self._write_file(batch_id, "output", job.progress, ok, [], ttl)
+        owner = rec.get("owner")  # the batch's output and error files belong to its owner
+        out_id = self._write_file(batch_id, "output", job.progress, ok, [], ttl, owner)
         err_lines: list[ProgressEntry | str] = [*bad, *extra]
         if self.config.shuffle_output:
             rng.shuffle(err_lines)
-        err_id = self._write_file(batch_id, "error", job.progress, [], err_lines, ttl)
+        err_id = self._write_file(batch_id, "error", job.progress, [], err_lines, ttl, owner)
         return {"output_file_id": out_id, "error_file_id": err_id}
 
     def _write_file(
@@ -446,6 +463,7 @@ class Worker:
         entries: list[ProgressEntry],
         mixed: list[ProgressEntry | str],
         ttl: int,
+        owner: str | None,
     ) -> str | None:
         items: list[ProgressEntry | str] = [*entries, *mixed]
         if not items:
@@ -467,6 +485,7 @@ class Worker:
             filename=f"{batch_id}_{kind}.jsonl",
             purpose="batch_output",
             expires_after_s=ttl,
+            owner=owner,
         )
         return file_id
 

@@ -64,6 +64,7 @@ from batchyard.context import RunContext, RunRef, context_for, register, run_ref
 from batchyard.errors import RunBusy, TerminalError  # noqa: E402
 from batchyard.logs import FOR_PREFECT_ONLY, silence_noise  # noqa: E402
 from batchyard.orchestration.options import RunOptions, SettingsOptions, merge_overrides  # noqa: E402
+from batchyard.pricing import figure  # noqa: E402
 from batchyard.settings import load_settings  # noqa: E402
 from batchyard.storage.runs import RunStore, find_run  # noqa: E402
 from batchyard.targets import load_targets  # noqa: E402
@@ -227,47 +228,50 @@ def _asset(key: str, description: str = "") -> Asset:
 
 
 def _materialize_stage(ctx: RunContext, job: Job, run: RunStore, asset: str) -> None:
-    """One materialization per partition of `asset`, with its manifest's figures as metadata.
+    """One materialization of `asset` per bin that touched partition keys, with its manifest's
+    figures and the keys it touched as metadata.
 
-    Upstream: the previous asset of the graph (for `chunks`, the MongoDB source collection);
-    `sinks` also materializes the Milvus and MongoDB collections the results went to. Each of
-    the asset's checks becomes a `batchyard.asset.check.passed|failed` event.
+    Keys are stable (`asset_key`): the partition keys touched are in the payload (at most 100
+    listed; `more_keys` counts the rest), and the task version is the `code_version`. A failed
+    check fails the materialization (Prefect records `...materialization.failed`); each check
+    is also a `batchyard.asset.check.passed|failed` event. Upstream: the previous asset of the
+    graph (for `chunks`, the MongoDB source collection).
     """
     from prefect.assets import add_asset_metadata
     from prefect.events import emit_event
 
-    from batchyard.assets import (
-        ASSET_BY_KEY,
-        asset_key,
-        read_manifest,
-        source_asset_key,
-        target_asset_keys,
-    )
+    from batchyard.assets import ASSET_BY_KEY, asset_key, read_manifest, source_asset_key
 
     root = ctx.staging.root
     spec = ASSET_BY_KEY[asset]
     key = asset_key(job, asset, root)
     deps = [_asset(asset_key(job, d, root)) for d in spec.deps] or [_asset(source_asset_key(ctx), "MongoDB chunks")]
-    targets = [_asset(k, "where the results are stored") for k in target_asset_keys(ctx, job)] if asset == "sinks" else []
     for part in run.partitions():
         manifest = read_manifest(part, asset)
-        if manifest is None:
-            continue
+        state = part.read_state()
+        touched = state.get("partition_keys") or {}
+        if manifest is None or not state.get("snapshot", {}).get("chunks"):
+            continue  # a bin with nothing to do materializes nothing
         checks = manifest.get("checks", [])
+        failed = [c for c in checks if not c["passed"]]
         metadata = {
-            "run_id": run.run_id, "partition": part.pid, "rows": manifest["rows"],
-            "data_version": manifest["data_version"], "code_version": manifest["code_version"],
+            "run_id": run.run_id, "bin": part.pid, "rows": manifest["rows"],
+            "data_version": manifest["data_version"], "code_version": job.selection_version or manifest["code_version"],
             "inputs": manifest["inputs"], "staging_path": manifest["paths"][0], **manifest.get("metadata", {}),
+            "partition_keys": touched.get("partition_keys") or state.get("keys", [])[:100],
+            "more_keys": touched.get("more_keys", max(0, len(state.get("keys", [])) - 100)),
             "checks": {c["name"]: "passed" if c["passed"] else f"failed: {c['detail']}" for c in checks},
         }
 
-        def body(metadata: dict[str, Any] = metadata) -> int:
-            for target in [key, *(t.key for t in targets)]:
-                add_asset_metadata(target, metadata)
+        def body(metadata: dict[str, Any] = metadata, failed: list[dict[str, Any]] = failed) -> int:
+            add_asset_metadata(key, metadata)
+            if failed:
+                raise AssetCheckFailed(key, [f"{c['name']}: {c['detail']}" for c in failed])
             return int(metadata["rows"])
 
-        materialize(_asset(key, spec.description), *targets, by="batchyard", cache_policy=NO_CACHE,
-                    task_run_name=f"{asset}-{part.pid}", asset_deps=list[Asset | str](deps))(body)()
+        task = materialize(_asset(key, spec.description), by="batchyard", cache_policy=NO_CACHE,
+                           task_run_name=f"{asset}-{part.pid}", asset_deps=list[Asset | str](deps))(body)
+        task(return_state=True)  # a failed check is the task's Failed state, not an exception here
         for check in checks:
             emit_event(
                 event=f"batchyard.asset.check.{'passed' if check['passed'] else 'failed'}",
@@ -275,6 +279,39 @@ def _materialize_stage(ctx: RunContext, job: Job, run: RunStore, asset: str) -> 
                           "batchyard.partition": part.pid, "batchyard.run": run.run_id},
                 payload={"detail": check["detail"], **check.get("metadata", {})},
             )
+
+
+class AssetCheckFailed(TerminalError):
+    """An asset check failed: its materialization fails (and the run exits 5)."""
+
+    def __init__(self, key: str, checks: list[str]) -> None:
+        self.key = key
+        self.checks = checks
+        super().__init__(f"asset {key}: check(s) failed: {'; '.join(checks)}")
+
+
+def _materialize_targets(ctx: RunContext, job: Job, run: RunStore, info: dict[str, Any]) -> None:
+    """One materialization per run of each collection the results went to, with the rows it
+    holds in total and for the companies the run touched (counted once, not per bin)."""
+    from prefect.assets import add_asset_metadata
+
+    from batchyard.assets import asset_key, target_asset_keys
+
+    figures = (info.get("corpus") or {}).get("targets") or {}
+    if not figures:
+        return
+    sinks = _asset(asset_key(job, "sinks", ctx.staging.root))
+    for target in target_asset_keys(ctx, job):
+        # the marks live in the chunks collection: their count is the vectors'
+        metadata = {"run_id": run.run_id, "rows": figures.get("rows"), "target": figures.get("target"),
+                    "rows_by_company": dict(list((figures.get("by_company") or {}).items())[:100]),
+                    "code_version": job.selection_version or None}
+
+        def body(metadata: dict[str, Any] = metadata, target: str = target) -> None:
+            add_asset_metadata(target, metadata)
+
+        materialize(_asset(target, "where the results are stored"), by="batchyard", cache_policy=NO_CACHE,
+                    task_run_name=f"target-{target.split('/')[-1]}", asset_deps=[sinks])(body)()
 
 
 def _progress_hook(job: Job, run: RunStore) -> Callable[[dict[str, Any]], None]:
@@ -348,11 +385,13 @@ def _finish(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Callable[[
     for i, asset in enumerate(assets, start=1):
         emit(i, f"materializing {asset}")
         _materialize_stage(ctx, job, run, asset)
-    emit(len(steps) - 1, "artifacts")
+    emit(len(steps) - 1, "target collections and artifacts")
+    if "sinks" in assets:
+        _materialize_targets(ctx, job, run, info)
     final = info.get("final", {})
     rows = {**info.get("plan", {}), **{k: v for k, v in final.items() if not isinstance(v, dict)}}
     create_table_artifact(
-        [{"metric": k, "value": v} for k, v in rows.items()],
+        [{"metric": k, "value": figure(k, v)} for k, v in rows.items()],
         key=f"{run.run_id.lower()}-summary",
         description=f"{job.name} run {run.run_id}: {info.get('state')}",
     )

@@ -28,11 +28,12 @@ The package, by responsibility:
 | `loads.py` | loading results parts into the sinks; load receipts |
 | `summary.py` | finish: the run's summary, cost, exit code, status tables |
 | `control.py` | whole runs: execute, continue, cancel, reopen, resume, re-materialize |
-| `status.py` | asset freshness (`batchyard assets`) |
 
-Callers use `from batchyard import runner` and the names re-exported here.
+Callers use `from batchyard import runner` and the names re-exported here. Asset status across
+runs lives with the corpus state (`batchyard.corpus.status`).
 """
 
+from batchyard.corpus.status import asset_status
 from batchyard.runner.control import (
     REMATERIALIZE_FROM,
     STOPPED_STATES,
@@ -74,7 +75,6 @@ from batchyard.runner.phases import (
     prepare,
     snapshot,
 )
-from batchyard.runner.status import asset_status, current_job, pending_by_company
 from batchyard.runner.summary import (
     delete_remote_files,
     exit_code,
@@ -90,9 +90,9 @@ from batchyard.storage.runs import find_run
 __all__ = [
     "LEASE_TTL_MIN_S", "PHASES", "REMATERIALIZE_FROM", "STEPS", "STOPPED_STATES", "Engine", "LocalEngine",
     "add_timings", "asset_status", "cancel", "choose_lane", "collect_one", "continue_run", "create_run",
-    "current_job", "delete_remote_files", "describe_state", "drive", "dry_run", "execute", "exit_code",
-    "failures_frame", "find_run", "finish", "job_for_run", "load_parts", "materialize_partition",
-    "partition_table", "peak_rss_mb", "pending_by_company", "plan", "plan_cost_of", "plan_estimate", "plan_one",
-    "poll_intervals", "prepare", "recording_stop", "rematerialize", "reopen", "results_frame", "resume",
-    "run_summary", "settled", "snapshot", "trim_memory", "unloaded_parts",
+    "delete_remote_files", "describe_state", "drive", "dry_run", "execute", "exit_code", "failures_frame",
+    "find_run", "finish", "job_for_run", "load_parts", "materialize_partition", "partition_table", "peak_rss_mb",
+    "plan", "plan_cost_of", "plan_estimate", "plan_one", "poll_intervals", "prepare", "recording_stop",
+    "rematerialize", "reopen", "results_frame", "resume", "run_summary", "settled", "snapshot", "trim_memory",
+    "unloaded_parts",
 ]

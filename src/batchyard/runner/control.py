@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from batchyard.corpus.lifecycle import release_run, reregister
 from batchyard.errors import RunBusy
 from batchyard.infra import one_line
 from batchyard.runner.driver import drive, load_parts, materialize_partition
@@ -145,9 +146,14 @@ def cancel(ctx: RunContext, run_id: str, *, wait_s: float = 0.0) -> dict[str, An
 
     The request is recorded in the run's staging folder. When a live process drives the run, it
     acts on it within one poll round (this call waits up to `wait_s` for that); otherwise this
-    process cancels the live batches itself.
+    process cancels the live batches itself. A run that already ended (finished, or cancelled
+    before) is left as it is: `ended` names its state.
     """
     run = find_run(ctx.staging, run_id)
+    info = run.read_run()
+    if info.get("phase") == "done":
+        return {"run_id": run_id, "ended": info.get("state"), "cancelled_batches": 0, "driven_by": None,
+                "acknowledged": False}
     run.request_cancel(by=driver_id())
     ttl = LEASE_TTL_MIN_S
     driven = [p for p in run.partitions() if p.lease_holder(ttl) is not None]
@@ -156,9 +162,10 @@ def cancel(ctx: RunContext, run_id: str, *, wait_s: float = 0.0) -> dict[str, An
         while time.monotonic() < deadline and run.cancel_requested() is not None:
             time.sleep(0.2)
         acted = run.cancel_requested() is None
-        return {"run_id": run_id, "cancelled_batches": None, "driven_by": driven[0].lease_holder(ttl),
-                "acknowledged": acted}
+        return {"run_id": run_id, "ended": None, "cancelled_batches": None,
+                "driven_by": driven[0].lease_holder(ttl), "acknowledged": acted}
     run.update_run(state="cancelled")
+    release_run(run)
     live = 0
     for part in run.partitions():
         for rec in Ledger(part).all():
@@ -166,7 +173,7 @@ def cancel(ctx: RunContext, run_id: str, *, wait_s: float = 0.0) -> dict[str, An
                 batches.cancel_shard(part, ctx.api, rec.name)
                 live += 1
     run.clear_cancel()
-    return {"run_id": run_id, "cancelled_batches": live, "driven_by": None, "acknowledged": True}
+    return {"run_id": run_id, "ended": None, "cancelled_batches": live, "driven_by": None, "acknowledged": True}
 
 
 def job_for_run(ctx: RunContext, run: RunStore) -> Job:
@@ -195,6 +202,7 @@ def reopen(run: RunStore) -> None:
             part.update_state(phase="batches", cancelled=False)
     phase = info.get("phase")
     run.update_run(state="running", phase="batches" if phase == "done" else phase)
+    reregister(run)
 
 
 def resume(
@@ -229,7 +237,7 @@ def rematerialize(ctx: RunContext, run_id: str, *, start: str) -> dict[str, Any]
     for part in parts:
         if start == "results":
             for rec in Ledger(part).all():
-                if rec.state == "collected" and rec.batch_status != "failed":
+                if rec.state == "collected" and rec.batch_status != "failed" and not rec.split_into:
                     batches.recollect_shard(part, rec, job, retries)
         for name in part.staging.list(part.rel("loads"), ".json"):
             part.staging.delete(part.rel("loads", name))

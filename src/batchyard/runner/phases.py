@@ -14,6 +14,8 @@ import polars as pl
 
 from batchyard import __version__
 from batchyard.assets import run_checks, write_manifest
+from batchyard.corpus.detect import Detection
+from batchyard.corpus.store import Corpus
 from batchyard.crash import crashpoint
 from batchyard.gctune import fewer_collections
 from batchyard.runner.engine import (
@@ -25,19 +27,14 @@ from batchyard.runner.engine import (
     peak_rss_mb,
     trim_memory,
 )
-from batchyard.stages.partition import (
-    PartitionSpec,
-    bucket_of,
-    plan_partitions,
-    size_targets,
-    unmatched_targets,
-)
+from batchyard.stages.partition import PartitionSpec
 from batchyard.storage.runs import PartitionStore, RunStore, driver_id, new_run_id, utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from batchyard.context import RunContext
+    from batchyard.corpus.claims import Claims
     from batchyard.jobs.base import Job
     from batchyard.settings import LaneSettings
     from batchyard.targets import Targets
@@ -80,7 +77,7 @@ def _restricted(targets: Targets, companies: list[str]) -> Targets:
 
 
 def _units(specs: list[PartitionSpec]) -> list[list[PartitionSpec]]:
-    """Partitions that one source query fills: a packed partition, or every bucket of a company."""
+    """Bins that one source query fills: a packed bin, or every bucket bin of a split company."""
     groups: dict[tuple[str, ...], list[PartitionSpec]] = {}
     for spec in specs:
         groups.setdefault(tuple(spec.companies), []).append(spec)
@@ -96,36 +93,67 @@ def _clear(part: PartitionStore) -> None:
             st.delete(part.rel("failures", name))
 
 
-def _snapshot_unit(job: Job, run: RunStore, specs: list[PartitionSpec]) -> None:
-    """Page the source rows of one unit into its partitions' chunk parts (by hash bucket)."""
+def _snapshot_unit(ctx: RunContext, job: Job, run: RunStore, specs: list[PartitionSpec], det: Detection,
+                   claims: Claims, excluded: dict[str, int]) -> None:
+    """Page the source rows of one query unit into its bins' chunk parts (by partition key).
+
+    Units other open runs hold (`claims`) are left out and counted per run in `excluded`.
+    """
+    from batchyard.corpus.detect import selection_clause
+    from batchyard.corpus.keys import key_expr
+
     parts = [run.partition(s.id) for s in specs]
     for part in parts:
         _clear(part)
-    by_bucket = {s.bucket or 0: run.partition(s.id) for s in specs}
+    by_key = {k: run.partition(s.id) for s in specs for k in s.keys}
     buckets = specs[0].buckets
+    companies = specs[0].companies
+    extra = selection_clause(det, companies, ctx.settings.mongo.fields, _retry_ids(run, companies))
     counts: dict[str, int] = defaultdict(int)
     rejected: dict[str, int] = defaultdict(int)
+    held = claims.units.select("unit_id", "run_id")
     st = run.staging
-    for page_no, (chunks, rejects) in enumerate(job.source_pages(_restricted(job.targets, specs[0].companies))):
+    for page_no, (chunks, rejects) in enumerate(job.source_pages(_restricted(job.targets, companies), extra)):
+        if chunks.height and held.height:
+            units = chunks.with_columns(_unit=job.unit_ids(chunks))
+            taken = units.join(held, left_on="_unit", right_on="unit_id", how="inner")
+            for (run_id,), rows in taken.group_by(["run_id"]):
+                excluded[str(run_id)] += rows.height
+            chunks = units.join(held, left_on="_unit", right_on="unit_id", how="anti").drop("_unit")
         for frame, folder, tally in ((chunks, "chunks", counts), (rejects, "failures", rejected)):
             if frame.height == 0:
                 continue
-            key = job.bucket_key() if folder == "chunks" else pl.col("unit_id")
-            routed = frame.with_columns(
-                _b=key.map_elements(lambda c: bucket_of(c, buckets), return_dtype=pl.Int64)
-                if buckets > 1 else pl.lit(0, pl.Int64)
-            )
-            for (b,), rows in routed.group_by(["_b"]):
-                part = by_bucket[int(b)]  # type: ignore[call-overload]
+            if len(specs) == 1:
+                groups = [(specs[0].keys[0], frame)]
+            else:  # the bucket bins of one split company
+                basis = job.bucket_key() if folder == "chunks" else pl.col("unit_id")
+                keyed = frame.with_columns(_company=pl.lit(companies[0])) if folder != "chunks" else frame
+                routed = keyed.with_columns(_k=key_expr(basis, buckets, "_company" if folder != "chunks"
+                                                        else "company_id"))
+                groups = [(str(k), rows.drop("_k", "_company", strict=False))
+                          for (k,), rows in routed.group_by(["_k"])]
+            for key, rows in groups:
+                part = by_key[key]
                 name = f"{page_no:05d}.parquet" if folder == "chunks" else f"snapshot-{page_no:05d}.parquet"
-                st.write_parquet(part.rel(folder, name), rows.drop("_b"))
+                st.write_parquet(part.rel(folder, name), rows)
                 tally[part.pid] += rows.height
     for spec, part in zip(specs, parts, strict=True):
         job.after_snapshot(part)
         stats = {"chunks": counts[part.pid], "rejected": rejected[part.pid]}
         write_manifest(part, "chunks", rows=counts[part.pid], seconds=0.0, params=job.params(), metadata=stats)
-        part.update_state(phase="plan", companies=spec.companies, bucket=spec.bucket, buckets=spec.buckets,
+        part.update_state(phase="plan", companies=spec.companies, keys=spec.keys, buckets=spec.buckets,
                           snapshot=stats)
+
+
+def _retry_ids(run: RunStore, companies: list[str]) -> list[Any]:
+    """The MongoDB ids of the retried chunks of these companies (see `select_units`)."""
+    from batchyard.stages.snapshot import mongo_id
+
+    rel = run.rel("retry.parquet")
+    if not run.staging.exists(rel):
+        return []
+    retry = run.staging.read_parquet(rel).filter(pl.col("company_id").is_in(companies))
+    return [mongo_id(c, k or "str") for c, k in retry.select("chunk_id", "id_kind").iter_rows()]
 
 
 def _find_duplicates(run: RunStore) -> int:
@@ -157,41 +185,59 @@ def _find_duplicates(run: RunStore) -> int:
 
 
 @fewer_collections()
-def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress | None = None) -> dict[str, Any]:
-    """Phase `snapshot`: size the targets into partitions, stage every partition's source rows."""
+def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress | None = None,
+             dry: bool = False) -> dict[str, Any]:
+    """Phase `snapshot`: detect what changed, pack the touched partition keys into bins, stage
+    each bin's source rows (less what other open runs hold), then prune what the source lost.
+
+    Selection runs under the scope's corpus lease, so two runs of a scope never select at once;
+    the run registers itself as open (its selection is its claim) before the lease is released.
+    A dry run neither registers nor prunes.
+    """
+    from batchyard.corpus import lifecycle
     from batchyard.stages.snapshot import iter_orphans
 
     t0 = time.perf_counter()
-    info = run.read_run()
     fields = ctx.settings.mongo.fields
-    if "partitions" not in info:
-        by_company, by_document = size_targets(ctx.store.chunks, job.targets, fields)
-        specs = plan_partitions(by_company, job.targets.company_ids, ctx.settings.run.partition_max_chunks)
-        unmatched = unmatched_targets(job.targets, by_company, by_document)
-        for target in unmatched:
-            log.warning("target %s matched no chunk in %s", target, ctx.store.label)
-        info = run.update_run(partitions=[s.to_json() for s in specs], targets_unmatched=unmatched,
-                              document_store=ctx.store.label)
-    specs = [PartitionSpec.from_json(p) for p in info["partitions"]]
-    units = _units(specs)
-    for i, unit in enumerate(units):
-        emit(on_progress, "snapshot", i, len(units), detail=", ".join(unit[0].companies[:3]))
-        if all(run.partition(s.id).read_state().get("snapshot") for s in unit):
-            continue
-        _snapshot_unit(job, run, unit)
-    emit(on_progress, "snapshot", len(units), len(units))
+    corpus = Corpus.of(ctx, job)
+    owner = driver_id()
+    excluded: dict[str, int] = defaultdict(int)
+    with corpus.lease(owner, wait_s=ctx.settings.corpus.select_wait_s):
+        info = run.read_run()
+        if "partitions" not in info:
+            info = lifecycle.select_units(ctx, job, run, corpus, dry=dry)
+        det = Detection.from_json(info["detection"])
+        claims = lifecycle.claims_for(ctx, job, run, corpus)
+        specs = [PartitionSpec.from_json(p) for p in info["partitions"]]
+        units = _units(specs)
+        for i, unit in enumerate(units):
+            emit(on_progress, "snapshot", i, len(units), detail=", ".join(unit[0].companies[:3]))
+            if all(run.partition(s.id).read_state().get("snapshot") for s in unit):
+                continue
+            _snapshot_unit(ctx, job, run, unit, det, claims, excluded)
+            corpus.heartbeat(owner)
+        emit(on_progress, "snapshot", len(units), len(units))
     orphans = [r for _, r in iter_orphans(ctx.store.chunks, job.targets, fields, page_size=ctx.page_size)]
     if orphans:
         run.staging.write_parquet(run.rel("failures", "snapshot-orphans.parquet"), pl.concat(orphans))
     duplicates = _find_duplicates(run)
     crashpoint("after_snapshot")
+    pruned = lifecycle.prune_run(ctx, job, run, det, dry=dry)
     totals: dict[str, Any] = defaultdict(int)
     for part in run.partitions():
         for k, v in part.read_state().get("snapshot", {}).items():
             totals[k] += v
+    held = dict(info.get("held_by_open_runs", {}))
+    for run_id, n in excluded.items():
+        held[run_id] = held.get(run_id, 0) + n
+    if held:
+        log.warning("%d unit(s) left to open run(s) of this scope that hold them: %s", sum(held.values()),
+                    ", ".join(f"{r} ({n})" for r, n in sorted(held.items())))
     stats = {**totals, "partitions": len(specs), "orphans": sum(o.height for o in orphans),
-             "duplicate_ids": duplicates}
-    run.update_run(phase="plan", snapshot=stats)
+             "duplicate_ids": duplicates, "held_by_open_runs": sum(held.values()),
+             "pruned": int(pruned.get("pruned", 0)), "read": "full" if not det.since else
+             ("changes" if not det.full else "mixed")}
+    run.update_run(phase="plan", snapshot=stats, held_by_open_runs=held)
     add_timings(run, {"snapshot": peak_rss_mb()}, snapshot=time.perf_counter() - t0)
     trim_memory()
     return stats
@@ -231,6 +277,10 @@ def plan(ctx: RunContext, job: Job, run: RunStore, engine: Engine, *, on_progres
             totals[k] += v
     totals = {k: round(v, 6) if isinstance(v, float) else v for k, v in totals.items()}
     emit(on_progress, "plan", len(pids), len(pids))
+    if not dry and run.read_run().get("state") == "dry_run":
+        from batchyard.corpus.lifecycle import reregister
+
+        reregister(run)  # a dry run that is submitted now claims its units
     lane = choose_lane(ctx.settings.lane, int(totals.get("tokens", 0)))
     run.update_run(phase="plan" if dry else "batches", state="dry_run" if dry else "running", plan=dict(totals),
                    lane=lane)
@@ -258,7 +308,7 @@ def prepare(
     run.claim(owner, LEASE_TTL_MIN_S)
     try:
         if phase == "snapshot":
-            snapshot(ctx, job, run, on_progress=on_progress)
+            snapshot(ctx, job, run, on_progress=on_progress, dry=dry)
         plan(ctx, job, run, engine, on_progress=on_progress, dry=dry)
     finally:
         run.release(owner)

@@ -9,7 +9,8 @@ Every planned request ends a shard attempt with exactly one outcome:
 |           | cancellation or a failed batch                                 | not spent                  |
 | `retry`   | 408/409/429/5xx, an unknown non-HTTP error, a missing line     | follow-up shard while the  |
 |           | from a completed batch                                         | budget lasts               |
-| `fail`    | any other 4xx, invalid output, wrong vector length             | failures.parquet           |
+| `fail`    | any other 4xx, invalid output, wrong vector length, a request  | failures.parquet           |
+|           | the real-time lane can never fit (`request_too_large`)         |                            |
 
 Lines that match no planned request, repeat a custom_id, or are not JSON are anomalies: recorded,
 never silently dropped.
@@ -38,6 +39,8 @@ TOutcome = Literal["ok", "requeue", "retry", "fail"]
 
 RETRYABLE_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 REQUEUE_CODES = frozenset({"batch_expired", "batch_cancelled", "batch_canceled"})
+FAIL_CODES = frozenset({"request_too_large"})
+"""Non-HTTP errors no retry can fix: the real-time lane's request that can never fit its window."""
 
 OUTCOMES = pl.Schema(
     {
@@ -69,7 +72,7 @@ EMB_LINES = pl.Schema(
 def classify(status_code: int | None, code: str | None) -> TOutcome:
     """Outcome of a failed request line."""
     if status_code is None:
-        return "requeue" if code in REQUEUE_CODES else "retry"
+        return "requeue" if code in REQUEUE_CODES else "fail" if code in FAIL_CODES else "retry"
     if status_code in RETRYABLE_STATUS or status_code >= 500:
         return "retry"
     return "fail"

@@ -372,7 +372,7 @@ def store_results(
             ops.append(
                 UpdateOne(
                     {"task": task, "task_version": task_version, "unit_id": units[i]},
-                    {"$set": doc},
+                    {"$set": doc, "$unset": {"deleted_at": "", "deleted_by_run": ""}},
                     upsert=True,
                 )
             )

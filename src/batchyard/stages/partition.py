@@ -1,43 +1,46 @@
-"""Partitions: how a run splits its targets into units of work of bounded size.
+"""Bins: how a run packs the partition keys it touches into units of work of bounded size.
 
-A partition is what a task, a worker or a Dask process takes: it is snapshotted, planned,
-collected and loaded on its own, so memory is bounded by a partition, not by the corpus.
+A **partition key** (`batchyard.corpus.keys`) is stable across runs: a company, or one of a
+fixed number of hash buckets of a large company (`globex/07`). A **bin** is run-local: the
+keys one snapshot query, one plan and one lease cover, holding at most `max_chunks` of the
+chunks the run reads (`candidates`). Memory is bounded by a bin, not by the corpus.
 
-- A company with more targeted chunks than `max_chunks` is split into `k` partitions by a
-  stable hash of the chunk id (`bucket_of`), sized with 10% headroom so that hash imbalance
-  keeps every bucket under the cap.
-- Smaller companies are packed together, in targets order, into partitions of at most
-  `max_chunks`. One partition per company would turn a corpus of 1,500 small companies into
-  1,500 tiny batches (the Batch API allows 2,000 batch creations per hour); packing keeps
-  shards full. A company is never split across packed partitions.
+- A company whose candidates fit the cap goes whole into a bin (all its keys); small companies
+  are packed together, in targets order (one bin per company would turn 1,500 small companies
+  into 1,500 tiny batches, and the Batch API allows 2,000 batch creations an hour).
+- A company split into buckets whose candidates exceed the cap gets one bin per bucket key;
+  one source query fills them all.
 
-Sizing reads one aggregate per run: chunk counts per targeted company (and per document for
-companies whose documents are listed), which also tells which targets match no chunk at all.
+Sizing reads one aggregate per run (`size_targets`): chunk counts per targeted company, and
+per document for companies whose documents are listed (which also tells which targets match
+no chunk at all).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from batchyard.corpus.keys import bucket_of, key_of, keys_of
 
 if TYPE_CHECKING:
     from batchyard.settings import MongoFields
     from batchyard.targets import Targets
 
-HEADROOM = 0.9
+__all__ = ["PartitionSpec", "bucket_of", "plan_bins", "size_targets", "unmatched_targets"]
 
 
 @dataclass
 class PartitionSpec:
-    """One partition: the companies it covers, and its hash bucket for a split company."""
+    """One bin of a run: its companies, the partition keys it covers, and their bucket counts."""
 
     id: str
     companies: list[str]
     chunks: int
-    bucket: int | None = None
-    buckets: int = 1
+    keys: list[str] = field(default_factory=list)
+    buckets: dict[str, int] = field(default_factory=dict)
+    """Bucket counts of the bin's split companies (absent: not split)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -47,21 +50,19 @@ class PartitionSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> PartitionSpec:
         """From run.json."""
+        data = dict(data)
+        if isinstance(data.get("buckets"), int):  # runs staged before partition keys
+            n, b = data.pop("buckets"), data.pop("bucket", None)
+            data["buckets"] = {data["companies"][0]: n} if n > 1 else {}
+            data["keys"] = [key_of(data["companies"][0], b or 0, n)] if n > 1 else list(data["companies"])
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
-def bucket_of(chunk_id: str, buckets: int) -> int:
-    """The stable hash bucket of a chunk id (0 when there is one bucket)."""
-    if buckets <= 1:
-        return 0
-    digest = hashlib.blake2b(chunk_id.encode("utf-8", "surrogatepass"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % buckets
+def plan_bins(candidates: dict[str, int], order: list[str], buckets: dict[str, int],
+              max_chunks: int) -> list[PartitionSpec]:
+    """Bins over the companies in `order` with candidates, each about <= max_chunks.
 
-
-def plan_partitions(counts: dict[str, int], order: list[str], max_chunks: int) -> list[PartitionSpec]:
-    """Partitions over the companies in `order` that have chunks (`counts`), each <= max_chunks.
-
-    Pure: the same counts always give the same partitions.
+    `buckets`: each company's recorded bucket count. Pure: the same input gives the same bins.
     """
     if max_chunks <= 0:
         raise ValueError("max_chunks must be positive")
@@ -75,20 +76,23 @@ def plan_partitions(counts: dict[str, int], order: list[str], max_chunks: int) -
     def flush() -> None:
         nonlocal packed, packed_n
         if packed:
-            specs.append(PartitionSpec(new_id(), packed, packed_n))
+            keys = [k for c in packed for k in keys_of(c, buckets.get(c, 1))]
+            split = {c: buckets[c] for c in packed if buckets.get(c, 1) > 1}
+            specs.append(PartitionSpec(new_id(), packed, packed_n, keys=keys, buckets=split))
             packed, packed_n = [], 0
 
     for company in order:
-        n = counts.get(company, 0)
+        n = candidates.get(company, 0)
         if n <= 0:
             continue
-        if n > max_chunks:
+        k = buckets.get(company, 1)
+        if n > max_chunks and k > 1:
             flush()
-            k = math.ceil(n / (max_chunks * HEADROOM))
             for b in range(k):
-                specs.append(PartitionSpec(new_id(), [company], math.ceil(n / k), bucket=b, buckets=k))
+                specs.append(PartitionSpec(new_id(), [company], math.ceil(n / k), keys=[key_of(company, b, k)],
+                                           buckets={company: k}))
             continue
-        if packed_n + n > max_chunks:
+        if packed and packed_n + n > max_chunks:
             flush()
         packed.append(company)
         packed_n += n

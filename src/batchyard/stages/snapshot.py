@@ -380,15 +380,17 @@ def iter_unprocessed_chunks(
     *,
     space: str,
     page_size: int,
+    extra: dict[str, Any] | None = None,
 ) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
     """Pages of (chunks without a current mark for `space`, rejects).
 
     `chunks` has exactly the `CHUNKS` columns; `rejects` the `FAILURES` columns with stage
     "snapshot". Pages hold at most `page_size` chunks; nothing is yielded when nothing is
-    selected or rejected. `targets=None` scans the whole collection.
+    selected or rejected. `targets=None` scans the whole collection; `extra` narrows the read
+    (the changes of a company, see `batchyard.corpus.detect`).
     """
     sha_path = f"{mark_path(fields, space)}.text_sha256"
-    query = targets.mongo_filter(fields) if targets is not None else {}
+    query = _and(targets.mongo_filter(fields) if targets is not None else {}, extra or {})
     projection = _projection(fields, [sha_path])
     selector = _Selector(fields, page_size)
 
@@ -428,16 +430,20 @@ def iter_chunks_for_task(
     task_version: str,
     unit: str,
     page_size: int,
+    extra: dict[str, Any] | None = None,
 ) -> Iterator[tuple[pl.DataFrame, pl.DataFrame]]:
     """Pages of (chunks whose unit has no result for task@task_version, rejects).
 
     `unit="chunk"`: a chunk is selected when no result has unit_id == its chunk_id.
     `unit="document"`: a document is selected when no result has unit_id == its document_id;
     every chunk of a selected document is yielded (in `_id` order, possibly across pages).
+    `extra` narrows which chunks (or, for documents, which documents) are considered; a
+    considered document is still read whole. A result flagged deleted does not count.
     """
     if unit not in ("chunk", "document"):
         raise ValueError(f"unit must be 'chunk' or 'document', not {unit!r}")
-    query = targets.mongo_filter(fields) if targets is not None else {}
+    targets_query = targets.mongo_filter(fields) if targets is not None else {}
+    query = _and(targets_query, extra or {})
     projection = _projection(fields)
     selector = _Selector(fields, page_size)
     key = {"task": task, "task_version": task_version}
@@ -460,7 +466,7 @@ def iter_chunks_for_task(
         documents = sorted({d for _, d in group})
         wanted = set(group)
         group_query = _and(
-            query,
+            targets_query,
             {fields.company: {"$in": companies}},
             {fields.document: {"$in": documents}},
         )
@@ -476,7 +482,8 @@ def iter_chunks_for_task(
     whole = [c.company_id for c in targets.companies if c.documents is None] if targets is not None else None
     no_doc: dict[str, Any] = {fields.document: {"$in": [None, ""]}}
     if whole is None or whole:
-        no_doc_query = _and(query, no_doc) if whole is None else {fields.company: {"$in": whole}, **no_doc}
+        no_doc_query = _and(query, no_doc) if whole is None else _and({fields.company: {"$in": whole}, **no_doc},
+                                                                         extra or {})
         for docs in iter_id_pages(chunks, no_doc_query, projection, page_size):
             yield from selector.add(docs, _keep_all)
     yield from selector.finish()
@@ -546,7 +553,7 @@ def _keep_all(rows: list[_Row], docs: list[dict[str, Any]]) -> list[bool]:
 def _done_units(results: Any, key: dict[str, str], unit_ids: list[str]) -> set[str]:
     if not unit_ids:
         return set()
-    cursor = results.find({**key, "unit_id": {"$in": unit_ids}}, {"unit_id": 1, "_id": 0})
+    cursor = results.find({**key, "unit_id": {"$in": unit_ids}, "deleted_at": None}, {"unit_id": 1, "_id": 0})
     return {d["unit_id"] for d in cursor}
 
 

@@ -8,13 +8,17 @@ planned ──▶ uploading ──▶ uploaded ──▶ creating ──▶ subm
                │ crash: look for the      │ crash: adopt the batch     (batch terminal; files
                │ uploaded file, else      │ whose metadata matches,    downloaded into staging
                ▼ upload again             ▼ else create               (`downloaded`), then parsed
-                                                                      in `collected`)
+                                          │ (input file gone at the    in `collected`)
+                                          ▼ provider: back to uploading)
 ```
 
 `requeue()` sends a shard whose batch failed with `token_limit_exceeded` back to `uploaded`
 with `submission + 1` and a `not_before` time (exponential backoff); the batch metadata carries
 the submission number, so adoption after a crash never confuses the failed batch with its
-successor. Records live per partition (`p=<id>/ledger/`); `run_records` reads a whole run.
+successor. A shard larger than the provider's stated limit is re-planned instead: `intend_split`
+records the cap first, then its follow-up shards are written, then it moves to `collected`
+with `split_into` naming them (from `ended` when it was refused, or straight from `planned` or
+`uploaded` when the limit was already known). Records live per partition (`p=<id>/ledger/`); `run_records` reads a whole run.
 """
 
 from __future__ import annotations
@@ -39,10 +43,10 @@ TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "expired",
 LIVE_STATES: frozenset[str] = frozenset({"uploading", "uploaded", "creating", "submitted"})
 
 _NEXT: dict[str, set[str]] = {
-    "planned": {"uploading", "submitted"},  # submitted at once: the real-time lane
+    "planned": {"uploading", "submitted", "collected"},  # submitted: the real-time lane; collected: split
     "uploading": {"uploaded"},
-    "uploaded": {"creating", "submitted"},
-    "creating": {"submitted"},
+    "uploaded": {"creating", "submitted", "collected"},
+    "creating": {"submitted", "uploading"},  # uploading again: the provider lost the input file
     "submitted": {"submitted", "ended"},
     "ended": {"ended", "collected", "uploaded"},
     "collected": set(),
@@ -88,10 +92,19 @@ class ShardRecord(BaseModel):
     downloaded: bool = False
     request_counts: dict[str, int] | None = None
     usage: dict[str, Any] | None = None
+    realtime: dict[str, Any] | None = None
+    """The real-time lane's own record: requests, calls (a split request makes several),
+    HTTP attempts, retries by reason, seconds waited (`LaneStats`, summed over slices)."""
     errors: list[dict[str, Any]] = Field(default_factory=list)
     outcome: dict[str, int] | None = None
     history: list[StatusEvent] = Field(default_factory=list)
     past_batches: list[str] = Field(default_factory=list)
+    split_cap: int | None = None
+    """Tokens the follow-up shards of a re-planned attempt fit under (recorded before they are written)."""
+    split_into: list[str] = Field(default_factory=list)
+    """`<shard>.<attempt>` of the follow-up shards this attempt was re-planned into."""
+    split_from: str | None = None
+    """The attempt this one was re-planned from (`<shard>.<attempt>`)."""
 
     @property
     def name(self) -> str:
@@ -213,6 +226,15 @@ class Ledger:
             history = [*history, StatusEvent(status=f"batch:{status}", at=utcnow().isoformat())]
         state: TShardState = "ended" if status in TERMINAL_STATUSES else "submitted"
         updated = rec.model_copy(update={**fields, **extra, "state": state, "history": history})
+        return self._save(updated)
+
+    def intend_split(self, rec: ShardRecord, cap: int, reason: str) -> ShardRecord:
+        """Record, before any follow-up is written, the cap a shard attempt is re-planned under
+        (so that a resumed re-plan cuts the same shards)."""
+        if rec.state not in ("planned", "uploaded", "ended"):
+            raise LedgerError(rec.name, f"cannot re-plan a shard attempt in state {rec.state}")
+        updated = rec.model_copy(update={"split_cap": cap})
+        updated.history = [*rec.history, StatusEvent(status=rec.state, at=utcnow().isoformat(), note=reason)]
         return self._save(updated)
 
     def requeue(self, rec: ShardRecord, reason: str, *, not_before: float, since: float) -> ShardRecord:

@@ -9,6 +9,10 @@ On S3, s3fs's directory-listing cache is off: listings and `exists` always ask S
 another process (or another filesystem instance) wrote is seen at once. Polars reads S3
 through its own object-store client, which takes different option names (`polars_options`).
 
+Local staging is owner-only (`perms.Access`): every folder batchyard creates is 0700 and every
+file 0600, whatever the umask; with `staging.group`, folders are 2750 and files 0640 for that
+group.
+
 What cannot live on S3 (Milvus Lite, the MongoDB stand-in, the embedded Batch API server's
 state) goes to `local_dir()`: under the root when it is local; with an S3 root, under
 `<local_root>/s3/<bucket>/<prefix>/`, where `local_root` defaults to `./.batchyard` in the
@@ -33,6 +37,8 @@ import fsspec
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+from batchyard.storage.perms import Access
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Iterator
@@ -97,12 +103,15 @@ class Staging:
         *,
         storage_options: dict[str, Any] | None = None,
         local_root: str | Path | None = None,
+        access: Access | None = None,
     ) -> None:
         """Open a root: a local directory (created) or `s3://bucket[/prefix]`.
 
         `storage_options` are s3fs options (`endpoint_url`, `key`, `secret`, `client_kwargs`);
-        `local_root` is where an S3 root keeps its local state (default `./.batchyard`).
+        `local_root` is where an S3 root keeps its local state (default `./.batchyard`);
+        `access` the modes of local folders and files (default: owner-only).
         """
+        self.access = access or Access()
         self.is_s3 = root.startswith("s3://")
         self._fs_options = dict(storage_options or {})
         if self.is_s3:
@@ -117,7 +126,7 @@ class Staging:
         else:
             self.fs = fsspec.filesystem("file")
             self.root = str(Path(root).expanduser().resolve())
-            Path(self.root).mkdir(parents=True, exist_ok=True)
+            self.access.makedirs(Path(self.root))
             self._local = Path(self.root)
 
     @classmethod
@@ -133,7 +142,7 @@ class Staging:
                 opts["secret"] = settings.s3_secret_access_key.get_secret_value()
             if settings.s3_region:
                 opts["client_kwargs"] = {"region_name": settings.s3_region}
-        return cls(settings.root, storage_options=opts)
+        return cls(settings.root, storage_options=opts, access=Access.for_group(settings.group))
 
     def __repr__(self) -> str:  # never show credentials
         return f"Staging({self.root!r})"
@@ -152,9 +161,7 @@ class Staging:
         `<local_root>/s3/bucket/prefix` (default `local_root`: `./.batchyard`, resolved when
         the Staging was opened), so two S3 roots never share local state.
         """
-        target = self._local.joinpath(*parts)
-        target.mkdir(parents=True, exist_ok=True)
-        return target
+        return self.access.makedirs(self._local.joinpath(*parts))
 
     def exists(self, rel: str) -> bool:
         """Whether a file exists."""
@@ -201,7 +208,7 @@ class Staging:
                 tmp.flush()
                 self.fs.put_file(tmp.name, full)
             return
-        Path(full).parent.mkdir(parents=True, exist_ok=True)
+        self.access.makedirs(Path(full).parent)
         fd, tmp_path = tempfile.mkstemp(prefix=".tmp-", dir=str(Path(full).parent))
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -209,6 +216,7 @@ class Staging:
                     fh.write(chunk)
                 fh.flush()
                 os.fsync(fh.fileno())
+            self.access.apply(tmp_path)
             os.replace(tmp_path, full)
         except BaseException:
             Path(tmp_path).unlink(missing_ok=True)
@@ -247,10 +255,11 @@ class Staging:
             self.write_bytes(rel, buf.getvalue())
             return
         full = Path(self.path(rel))
-        full.parent.mkdir(parents=True, exist_ok=True)
+        self.access.makedirs(full.parent)
         tmp = full.parent / f".tmp-{uuid.uuid4().hex}.parquet"
         try:
             df.write_parquet(tmp, compression="zstd", row_group_size=rows)
+            self.access.apply(tmp)
             os.replace(tmp, full)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -313,13 +322,14 @@ class Staging:
                 self.fs.put_file(str(tmp), self.path(rel))
             return
         full = Path(self.path(rel))
-        full.parent.mkdir(parents=True, exist_ok=True)
+        self.access.makedirs(full.parent)
         tmp = full.parent / f".tmp-{uuid.uuid4().hex}.parquet"
         writer = pq.ParquetWriter(str(tmp), arrow_schema, compression="zstd")
         try:
             page = _PageWriter(writer, arrow_schema)
             yield page
             writer.close()
+            self.access.apply(tmp)
             os.replace(tmp, full)
         except BaseException:
             writer.close()

@@ -15,6 +15,7 @@ import copy
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -204,13 +205,37 @@ class InferenceTask:
         """Absolute path of this task's prompt file."""
         return prompt_path(prompts_dir, self.prompt)
 
-    def prompt_sha256(self, prompts_dir: str | Path) -> str:
-        """sha256 of the prompt file's bytes."""
-        return hashlib.sha256(self.prompt_file(prompts_dir).read_bytes()).hexdigest()
+    def content_sha256(self, prompts_dir: str | Path, params: Mapping[str, Any] | None = None) -> str:
+        """sha256 over what is sent and what shapes the output.
 
-    def task_version(self, prompts_dir: str | Path) -> str:
-        """`<version>+<first 12 hex of the prompt file's sha256>`, recorded with every result."""
-        return f"{self.version}+{self.prompt_sha256(prompts_dir)[:12]}"
+        That is the system and user templates as sent (literal pieces and placeholder names),
+        the structured-output parameter (task name and strict schema), the endpoint and the
+        model parameters in `params` (see `model_params`). Not the prompt file's bytes: its
+        maintainer notes, comments and whitespace that is not sent do not count.
+        """
+        params = dict(params or {})
+        endpoint = self.resolve_endpoint(params.pop("endpoint", None))
+        template = self.load_prompt(prompts_dir)
+
+        def pieces(section: tuple[str | Any, ...]) -> list[Any]:
+            return [p if isinstance(p, str) else {"placeholder": p.name} for p in section]
+
+        blob = {"system": pieces(template.system), "user": pieces(template.user), "endpoint": endpoint,
+                "output": self.response_format_json(endpoint), "params": params}
+        return hashlib.sha256(json.dumps(blob, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def task_version(self, prompts_dir: str | Path, params: Mapping[str, Any] | None = None) -> str:
+        """`<version>+<first 12 hex of content_sha256>`, recorded with every result: a new
+        version means the same unit would be asked differently, so it is selected again."""
+        return f"{self.version}+{self.content_sha256(prompts_dir, params)[:12]}"
+
+    def model_params(self, inference: Any) -> dict[str, Any]:
+        """The parameters from `InferenceSettings` that shape this task's requests and output."""
+        out = {"model": inference.model, "endpoint": self.resolve_endpoint(inference.endpoint),
+               "temperature": inference.temperature, "max_output_tokens": inference.max_output_tokens}
+        if self.unit == "document":  # the budget decides which chunks a document unit carries
+            out["document_token_budget"] = inference.document_token_budget
+        return out
 
     def load_prompt(self, prompts_dir: str | Path) -> PromptTemplate:
         """The parsed prompt template (raises `PromptError` if malformed)."""

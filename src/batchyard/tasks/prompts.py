@@ -11,6 +11,10 @@ File format (UTF-8)::
 
 - The section headers are lines that read exactly `## system` and `## user` (trailing spaces
   allowed), once each, system first. Other Markdown (including other `##` headings) is text.
+- What is sent is each section's text without maintainer comments (`<!-- ... -->`; a line that
+  holds only a comment goes with it), without trailing whitespace on its lines, with runs of
+  blank lines cut to one, and stripped at both ends. So notes, comments and such whitespace
+  never reach the model, and never change the task version (`InferenceTask.task_version`).
 - Placeholders are `{{text}}`, `{{company_id}}` and `{{document_id}}` (spaces inside the braces
   are allowed). Any other `{{...}}`, or a `{{` that is never closed, is a `ConfigError` at load
   time naming the file and the placeholder. A template has no escape for a literal `{{`.
@@ -37,6 +41,10 @@ PLACEHOLDERS: frozenset[str] = frozenset({"text", "company_id", "document_id"})
 
 _SECTION = re.compile(r"^##[ \t]+(system|user)[ \t]*$", re.MULTILINE)
 _PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}", re.DOTALL)
+_COMMENT_LINE = re.compile(r"^[ \t]*<!--.*?-->[ \t]*(?:\n|\Z)", re.MULTILINE | re.DOTALL)
+_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
+_TRAILING_SPACE = re.compile(r"[ \t]+$", re.MULTILINE)
+_BLANK_LINES = re.compile(r"\n{3,}")
 
 
 class PromptError(ConfigError):
@@ -152,6 +160,19 @@ def split_template(source: str, path: str = "<string>") -> tuple[TPiece, ...]:
     return tuple(pieces)
 
 
+def sent_text(section: str, path: str = "<string>") -> str:
+    """A section's text as it is sent: comments, trailing whitespace and extra blank lines removed.
+
+    Raises:
+        PromptError: a `<!--` that is never closed.
+    """
+    text = _COMMENT.sub("", _COMMENT_LINE.sub("", section))
+    if "<!--" in text:
+        snippet = text[text.index("<!--") :][:40]
+        raise PromptError(path, f"unclosed comment starting at {snippet!r}")
+    return _BLANK_LINES.sub("\n\n", _TRAILING_SPACE.sub("", text)).strip()
+
+
 def parse_prompt(source: str, path: str = "<string>") -> PromptTemplate:
     """Parse the text of a prompt file.
 
@@ -165,8 +186,8 @@ def parse_prompt(source: str, path: str = "<string>") -> PromptTemplate:
         raise PromptError(
             path, f"needs one '## system' line followed by one '## user' line (found: {found})"
         )
-    system = source[heads[0].end() : heads[1].start()].strip()
-    user = source[heads[1].end() :].strip()
+    system = sent_text(source[heads[0].end() : heads[1].start()], path)
+    user = sent_text(source[heads[1].end() :], path)
     if not user:
         raise PromptError(path, "the '## user' section is empty")
     return PromptTemplate(
