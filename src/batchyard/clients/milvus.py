@@ -98,8 +98,8 @@ def vector_store_label(settings: MilvusSettings, *, default_path: str) -> str:
 LITE_KEEPALIVE_MS = 300_000
 """Keepalive ping interval towards a Milvus Lite child. Its gRPC server keeps gRPC's default
 ping policy (no more than one ping per 5 minutes without data); pymilvus pings every 10 s, which
-such a server may answer with `GOAWAY too_many_pings`, logged by gRPC on the terminal. On
-loopback to a child that dies with us, keepalive has nothing to detect."""
+such a server may answer with `GOAWAY too_many_pings`, logged by gRPC on the terminal. On a
+local socket to a child that dies with us, keepalive has nothing to detect."""
 
 
 class _LiteProcessClient(MilvusClient):
