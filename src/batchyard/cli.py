@@ -341,9 +341,9 @@ class _Quiet:
         return None
 
 
-def _progress(show: bool = True) -> tuple[Any, Any]:
-    """A progress bar on stderr (transient) and the callback that moves it; its first label is
-    set by the caller at once, so the terminal never shows a bare `starting 0/?`."""
+def _progress(show: bool = True, api: Any = None) -> tuple[Any, Any]:
+    """A progress bar on stderr (transient) and the callback that moves it. Its first frame says
+    what the command waits for (`api`: the Prefect API it started), never a bare `starting 0/?`."""
     if not show:
         return _Quiet(), lambda event: None
     progress = Progress(
@@ -351,7 +351,7 @@ def _progress(show: bool = True) -> tuple[Any, Any]:
         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err_console, transient=True,
         disable=not err_console.is_terminal,  # a log file or a pipe gets the errors only
     )
-    bar = progress.add_task("starting", total=None, detail="")
+    bar = progress.add_task("starting", total=None, detail=_first_detail(api))
 
     def update(event: dict[str, Any]) -> None:
         detail = str(event.get("detail", ""))
@@ -484,10 +484,9 @@ def _open(overrides: dict[str, Any], api: Any, update: Any, *, sinks: bool = Tru
     return _ready(_launch(settings, sinks=sinks, provider=provider), api, update)
 
 
-def _starting(api: Any, update: Any) -> None:
-    """The first progress line, at once: what the command is waiting for."""
-    update({"stage": "starting", "completed": 0, "total": None,
-            "detail": "Prefect's temporary API server" if api is not None and api.temporary else "opening"})
+def _first_detail(api: Any) -> str:
+    """What a command waits for first: Prefect's temporary server, or its stores."""
+    return "Prefect's temporary API server" if api is not None and api.temporary else "opening the stores"
 
 
 def _run_job(kind: str, targets: Path | None, *, engine: EngineChoice | str, overrides: dict[str, Any],
@@ -499,9 +498,8 @@ def _run_job(kind: str, targets: Path | None, *, engine: EngineChoice | str, ove
     are checked, then the stores open while it comes up; the progress bar shows all of it."""
     engine = EngineChoice(engine)
     api = _prefect_api() if engine is EngineChoice.prefect else None
-    progress, update = _progress(show_progress)
+    progress, update = _progress(show_progress, api)
     with progress:
-        _starting(api, update)
         _check_inputs(kind, targets, task)
         ctx = _open(overrides, api, update)
         hook = update if show_progress else None
@@ -829,9 +827,8 @@ def rerun(
     api = _prefect_api() if engine is EngineChoice.prefect else None
 
     def go() -> dict[str, Any]:
-        progress, update = _progress(not as_json)
+        progress, update = _progress(not as_json, api)
         with progress:
-            _starting(api, update)
             ctx = _open(_overrides(), api, update, provider=False)
             try:
                 if api is not None:
@@ -967,9 +964,8 @@ def audit(
     uses_sinks = bool(sinks or unit_id)
 
     def go() -> dict[str, Any]:
-        progress, update = _progress(not as_json)
+        progress, update = _progress(not as_json, api)
         with progress:
-            _starting(api, update)
             ctx = _open(_overrides(), api, update, sinks=uses_sinks, provider=False)
             if api is not None:
                 return _call_flow("audit_flow", ctx.settings, ctx, None, run_id=run_id, unit_id=unit_id,
@@ -1229,9 +1225,8 @@ def demo(
     console.rule("1. seed")
 
     def go() -> dict[str, Any]:
-        progress, update = _progress()
+        progress, update = _progress(api=api)
         with progress:
-            _starting(api, update)
             _check_inputs("inference", None, task)
             ctx = _open(_overrides(), None, update)
         from batchyard.demo import run_demo
