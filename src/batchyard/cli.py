@@ -383,32 +383,6 @@ def _check_inputs(kind: str, targets: Path | None, task: str | None) -> None:
         _usage_error(exc)
 
 
-def _check_locks(s: Settings) -> None:
-    """Fail fast when another process holds the embedded MongoDB stand-in this run needs."""
-    import fcntl
-
-    from batchyard.clients.mongo import standin_path
-    from batchyard.storage.staging import Staging
-
-    if s.mongo.uri is not None or s.run.partitions_per_driver is not None:
-        return  # a real server; or several drivers of one run that take turns with the stand-in
-    path = standin_path(Staging.from_settings(s.staging).local_dir(".mongo-standin"), s.mongo.database)
-    lock = path.with_name(path.name + ".lock")
-    if not lock.exists():
-        return
-    with open(lock, "a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            fh.seek(0)
-            holder = fh.read().strip() or "?"
-            if holder == str(os.getpid()):
-                return  # this command opened it already (`_launch`)
-            _fail(BatchyardError(f"the MongoDB stand-in at {path} is in use by another process (pid {holder}); "
-                                 "wait for it to finish, or set BATCHYARD_MONGO__URI"))
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 # --------------------------------------------------------------------------- what a run command starts
 
 
@@ -476,8 +450,6 @@ def _open(overrides: dict[str, Any], api: Any, update: Any, *, sinks: bool = Tru
     """The command's settings, checked, and its run context once everything is open."""
     settings = _settings(overrides)
     _state["settings"] = settings
-    if sinks:
-        _check_locks(settings)
     prefect = _state.get("prefect_api")
     if prefect is not None:  # the inputs are good: import Prefect while its server comes up
         prefect.preload("batchyard.orchestration.flows")
@@ -668,7 +640,6 @@ def _dry_run(kind: str, targets: Path, *, task: str | None, run_id: str | None, 
 
     _check_inputs(kind, targets, task)
     settings = _settings(overrides)
-    _check_locks(settings)
 
     def go() -> dict[str, Any]:
         progress, update = _progress()
@@ -1235,6 +1206,84 @@ def demo(
                                  overrides=_overrides(), print_run=_print_run)}
 
     raise typer.Exit(_guarded(go)["code"])
+
+
+# --------------------------------------------------------------------------- look at the data
+
+
+@app.command()
+def search(
+    text: Annotated[str, typer.Argument(help="The text to search for.")],
+    k: Annotated[int, typer.Option("--k", help="Distinct texts to show.")] = 10,
+    company: Annotated[str | None, typer.Option(help="Only chunks of this company.")] = None,
+    document: Annotated[str | None, typer.Option(help="Only chunks of this document.")] = None,
+    as_json: AsJson = False,
+) -> None:
+    """The chunks nearest to TEXT in the Milvus collection of the configured embedding space.
+
+    The text is embedded like the corpus (provider, model, dimensions; the embedded local server
+    when no API key is set). Identical texts are shown once, with how many chunks carry them.
+    """
+    import tempfile
+
+    from rich.markup import escape
+
+    from batchyard.context import RunContext
+    from batchyard.search import search_text
+
+    settings = _settings(_overrides())
+    # the embedded server answers one embeddings call here: give it a state of its own, so a
+    # search neither waits for nor loads the state of a run's server
+    with tempfile.TemporaryDirectory(prefix="batchyard-search-") as state:
+        if settings.provider.embedded:
+            local = settings.provider.local.model_copy(update={"state_dir": state})
+            settings = settings.model_copy(update={"provider": settings.provider.model_copy(update={"local": local})})
+        with RunContext(settings) as ctx:
+            hits = _guarded(lambda: {"hits": search_text(ctx, text, k=k, company=company, document=document)})["hits"]
+    if as_json:
+        _emit_json(hits)
+        return
+    t = Table(title=f"nearest to {_snippet(text, 50)!r}", title_justify="left", caption_justify="left",
+              caption=f"score: {settings.milvus.metric_type} in space {settings.embedding.space}; "
+              "copies: chunks with this exact text, shown once")
+    for col in ("rank", "score", "copies"):
+        t.add_column(col, justify="right", no_wrap=True)
+    t.add_column("chunk (company · document)", overflow="fold", ratio=2)
+    t.add_column("text", min_width=24, ratio=3)
+    for h in hits:
+        where = f"[dim]{escape(h['company'] or '')} · {escape(h['document'] or '')}[/dim]"
+        t.add_row(str(h["rank"]), f"{h['score']:.4f}", f"{h['count']:,}", f"{escape(h['chunk_id'])}\n{where}",
+                  escape(_snippet(h["text"], 160)) if h["text"] is not None else "[dim](not in the source)[/dim]")
+    console.print(t)
+    if not hits:
+        console.print("no vector matched")
+
+
+@app.command()
+def report(
+    run_id: Annotated[str, typer.Argument(help="Run id.")],
+    out: Annotated[Path | None, typer.Option("--out", help="Write the page here (default: report.html in the "
+                                            "run's staging folder).")] = None,
+) -> None:
+    """Write one self-contained HTML page about a run: summary, cost per lane, a timeline of every
+    shard attempt, the provider queue's fill, tokens per shard, failures by code, the bins.
+
+    Read from the run's staged files only (no API call); the page loads nothing from anywhere.
+    """
+    from batchyard.report import write
+    from batchyard.storage.runs import find_run
+    from batchyard.storage.staging import Staging
+
+    _check_run_exists(run_id)
+    run = find_run(Staging.from_settings(_settings(_overrides()).staging), run_id)
+    written = _guarded(lambda: {"w": write(run, out)})["w"]
+    console.print(f"report of run {run_id} ({run.job}) written to {written.location} "
+                  f"({written.bytes / 1024:,.0f} KiB)", highlight=False, soft_wrap=True)
+
+
+def _snippet(text: str | None, width: int) -> str:
+    flat = " ".join((text or "").split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
 def run() -> None:  # pragma: no cover - the console script

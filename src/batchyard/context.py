@@ -51,21 +51,21 @@ class RunContext:
         if self._api is None:
             provider = self.settings.provider
             if provider.embedded:
-                from pydantic import SecretStr
+                from batchyard.localapi.embedded import start_or_attach, take_over
 
-                from batchyard.localapi.auth import generate_key
-                from batchyard.localapi.runner import LocalServer
-
-                # a key of this process only: other local users cannot use the port meanwhile;
-                # an admin key, so it sees the batches of earlier processes on this state (resume)
-                key = generate_key()
-                local = provider.local.model_copy(
-                    update={"api_keys": [], "admin_api_keys": [SecretStr(key)], "api_keys_file": None})
+                local = provider.local
                 state_dir = local.state_dir or str(self.staging.local_dir(".localapi"))
-                self._server = LocalServer(local, state_dir)
-                self._server.start()
-                log.info("embedded local Batch API server at %s", self._server.base_url)
-                self._api = BatchApi.connect(provider, base_url=self._server.base_url, api_key=key)
+                embedded = start_or_attach(local, state_dir)
+                self._server = embedded.server
+                self._api = BatchApi.connect(provider, base_url=embedded.base_url, api_key=embedded.key)
+
+                def follow(lost: str) -> tuple[str, str]:
+                    moved = take_over(local, state_dir, lost)
+                    if moved.server is not None:
+                        self._server = moved.server
+                    return moved.base_url, moved.key
+
+                self._api.reconnect = follow
             else:
                 self._api = BatchApi.connect(provider)
         return self._api
@@ -105,6 +105,14 @@ class RunContext:
         indexes, so it pages like a server."""
         return self.settings.mongo.page_size
 
+    def yield_store(self) -> bool:
+        """Close the stand-in now if another process waits for it (two runs of one project directory
+        take turns with it); the next use reopens it. Returns whether it was closed."""
+        if self._store is not None and self._store.wanted():
+            self.release_store()
+            return True
+        return False
+
     def release_store(self) -> None:
         """Close the document store now (a stand-in is saved and unlocked); the next use reopens it."""
         if self._store is not None:
@@ -132,6 +140,9 @@ class RunContext:
             self._api.close()
             self._api = None
         if self._server is not None:
+            from batchyard.localapi.embedded import unpublish
+
+            unpublish(self._server.state_dir)
             self._server.stop()
             self._server = None
         if self._store is not None:

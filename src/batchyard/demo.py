@@ -1,12 +1,13 @@
 """`batchyard demo`: the whole pipeline on the embedded defaults.
 
 Seeds a small corpus into the document store (the stand-in unless a MongoDB URI is configured),
-embeds it through the local Batch API server into Milvus Lite, queries nearest neighbours, runs
-one inference task and prints a few parsed results.
+embeds it through the local Batch API server into Milvus Lite, searches the passages nearest to
+one that is not boilerplate (`batchyard search`: distinct texts, with their copies), runs one
+inference task and prints a few parsed results.
 
 Everything runs in one run context, opened by the CLI while Prefect's temporary API server
 comes up (`batchyard.launch`): the seeding happens meanwhile, and Milvus Lite, the stand-in and
-the embedded Batch API server start once for the two runs and the queries.
+the embedded Batch API server start once for the two runs and the search.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-import polars as pl
 from rich.table import Table
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def run_demo(
     console.rule("2. batch embeddings")
     info = run_job("embeddings", targets_path, engine=engine, overrides=overrides)
     print_run(info)
-    _neighbours(console, ctx, info)
+    _neighbours(console, ctx)
 
     console.rule(f"3. batch inference: {task}")
     first = Targets(companies=targets.companies[:1])
@@ -67,40 +67,39 @@ def run_demo(
     return max(exit_code(info), exit_code(info2))
 
 
-def _neighbours(console: Console, ctx: RunContext, info: dict[str, Any]) -> None:
-    """Nearest neighbours of one embedded chunk, straight from Milvus."""
-    from batchyard.clients.milvus import collection_name, ensure_collection, search
-    from batchyard.storage.runs import RunStore
+def _neighbours(console: Console, ctx: RunContext) -> None:
+    """The passages nearest to one that is not boilerplate, through `batchyard search`: each
+    distinct text once, with how many chunks carry it."""
+    from collections import Counter
+
+    from batchyard.search import search_text
 
     settings = ctx.settings
-    run = RunStore(ctx.staging, info["job"], info["run_id"])
-    results = run.read_dataset("results")
-    if results.height == 0:
-        console.print("no new vectors in this run (everything was already embedded): nothing to query")
+    fields = settings.mongo.fields
+    docs = list(ctx.store.chunks.find({}, {fields.text: 1}).sort(fields.chunk_id, 1))
+    copies = Counter(d.get(fields.text) for d in docs)
+    # a passage of its own (one chunk has it), long enough to say something
+    probe = max((d for d in docs if copies[d.get(fields.text)] == 1),
+                key=lambda d: min(len(d[fields.text]), 600), default=None)
+    if probe is None:
+        console.print("every chunk repeats another one's text: no passage of its own to search for")
         return
-    st = ctx.staging
-    chunks = pl.concat([st.read_parquet(p.rel("chunks", n)) for p in run.partitions()
-                        for n in st.list(p.rel("chunks"), ".parquet")])
-    # probe with a repeated passage (boilerplate), so that exact duplicates show up as neighbours
-    repeated = chunks.group_by("text_sha256").len().sort("len", descending=True)["text_sha256"][0]
-    probe_id = chunks.filter(pl.col("text_sha256") == repeated)["chunk_id"][0]
-    probe = results.filter(pl.col("chunk_id") == probe_id).row(0, named=True)
-    text = chunks.filter(pl.col("chunk_id") == probe_id)["text"][0]
-    snippets = dict(zip(chunks["chunk_id"], chunks["text"].str.slice(0, 60), strict=True))
-    name = collection_name(settings.milvus.collection_prefix, settings.embedding.space)
-    ensure_collection(ctx.milvus, name, dim=len(probe["vector"]), index_type=settings.milvus.index_type,
-                      metric_type=settings.milvus.metric_type)
-    hits = search(ctx.milvus, name, list(probe["vector"]), limit=5)
-    t = Table(title=f"nearest neighbours in Milvus of chunk {probe_id} ({settings.milvus.metric_type})")
-    t.add_column("chunk")
-    t.add_column("company")
-    t.add_column("similarity", justify="right")
-    t.add_column("text")
+    text = probe[fields.text]
+    hits = search_text(ctx, text, k=5)
+    t = Table(title=f"`batchyard search`: the passages nearest to chunk {probe['_id']} in Milvus "
+              f"({settings.milvus.metric_type}; each text once)", title_justify="left")
+    for col in ("rank", "similarity", "chunk", "copies", "text"):
+        t.add_column(col, justify="right" if col in ("rank", "similarity", "copies") else "left",
+                     no_wrap=col != "chunk", max_width=70 if col == "text" else None, overflow="ellipsis")
     for h in hits:
-        t.add_row(str(h["chunk_id"]), str(h.get("company_id")), f"{h['distance']:.4f}",
-                  snippets.get(h["chunk_id"], "") + "…")
-    console.print(f"query text: [italic]{text[:160]}…[/italic]")
+        t.add_row(str(h["rank"]), f"{h['score']:.4f}", h["chunk_id"], str(h["count"]),
+                  " ".join((h["text"] or "").split()))
+    console.print(f"query text: [italic]{' '.join(text.split())[:160]}…[/italic]")
     console.print(t)
+    if settings.provider.embedded and settings.provider.local.embeddings_executor == "hash":
+        console.print("The local server's `hash` embeddings are not semantic: only the passage itself scores "
+                      "1.0; with a real model (README: the local embedding model) its neighbours are related "
+                      "passages.", style="italic")
 
 
 def _inference_samples(console: Console, ctx: RunContext, info: dict[str, Any]) -> None:

@@ -12,6 +12,11 @@ non-ASCII text (accented executive names, €, curly quotes, dashes).
 Ids are readable: company `acme-robotics`, document `acme-robotics-10k-2025`, chunk `_id`
 `acme-robotics/acme-robotics-10k-2025/00003`. Generation is streaming (memory does not grow
 with `n`) and runs at roughly 30-60k chunks per second on one core.
+
+Every chunk carries its last change date in `fields.updated_at` (an aware UTC datetime; not
+written when that setting is None): `seed_store` stamps what it inserts or changes with one
+date per call, and leaves unchanged chunks as they were, as an ingestion pipeline would.
+`batchyard.seed_changes` edits, deletes, adds and re-chunks seeded chunks the same way.
 """
 
 from __future__ import annotations
@@ -602,17 +607,25 @@ def _plan(n_chunks: int, seed: int, n_companies: int | None) -> Iterator[_Doc]:
         yield from _docs_for(company, 1 + extra, _derive_rng(seed, f"docs:{company.company_id}"))
 
 
+def now_ms() -> datetime:
+    """The current UTC time at BSON's millisecond precision (what MongoDB gives back)."""
+    now = datetime.now(UTC)
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
 def generate_chunks(
     n_chunks: int,
     *,
     seed: int = 0,
     n_companies: int | None = None,
     fields: MongoFields | None = None,
+    updated_at: datetime = INGESTED_AT,
 ) -> Iterator[dict[str, Any]]:
     """Yield exactly `n_chunks` synthetic chunk documents (deterministic for `seed`).
 
     Field names follow `fields` (default `MongoFields()`); `_id` is always the readable
     `company/document/00003` string, also written to `fields.chunk_id` when that is not `_id`.
+    `updated_at` goes into `fields.updated_at` (when set).
     """
     f = fields or MongoFields()
     for doc in _plan(n_chunks, seed, n_companies):
@@ -637,6 +650,8 @@ def generate_chunks(
             out["published"] = doc.published
             out["source"] = SOURCE_TAG
             out["ingested_at"] = INGESTED_AT
+            if f.updated_at:
+                _put(out, f.updated_at, updated_at)
             yield out
 
 
@@ -647,7 +662,8 @@ class SeedReport(BaseModel):
     documents: int = Field(description="Documents in the corpus.")
     chunks: int = Field(description="Chunks written (inserted + already present).")
     inserted: int = Field(default=0, description="Chunks that were new.")
-    updated: int = Field(default=0, description="Existing chunks whose content changed.")
+    updated: int = Field(default=0, description="Existing chunks whose content changed (re-stamped).")
+    updated_at: datetime | None = Field(default=None, description="The change date stamped on what was written.")
     seconds: float = Field(default=0.0, description="Wall time.")
     seed: int = Field(default=0, description="Generator seed.")
     catalog: dict[str, list[str]] = Field(
@@ -663,14 +679,18 @@ def seed_store(
     seed: int = 0,
     batch_size: int = 5_000,
     n_companies: int | None = None,
+    updated_at: datetime | None = None,
 ) -> SeedReport:
     """Write `generate_chunks(n_chunks, seed=...)` into `store.chunks` (or a collection).
 
-    New chunks go in with `insert_many`; chunks that already exist are updated with `$set` of
-    the generated fields (an upsert), so reseeding is idempotent and keeps batchyard's marks
-    when the text is unchanged. Also creates a (company, document, _id) index.
+    New chunks go in with `insert_many`; chunks that already exist are compared with what was
+    generated and only those that differ are updated (`$set` of the generated fields, an upsert),
+    so reseeding is idempotent and keeps batchyard's marks. What is inserted or updated gets
+    `updated_at` (default: now, at millisecond precision) in `fields.updated_at`. Also creates a
+    (company, document, _id) index and, with a change field, an index on it.
     """
     f = fields or MongoFields()
+    stamp = updated_at or now_ms()
     # a Collection's attribute access yields a sub-collection, so test the type, not hasattr
     coll = store.chunks if isinstance(store, DocumentStore) else store
     start = time.perf_counter()
@@ -678,24 +698,29 @@ def seed_store(
     inserted = updated = total = 0
     batch: list[dict[str, Any]] = []
 
+    def content(doc: dict[str, Any]) -> Any:
+        """What a chunk holds besides its id and change date, dates compared as MongoDB keeps them."""
+        return _comparable(_without({k: v for k, v in doc.items() if k != "_id"}, f.updated_at))
+
     def flush() -> None:
         nonlocal inserted, updated
         ids = [d["_id"] for d in batch]
-        existing = {d["_id"] for d in coll.find({"_id": {"$in": ids}}, {"_id": 1})}
+        projection = dict.fromkeys((k for k in batch[0] if k != "_id"), 1)
+        existing = {d["_id"]: d for d in coll.find({"_id": {"$in": ids}}, projection)}
         new = [d for d in batch if d["_id"] not in existing]
         if new:
             inserted += len(coll.insert_many(new, ordered=False).inserted_ids)
-        if existing:
-            ops = [
-                UpdateOne({"_id": d["_id"]}, {"$set": {k: v for k, v in d.items() if k != "_id"}}, upsert=True)
-                for d in batch
-                if d["_id"] in existing
-            ]
+        ops = [
+            UpdateOne({"_id": d["_id"]}, {"$set": {k: v for k, v in d.items() if k != "_id"}}, upsert=True)
+            for d in batch
+            if d["_id"] in existing and content(existing[d["_id"]]) != content(d)
+        ]
+        if ops:
             res = coll.bulk_write(ops, ordered=False)
             updated += res.modified_count + res.upserted_count
         batch.clear()
 
-    for doc in generate_chunks(n_chunks, seed=seed, n_companies=n_companies, fields=f):
+    for doc in generate_chunks(n_chunks, seed=seed, n_companies=n_companies, fields=f, updated_at=stamp):
         company = _get(doc, f.company)
         document = _get(doc, f.document)
         docs = catalog.setdefault(company, [])
@@ -709,16 +734,47 @@ def seed_store(
         flush()
     coll.create_index([(f.company, ASCENDING), (f.document, ASCENDING), ("_id", ASCENDING)],
                       name="batchyard_company_document_id")
+    if f.updated_at:
+        coll.create_index([(f.updated_at, ASCENDING)], name="batchyard_updated_at")
     return SeedReport(
         companies=len(catalog),
         documents=sum(len(v) for v in catalog.values()),
         chunks=total,
         inserted=inserted,
         updated=updated,
+        updated_at=stamp if f.updated_at else None,
         seconds=round(time.perf_counter() - start, 3),
         seed=seed,
         catalog=catalog,
     )
+
+
+def _without(doc: dict[str, Any], path: str | None) -> dict[str, Any]:
+    """`doc` without the value at a dotted `path` (its parents copied, the rest shared)."""
+    if not path:
+        return doc
+    head, _, rest = path.partition(".")
+    if head not in doc:
+        return doc
+    out = dict(doc)
+    if not rest:
+        del out[head]
+    elif isinstance(out[head], dict):
+        out[head] = _without(out[head], rest)
+    return out
+
+
+def _comparable(value: Any) -> Any:
+    """Dates as naive UTC milliseconds, recursively (a tz-naive client reads them back so)."""
+    if isinstance(value, datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(UTC).replace(tzinfo=None)
+        return value.replace(microsecond=value.microsecond // 1000 * 1000)
+    if isinstance(value, dict):
+        return {k: _comparable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_comparable(v) for v in value]
+    return value
 
 
 def _get(doc: dict[str, Any], path: str) -> Any:

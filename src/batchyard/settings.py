@@ -122,6 +122,11 @@ class MongoSettings(BaseModel):
     page_size: int = Field(
         default=5_000, gt=0, le=100_000, description="Chunks per `_id`-range page when snapshotting."
     )
+    standin_wait_s: float = Field(
+        default=300.0, gt=0, le=86_400,
+        description="How long a process waits for the MongoDB stand-in while another process holds it "
+        "(two runs of one project directory take turns; a holder lets go between rounds).",
+    )
     write_batch_size: int = Field(
         default=5_000, gt=0, le=100_000, description="Operations per unordered bulk_write."
     )

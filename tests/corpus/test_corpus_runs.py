@@ -25,9 +25,8 @@ pytestmark = pytest.mark.e2e
 
 
 def stamp(ctx: RunContext, when: datetime | None = None) -> None:
-    """Give every chunk without one a change field, one minute apart up to `when` (as a source
-    that keeps `updated_at` does)."""
-    ids = [d["_id"] for d in ctx.store.chunks.find({"updated_at": None}, {"_id": 1}).sort("_id", 1)]
+    """Stamp every chunk's change field one minute apart up to `when` (a corpus written over time)."""
+    ids = [d["_id"] for d in ctx.store.chunks.find({}, {"_id": 1}).sort("_id", 1)]
     end = when or datetime.now(UTC)
     for i, cid in enumerate(ids):
         ctx.store.chunks.update_one({"_id": cid}, {"$set": {"updated_at": end - timedelta(minutes=len(ids) - i)}})
@@ -62,8 +61,9 @@ def test_partition_keys_are_the_same_in_every_run_and_a_no_op_writes_no_version(
         second = runner.execute(ctx, EmbeddingsJob(ctx, targets))
         assert second["plan"].get("units", 0) == 0 and second["snapshot"]["read"] == "changes"
         assert {k: r["data_version"] for k, r in corpus.partitions().items()} == versions1
-        # only the chunks written in the last `corpus.change_slack_s` before the cursor are read again
-        assert 0 < sum(second["detection"]["candidates"].values()) <= 11 and second["snapshot"]["chunks"] == 0
+        # a corpus written a day ago is not read again: nothing changed since the first run
+        assert sum(second["detection"]["candidates"].values()) == 0 and second["snapshot"]["chunks"] == 0
+        assert second["snapshot"]["partitions"] == 0
         # the company grows far past the cap: its bucket count, and so its keys, stay
         big = max(first["detection"]["counts"], key=first["detection"]["counts"].get)
         doc = ctx.store.chunks.find_one({"company_id": big})
@@ -217,8 +217,8 @@ def test_changes_only_are_read_and_a_failed_unit_is_read_again(settings_factory:
         ctx.store.save()
         second = runner.execute(ctx, EmbeddingsJob(ctx, targets))
         assert second["snapshot"]["read"] == "changes"
-        # 3 edits + 1 retry + the chunks written in the slack window before the cursor, not 100
-        assert 4 <= sum(second["detection"]["candidates"].values()) <= 4 + 11 and second["snapshot"]["chunks"] == 4
+        # 3 edits + 1 retry, not 100
+        assert sum(second["detection"]["candidates"].values()) == 4 and second["snapshot"]["chunks"] == 4
         assert second["final"]["results"] == 4 and second["final"]["failures"] == 0
         assert corpus.read_retry().height == 0
 

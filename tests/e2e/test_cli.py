@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,15 @@ def test_demo_runs_on_the_embedded_defaults(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = out.stdout
     assert "MongoDB stand-in" in text  # labelled as a stand-in wherever it is used
-    assert "nearest neighbours in Milvus" in text and "1.0000" in text  # the probe and its duplicates
+    # the neighbour query (`batchyard search`) shows 5 distinct passages, not copies of boilerplate
+    found = text[text.index("2. batch embeddings"):text.index("3. batch inference")]
+    rows = [cells for line in found.splitlines() if line.startswith("│")
+            for cells in [[c.strip() for c in line.split("│")[1:-1]]]
+            if any(re.fullmatch(r"-?\d\.\d{4}", c) for c in cells)]  # a row with a similarity
+    similarities = [c for r in rows for c in r if re.fullmatch(r"-?\d\.\d{4}", c)]
+    assert len(rows) == 5 and similarities[0] == "1.0000"
+    assert similarities.count("1.0000") == 1  # only the passage itself: no copies of boilerplate
+    assert len({r[-1] for r in rows}) == 5  # five distinct passages
     assert "results=300" in text  # every seeded chunk embedded
     assert "a few parsed results" in text and "section_type" in text
     assert (tmp_path / "staging" / "embeddings").is_dir()

@@ -88,7 +88,9 @@ def test_usage_errors_exit_2_with_one_line(tmp_path: Path) -> None:
         assert time.monotonic() - started < 15, f"{name}: checked before Prefect starts"
 
 
-def test_a_stand_in_held_by_another_process_is_one_line(tmp_path: Path) -> None:
+def test_a_stand_in_held_by_another_process_is_waited_for_then_one_line(tmp_path: Path) -> None:
+    # runs of one project directory take turns with the stand-in; one that never lets go is waited
+    # for `mongo.standin_wait_s`, then named in one line
     write_targets(tmp_path, "companies: [acme]\n")
     holder = subprocess.Popen(
         [sys.executable, "-c", (
@@ -97,9 +99,11 @@ def test_a_stand_in_held_by_another_process_is_one_line(tmp_path: Path) -> None:
         cwd=tmp_path, env=env(), stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "ready"
-        out = cli(["embed", "--targets", "t.yaml"], tmp_path)
-        assert out.returncode == 1 and out.stderr.count("\n") == 1
-        assert "in use by another process" in out.stderr and "Traceback" not in out.stderr
+        out = cli(["embed", "--targets", "t.yaml"], tmp_path, BATCHYARD_MONGO__STANDIN_WAIT_S="3")
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert lines[-1].startswith("error: ") and "in use by another process" in lines[-1], out.stderr
+        assert len(lines) <= 3, out.stderr  # what it waits for, then why it gave up
     finally:
         holder.kill()
         holder.wait()

@@ -6,6 +6,7 @@ import re
 import statistics
 import time
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -101,3 +102,31 @@ def test_seed_store_is_idempotent_and_keeps_marks(chunks: Any) -> None:
     assert chunks.count_documents(targets.mongo_filter(MongoFields())) == 1_200
     whole = targets_for(report, all_documents=True)
     assert all(c.documents is None for c in whole.companies)
+
+
+def test_seed_stamps_what_it_writes_and_only_restamps_changes(chunks: Any) -> None:
+    """Every chunk gets its change date; a reseed leaves unchanged chunks (and their date) alone
+    and re-stamps a chunk whose content differs from what is generated."""
+    first, second, third = (datetime(2026, 3, d, 8, 0, 0, 123_000, tzinfo=UTC) for d in (1, 2, 3))
+    report = seed_store(chunks, 400, seed=5, updated_at=first)
+    assert report.updated_at == first
+    assert {d["updated_at"] for d in chunks.find({}, {"updated_at": 1})} == {first.replace(tzinfo=None)}
+    assert "batchyard_updated_at" in chunks.index_information()
+
+    again = seed_store(chunks, 400, seed=5, updated_at=second)
+    assert again.inserted == 0 and again.updated == 0
+    assert chunks.count_documents({"updated_at": {"$gt": first}}) == 0
+
+    victim = chunks.find_one({}, sort=[("_id", 1)])
+    chunks.update_one({"_id": victim["_id"]}, {"$set": {"text": "edited by hand"}})
+    restored = seed_store(chunks, 400, seed=5, updated_at=third)
+    assert (restored.inserted, restored.updated) == (0, 1)
+    assert [d["_id"] for d in chunks.find({"updated_at": {"$gte": third}})] == [victim["_id"]]
+    assert chunks.find_one({"_id": victim["_id"]})["text"] == victim["text"]
+
+
+def test_seed_without_a_change_field_writes_none() -> None:
+    doc = next(generate_chunks(1, seed=0, fields=MongoFields(updated_at=None)))
+    assert "updated_at" not in doc
+    nested = next(generate_chunks(1, seed=0, fields=MongoFields(updated_at="meta.changed")))
+    assert nested["meta"]["changed"].tzinfo is not None

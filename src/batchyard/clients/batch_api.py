@@ -67,6 +67,9 @@ class BatchApi:
     def __init__(self, client: openai.OpenAI, settings: ProviderSettings) -> None:
         self.client = client
         self.settings = settings
+        self.reconnect: Callable[[str], tuple[str, str]] | None = None
+        """For a server that may move (the embedded one, shared by processes): given the base URL
+        that stopped answering, where to go now and with which key."""
         self.calls: Counter[str] = Counter()
         """Calls made, by operation (`upload`, `create`, `retrieve`, `list`, ...; `list_pages`
         counts the pages a list call fetched), for reports and tests."""
@@ -101,6 +104,27 @@ class BatchApi:
                 exc.args = (str(exc).replace(key, "**********"),)
             raise
 
+    def _follow(self) -> None:
+        """Before a retry: if the server moved (`reconnect`), point the client at it."""
+        if self.reconnect is None:
+            return
+        import httpx2
+
+        lost = str(self.client.base_url).rstrip("/")
+        try:
+            if httpx2.get(f"{lost.removesuffix('/v1')}/healthz", timeout=1.0).status_code == 200:
+                return  # it answers: a blip, not a move
+        except httpx2.HTTPError:  # it does not answer: follow the server
+            pass
+        base_url, key = self.reconnect(lost)
+        if base_url.rstrip("/") == lost:
+            return
+        old = self.client
+        self.client = openai.OpenAI(api_key=key, base_url=base_url, organization=self.settings.organization,
+                                    timeout=self.settings.request_timeout_s, max_retries=0)
+        old.close()
+        log.warning("the embedded Batch API server moved to %s", base_url)
+
     def _retrying(self, operation: str, fn: Callable[[], T], on_retry: Callable[[], T | None] | None) -> T:
         s = self.settings
         attempt = 0
@@ -115,6 +139,7 @@ class BatchApi:
                     attempt += 1
                     if attempt > 1:
                         log.warning("retrying %s (attempt %d)", operation, attempt)
+                        self._follow()
                         if on_retry is not None:
                             found = on_retry()
                             if found is not None:
@@ -130,6 +155,17 @@ class BatchApi:
         # raised here, outside the handler, so that the SDK error (its request carries the key)
         # is not even the suppressed `__context__`: tblib (loaded by Dask) pickles that too
         raise error
+
+    # the real-time embeddings endpoint (for `batchyard search`: one query, not a shard)
+
+    def embed(self, model: str, texts: list[str], dimensions: int | None) -> list[list[float]]:
+        """Vectors of `texts` from `/v1/embeddings`, with this class's retries and key scrubbing."""
+        extra: dict[str, Any] = {"dimensions": dimensions} if dimensions is not None else {}
+        got = self._call(
+            f"embed {len(texts)} text(s) with {model}",
+            lambda: self.client.embeddings.create(model=model, input=texts, encoding_format="float", **extra),
+        )
+        return [list(d.embedding) for d in sorted(got.data, key=lambda d: d.index)]
 
     # files
 

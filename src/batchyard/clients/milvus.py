@@ -378,15 +378,22 @@ def search(
     *,
     limit: int = 10,
     filter: str = "",
+    consistency_level: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Nearest chunks to one vector: `[{"chunk_id", "distance", company_id, ...}]`, best first."""
+    """Nearest chunks to one vector: `[{"chunk_id", "distance", company_id, ...}]`, best first.
+
+    `consistency_level="Strong"` sees every row loaded before the call (a server's default,
+    Bounded, may miss rows loaded a moment ago, e.g. by the run that just ended).
+    """
     query = np.asarray(vector, dtype=np.float32).reshape(-1)
+    extra = {"consistency_level": consistency_level} if consistency_level else {}
     hits = client.search(
         collection_name=name,
         data=[query],
         filter=filter,
         limit=limit,
         output_fields=[f for f in SCALAR_FIELDS if f != "chunk_id"],
+        **extra,
     )
     out: list[dict[str, Any]] = []
     for hit in hits[0] if hits else []:

@@ -16,17 +16,23 @@ a umask taken from the staging folder's mode (`perms.umask_for`), so its data fi
 private as the rest of staging. (`milvus.lite_mode = "thread"` runs Lite in this process,
 where pymilvus binds it to a loopback TCP port: readable by local users during the run.)
 
-The child is tied to its parent: on Linux it gets SIGTERM when the parent dies
-(`PR_SET_PDEATHSIG`), so a crashed pipeline never leaves a server holding the data directory.
-Within one process, every client of one data directory shares one child (reference counted).
+One data directory, one server, shared by every process of the project directory (two runs at
+once, `batchyard search` beside a run): Lite allows one process per data directory. So the
+server is started by a small **supervisor** process (`python -m batchyard.clients.milvus_lite
+<data dir>`), which every process that uses it registers with (`clients/<pid>` in the socket
+folder). The supervisor stops Lite once no registered process has been alive for `GRACE_S`, so a
+crashed pipeline never leaves a server holding the data directory; the Lite child gets SIGTERM if
+the supervisor dies (`PR_SET_PDEATHSIG`). Starting, registering and stopping happen under one
+lock file (`spawn.lock`), so a process never attaches to a server that is about to stop. Within
+one process, every client of one data directory shares one registration (reference counted).
 """
 
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -65,13 +71,16 @@ with a colon, and for a `unix:` address gRPC takes all of it as the path."""
 
 
 def _socket_folder(data_dir: Path) -> tuple[Path, bool]:
-    """An owner-only folder for the child's socket, and whether it is a temporary one."""
+    """An owner-only folder for the child's socket, and whether it is a temporary one (the same
+    for every process of a data directory: they find the server by it)."""
     folder = data_dir.parent / ".milvus-lite"
     if len(str(folder / f"{SOCKET_NAME}:0").encode()) > SOCKET_PATH_MAX:
-        return Path(tempfile.mkdtemp(prefix="batchyard-milvus-")), True  # 0700 by mkdtemp
+        folder, temporary = Path(tempfile.gettempdir()) / f"batchyard-milvus-{_digest(data_dir)}", True
+    else:
+        temporary = False
     folder.mkdir(mode=0o700, exist_ok=True)
     os.chmod(folder, 0o700)  # whatever the umask or an older folder had
-    return folder, False
+    return folder, temporary
 
 
 def _reachable(path: Path) -> bool:
@@ -146,8 +155,7 @@ class LiteServer:
         self._remove_folder()
 
     def _remove_folder(self) -> None:
-        if self._temporary and self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        """The folder stays (its `clients/` and `spawn.lock` order the processes that share it)."""
 
 
 def _child_setup(umask: int) -> None:  # pragma: no cover - runs in the child before exec
@@ -156,8 +164,11 @@ def _child_setup(umask: int) -> None:  # pragma: no cover - runs in the child be
         _die_with_parent()
 
 
-_SERVERS: dict[Path, LiteServer] = {}
+_SERVERS: dict[Path, LiteServer] = {}  # the supervisor's own child
+_REFS: dict[Path, int] = {}  # registrations of this process, per data directory
 _LOCK = threading.Lock()
+GRACE_S = 2.0
+"""How long the supervisor keeps Lite up after its last registered process is gone."""
 
 
 def _start(path: Path, attempts: int = 3) -> LiteServer:
@@ -176,26 +187,153 @@ def _start(path: Path, attempts: int = 3) -> LiteServer:
     raise AssertionError("unreachable")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class _Registry:
+    """The processes using one data directory's server (`clients/<pid>` files) and the lock that
+    orders starting, registering and stopping."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.clients = folder / "clients"
+        self.lock_path = folder / "spawn.lock"
+
+    def __enter__(self) -> _Registry:
+        self.clients.mkdir(mode=0o700, exist_ok=True)
+        self._fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+
+    def add(self, pid: int) -> None:
+        (self.clients / str(pid)).touch(mode=0o600)
+
+    def remove(self, pid: int) -> None:
+        (self.clients / str(pid)).unlink(missing_ok=True)
+
+    def alive(self) -> list[int]:
+        """Registered processes that still run (the files of dead ones are removed)."""
+        out = []
+        for entry in self.clients.glob("*"):
+            if entry.name.isdigit() and _pid_alive(int(entry.name)):
+                out.append(int(entry.name))
+            else:
+                entry.unlink(missing_ok=True)
+        return out
+
+
+def _folder_of(path: Path) -> Path:
+    return _socket_folder(path)[0]
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(str(path).encode()).hexdigest()[:16]
+
+
 def acquire(data_dir: str | os.PathLike[str]) -> str:
-    """The URI of the Lite server of `data_dir`, starting it if this process has none yet."""
+    """The URI of the Lite server of `data_dir`, registering this process with it and starting
+    its supervisor when no process serves it yet."""
     path = Path(data_dir).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
     with _LOCK:
-        server = _SERVERS.get(path)
-        if server is None or server.proc is None or server.proc.poll() is not None:
-            server = _start(path)
-            _SERVERS[path] = server
-        server.refs += 1
-        return server.uri
+        folder = _folder_of(path)
+        sock = folder / f"{SOCKET_NAME}:0"
+        with _Registry(folder) as registry:
+            registry.add(os.getpid())
+            if not _reachable(sock):
+                _spawn_supervisor(path, folder, sock)
+        _REFS[path] = _REFS.get(path, 0) + 1
+        return f"unix:{sock}"
+
+
+def server_pids(data_dir: str | os.PathLike[str]) -> dict[str, int]:
+    """`{"supervisor": pid, "lite": pid}` of the server of `data_dir` (empty: none runs)."""
+    import json
+
+    info = _folder_of(Path(data_dir).expanduser().resolve()) / "server.json"
+    try:
+        return {k: int(v) for k, v in json.loads(info.read_text()).items()}
+    except (OSError, ValueError):
+        return {}
 
 
 def release(data_dir: str | os.PathLike[str]) -> None:
-    """Drop one reference; the last one stops the server (it saves its data on SIGTERM)."""
+    """Drop one reference; the last one of this process unregisters it (the supervisor stops Lite
+    when no registered process is left)."""
     path = Path(data_dir).expanduser().resolve()
     with _LOCK:
-        server = _SERVERS.get(path)
-        if server is None:
+        refs = _REFS.get(path, 0) - 1
+        if refs > 0:
+            _REFS[path] = refs
             return
-        server.refs -= 1
-        if server.refs <= 0:
-            server.stop()
-            _SERVERS.pop(path, None)
+        _REFS.pop(path, None)
+        folder = _folder_of(path)
+        with _Registry(folder) as registry:
+            registry.remove(os.getpid())
+
+
+def _spawn_supervisor(path: Path, folder: Path, sock: Path) -> None:
+    """Start `python -m batchyard.clients.milvus_lite <data dir>` and wait until Lite answers."""
+    log_path = path.parent / f".{path.name}.server.log"
+    fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, file_mode_in(path.parent))
+    with os.fdopen(fd, "ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "batchyard.clients.milvus_lite", str(path), str(folder)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    deadline = time.monotonic() + START_TIMEOUT_S * 3  # the supervisor tries up to 3 starts
+    while time.monotonic() < deadline:
+        if _reachable(sock) and (folder / "server.json").exists():
+            log.info("Milvus Lite server for %s on unix:%s (supervisor pid %d)", path, sock, proc.pid)
+            return
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
+            raise LiteServerError(str(path), f"the server exited during start-up: {tail[0]}")
+        time.sleep(0.05)
+    proc.terminate()
+    raise LiteServerError(str(path), f"the server did not listen within {START_TIMEOUT_S * 3:.0f} s")
+
+
+def supervise(path: Path, folder: Path) -> int:
+    """The supervisor: serve `path` with a Lite child until no registered process is alive."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor: %(message)s")
+    server = _start(path)
+    info = folder / "server.json"
+    info.write_text(f'{{"supervisor": {os.getpid()}, "lite": {server.proc.pid if server.proc else 0}}}\n')
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    idle_since: float | None = None
+    try:
+        while not stop.wait(0.25):
+            if server.proc is None or server.proc.poll() is not None:
+                log.error("the Lite child exited (%s)", server.proc.returncode if server.proc else "?")
+                return 1
+            with _Registry(folder) as registry:
+                if registry.alive():
+                    idle_since = None
+                    continue
+                idle_since = idle_since or time.monotonic()
+                if time.monotonic() - idle_since >= GRACE_S:
+                    server.stop()  # under the lock: nobody attaches to a server that is stopping
+                    info.unlink(missing_ok=True)
+                    log.info("no process uses %s any more: stopped", path)
+                    return 0
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - the supervisor process
+    sys.exit(supervise(Path(sys.argv[1]), Path(sys.argv[2])))

@@ -23,20 +23,39 @@ counts and `$group` counts from hash and sorted indexes; `batchyard.clients.stan
 append-only file with commit records. Opening reads a few bytes per document (no `insert_many`)
 and the chunk fields the pipeline looks up by are indexed on open (`_ensure_lookup_indexes`).
 
+What the stand-in answers from its indexes, i.e. what costs about what it returns (the same
+pymongo calls a real server answers from its own indexes; `mongo.fields.*` names the fields):
+
+- `find({<targets>, updated_at: {$gte: T}, _id: {$gt: last}}).sort("_id", 1).limit(page)` with
+  the targets as a company `$in` or an `$or` of company + document `$in` (`iter_id_pages`): the
+  `updated_at` range (`$gt/$gte/$lt/$lte`) drives, the targets only filter its candidates, so a
+  pass over 100 changed chunks of 1M costs milliseconds; the candidates are built once per
+  filter and reused by every page while no indexed value changes;
+- `find(<targets>, {updated_at: 1}).sort(updated_at, -1).limit(1)` (the newest change): walks
+  the sorted dates from the newest, decoding one document;
+- `aggregate([{$match: <targets>}, {$group: {_id: "$company" (or company + document), n: {$sum: 1}}}])`
+  and `count_documents(<filter>)`: counted from the indexes, no document decoded;
+- `find({company: c}, {_id: 1})` (a company's ids) and `find({_id: {$in: ids}})`: no scan, and
+  no document decoded for an `_id`-only projection;
+- not cheap: filters on fields no index names (each candidate is decoded and checked by
+  mongomock), sorts on unindexed fields or without a limit, and anything mongomock must scan.
+
 Within one process every store opened on the same stand-in file shares one in-memory database
-(so two stages see each other's writes); across processes an exclusive file lock stops a second
-process from opening it while the first holds it, because the last save would otherwise win. A
-forked child that inherited an open stand-in can read it but not write or save it.
+(so two stages see each other's writes). Across processes they take turns (`standin_lock`): a
+store opened for writing (the default) holds an exclusive file lock until it is closed, one
+opened with `read_only=True` a shared one (readers run side by side and every write is refused),
+and an opener waits at most `lock_timeout_s` (30 s by default, with a warning after 2 s) before
+`StandinBusy` names the holder. Closing a store that changed nothing writes nothing, and opening
+is cheap (an index checkpoint beside the file, `standin_checkpoint`), so a process can open the
+stand-in per operation and let others in between. A forked child that inherited an open
+stand-in can read it but not write or save it.
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import logging
 import os
 import threading
-import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -47,10 +66,10 @@ from pymongo.errors import PyMongoError
 
 from batchyard.clients.standin import StandinFileError
 from batchyard.clients.standin_file import FORMAT, VERSION, StandinDatabase
+from batchyard.clients.standin_lock import LockTimeout, StandinLock, describe
 from batchyard.clients.standin_mongomock import install_indexed_store
 from batchyard.errors import TerminalError, TransientError
 from batchyard.settings import MongoSettings
-from batchyard.storage.perms import file_mode_in
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +79,8 @@ RESULTS_INDEX_NAME = "batchyard_task_unit"
 RESULTS_INDEX_KEYS = [("task", ASCENDING), ("task_version", ASCENDING), ("unit_id", ASCENDING)]
 STANDIN_LOOKUP_INDEX = "batchyard_standin_company_document"
 STANDIN_CHUNK_ID_INDEX = "batchyard_standin_chunk_id"
+STANDIN_UPDATED_AT_INDEX = "batchyard_standin_updated_at"
+DEFAULT_LOCK_TIMEOUT_S = 30.0
 
 
 class DocumentStoreError(TerminalError):
@@ -72,16 +93,21 @@ class DocumentStoreError(TerminalError):
 
 
 class StandinBusy(TransientError):
-    """Another process holds the stand-in file open."""
+    """Another process holds the stand-in file (for writing, or for reading while we would write)."""
 
-    def __init__(self, path: str, waited_s: float, holder_pid: int | None = None) -> None:
+    def __init__(
+        self, path: str, waited_s: float, holders: list[dict[str, Any]] | int | None = None, *, write: bool = True
+    ) -> None:
+        if isinstance(holders, int):
+            holders = [{"pid": holders}]
         self.path = path
         self.waited_s = waited_s
-        self.holder_pid = holder_pid
-        who = f"another process (pid {holder_pid})" if holder_pid else "another process"
+        self.holders = holders or []
+        self.holder_pid: int | None = self.holders[0]["pid"] if self.holders else None
+        wanted = "write" if write else "read"
         super().__init__(
-            f"the MongoDB stand-in at {path} is in use by {who} "
-            f"(waited {waited_s:.1f} s); close that process or set a MongoDB URI"
+            f"the MongoDB stand-in at {path} is {describe(self.holders)}; waited {waited_s:.1f} s to {wanted} it. "
+            "Retry when that process is done, or set a MongoDB URI"
         )
 
 
@@ -229,6 +255,10 @@ class DocumentStore:
     def _scrub(self, text: str) -> str:
         return _scrub(text, self._secrets)
 
+    def wanted(self) -> bool:
+        """Whether another process waits for this stand-in (a real server: never)."""
+        return self._standin is not None and self._standin.lock.wanted()
+
     # lifecycle
     def save(self) -> None:
         """Persist the stand-in now (atomic); nothing to do for a real server."""
@@ -268,20 +298,27 @@ def ensure_results_index(collection: Collection) -> None:
 
 
 def open_document_store(
-    settings: MongoSettings, *, standin_dir: str | os.PathLike[str], lock_timeout_s: float = 10.0
+    settings: MongoSettings,
+    *,
+    standin_dir: str | os.PathLike[str],
+    lock_timeout_s: float | None = None,
+    read_only: bool = False,
 ) -> DocumentStore:
     """Open MongoDB (`settings.uri`) or the persisted stand-in under `standin_dir`.
 
-    Opening does not contact a real server; the first operation does.
+    Opening does not contact a real server; the first operation does. `read_only` concerns the
+    stand-in only: it then shares the file with other readers, and every write through it raises
+    `StandinFileError` ("opened read-only"); a real server is used as is.
 
     Raises:
         DocumentStoreError: the URI is invalid (the message never contains it), or the stand-in
             file is corrupt.
-        StandinBusy: another process holds the stand-in.
+        StandinBusy: another process held the stand-in for `lock_timeout_s`.
     """
     if settings.uri is not None:
         return _open_server(settings)
-    return _open_standin(settings, Path(standin_dir), lock_timeout_s)
+    return _open_standin(settings, Path(standin_dir), settings.standin_wait_s if lock_timeout_s is None
+                         else lock_timeout_s, read_only)
 
 
 def _open_server(settings: MongoSettings) -> DocumentStore:
@@ -312,13 +349,13 @@ def _open_server(settings: MongoSettings) -> DocumentStore:
 class _Standin:
     """One stand-in database bound to its file, shared within the process."""
 
-    def __init__(self, path: Path, database: str, lock_fd: int) -> None:
+    def __init__(self, path: Path, database: str, lock: StandinLock) -> None:
         import mongomock
 
         patch_mongomock()
         self.path = path
         self.database = database
-        self.lock_fd = lock_fd
+        self.lock = lock
         self.pid = os.getpid()
         self.refs = 0
         self.mutex = threading.RLock()
@@ -326,10 +363,14 @@ class _Standin:
         self.server = mongomock.store.ServerStore()
         self.client: Any = mongomock.MongoClient(tz_aware=True, _store=self.server)
 
-    def load(self) -> None:
-        """Open the file (created when missing); its documents are not re-inserted."""
+    @property
+    def read_only(self) -> bool:
+        return self.data.read_only
+
+    def load(self, read_only: bool) -> None:
+        """Open the file (created when missing, unless read-only); its documents are not re-inserted."""
         try:
-            self.data.open()
+            self.data.open(read_only=read_only)
         except StandinFileError as exc:
             self.data.close()
             raise DocumentStoreError(standin_label(self.path), str(exc)) from None
@@ -340,6 +381,20 @@ class _Standin:
             ) from None
         self.server._databases[self.database] = self.data.db_store
 
+    def make_writable(self, timeout_s: float) -> None:
+        """A stand-in opened read-only in this process is about to be written: take the
+        exclusive lock, and reload the file if another process changed it meanwhile."""
+        try:
+            self.lock.upgrade(timeout_s)
+        except LockTimeout as exc:
+            raise StandinBusy(str(self.path), exc.waited_s, exc.holders, write=True) from None
+        with self.mutex:
+            if self.data.changed_on_disk():
+                self.data.reopen()
+                self.load(read_only=False)
+            else:
+                self.data.make_writable()
+
     def save(self) -> None:
         with self.mutex:
             try:
@@ -348,7 +403,14 @@ class _Standin:
                 raise DocumentStoreError(standin_label(self.path), str(exc)) from None
 
     def close(self) -> None:
+        """Close the file and let go of the in-memory database: mongomock's client and database
+        objects refer to each other, so without this the indexes (hundreds of MB at 1M chunks)
+        would stay until the next full garbage collection."""
         self.data.close()
+        for db in self.client._database_accesses.values():
+            db._collection_accesses.clear()
+        self.client._database_accesses.clear()
+        self.server._databases.clear()
 
 
 _STANDINS: dict[Path, _Standin] = {}
@@ -364,50 +426,46 @@ def standin_label(path: Path) -> str:
     return f"MongoDB stand-in (mongomock, persisted at {path})"
 
 
-def _lock(lock_path: Path, timeout_s: float) -> int:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, file_mode_in(lock_path.parent))  # staging's access
-    start = time.monotonic()
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                os.close(fd)
-                raise
-            waited = time.monotonic() - start
-            if waited >= timeout_s:
-                os.close(fd)
-                try:
-                    holder = int(lock_path.read_text().strip() or 0) or None
-                except (OSError, ValueError):
-                    holder = None
-                raise StandinBusy(str(lock_path.with_suffix("")), waited, holder) from None
-            time.sleep(0.05)
-            continue
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        return fd
+def standin_in_use(standin_dir: str | os.PathLike[str], database: str, *, write: bool = True) -> StandinBusy | None:
+    """Whether another process holds the stand-in now (for writing, or for reading when `write`):
+    a `StandinBusy` naming the holders, or None. Never waits, holds nothing: for commands that
+    fail fast before they start (the lock file's lines are its format, read them only here)."""
+    path = standin_path(standin_dir, database).resolve()
+    lock = StandinLock(path.with_name(path.name + ".lock"), f"the MongoDB stand-in at {path}")
+    if not lock.path.exists():
+        return None
+    try:
+        lock.acquire(exclusive=write, timeout_s=0.0)
+    except LockTimeout as exc:
+        return StandinBusy(str(path), exc.waited_s, exc.holders, write=write)
+    lock.release()
+    return None
 
 
-def _open_standin(settings: MongoSettings, standin_dir: Path, lock_timeout_s: float) -> DocumentStore:
+def _open_standin(settings: MongoSettings, standin_dir: Path, lock_timeout_s: float, read_only: bool) -> DocumentStore:
     path = standin_path(standin_dir, settings.database).resolve()
     with _STANDINS_LOCK:
         standin = _STANDINS.get(path)
         if standin is not None and standin.pid != os.getpid():
             standin = None  # inherited through fork: the parent owns that copy and its lock
         if standin is None:
-            fd = _lock(path.with_name(path.name + ".lock"), lock_timeout_s)
+            lock = StandinLock(path.with_name(path.name + ".lock"), f"the MongoDB stand-in at {path}")
             try:
-                standin = _Standin(path, settings.database, fd)
-                standin.load()
+                lock.acquire(exclusive=not read_only, timeout_s=lock_timeout_s)
+            except LockTimeout as exc:
+                raise StandinBusy(str(path), exc.waited_s, exc.holders, write=not read_only) from None
+            try:
+                standin = _Standin(path, settings.database, lock)
+                standin.load(read_only)
             except BaseException:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                os.close(fd)
+                lock.release()
                 raise
             _STANDINS[path] = standin
             _ensure_lookup_indexes(standin, settings)
             log.info("using the %s (no MongoDB URI configured)", standin_label(path))
+        elif standin.read_only and not read_only:
+            standin.make_writable(lock_timeout_s)
+            _ensure_lookup_indexes(standin, settings)
         standin.refs += 1
     return DocumentStore(
         standin.client, settings, label=standin_label(path), is_standin=True, standin=standin
@@ -415,16 +473,21 @@ def _open_standin(settings: MongoSettings, standin_dir: Path, lock_timeout_s: fl
 
 
 def _ensure_lookup_indexes(standin: _Standin, settings: MongoSettings) -> None:
-    """Index the chunk fields the pipeline looks up by (the stand-in hash-indexes them).
+    """Index the chunk fields the pipeline looks up by (the stand-in indexes them).
 
-    Company and document (targets filters, partition counts) and, when it is not `_id`, the
-    chunk id field (marks are written by it). Creating them again is a no-op.
+    Company and document (targets filters, partition counts), the change field
+    (`fields.updated_at`: ranges and the newest change) and, when it is not `_id`, the chunk id
+    field (marks are written by it). Creating them again is a no-op. An index built here over
+    existing documents goes into the checkpoint, so it is built once, not at every open.
     """
     f = settings.fields
     chunks = standin.client[settings.database][settings.chunks_collection]
     chunks.create_index([(f.company, ASCENDING), (f.document, ASCENDING)], name=STANDIN_LOOKUP_INDEX)
     if f.chunk_id != "_id":
         chunks.create_index([(f.chunk_id, ASCENDING)], name=STANDIN_CHUNK_ID_INDEX)
+    if f.updated_at:
+        chunks.create_index([(f.updated_at, ASCENDING)], name=STANDIN_UPDATED_AT_INDEX)
+    standin.data.refresh_checkpoint()
 
 
 def _release_standin(standin: _Standin) -> None:
@@ -433,13 +496,14 @@ def _release_standin(standin: _Standin) -> None:
         if standin.pid != os.getpid():
             return  # inherited through fork: the parent saves it and owns the (shared) lock
         try:
-            standin.save()
+            standin.save()  # writes nothing when nothing changed
+            if standin.refs <= 0:
+                standin.data.checkpoint_if_stale()
         finally:
             if standin.refs <= 0:
                 _STANDINS.pop(standin.path, None)
                 standin.close()
-                fcntl.flock(standin.lock_fd, fcntl.LOCK_UN)
-                os.close(standin.lock_fd)
+                standin.lock.release()
 
 
 __all__ = [
@@ -450,6 +514,7 @@ __all__ = [
     "open_document_store",
     "patch_mongomock",
     "redact_uri",
+    "standin_in_use",
     "standin_label",
     "standin_path",
 ]

@@ -11,27 +11,33 @@ only embedded engine that accepts all of it through the pymongo API: montydb 2.5
 NotImplementedError for `bulk_write`, `aggregate`, `with_options` and `create_index` and scans
 for every query; mongita 1.2 has no `bulk_write`, `aggregate`, `$or` or `$and`. SQLite as the
 document store (measured: 22 us per random read of a 1.4 KB document against 3.6 us for
-`os.pread`) would be slower for the snapshot's `_id`-order reads. So the query language stays mongomock's, and only its storage is
-replaced.
+`os.pread`) would be slower for the snapshot's `_id`-order reads. So the query language stays
+mongomock's, and only its storage is replaced.
 
 What replaces it (`IndexedCollectionStore`, a mongomock `CollectionStore`):
 
 - Documents are kept BSON-encoded and decoded on access, in a blob holder: the persisted
   stand-in's file (`standin_file.LogFile`: only each document's place in the file is in memory)
-  or, for a plain `mongomock.MongoClient()` after `patch_mongomock()`, `MemoryBlobs`.
-- Hash indexes (value -> set of ids) on every field named by the collection's indexes, and a
-  sorted `_id` index per BSON type bracket (numbers, strings, ObjectIds;
-  `sortedcontainers.SortedList`), all maintained on insert, update and delete.
-- `plan(filter)` answers equality / `$in` / `$eq` on indexed fields and `_id`, `_id` ranges,
-  and their `$and` / `$or` combinations from those indexes. When every condition was answered
-  exactly, no document is decoded to filter it; otherwise the candidates are checked with
-  mongomock's own `filter_applies`; a filter it cannot narrow at all falls back to mongomock's
-  scan. Equality follows mongomock (Python `==`: 1, 1.0 and True are equal; missing equals
-  None); a document whose indexed value is not a plain scalar (array, sub-document, date) makes
-  lookups on that field check their candidates.
+  or, for a plain `mongomock.MongoClient()` after `patch_mongomock()`, `MemoryBlobs`. A document
+  has a slot (its natural-order position); the slot's blob reference is one 64-bit entry of an
+  array, so 1M documents cost a dict of ids and 8 MB of references.
+- Field indexes (`standin_index.FieldIndex`: hash buckets, plus sorted distinct values for
+  ranges and sorts) on every field named by the collection's indexes, and a sorted `_id` index
+  per BSON type bracket (numbers, strings, ObjectIds; `sortedcontainers.SortedList`), all
+  maintained on insert, update and delete.
+- `plan(filter)` turns equality / `$in` / `$eq`, ranges on indexed fields, `_id` ranges and
+  their `$and` / `$or` combinations into lazy terms (`standin_plan`): the most selective term
+  drives and the others only filter its candidates, so a query costs about what it matches.
+  When every condition was answered exactly, no document is decoded to filter it; otherwise the
+  candidates are checked with mongomock's own `filter_applies`; a filter it cannot narrow at
+  all falls back to mongomock's scan. Equality follows mongomock (Python `==`: 1, 1.0 and True
+  are equal; missing equals None); a document whose indexed value is not a plain scalar (array,
+  sub-document) makes lookups on that field check their candidates.
 - Candidate sets of a filter are cached until an indexed value changes (marks and result
   payloads never do), so the snapshot's pages cost O(page), not O(collection); `count_documents`
-  and `$group` counts by indexed string fields are answered from the indexes alone.
+  and `$group` counts by indexed string fields are answered from the indexes alone; a sort on
+  one indexed field with a limit walks that field's sorted values; a projection of `_id` alone is
+  answered without decoding a document.
 
 mongomock updates documents in place (`_update` mutates the dict it got from the store). The
 store hands out decoded copies, so the update is written back in the `_ensure_uniques` hook that
@@ -41,82 +47,37 @@ mongomock calls after every in-place change (see `sync`). `standin_mongomock` ro
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import copy
-import functools
 import itertools
 import threading
+import weakref
+from array import array
 from collections.abc import Collection, Iterable, Iterator
 from typing import Any
 
 import bson
 import bson.errors
-from bson import ObjectId
 from bson.codec_options import CodecOptions
 from sortedcontainers import SortedList
 
-_REF_BITS = 96  # a location: seq << 96 | blob reference (seq keeps mongomock's natural order)
-_REF_MASK = (1 << _REF_BITS) - 1
-_PLAN_CACHE = 8
+from batchyard.clients.standin_index import (
+    ID_BRACKETS,
+    Bounds,
+    FieldIndex,
+    SortedIds,
+    id_bracket,
+    plain,
+)
+from batchyard.clients.standin_plan import EVERYTHING, Term, build_and, flatten_and, id_bounds
 
-# mongomock's compare-type codes of the `_id` brackets kept sorted, in BSON sort order
-_NUM, _STR, _OID = 10, 15, 35
-_BRACKETS = (_NUM, _STR, _OID)
-_RANGE_OPS = ("$gt", "$gte", "$lt", "$lte")
+_PLAN_CACHE = 8
+_FORWARD_CACHE = 65_536  # documents whose index keys a plan read one by one, kept per key version
 
 
 class StandinFileError(Exception):
     """The stand-in file cannot be read or written (the message says why)."""
-
-
-# --------------------------------------------------------------------------- values
-
-
-class _Irregular(Exception):
-    """A document value the hash index cannot represent exactly."""
-
-
-_PLAIN_TYPES = frozenset({type(None), str, int, bool, bson.Int64, ObjectId})
-
-
-def _plain(value: Any) -> bool:
-    """A value whose Python `==` and hash agree with mongomock's equality (None, str, number, oid)."""
-    kind = type(value)
-    if kind in _PLAIN_TYPES:
-        return True
-    return kind is float and value == value  # NaN never equals itself
-
-
-def _bracket(value: Any) -> int | None:
-    """The sorted `_id` bracket of a value (None: kept unsorted)."""
-    kind = type(value)
-    if kind is str:
-        return _STR
-    if kind is int or kind is bson.Int64 or (kind is float and value == value):
-        return _NUM
-    if kind is ObjectId:
-        return _OID
-    return None
-
-
-def _field_value(doc: dict[str, Any], path: str) -> Any:
-    """The indexed value of `path`: missing is None; arrays and odd parents are irregular."""
-    cur: Any = doc
-    for part in path.split("."):
-        if not isinstance(cur, dict):
-            raise _Irregular
-        if part not in cur:
-            return None
-        cur = cur[part]
-    if not _plain(cur):
-        raise _Irregular
-    return cur
-
-
-def _pack(seq: int, ref: int) -> int:
-    return (seq << _REF_BITS) | ref
 
 
 def _pack_keys(doc_id: Any, keys: dict[str, tuple[bool, Any]]) -> dict[str, Any]:
@@ -125,6 +86,16 @@ def _pack_keys(doc_id: Any, keys: dict[str, tuple[bool, Any]]) -> dict[str, Any]
     for path, (regular, value) in keys.items():
         out[path] = [value] if regular else []
     return out
+
+
+def index_fields(specs: dict[str, Any]) -> set[str]:
+    """The fields the stand-in keeps a field index for: every field an index names."""
+    wanted: set[str] = set()
+    for spec in specs.values():
+        for field, _direction in spec.get("key", []):
+            if field != "_id" and not field.startswith("$") and "$" not in field:
+                wanted.add(field)
+    return wanted
 
 
 def store_key(doc_id: Any) -> Any:
@@ -178,16 +149,17 @@ def _decode(raw: bytes | _PyDoc, tz_aware: bool = False) -> dict[str, Any]:
 class MemoryBlobs:
     """Encoded documents held in memory (stores that are not persisted).
 
-    The blob interface (also `standin_file.LogFile`'s): `put(collection, raw, keys) -> ref`,
-    `get(ref) -> raw`, `get_many(refs)`, `keys(ref)` (the `keys` given to `put`, if kept), `release(...)` when a
-    document is replaced or deleted, and `structure_changed()` after a drop or rename.
+    The blob interface (also `standin_file.LogFile`'s): `put(collection, raw, keys) -> ref` (a
+    non-zero int below 2**64), `get(ref) -> raw`, `get_many(refs)`, `keys(ref)` (the `keys`
+    given to `put`, if kept), `release(...)` when a document is replaced or deleted, and
+    `structure_changed()` after a drop or rename.
     """
 
     keeps_objects = True
 
     def __init__(self) -> None:
         self._data: dict[int, bytes | _PyDoc] = {}
-        self._next = 0
+        self._next = 1  # 0 marks an empty slot in the stores' reference arrays
 
     def put(self, collection: str, raw: bytes | _PyDoc, keys: dict[str, Any]) -> int:
         ref = self._next
@@ -211,123 +183,52 @@ class MemoryBlobs:
         """A collection was dropped or renamed (nothing to do in memory)."""
 
 
-# --------------------------------------------------------------------------- indexes
+# --------------------------------------------------------------------------- plans
+
+_UNSET: Any = object()
 
 
-class _FieldIndex:
-    """value -> ids of the documents holding it, for one field path (mongomock equality).
+class Candidates:
+    """The ids a filter's indexed conditions allow (lazily materialized), shared by every plan
+    of that filter while no indexed value changes: the pages of a snapshot reuse them."""
 
-    A bucket is a dict with None values, not a set: CPython's garbage collector stops tracking
-    a dict that holds only strings and numbers, while it walks every set on every full
-    collection (measured at 1M chunks: 114 ms per full collection with sets, 40 with dicts).
-    """
+    def __init__(self, term: Term) -> None:
+        self.term = term
+        self._ids: Collection[Any] | None = _UNSET
+        self.sorted: dict[int, list[Any]] = {}  # per bracket, the sorted candidates (lazy)
 
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.buckets: dict[Any, dict[Any, None]] = {}
-        self.irregular: set[Any] = set()
+    @classmethod
+    def of(cls, ids: Collection[Any]) -> Candidates:
+        found = cls(EVERYTHING)
+        found._ids = ids
+        return found
 
-    def key(self, doc: dict[str, Any]) -> tuple[bool, Any]:
-        try:
-            return True, _field_value(doc, self.path)
-        except _Irregular:
-            return False, None
+    def ids(self) -> Collection[Any] | None:
+        """The candidate ids (None: every document); call with the store lock held."""
+        if self._ids is _UNSET:
+            self._ids = None if self.term is EVERYTHING else self.term.ids()
+        return self._ids
 
-    def add(self, doc_id: Any, key: tuple[bool, Any]) -> None:
-        regular, value = key
-        if regular:
-            bucket = self.buckets.get(value)
-            if bucket is None:
-                bucket = self.buckets[value] = {}
-            bucket[doc_id] = None
-        else:
-            self.irregular.add(doc_id)
-
-    def remove(self, doc_id: Any, key: tuple[bool, Any]) -> None:
-        regular, value = key
-        if not regular:
-            self.irregular.discard(doc_id)
-            return
-        bucket = self.buckets.get(value)
-        if bucket is not None:
-            bucket.pop(doc_id, None)
-            if not bucket:
-                del self.buckets[value]
-
-    def lookup(self, values: Iterable[Any]) -> tuple[Collection[Any], bool]:
-        """Ids whose value equals one of `values` (+ irregular ones), and whether that is exact.
-
-        One value: the bucket itself, not a copy (read it, never change it): a unique check on
-        (task, task_version, unit_id) must not copy every result of the task.
-        """
-        wanted = list(dict.fromkeys(values))
-        if len(wanted) == 1 and not self.irregular:
-            return self.buckets.get(wanted[0], {}), True
-        found: set[Any] = set()
-        for value in wanted:
-            bucket = self.buckets.get(value)
-            if bucket:
-                found.update(bucket)
-        if self.irregular:
-            return found | self.irregular, False
-        return found, True
-
-
-class _Range:
-    """A conjunction of `_id` bounds within one type bracket."""
-
-    def __init__(self, bracket: int) -> None:
-        self.bracket = bracket
-        self.lo: Any = None
-        self.lo_incl = True
-        self.hi: Any = None
-        self.hi_incl = True
-        self.empty = False
-
-    def add(self, op: str, bound: Any) -> None:
-        if op in ("$gt", "$gte"):
-            incl = op == "$gte"
-            if self.lo is None or bound > self.lo or (bound == self.lo and not incl):
-                self.lo, self.lo_incl = bound, incl
-        else:
-            incl = op == "$lte"
-            if self.hi is None or bound < self.hi or (bound == self.hi and not incl):
-                self.hi, self.hi_incl = bound, incl
-
-    def contains(self, value: Any) -> bool:
-        if _bracket(value) != self.bracket:
-            return False
-        if self.lo is not None and (value < self.lo or (value == self.lo and not self.lo_incl)):
-            return False
-        return not (self.hi is not None and (value > self.hi or (value == self.hi and not self.hi_incl)))
-
-    def span(self, keys: list[Any] | SortedList) -> tuple[int, int]:
-        """Positions [i, j) of the range within sorted `keys` (all of this bracket)."""
-        if isinstance(keys, SortedList):
-            left, right = keys.bisect_left, keys.bisect_right
-        else:
-            left, right = functools.partial(bisect.bisect_left, keys), functools.partial(bisect.bisect_right, keys)
-        i = 0 if self.lo is None else (left if self.lo_incl else right)(self.lo)
-        j = len(keys) if self.hi is None else (right if self.hi_incl else left)(self.hi)
-        return i, max(i, j)
+    @property
+    def built(self) -> bool:
+        return self._ids is not _UNSET
 
 
 class Plan:
-    """What the indexes say about a filter: candidate ids, an `_id` range, and exactness."""
+    """What the indexes say about a filter: its candidates, an `_id` range, and exactness."""
 
-    def __init__(self, ids: Collection[Any] | None, exact: bool, id_range: _Range | None, cache_key: bytes | None) -> None:
-        self.ids = ids  # None: every document; a set, or an index bucket (read-only)
+    def __init__(self, found: Candidates, exact: bool, id_range: Bounds | None) -> None:
+        self.found = found
+        self.term = found.term
         self.exact = exact  # True: every candidate within the range matches the filter
         self.id_range = id_range
-        self.cache_key = cache_key
-        self.sorted: dict[int, list[Any]] = {}  # per bracket, the sorted candidates (lazy)
 
 
 # --------------------------------------------------------------------------- the store
 
 
 class IndexedCollectionStore:
-    """A mongomock `CollectionStore` over encoded documents with hash and sorted `_id` indexes.
+    """A mongomock `CollectionStore` over encoded documents with field and sorted `_id` indexes.
 
     Built as a subclass of mongomock's class by `collection_store_class()` (mongomock is imported
     lazily); see the module docstring for what it keeps and why.
@@ -347,15 +248,16 @@ class IndexedCollectionStore:
         self._is_force_created = False
         self._rwlock = RWLock()
         self._lock = threading.RLock()
-        self._locs = {}
-        self._seq = 0
-        self._sorted: dict[int, SortedList] = {b: SortedList() for b in _BRACKETS}
+        self._locs = {}  # id -> slot (slots grow in natural order)
+        self._refs = array("Q")  # slot -> blob reference (0: the document was deleted)
+        self._sorted = SortedIds()
         self._others: set[Any] = set()
-        self._fields: dict[str, _FieldIndex] = {}
+        self._fields: dict[str, FieldIndex] = {}
         self._key_version = 0  # bumped whenever a candidate set could change
-        self._plans: collections.OrderedDict[bytes, tuple[int, Plan]] = collections.OrderedDict()
+        self._plans: collections.OrderedDict[bytes, tuple[int, Candidates, bool]] = collections.OrderedDict()
+        self._forwarded: tuple[int, dict[Any, dict[str, Any] | None]] = (0, {})
         self._last_set: Any = None
-        self._loading = False
+        self._bulk = False  # loading the whole collection: the sorted `_id` index is built at the end
 
     # ----- mongomock's CollectionStore interface
     @property
@@ -384,10 +286,15 @@ class IndexedCollectionStore:
     def is_created(self) -> bool:
         return bool(self._locs or self._index_specs or self._is_force_created)
 
+    def reset(self, blobs: Any) -> None:
+        """Empty, with no index, over `blobs` (a stand-in reloading its file in place)."""
+        with self._lock:
+            self._setup(self._name, blobs)
+
     def drop(self) -> None:
         with self._lock:
-            for loc in self._locs.values():
-                self._blobs.release(self._name, loc & _REF_MASK, None, False)
+            for key in list(self._locs):
+                self._blobs.release(self._name, self._ref(key), None, False)
             self._blobs.structure_changed()
             blobs = self._blobs
             self._setup(self._name, blobs)
@@ -428,16 +335,18 @@ class IndexedCollectionStore:
 
     def __delitem__(self, key: Any) -> None:
         with self._lock:
-            loc = self._locs[key]
-            doc_id, old = self._old(loc)
-            self._blobs.release(self._name, loc & _REF_MASK, doc_id, True)
+            slot = self._locs[key]
+            ref = self._refs[slot]
+            doc_id, old = self._old(ref)
+            self._blobs.release(self._name, ref, doc_id, True)  # may refuse (read-only)
             del self._locs[key]
+            self._refs[slot] = 0
             self._unindex(key, old)
-            bracket = _bracket(key)
+            bracket = id_bracket(key)
             if bracket is None:
                 self._others.discard(key)
             else:
-                self._sorted[bracket].remove(key)
+                self._sorted.discard(key, bracket)
             self._key_version += 1
 
     def __len__(self) -> int:
@@ -479,25 +388,24 @@ class IndexedCollectionStore:
                 del self[key]
 
     # ----- reading and writing documents
+    def _ref(self, key: Any) -> int:
+        return self._refs[self._locs[key]]
+
     def get(self, key: Any, tz_aware: bool = False) -> dict[str, Any] | None:
         """The decoded document stored under `key` (a fresh dict), or None."""
         with self._lock:
-            loc = self._locs.get(key)
-            if loc is None:
+            slot = self._locs.get(key)
+            if slot is None:
                 return None
-            raw = self._blobs.get(loc & _REF_MASK)
+            raw = self._blobs.get(self._refs[slot])
         return _decode(raw, tz_aware)
 
     def get_many(self, keys: list[Any], tz_aware: bool = False) -> list[dict[str, Any]]:
         """The decoded documents stored under `keys` (missing ones left out), in that order."""
         with self._lock:
-            locs = self._locs
-            refs = [locs[k] & _REF_MASK for k in keys if k in locs]
-            raws = self._blobs.get_many(refs)
+            locs, refs = self._locs, self._refs
+            raws = self._blobs.get_many([refs[locs[k]] for k in keys if k in locs])
         return [_decode(raw, tz_aware) for raw in raws]
-
-    def _decode(self, loc: int) -> dict[str, Any]:
-        return _decode(self._blobs.get(loc & _REF_MASK))
 
     def sync(self, doc: dict[str, Any]) -> None:
         """Store a document mongomock changed in place (called from `_ensure_uniques`)."""
@@ -511,40 +419,68 @@ class IndexedCollectionStore:
         with self._lock:
             keys = self._keys_of(doc)
             ref = self._blobs.put(self._name, raw, _pack_keys(doc.get("_id"), keys))  # may refuse
-            loc = self._locs.get(key)
-            if loc is None:
-                seq = self._seq
-                self._seq += 1
+            slot = self._locs.get(key)
+            if slot is None:
+                self._locs[key] = len(self._refs)
+                self._refs.append(ref)
                 self._add_key(key)
                 self._key_version += 1
+                self._index(key, keys)
             else:
-                seq = loc >> _REF_BITS
-                _, old = self._old(loc)
-                if old != keys:
-                    self._key_version += 1
-                self._unindex(key, old)
-                self._blobs.release(self._name, loc & _REF_MASK, key, False)
-            self._locs[key] = _pack(seq, ref)
-            self._index(key, keys)
+                old_ref = self._refs[slot]
+                self._reindex(key, self._old(old_ref)[1], keys)
+                self._blobs.release(self._name, old_ref, key, False)
+                self._refs[slot] = ref
+
+    def _reindex(self, key: Any, old: dict[str, tuple[bool, Any]], new: dict[str, tuple[bool, Any]]) -> None:
+        """Move a document between the buckets whose value changed (marks change none)."""
+        changed = False
+        for path, index_key in new.items():
+            was = old[path]
+            if was != index_key or type(was[1]) is not type(index_key[1]):
+                index = self._fields[path]
+                index.remove(key, was)
+                index.add(key, index_key)
+                changed = True
+        if changed:
+            self._key_version += 1
 
     def _add_key(self, key: Any) -> None:
-        bracket = _bracket(key)
+        bracket = id_bracket(key)
         if bracket is None:
             self._others.add(key)
-        elif not self._loading:
-            self._sorted[bracket].add(key)
+        elif not self._bulk:
+            self._sorted.add(key, bracket)
 
     def _keys_of(self, doc: dict[str, Any]) -> dict[str, tuple[bool, Any]]:
         """The document's key in each field index."""
         return {path: index.key(doc) for path, index in self._fields.items()}
 
-    def _old(self, loc: int) -> tuple[Any, dict[str, tuple[bool, Any]]]:
+    def _old(self, ref: int) -> tuple[Any, dict[str, tuple[bool, Any]]]:
         """(`_id`, index keys) of a stored document, from its stored keys when they cover them."""
-        stored = self._blobs.keys(loc & _REF_MASK)
+        stored = self._blobs.keys(ref)
         if stored is not None and self.covers(stored):
             return stored.get("_id"), self._unpack_keys(stored)
-        doc = self._decode(loc)
+        doc = _decode(self._blobs.get(ref))
         return doc.get("_id"), self._keys_of(doc)
+
+    def forward(self, key: Any, path: str) -> tuple[bool, Any]:
+        """A document's key in the index of `path`, read through its blob (for plan terms that
+        test a few candidates instead of walking many buckets). Cached per key version."""
+        version, cache = self._forwarded
+        if version != self._key_version or len(cache) > _FORWARD_CACHE:
+            cache = {}
+            self._forwarded = (self._key_version, cache)
+        stored = cache.get(key, _UNSET)
+        if stored is _UNSET:
+            stored = self._blobs.keys(self._ref(key))
+            if stored is None or path not in stored:
+                doc = _decode(self._blobs.get(self._ref(key)))
+                stored = _pack_keys(doc.get("_id"), self._keys_of(doc))
+            cache[key] = stored
+        assert stored is not None
+        value = stored[path]
+        return (True, value[0]) if value else (False, None)
 
     def covers(self, stored: dict[str, Any]) -> bool:
         """True when stored keys (see `stored_keys`) hold a value for every field index."""
@@ -566,20 +502,16 @@ class IndexedCollectionStore:
             self._fields[path].remove(key, index_key)
 
     def _refresh_fields(self) -> None:
-        """One hash index per field named by the collection's indexes (built over the data)."""
-        wanted: set[str] = set()
-        for spec in self._index_specs.values():
-            for field, _direction in spec.get("key", []):
-                if field != "_id" and not field.startswith("$") and "$" not in field:
-                    wanted.add(field)
+        """One field index per field named by the collection's indexes (built over the data)."""
+        wanted = index_fields(self._index_specs)
         with self._lock:
             for field in list(self._fields):
                 if field not in wanted:
                     del self._fields[field]
-            new = [_FieldIndex(f) for f in sorted(wanted - set(self._fields))]
-            if new and self._locs and not self._loading:
-                for key, loc in self._locs.items():
-                    doc = self._decode(loc)
+            new = [FieldIndex(f) for f in sorted(wanted - set(self._fields))]
+            if new and self._locs and not self._bulk:
+                for key in self._locs:
+                    doc = _decode(self._blobs.get(self._ref(key)))
                     for index in new:
                         index.add(key, index.key(doc))
             for index in new:
@@ -587,13 +519,15 @@ class IndexedCollectionStore:
             self._key_version += 1
             self._plans.clear()
 
-    # ----- loading and relocating (used by the persisted stand-in)
+    # ----- loading, checkpoints and relocating (used by the persisted stand-in)
     @property
     def lock(self) -> threading.RLock:
         return self._lock
 
-    def begin_load(self) -> None:
-        self._loading = True
+    def begin_load(self, bulk: bool) -> None:
+        """Records follow (`load_put`, `load_delete`); `bulk`: into an empty store, so the
+        sorted `_id` index is built once at `end_load` instead of per record."""
+        self._bulk = bulk
 
     def load_put(self, stored: dict[str, Any], ref: int) -> bool:
         """Add a persisted document by its stored keys (`stored_keys`) and blob reference.
@@ -608,80 +542,129 @@ class IndexedCollectionStore:
         key = stored["_id"]
         if isinstance(key, dict):
             key = store_key(key)
-        loc = self._locs.get(key)
-        if loc is None:
-            seq = self._seq
-            self._seq = seq + 1
-            if _bracket(key) is None:
-                self._others.add(key)
+        slot = self._locs.get(key)
+        if slot is None:
+            self._locs[key] = len(self._refs)
+            self._refs.append(ref)
+            self._add_key(key)
         else:  # an update appended later in the file
-            seq = loc >> _REF_BITS
-            self._unindex(key, self._old(loc)[1])
-            self._blobs.release(self._name, loc & _REF_MASK, key, False)
-        self._locs[key] = (seq << _REF_BITS) | ref
+            old_ref = self._refs[slot]
+            self._reindex(key, self._old(old_ref)[1], self._unpack_keys(stored))
+            self._blobs.release(self._name, old_ref, key, False)
+            self._refs[slot] = ref
+            return True
         for path, index in fields.items():
-            value = stored[path]
-            if value:
-                bucket = index.buckets.get(value[0])
-                if bucket is None:
-                    bucket = index.buckets[value[0]] = {}
-                bucket[key] = None
-            else:
-                index.irregular.add(key)
+            index.fill(key, stored[path])
         return True
 
     def load_delete(self, doc_id: Any) -> None:
         key = store_key(doc_id)
-        loc = self._locs.pop(key, None)
-        if loc is None:
+        slot = self._locs.pop(key, None)
+        if slot is None:
             return
-        self._unindex(key, self._old(loc)[1])
-        self._others.discard(key)
-        self._blobs.release(self._name, loc & _REF_MASK, key, False)
+        ref = self._refs[slot]
+        self._refs[slot] = 0
+        self._unindex(key, self._old(ref)[1])
+        bracket = id_bracket(key)
+        if bracket is None:
+            self._others.discard(key)
+        elif not self._bulk:
+            self._sorted.discard(key, bracket)
+        self._blobs.release(self._name, ref, key, False)
 
     def end_load(self) -> None:
-        by_bracket: dict[int, list[Any]] = {b: [] for b in _BRACKETS}
-        for key in self._locs:
-            bracket = _bracket(key)
-            if bracket is not None:
-                by_bracket[bracket].append(key)
-        self._sorted = {b: SortedList(keys) for b, keys in by_bracket.items()}
-        self._loading = False
+        if self._bulk:
+            by_bracket: dict[int, list[Any]] = {b: [] for b in ID_BRACKETS}
+            for key in self._locs:
+                bracket = id_bracket(key)
+                if bracket is not None:
+                    by_bracket[bracket].append(key)
+            self._sorted = SortedIds({b: SortedList(keys) for b, keys in by_bracket.items()})
+        self._bulk = False
         self._key_version += 1
         self._plans.clear()
 
     def refs(self) -> list[int]:
         """The blob references of the documents, in natural order."""
-        return [loc & _REF_MASK for loc in self._locs.values()]
+        refs = self._refs
+        return [refs[slot] for slot in self._locs.values()]
 
     def relocate(self, refs: list[int]) -> None:
         """New references, in natural order, after the file was rewritten."""
         with self._lock:
-            for key, ref in zip(list(self._locs), refs, strict=True):
-                self._locs[key] = _pack(self._locs[key] >> _REF_BITS, ref)
+            if len(refs) != len(self._locs):
+                raise ValueError("relocate: one reference per document expected")
+            self._refs = array("Q", refs)
+            self._locs = dict(zip(self._locs, range(len(refs)), strict=True))
+
+    def export_state(self) -> dict[str, Any]:
+        """The in-memory indexes as columns, for a checkpoint (`standin_checkpoint`): ids in
+        natural order, and everything else as packed arrays of positions among them."""
+        with self._lock:
+            ids = list(self._locs)
+            refs, locs = self._refs, self._locs
+            position = {k: i for i, k in enumerate(ids)} if self._holes() else locs
+            fields = {}
+            for path, index in self._fields.items():
+                buckets = index.buckets
+                fields[path] = {
+                    "values": list(buckets),
+                    "sizes": array("q", map(len, buckets.values())),
+                    "members": array("q", (position[k] for bucket in buckets.values() for k in bucket)),
+                    "irregular": array("q", map(position.__getitem__, index.irregular)),
+                }
+            return {
+                "ids": ids,
+                "refs": array("Q", (refs[slot] for slot in locs.values())),
+                "sorted": {b: array("q", map(position.__getitem__, self._sorted.of(b))) for b in ID_BRACKETS},
+                "others": array("q", map(position.__getitem__, self._others)),
+                "fields": fields,
+            }
+
+    def field_paths(self) -> list[str]:
+        """The fields this store keeps an index for."""
+        return list(self._fields)
+
+    def _holes(self) -> bool:
+        return len(self._refs) != len(self._locs)
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """Fill an empty store from `export_state()` columns. The sorted `_id` index and the
+        field indexes are built when first read (an open that reads by `_id` builds none);
+        fields no index names are kept too: an index created later then needs no scan."""
+        ids: list[Any] = state["ids"]
+        with self._lock:
+            self._locs = dict(zip(ids, range(len(ids)), strict=True))
+            self._refs = array("Q", state["refs"])  # a copy of the packed column (fast)
+            self._sorted = SortedIds.from_positions(ids, state["sorted"])
+            self._others = {ids[i] for i in state["others"]}
+            for path, column in state["fields"].items():
+                self._fields[path] = FieldIndex.from_column(path, ids, column)
+            self._key_version += 1
+            self._plans.clear()
 
     # ----- planning
     def plan(self, filter: Any) -> Plan | None:
         """What the indexes can say about `filter` (None: scan with mongomock)."""
         if not isinstance(filter, dict):
             return None
-        if len(filter) == 1 and "_id" in filter and _plain(filter["_id"]):  # keyed writes: short
+        if len(filter) == 1 and "_id" in filter and plain(filter["_id"]):  # keyed writes: short
             doc_id = filter["_id"]
-            return Plan({doc_id} if doc_id in self._locs else set(), True, None, None)
-        conjuncts = _flatten_and(filter)
+            return Plan(Candidates.of({doc_id} if doc_id in self._locs else set()), True, None)
+        conjuncts = flatten_and(filter)
         if conjuncts is None:
             return None
-        id_range: _Range | None = None
+        id_range: Bounds | None = None
         base: list[dict[str, Any]] = []
         for clause in conjuncts:
-            bounds = _id_bounds(clause)
+            bounds = id_bounds(clause)
             if bounds is None:
                 base.append(clause)
                 continue
             for op, bound in bounds:
-                bracket = _bracket(bound)
+                bracket = id_bracket(bound)
                 if id_range is None:
-                    id_range = _Range(bracket)  # type: ignore[arg-type]
+                    id_range = Bounds(bracket)  # type: ignore[arg-type]
                 if bracket != id_range.bracket:
                     id_range.empty = True
                 else:
@@ -691,80 +674,25 @@ class IndexedCollectionStore:
             cached = self._plans.get(cache_key) if cache_key is not None else None
             if cached is not None and cached[0] == self._key_version:
                 self._plans.move_to_end(cache_key)  # type: ignore[arg-type]
-                hit = cached[1]
-                plan = Plan(hit.ids, hit.exact, id_range, cache_key)
-                plan.sorted = hit.sorted
-                return plan
-            found = self._plan_and(base) if base else (None, True)
-            if found is None:
+                return Plan(cached[1], cached[2], id_range)
+            # terms reach the store through a weak proxy: the plan cache holds them, and a cycle
+            # would keep a closed stand-in's indexes alive until the next full garbage collection
+            term = build_and(weakref.proxy(self), base) if base else EVERYTHING
+            if term is None:
                 if id_range is None:
                     return None
-                found = (None, False)  # the range narrows; every candidate is checked
-            plan = Plan(found[0], found[1], id_range, cache_key)
+                found, exact = Candidates(EVERYTHING), False  # the range narrows; candidates are checked
+            else:
+                found, exact = Candidates(term), term.exact
             if cache_key is not None:
-                self._plans[cache_key] = (self._key_version, plan)
+                self._plans[cache_key] = (self._key_version, found, exact)
                 while len(self._plans) > _PLAN_CACHE:
                     self._plans.popitem(last=False)
-            return plan
+            return Plan(found, exact, id_range)
 
-    def _plan_and(self, clauses: list[dict[str, Any]]) -> tuple[Collection[Any] | None, bool] | None:
-        """Intersection of what each clause says (None: nothing narrows it)."""
-        sets: list[Collection[Any]] = []
-        exact = True
-        for clause in clauses:
-            for key, value in clause.items():
-                part = self._plan_term(key, value)
-                if part is None:
-                    exact = False
-                    continue
-                ids, part_exact = part
-                exact = exact and part_exact
-                if ids is not None:
-                    sets.append(ids)
-        if not sets:
-            return (None, exact) if exact else None
-        sets.sort(key=len)
-        smallest, rest = sets[0], sets[1:]
-        if not rest:
-            return smallest, exact
-        return {k for k in smallest if all(k in other for other in rest)}, exact
-
-    def _plan_term(self, key: str, value: Any) -> tuple[Collection[Any] | None, bool] | None:
-        if key == "$and":
-            if not isinstance(value, list) or not value or not all(isinstance(c, dict) for c in value):
-                return None
-            return self._plan_and(list(value))
-        if key == "$or":
-            return self._plan_or(value)
-        if key == "$comment":
-            return None, True
-        if key.startswith("$"):
-            return None
-        values = _equality_values(value)
-        if values is None:
-            return None
-        if key == "_id":
-            return {v for v in values if v in self._locs}, True
-        index = self._fields.get(key)
-        if index is None:
-            return None
-        return index.lookup(values)
-
-    def _plan_or(self, value: Any) -> tuple[Collection[Any] | None, bool] | None:
-        if not isinstance(value, list) or not value or not all(isinstance(c, dict) for c in value):
-            return None
-        union: set[Any] = set()
-        exact = True
-        for clause in value:
-            part = self._plan_and([clause]) if clause else (None, True)
-            if part is None:
-                return None
-            ids, part_exact = part
-            if ids is None:  # this clause alone matches everything (or cannot narrow)
-                return (None, True) if part_exact else None
-            exact = exact and part_exact
-            union.update(ids)
-        return union, exact
+    def _candidates(self, plan: Plan) -> Collection[Any] | None:
+        with self._lock:
+            return plan.found.ids()
 
     # ----- answering
     def select(self, filter: Any) -> Iterator[dict[str, Any]] | None:
@@ -789,22 +717,23 @@ class IndexedCollectionStore:
 
         for key in keys:
             with self._lock:
-                loc = self._locs.get(key)
-                if loc is None:
+                slot = self._locs.get(key)
+                if slot is None:
                     continue
-                raw = self._blobs.get(loc & _REF_MASK)
+                raw = self._blobs.get(self._refs[slot])
             doc = _decode(raw)
             if plan.exact or filter_applies(filter, doc):
                 yield doc, _decode(raw)
 
     def window(
-        self, filter: Any, id_order: int | None, limit: int | None, *, tz_aware: bool = False
+        self, filter: Any, id_order: int | None, limit: int | None, *, tz_aware: bool = False, ids_only: bool = False
     ) -> list[dict[str, Any]] | None:
         """The first `limit` matches in `_id` order (1 / -1) or natural order (None).
 
-        With `tz_aware`, dates come back aware (UTC), as a `tz_aware` client returns them.
+        With `tz_aware`, dates come back aware (UTC), as a `tz_aware` client returns them. With
+        `ids_only` (a projection of `_id` alone), an exact plan decodes no document.
         """
-        if id_order is None and limit is None:
+        if id_order is None and limit is None and not ids_only:
             return None
         plan = self.plan(filter)
         if plan is None:
@@ -817,14 +746,76 @@ class IndexedCollectionStore:
                 return None
             keys = ordered
         if plan.exact:  # every candidate matches: read just the window, in one go
-            return self.get_many(list(itertools.islice(keys, limit)), tz_aware)
-        else:
-            found = self._matching(plan, filter, keys)
-            if tz_aware:
-                from mongomock import helpers
+            window = list(itertools.islice(keys, limit))
+            if ids_only and all(type(k) in _PLAIN_IDS for k in window):
+                return [{"_id": k} for k in window]
+            return self.get_many(window, tz_aware)
+        found = self._matching(plan, filter, keys)
+        if tz_aware:
+            from mongomock import helpers
 
-                found = map(helpers.make_datetime_timezone_aware_in_document, found)
+            found = map(helpers.make_datetime_timezone_aware_in_document, found)
         return list(itertools.islice(found, limit))
+
+    def sorted_window(
+        self, filter: Any, path: str, direction: int, limit: int | None, *, tz_aware: bool = False
+    ) -> list[dict[str, Any]] | None:
+        """The first `limit` matches sorted on one indexed field (None: let mongomock sort).
+
+        mongomock's order: by bracket and value (missing as None), ties in natural order in both
+        directions (a stable sort). Walks the field's sorted values from the wanted end and keeps
+        each value's matching documents, so `find(...).sort(f, -1).limit(1)` reads one bucket
+        or a few, not the collection. Refused (None) when the field holds booleans, or arrays
+        among the candidates (mongomock sorts those by their first element), or with no limit.
+        """
+        index = self._fields.get(path)
+        if index is None or not limit:
+            return None
+        plan = self.plan(filter)
+        if plan is None:
+            return None
+        from mongomock.filtering import filter_applies
+
+        out: list[dict[str, Any]] = []
+        with self._lock:
+            rng = plan.id_range
+            if rng is not None and rng.empty:
+                return []
+            if not index.sortable() or (index.irregular and self._any_candidate(plan, index.irregular)):
+                return None
+            locs = self._locs
+            for value in index.sorted_values(reverse=direction < 0):
+                bucket = index.buckets[value]
+                if plan.term is EVERYTHING:
+                    members: Collection[Any] = bucket
+                elif plan.found.built:
+                    ids = plan.found.ids()
+                    assert ids is not None
+                    members = [k for k in bucket if k in ids] if len(bucket) <= len(ids) else [k for k in ids if k in bucket]
+                else:
+                    members = plan.term.keep(bucket)
+                keys = sorted((k for k in members if rng is None or rng.contains(k)), key=locs.__getitem__)
+                if not keys:
+                    continue
+                if plan.exact:
+                    out.extend(self.get_many(keys[: limit - len(out)], tz_aware))
+                else:
+                    for doc in self.get_many(keys):
+                        if filter_applies(filter, doc):
+                            out.append(_aware(doc) if tz_aware else doc)
+                            if len(out) >= limit:
+                                break
+                if len(out) >= limit:
+                    break
+        return out[:limit]
+
+    def _any_candidate(self, plan: Plan, keys: set[Any]) -> bool:
+        if plan.term is EVERYTHING:
+            return bool(keys)
+        if plan.found.built:
+            ids = plan.found.ids()
+            return ids is None or any(k in ids for k in keys)
+        return bool(plan.term.keep(keys))
 
     def count(self, filter: Any) -> int | None:
         """How many documents match, when the indexes know exactly (None otherwise)."""
@@ -832,15 +823,16 @@ class IndexedCollectionStore:
         if plan is None or not plan.exact:
             return None
         with self._lock:
+            ids = self._candidates(plan)
             rng = plan.id_range
             if rng is None:
-                return len(self._locs) if plan.ids is None else len(plan.ids)
+                return len(self._locs) if ids is None else len(ids)
             if rng.empty:
                 return 0
-            if plan.ids is None:
-                i, j = rng.span(self._sorted[rng.bracket])
+            if ids is None:
+                i, j = rng.span(self._sorted.of(rng.bracket))
                 return j - i
-            return sum(1 for k in plan.ids if rng.contains(k))
+            return sum(1 for k in ids if rng.contains(k))
 
     def _matching(self, plan: Plan, filter: Any, keys: Iterable[Any]) -> Iterator[dict[str, Any]]:
         from mongomock.filtering import filter_applies
@@ -857,11 +849,12 @@ class IndexedCollectionStore:
         with self._lock:
             if rng is not None and rng.empty:
                 return []
-            if plan.ids is None:
-                keys = list(self._locs)
+            ids = self._candidates(plan)
+            locs = self._locs
+            if ids is None:
+                keys = list(locs)
             else:
-                locs = self._locs
-                keys = sorted((k for k in plan.ids if k in locs), key=lambda k: locs[k])
+                keys = sorted((k for k in ids if k in locs), key=locs.__getitem__)
         if rng is not None:
             keys = [k for k in keys if rng.contains(k)]
         return keys
@@ -870,31 +863,33 @@ class IndexedCollectionStore:
         """Candidate ids in `_id` order, lazily (None: an unsortable id is among them)."""
         rng = plan.id_range
         with self._lock:
+            ids = self._candidates(plan)
             if rng is not None:
                 if rng.empty:
                     return iter(())
                 brackets: tuple[int, ...] = (rng.bracket,)
             else:
-                if self._others and (plan.ids is None or not self._others.isdisjoint(plan.ids)):
+                if self._others and (ids is None or not self._others.isdisjoint(ids)):
                     return None
-                brackets = _BRACKETS
+                brackets = ID_BRACKETS
         if reverse:
             brackets = brackets[::-1]
-        return (k for b in brackets for k in self._bracket_ids(plan, b, rng, reverse))
+        return (k for b in brackets for k in self._bracket_ids(plan, ids, b, rng, reverse))
 
-    def _bracket_ids(self, plan: Plan, bracket: int, rng: _Range | None, reverse: bool) -> Iterator[Any]:
+    def _bracket_ids(
+        self, plan: Plan, members: Collection[Any] | None, bracket: int, rng: Bounds | None, reverse: bool
+    ) -> Iterator[Any]:
         """Candidates of one bracket in order: a page costs what it returns, not the collection.
 
         A small candidate set is sorted once per plan (cached with it) and bisected; a large one
         (or none: every document) is checked while walking the sorted `_id` index.
         """
-        members = plan.ids
-        if members is not None and len(members) * 8 < len(self._sorted[bracket]):
+        if members is not None and len(members) * 8 < len(self._locs):
             with self._lock:
-                ordered = plan.sorted.get(bracket)
+                ordered = plan.found.sorted.get(bracket)
                 if ordered is None:
-                    ordered = sorted(k for k in members if _bracket(k) == bracket and k in self._locs)
-                    plan.sorted[bracket] = ordered
+                    ordered = sorted(k for k in members if id_bracket(k) == bracket and k in self._locs)
+                    plan.found.sorted[bracket] = ordered
             a, b = rng.span(ordered) if rng is not None else (0, len(ordered))
             positions = range(b - 1, a - 1, -1) if reverse else range(a, b)
             yield from (ordered[i] for i in positions)
@@ -905,13 +900,13 @@ class IndexedCollectionStore:
             else:
                 yield from (k for k in keys if k in members)
 
-    def _walk(self, bracket: int, rng: _Range | None, reverse: bool) -> Iterator[list[Any]]:
+    def _walk(self, bracket: int, rng: Bounds | None, reverse: bool) -> Iterator[list[Any]]:
         """The sorted `_id` index within `rng`, in growing batches read under the lock."""
         lo, lo_incl, hi, hi_incl = (rng.lo, rng.lo_incl, rng.hi, rng.hi_incl) if rng else (None, True, None, True)
         batch = 256
         while True:
             with self._lock:
-                found = self._sorted[bracket].irange(lo, hi, (lo_incl, hi_incl), reverse=reverse)
+                found = self._sorted.of(bracket).irange(lo, hi, (lo_incl, hi_incl), reverse=reverse)
                 keys = list(itertools.islice(found, batch))
             if not keys:
                 return
@@ -936,24 +931,43 @@ class IndexedCollectionStore:
         if plan is None or not plan.exact:
             return None
         with self._lock:
-            ids = plan.ids
+            ids = self._candidates(plan)
             if plan.id_range is not None:
                 base = list(self._locs) if ids is None else ids
                 ids = {k for k in base if plan.id_range.contains(k)}
             counts = self._count_groups([self._fields[p] for p in paths], ids)
         if counts is None:
             return None
-        from mongomock.filtering import BsonComparable
-
         out = []
-        for values, n in counts.items():
-            doc: dict[str, Any] = {name: n for name in accumulators}
+        # every group value is a string (`_count_groups`), and the `_id`s share their keys, so
+        # mongomock's BSON order (`BsonComparable`) is the order of the value tuples
+        for values in sorted(counts):
+            doc: dict[str, Any] = {name: counts[values] for name in accumulators}
             doc["_id"] = values[0] if names is None else dict(zip(names, values, strict=True))
             out.append(doc)
-        out.sort(key=lambda d: BsonComparable(d["_id"]))
         return out
 
-    def _count_groups(self, indexes: list[_FieldIndex], ids: Collection[Any] | None) -> dict[tuple[Any, ...], int] | None:
+    def _nested_counts(
+        self, outer: FieldIndex, inner: FieldIndex, ids: Collection[Any] | None
+    ) -> dict[tuple[Any, ...], int] | None:
+        """(outer, inner) counts when every inner bucket lies in one outer bucket (documents
+        within companies): one count per inner value, not one step per document. None when a
+        bucket straddles outer values (or a value is not a string)."""
+        view = None if ids is None else _as_keys(ids)
+        counts: dict[tuple[Any, ...], int] = {}
+        for value, bucket in inner.buckets.items():
+            n = len(bucket) if view is None else len(bucket.keys() & view)
+            if not n:
+                continue
+            regular, top = self.forward(next(iter(bucket)), outer.path)
+            if not regular or type(value) is not str or type(top) is not str:
+                return None
+            if not _nested_in(bucket, outer.buckets.get(top)):
+                return None
+            counts[(top, value)] = n
+        return counts
+
+    def _count_groups(self, indexes: list[FieldIndex], ids: Collection[Any] | None) -> dict[tuple[Any, ...], int] | None:
         for index in indexes:
             if index.irregular and (ids is None or not index.irregular.isdisjoint(ids)):
                 return None
@@ -966,6 +980,11 @@ class IndexedCollectionStore:
                         return None
                     counts[(value,)] = n
             return counts
+        if len(indexes) == 2:
+            for outer, inner in ((0, 1), (1, 0)):
+                nested = self._nested_counts(indexes[outer], indexes[inner], ids)
+                if nested is not None:
+                    return {(k if outer == 0 else k[::-1]): n for k, n in nested.items()}
         keys: dict[Any, tuple[Any, ...]] = {}
         for depth, index in enumerate(indexes):
             for value, bucket in index.buckets.items():
@@ -980,57 +999,27 @@ class IndexedCollectionStore:
         return dict(collections.Counter(keys.values()))
 
 
+def _nested_in(inner: dict[Any, None], outer: dict[Any, None] | None) -> bool:
+    return outer is not None and inner.keys() <= outer.keys()
+
+
+def _aware(doc: dict[str, Any]) -> dict[str, Any]:
+    from mongomock import helpers
+
+    return helpers.make_datetime_timezone_aware_in_document(doc)  # type: ignore[no-any-return]
+
+
+def _as_keys(ids: Collection[Any]) -> Any:
+    """A set-like view of ids for C-level `&` (a bucket's keys, or a set)."""
+    if isinstance(ids, dict):
+        return ids.keys()
+    return ids if isinstance(ids, set | frozenset) else set(ids)
+
+
+_PLAIN_IDS = frozenset({str, int, float, bson.Int64, bson.ObjectId})  # ids returned as they are keyed
+
+
 # --------------------------------------------------------------------------- filter shapes
-
-
-def _flatten_and(filter: dict[str, Any]) -> list[dict[str, Any]] | None:
-    """The top-level conjuncts of a filter, one key each ($and lists flattened)."""
-    out: list[dict[str, Any]] = []
-    for key, value in filter.items():
-        if key == "$and":
-            if not isinstance(value, list) or not value or not all(isinstance(c, dict) for c in value):
-                return None
-            for clause in value:
-                inner = _flatten_and(clause)
-                if inner is None:
-                    return None
-                out.extend(inner)
-        else:
-            out.append({key: value})
-    return out
-
-
-def _id_bounds(clause: dict[str, Any]) -> list[tuple[str, Any]] | None:
-    """`[(op, bound), ...]` when the clause is only an `_id` range within one sortable bracket."""
-    if list(clause) != ["_id"]:
-        return None
-    value = clause["_id"]
-    if not isinstance(value, dict) or not value or not all(op in _RANGE_OPS for op in value):
-        return None
-    bounds = list(value.items())
-    if any(_bracket(b) is None for _, b in bounds):
-        return None
-    return bounds
-
-
-def _equality_values(value: Any) -> list[Any] | None:
-    """The values an equality / `$eq` / `$in` condition accepts (None: another operator)."""
-    if _plain(value):
-        return [value]
-    if not isinstance(value, dict) or not value or not all(k in ("$eq", "$in") for k in value):
-        return None
-    accepted: list[Any] | None = None
-    for op, arg in value.items():
-        if op == "$eq":
-            if not _plain(arg):
-                return None
-            values = [arg]
-        else:
-            if not isinstance(arg, list | tuple) or not all(_plain(v) for v in arg):
-                return None
-            values = list(arg)
-        accepted = values if accepted is None else [v for v in accepted if v in values]
-    return accepted
 
 
 def _cache_key(clauses: list[dict[str, Any]]) -> bytes | None:
@@ -1100,27 +1089,39 @@ def database_store(blobs: Any) -> Any:
     cls = collection_store_class()
 
     class _DatabaseStore(store.DatabaseStore):  # type: ignore[misc]
+        blobs: Any = None
+
         def __getitem__(self, col_name: str) -> Any:
             col = self._collections.get(col_name)
             if col is None:
-                col = self._collections[col_name] = cls(col_name, blobs)
+                col = self._collections[col_name] = cls(col_name, self.blobs)
             return col
 
         def rename(self, name: str, new_name: str) -> None:
-            col = self._collections.pop(name, None) or cls(new_name, blobs)
+            col = self._collections.pop(name, None) or cls(new_name, self.blobs)
             col.name = new_name
             self._collections[new_name] = col
 
-    return _DatabaseStore()
+        def reset(self, new_blobs: Any) -> None:
+            """Every collection emptied in place, over `new_blobs` (see `IndexedCollectionStore.reset`)."""
+            self.blobs = new_blobs
+            for col in self._collections.values():
+                col.reset(new_blobs)
+
+    db = _DatabaseStore()
+    db.blobs = blobs
+    return db
 
 
 __all__ = [
+    "Candidates",
     "IndexedCollectionStore",
     "MemoryBlobs",
     "Plan",
     "StandinFileError",
     "collection_store_class",
     "database_store",
+    "index_fields",
     "plain_collection_store_class",
     "store_key",
 ]

@@ -7,7 +7,10 @@ with `os.pread` (the page cache holds the bytes, not this process).
 
 Records (every one a BSON document, so `bson.decode_file_iter` reads the file):
 
-- header, first: `{"format": "batchyard-mongo-standin", "version": 2, "database", "collections"}`;
+- header, first: `{"format": "batchyard-mongo-standin", "version": 2, "database", "collections",
+  "file_id"}` (`file_id`: random, new at every rewrite; it names the file for the index
+  checkpoint, `standin_checkpoint`; files written before it had none get one at their next
+  rewrite, which the first save that writes anything then does);
 - put: `{"c": collection, "k": {"_id": id, <indexed path>: [value] or [] when irregular},
   "d": document}`. `k` holds the values the hash indexes need, so opening decodes a few bytes
   per document instead of the whole document;
@@ -16,10 +19,18 @@ Records (every one a BSON document, so `bson.decode_file_iter` reads the file):
   `{"t": offset of that commit}` so that opening finds the index definitions first.
 
 Opening reads records up to the last commit; records after it (an interrupted save) are
-truncated away, so a save is atomic: records, fsync, commit, fsync. When superseded records
-reach half the live ones (and pass 32 MiB), `save()` rewrites the file instead: live records copied
-verbatim in long runs to a temporary file, fsync, `os.replace`. Version 1 files (no commit
-records, no `k`) are read and rewritten once as version 2.
+truncated away, so a save is atomic: records, fsync, commit, fsync. A save with nothing to save
+(no record appended, the same indexes) writes nothing. When superseded records reach half the
+live ones (and pass 32 MiB), `save()` rewrites the file instead: live records copied verbatim in
+long runs to a temporary file, fsync, `os.replace`. Version 1 files (no commit records, no `k`)
+are read and rewritten once as version 2.
+
+Opening loads the index checkpoint when it is valid for this file and replays only the records
+after it; otherwise it reads every record (and then writes a checkpoint for the next open). A
+checkpoint is rewritten after every rewrite of the file, and when a process closes the stand-in
+once the records since it reach 1/16 of the documents (not at every save: at 1M chunks it costs
+about 2 s of CPU, and a run saves after every load). A stand-in opened read-only (`open(read_only=True)`) refuses every write
+and never changes the file (a checkpoint may still be written beside it).
 """
 
 from __future__ import annotations
@@ -28,13 +39,20 @@ import contextlib
 import os
 import tempfile
 import threading
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import bson
 
-from batchyard.clients.standin import IndexedCollectionStore, StandinFileError, database_store
+from batchyard.clients import standin_checkpoint as checkpoint
+from batchyard.clients.standin import (
+    IndexedCollectionStore,
+    StandinFileError,
+    database_store,
+    index_fields,
+)
 from batchyard.gctune import fewer_collections
 from batchyard.storage.perms import fit_to_folder
 
@@ -46,18 +64,29 @@ _REWRITE_GARBAGE = 32 << 20  # a save rewrites the file past this much garbage (
 _TRAILER_HEAD = (16).to_bytes(4, "little") + b"\x12t\x00"
 _KEYS, _DOC, _DELETE = b"\x03k\x00", b"\x03d\x00", b"x\x00"
 _GAP = 64 << 10  # records closer than this are read with one pread by get_many
-# a reference: record offset << 45 | record length << 20 | where the document starts in it
-_LEN_MASK = (1 << 25) - 1
-_START_MASK = (1 << 20) - 1
+# a reference (64 bits, kept in the stores' arrays): record offset << 28 | record length
+_LEN_BITS = 28
+_LEN_MASK = (1 << _LEN_BITS) - 1
+_MAX_OFFSET = 1 << (64 - _LEN_BITS)  # 64 GiB of file
+CHECKPOINT_MIN = 10_000  # records: below this a full read is cheap, no checkpoint is written
+CHECKPOINT_SHARE = 16  # a save rewrites the checkpoint once the records since it reach docs / this
 
 
-def _ref(offset: int, length: int, doc_start: int) -> int:
-    return (offset << 45) | (length << 20) | doc_start
+def _ref(offset: int, length: int) -> int:
+    return (offset << _LEN_BITS) | length
 
 
-def _unref(ref: int) -> tuple[int, int, int]:
-    """(record offset, record length, document start within the record)."""
-    return ref >> 45, (ref >> 20) & _LEN_MASK, ref & _START_MASK
+def _unref(ref: int) -> tuple[int, int]:
+    """(record offset, record length)."""
+    return ref >> _LEN_BITS, ref & _LEN_MASK
+
+
+def _doc_start(record: bytes | memoryview, at: int = 0) -> int:
+    """Where the document starts in a put record that starts at `at` (skips `c` and `k`)."""
+    p = at + 11 + int.from_bytes(record[at + 7 : at + 11], "little")
+    if record[p : p + 3] == _KEYS:
+        p += 3 + int.from_bytes(record[p + 3 : p + 7], "little")
+    return p + 3
 
 
 def _c_element(collection: str) -> bytes:
@@ -93,12 +122,16 @@ class LogFile:
         self.pid = os.getpid()
         self.lock = threading.RLock()
         self.fd = -1
+        self.read_only = False
+        self.file_id: str | None = None  # the header's (None: a file from before file ids)
         self.disk_end = 0  # bytes on disk
         self.tail = bytearray()  # appended, not yet written
         self.commits = 0
         self.live = 0  # bytes of current records
         self.garbage = 0  # bytes of everything else
         self.rewrite = False  # the next save must rewrite the whole file
+        self.dirty = False  # records appended since the last commit
+        self.since_checkpoint = 0  # records in the file after the checkpoint (all: none)
 
     # ----- the blob interface of IndexedCollectionStore
     def put(self, collection: str, raw: bytes, keys: dict[str, Any]) -> int:
@@ -107,14 +140,18 @@ class LogFile:
         with self.lock:
             self._writable()
             start = self.disk_end + len(self.tail)
+            if start >= _MAX_OFFSET or record_len > _LEN_MASK:
+                raise StandinFileError(f"{self.path}: the stand-in file would pass 64 GiB; use a MongoDB server")
             self.tail += record_len.to_bytes(4, "little")
             self.tail += head
             self.tail += raw
             self.tail += b"\x00"
             self.live += record_len
+            self.dirty = True
+            self.since_checkpoint += 1
             if len(self.tail) >= _TAIL_FLUSH:
                 self._flush()
-        return _ref(start, record_len, 4 + len(head))
+        return _ref(start, record_len)
 
     def _read(self, offset: int, length: int) -> bytes:
         if offset + length > self.disk_end:
@@ -130,49 +167,54 @@ class LogFile:
         return data
 
     def get(self, ref: int) -> bytes:
-        offset, length, start = _unref(ref)
-        return self._read(offset + start, length - start - 1)
+        record = self._read(*_unref(ref))
+        return record[_doc_start(record) : -1]
 
     def get_many(self, refs: list[int]) -> list[bytes]:
         """The documents of `refs`, in that order; nearby records are read with one `pread`."""
         out: list[bytes] = [b""] * len(refs)
-        places = sorted((ref >> 45, i) for i, ref in enumerate(refs))
+        places = sorted((ref >> _LEN_BITS, i) for i, ref in enumerate(refs))
         k = 0
         while k < len(places):
             run_start = places[k][0]
             run_end, j = run_start, k
             while j < len(places) and places[j][0] <= run_end + _GAP and places[j][0] - run_start < _READ_BLOCK:
-                _, length, _ = _unref(refs[places[j][1]])
-                run_end = max(run_end, places[j][0] + length)
+                run_end = max(run_end, places[j][0] + (refs[places[j][1]] & _LEN_MASK))
                 j += 1
             data = self._read(run_start, run_end - run_start)
             for offset, i in places[k:j]:
-                _, length, start = _unref(refs[i])
                 at = offset - run_start
-                out[i] = data[at + start : at + length - 1]
+                out[i] = data[_doc_start(data, at) : at + (refs[i] & _LEN_MASK) - 1]
             k = j
         return out
 
     def keys(self, ref: int) -> dict[str, Any] | None:
-        offset, _, start = _unref(ref)
-        return _parse_put(self._read(offset, start))[0]
+        return _parse_put(self._read(*_unref(ref)))[0]
 
     def release(self, collection: str, ref: int, doc_id: Any, deleted: bool) -> None:
         with self.lock:
+            if deleted:
+                self._writable()
             size = _unref(ref)[1]
             self.live -= size
             self.garbage += size
             if deleted:
-                self._writable()
                 record = bson.encode({"c": collection, "x": doc_id})
                 self.tail += record
                 self.garbage += len(record)
+                self.dirty = True
+                self.since_checkpoint += 1
 
     def structure_changed(self) -> None:
         self.rewrite = True
 
     # ----- writing
     def _writable(self) -> None:
+        if self.read_only:
+            raise StandinFileError(
+                f"{self.path}: this stand-in was opened read-only; writes are refused "
+                "(open the document store without read_only to write)"
+            )
         if os.getpid() != self.pid:
             raise StandinFileError(
                 f"{self.path}: this stand-in was opened by process {self.pid}; "
@@ -202,11 +244,14 @@ class LogFile:
             self.garbage += len(record) + 16
             self._flush()
             os.fsync(self.fd)
+            self.dirty = False
 
     def should_rewrite(self) -> bool:
         # at most half garbage: opening reads every record, so a run that marks every chunk once
-        # must not leave the next open reading each chunk twice (writes stay amortized: <= 3x)
-        return self.rewrite or (2 * self.garbage > self.live and self.garbage > _REWRITE_GARBAGE)
+        # must not leave the next open reading each chunk twice (writes stay amortized: <= 3x);
+        # a file without a file id gets one (its checkpoints need it)
+        return (self.rewrite or not self.file_id
+                or (2 * self.garbage > self.live and self.garbage > _REWRITE_GARBAGE))
 
     def rewrite_from(self, stores: dict[str, IndexedCollectionStore], meta: dict[str, Any]) -> None:
         """Copy the live records to a new file and swap it in (temp file, fsync, os.replace)."""
@@ -218,11 +263,11 @@ class LogFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
             moved: list[tuple[IndexedCollectionStore, list[int]]] = []
+            file_id = uuid.uuid4().hex
             try:
                 with os.fdopen(fd, "wb", buffering=1 << 20) as fh:
-                    header = bson.encode(
-                        {"format": FORMAT, "version": VERSION, "database": self.database, "collections": meta}
-                    )
+                    header = bson.encode({"format": FORMAT, "version": VERSION, "database": self.database,
+                                          "collections": meta, "file_id": file_id})
                     pos = fh.write(header)
                     for name in sorted(stores):
                         refs, pos = self._copy_live(fh, pos, stores[name].refs())
@@ -248,19 +293,20 @@ class LogFile:
                 store.relocate(refs)
             self.disk_end, self.tail = pos, bytearray()
             self.live, self.garbage = live, pos - live
-            self.commits, self.rewrite = 1, False
+            self.commits, self.rewrite, self.dirty, self.file_id = 1, False, False, file_id
+            self.since_checkpoint = sum(len(refs) for _, refs in moved)
 
     def _copy_live(self, fh: Any, pos: int, refs: list[int]) -> tuple[list[int], int]:
         """Write the records `refs` point at, copying adjacent ones as one run; their new refs."""
         out: list[int] = []
         run_start = run_end = -1
         for ref in refs:
-            offset, length, start = _unref(ref)
+            offset, length = _unref(ref)
             if offset != run_end:
                 self._copy_run(fh, run_start, run_end)
                 run_start = offset
             run_end = offset + length
-            out.append(_ref(pos, length, start))
+            out.append(_ref(pos, length))
             pos += length
         self._copy_run(fh, run_start, run_end)
         return out, pos
@@ -286,7 +332,7 @@ class LogFile:
     # ----- reading
     def open_existing(self) -> tuple[dict[str, Any], int, int]:
         """(header, offset of the first record, file size) of the file at `path`."""
-        self.fd = os.open(self.path, os.O_RDWR)
+        self.fd = os.open(self.path, os.O_RDONLY if self.read_only else os.O_RDWR)
         size = os.fstat(self.fd).st_size
         head = os.pread(self.fd, 4, 0)
         length = int.from_bytes(head, "little") if len(head) == 4 else 0
@@ -299,6 +345,8 @@ class LogFile:
         version = int(header.get("version", 0))
         if version > VERSION:
             raise StandinFileError(f"file format version {version} is newer than this batchyard")
+        file_id = header.get("file_id")
+        self.file_id = file_id if isinstance(file_id, str) and file_id else None
         return header, length, size
 
     def last_meta(self, size: int) -> dict[str, Any] | None:
@@ -354,34 +402,126 @@ class StandinDatabase:
         self.database = database
         self.file = LogFile(path, database)
         self.db_store: Any = None
+        self.committed_meta: dict[str, Any] = {}
+        self.checkpoint_fields: set[tuple[str, str]] | None = None  # what the checkpoint indexes
+        self.read_whole = False  # the last open read every record (no usable checkpoint)
+
+    @property
+    def read_only(self) -> bool:
+        return self.file.read_only
 
     @fewer_collections()
-    def open(self) -> None:
-        """Load the file (or create it); afterwards `db_store` holds its collections."""
+    def open(self, read_only: bool = False) -> None:
+        """Load the file (or create it); afterwards `db_store` holds its collections.
+
+        Read-only: the file is neither created nor changed, and every write is refused.
+        """
+        self.file.read_only = read_only
         if not self.path.exists():
-            self.db_store = database_store(self.file)
-            self.file.rewrite_from({}, {})
+            self._reset_stores()
+            if not read_only:
+                self.file.rewrite_from({}, {})
+            self.committed_meta = self.meta()
             return
         header, first, size = self.file.open_existing()
         if int(header.get("version", 0)) < 2:  # no commit records: the whole file is one save
             self._load(header.get("collections") or {}, first, size, committed_only=False)
-            self.file.rewrite = True
-            self.save()  # rewritten as version 2 before anything is appended to it
+            self.committed_meta = self.meta()
+            if not read_only:
+                self.file.rewrite = True
+                self.save()  # rewritten as version 2 before anything is appended to it
             return
         meta = self.file.last_meta(size) or header.get("collections") or {}
-        last = self._load(meta, first, size, committed_only=True)
+        saved = self._checkpoint(meta, size)
+        start = first if saved is None else saved["end"]
+        last = self._load(meta, start, size, committed_only=True, saved=saved)
+        if last is None and saved is not None:
+            last = saved["end"]  # no save after the checkpoint
         if last is None:
             raise StandinFileError("the file has no completed save (no commit record)")
         if last < size:  # records of an interrupted save: not part of any save
-            self.file.truncate(last)
-            self._load(meta, first, last, committed_only=True)
+            if not read_only:
+                self.file.truncate(last)
+            self._load(meta, start, last, committed_only=True, saved=saved)
         self.file.disk_end = last
+        self.committed_meta = self.meta()
+        self.read_whole = saved is None
+        if saved is None and sum(len(s) for s in self._stores().values()) >= CHECKPOINT_MIN:
+            self.write_checkpoint()
 
-    def _load(self, meta: dict[str, Any], start: int, end: int, committed_only: bool) -> int | None:
-        """Load the records in [start, end) into fresh stores; the end of the last commit."""
-        self.db_store = database_store(self.file)
-        self.file.live, self.file.garbage, self.file.disk_end = 0, start, end
+    def _reset_stores(self) -> None:
+        """Empty collection stores over `file`: new ones, or the existing ones emptied in place
+        (mongomock's collection objects keep their store, so a reload must reuse it)."""
+        if self.db_store is None:
+            self.db_store = database_store(self.file)
+        else:
+            self.db_store.reset(self.file)
+
+    def changed_on_disk(self) -> bool:
+        """Whether the file is no longer what was loaded (replaced, appended to, created)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return self.file.fd >= 0
+        if self.file.fd < 0:
+            return True
+        fst = os.fstat(self.file.fd)
+        return (st.st_ino, st.st_dev) != (fst.st_ino, fst.st_dev) or st.st_size != self.file.disk_end
+
+    def reopen(self) -> None:
+        """Forget the loaded file: the next `open` reads it afresh into the same stores."""
+        self.file.close()
+        self.file = LogFile(self.path, self.database)
+
+    def make_writable(self) -> None:
+        """A read-only stand-in whose file did not change becomes writable (its exclusive lock
+        is held by the caller); a file that did not exist is created."""
+        self.file.read_only = False
+        if self.file.fd < 0:
+            self.file.rewrite_from({}, {})
+            self.committed_meta = {}
+            return
+        fd = os.open(self.path, os.O_RDWR)
+        os.close(self.file.fd)
+        self.file.fd = fd
+
+    def _stores(self) -> dict[str, IndexedCollectionStore]:
+        return {name: self.db_store[name] for name in self.db_store.list_created_collection_names()}
+
+    def _checkpoint(self, meta: dict[str, Any], size: int) -> dict[str, Any] | None:
+        """The index checkpoint, when it describes a save of this very file and indexes every
+        field the last save's indexes name (see `standin_checkpoint`); None otherwise."""
+        if not self.file.file_id:
+            return None
+        saved = checkpoint.read(checkpoint.path_for(self.path))
+        if saved is None or saved.get("file_id") != self.file.file_id:
+            return None
+        end = saved.get("end")
+        if not isinstance(end, int) or not 16 <= end <= size or os.pread(self.file.fd, 16, end - 16) != saved.get("trailer"):
+            return None
+        for name, info in meta.items():
+            state = saved["collections"].get(name)
+            wanted = index_fields({ix["name"]: {"key": ix["keys"]} for ix in info.get("indexes", [])})
+            if state is not None and not wanted <= set(state["fields"]):
+                return None  # an index created since: its field is not in the checkpoint
+        return saved
+
+    def _load(
+        self, meta: dict[str, Any], start: int, end: int, committed_only: bool, saved: dict[str, Any] | None = None
+    ) -> int | None:
+        """Load the records in [start, end) into fresh stores (on top of a checkpoint's state
+        when given); the end of the last commit in that range."""
+        self._reset_stores()
         apply_meta(self.db_store, meta)  # indexes first: records fill them as they load
+        if saved is None:
+            self.file.live, self.file.garbage, self.file.since_checkpoint = 0, start, 0
+        else:
+            for name, state in saved["collections"].items():
+                self.db_store[name].import_state(state)
+            self.file.live, self.file.garbage = saved["live"], saved["garbage"]
+            self.file.commits, self.file.since_checkpoint = saved["commits"], 0
+        self.checkpoint_fields = None if saved is None else _fields_of(saved["collections"])
+        self.file.disk_end = end
         stores: dict[bytes, IndexedCollectionStore] = {}
         last_commit: int | None = None
         final: dict[str, Any] | None = None
@@ -392,14 +532,15 @@ class StandinDatabase:
                 store = stores.get(name)
                 if store is None:
                     store = stores[name] = self.db_store[name.decode()]
-                    store.begin_load()
+                    store.begin_load(bulk=saved is None)
+                self.file.since_checkpoint += 1
                 if record[name_end + 1 : name_end + 3] == _DELETE:  # after the type byte of x
                     self.file.garbage += len(record)
                     store.load_delete(bson.decode(record)["x"])
                     continue
                 self.file.live += len(record)
                 keys, doc_start = _parse_put(record)
-                ref = _ref(pos, len(record), doc_start)
+                ref = _ref(pos, len(record))
                 if keys is None or not store.load_put(keys, ref):  # written before an index existed
                     store.load_put(store.stored_keys(bson.decode(record[doc_start:-1])), ref)
                 continue
@@ -437,16 +578,70 @@ class StandinDatabase:
         return out
 
     def save(self) -> None:
-        """Persist every change atomically (a commit record, or a rewrite when mostly garbage)."""
+        """Persist every change atomically (a commit record, or a rewrite when mostly garbage).
+
+        Nothing is written when nothing changed since the last save (a reader's close costs no
+        fsync), nor ever for a read-only stand-in.
+        """
+        if self.read_only:
+            return
         meta = self.meta()
+        if not self.file.dirty and meta == self.committed_meta and not self.file.rewrite:
+            return
         if self.file.should_rewrite():
-            names = self.db_store.list_created_collection_names()
-            self.file.rewrite_from({name: self.db_store[name] for name in names}, meta)
+            self.file.rewrite_from(self._stores(), meta)
+            self.committed_meta = meta
+            self.write_checkpoint()
+            return
+        self.file.commit(meta)
+        self.committed_meta = meta
+
+    def checkpoint_if_stale(self) -> None:
+        """On the last close: rewrite the checkpoint once the records after it reach 1/16 of
+        the documents (the next open replays at most that), or when it lacks an index."""
+        if self.read_only or self.file.dirty:
+            return
+        docs = sum(len(s) for s in self._stores().values())
+        if self.file.since_checkpoint >= max(CHECKPOINT_MIN, docs // CHECKPOINT_SHARE):
+            self.write_checkpoint()
         else:
-            self.file.commit(meta)
+            self.refresh_checkpoint()
+
+    def refresh_checkpoint(self) -> None:
+        """Rewrite a checkpoint that lacks a field index built since (one built by decoding every
+        document must not be built again at every open)."""
+        if self.checkpoint_fields is None:
+            return
+        now = {(name, path) for name, store in self._stores().items() for path in store.field_paths()}
+        if not now <= self.checkpoint_fields:
+            self.write_checkpoint()
+
+    def write_checkpoint(self) -> None:
+        """Save the indexes beside the file for the next open (right after a save or a load:
+        they must describe the file as committed)."""
+        if not self.file.file_id or self.file.dirty or self.file.tail:
+            return
+        end = self.file.disk_end
+        stores = self._stores()
+        with contextlib.ExitStack() as held:
+            for name in sorted(stores):
+                held.enter_context(stores[name].lock)
+            states = {name: store.export_state() for name, store in stores.items()}
+            identity = {"file_id": self.file.file_id, "end": end, "trailer": os.pread(self.file.fd, 16, end - 16),
+                        "live": self.file.live, "garbage": self.file.garbage, "commits": self.file.commits}
+        try:
+            checkpoint.write(checkpoint.path_for(self.path), checkpoint.encode(identity, states))
+        except OSError:
+            return  # a missing checkpoint only makes the next open slower
+        self.file.since_checkpoint = 0
+        self.checkpoint_fields = _fields_of(states)
 
     def close(self) -> None:
         self.file.close()
+
+
+def _fields_of(collections: dict[str, dict[str, Any]]) -> set[tuple[str, str]]:
+    return {(name, path) for name, state in collections.items() for path in state["fields"]}
 
 
 def apply_meta(db_store: Any, meta: dict[str, Any]) -> None:
@@ -463,4 +658,4 @@ def apply_meta(db_store: Any, meta: dict[str, Any]) -> None:
                 store.create_index(ix["name"], spec)
 
 
-__all__ = ["FORMAT", "VERSION", "LogFile", "StandinDatabase", "apply_meta"]
+__all__ = ["CHECKPOINT_MIN", "FORMAT", "VERSION", "LogFile", "StandinDatabase", "apply_meta"]

@@ -8,6 +8,9 @@ cursor's whole result before applying its limit. `install_indexed_store()` (call
 - `_iter_documents` (finds, updates, deletes, unique checks) to `store.select` (index candidates);
 - a cursor's (skip, limit) window, when unsorted or sorted by `_id` alone, to `store.window`
   (only the window is read, in one batch), projected here without mongomock's per-document copies;
+  a projection of `_id` alone (all ids of a company) decodes no document;
+- a limited cursor sorted on one other indexed field (the newest `updated_at`) to
+  `store.sorted_window`, which walks that field's sorted values;
 - `count_documents` and a leading `$match` + `$group` by indexed fields with `{$sum: 1}` to the
   indexes (no document decoded); another leading `$match` becomes a `find`;
 - a `$set` update (the marks) to `_keyed_set`: mongomock's update code, but the "before" copy is
@@ -21,7 +24,7 @@ holds all its matching documents at once, as mongomock's cursors do (the pipelin
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import bson
 from bson import ObjectId
@@ -73,7 +76,7 @@ def install_indexed_store() -> None:
     def count_documents(self: Any, filter: Any, **kwargs: Any) -> int:
         st = self._store
         if isinstance(st, IndexedCollectionStore) and not kwargs:
-            n = st.count(filter)
+            n = st.count(helpers.patch_datetime_awareness_in_document(filter))
             if n is not None:
                 return n
         return int(orig_count(self, filter, **kwargs))
@@ -84,7 +87,7 @@ def install_indexed_store() -> None:
         if isinstance(st, IndexedCollectionStore) and stages and not session:
             match, rest = _leading_match(stages)
             if rest and list(rest[0]) == ["$group"] and isinstance(rest[0]["$group"], dict):
-                grouped = st.group_counts(match, rest[0]["$group"])
+                grouped = st.group_counts(helpers.patch_datetime_awareness_in_document(match), rest[0]["$group"])
                 if grouped is not None:
                     return aggregate.process_pipeline(grouped, self.database, rest[1:], None)
             if match is not None:
@@ -196,12 +199,17 @@ def _fast_window(cursor: Any) -> list[dict[str, Any]] | None:
     st = cursor.collection._store
     if not isinstance(st, IndexedCollectionStore):
         return None
-    order = _id_sort(cursor._sort)
-    if order is False:
+    sort = _one_sort(cursor._sort)
+    if sort is False:
         return None
     limit = None if not cursor._limit else cursor._skip + abs(cursor._limit)
     coll = cursor.collection
-    docs = st.window(cursor._spec, order or None, limit, tz_aware=bool(coll.codec_options.tz_aware))
+    aware = bool(coll.codec_options.tz_aware)
+    if sort is not None and sort[0] != "_id":
+        docs = st.sorted_window(cursor._spec, sort[0], sort[1], limit, tz_aware=aware)
+    else:
+        docs = st.window(cursor._spec, None if sort is None else sort[1], limit, tz_aware=aware,
+                         ids_only=_ids_only(cursor._projection))
     if docs is None:
         return None
     project = _Projection(cursor._projection)
@@ -299,17 +307,22 @@ def _project(doc: dict[str, Any], tree: dict[str, Any], include: bool) -> dict[s
 _ABSENT = object()
 
 
-def _id_sort(sort: Any) -> int | bool:
-    """1 / -1 for a sort on `_id` only, 0 for no sort, False for any other sort."""
+def _one_sort(sort: Any) -> tuple[str, int] | Literal[False] | None:
+    """(field, 1 / -1) for a sort on one field, None for no sort, False for any other sort."""
     if not sort:
-        return 0
+        return None
     items = list(sort.items()) if isinstance(sort, dict) else list(sort)
     if len(items) != 1:
         return False
     field, direction = items[0]
-    if field != "_id" or direction not in (1, -1):
+    if not isinstance(field, str) or field.startswith("$") or direction not in (1, -1):
         return False
-    return int(direction)
+    return field, int(direction)
+
+
+def _ids_only(projection: Any) -> bool:
+    """A projection of `_id` alone (`{"_id": 1}`)."""
+    return isinstance(projection, dict) and list(projection) == ["_id"] and projection["_id"] in (1, True)
 
 
 __all__ = ["install_indexed_store"]

@@ -2,8 +2,10 @@
 
 Per targeted company, a run either reads it in **full** (every targeted chunk; marks then say
 what is new or changed) or reads only its **changes**: chunks whose change field
-(`mongo.fields.updated_at`) is at or after the company's cursor less `corpus.change_slack_s`,
-chunks without the field, and the scope's retry set. A company is read in full when the
+(`mongo.fields.updated_at`) is after the company's cursor, chunks without the field, and the
+scope's retry set. The cursor a finished run leaves is the time its detection started less
+`corpus.change_slack_s` (writers' clock skew and commit delays): a chunk changed before it was
+visible then, so it was read, and one that was not is read next time. A company is read in full when the
 source has no change field, on `--full-scan`, when the scope has no cursor for exactly this
 target of the company (first run, a new company, a new document list, a new task version), or
 when its last full read is older than `corpus.full_scan_every_s`.
@@ -59,6 +61,10 @@ class Detection:
     started_at: str
     high_water: str | None
     """The newest change among the targeted chunks when detection started (ISO), if any."""
+    safe_bound: str = ""
+    """`started_at` less `corpus.change_slack_s`: every chunk changed at or before it was visible to
+    this detection (writers' clocks and commits are at most that late), so the next run only
+    reads changes after it: the cursor a finished run leaves."""
     full: list[str] = field(default_factory=list)
     """Companies read in full."""
     since: dict[str, str] = field(default_factory=dict)
@@ -72,13 +78,14 @@ class Detection:
     reasons: dict[str, str] = field(default_factory=dict)
     """Why each company is read in full, or reconciled."""
     by_document: list[tuple[str, str, int]] = field(default_factory=list)
-    """Chunk counts of listed documents (company, document, count), for unmatched targets."""
+    """Chunk counts of listed documents (company, document, count), for unmatched targets (not
+    kept in run.json: a targets file may list thousands of documents)."""
     version: str = ""
     kind: str = "aware"
     """How the source stores the change field (see `value_kind`)."""
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "by_document"}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Detection:
@@ -144,6 +151,7 @@ def detect(
     high: Any = newest_change(collection, targets.mongo_filter(fields), change_field) if change_field else None
     high_iso = _iso(high)
     det = Detection(started_at=now.isoformat(), high_water=high_iso, counts=dict(by_company),
+                    safe_bound=(now - timedelta(seconds=settings.change_slack_s)).isoformat(),
                     by_document=[(c, d, n) for (c, d), n in by_document.items()], version=version,
                     kind=value_kind(high))
     retry_counts = retry.group_by("company_id").len().rows() if retry.height else []
@@ -175,7 +183,7 @@ def detect(
             det.reasons[c] = f"read in full: {reason}"
             det.candidates[c] = by_company[c]
             continue
-        since[c] = datetime.fromisoformat(cursor) - timedelta(seconds=settings.change_slack_s)
+        since[c] = datetime.fromisoformat(cursor)
         det.since[c] = since[c].isoformat()
     if since:
         det.candidates.update(_change_counts(collection, targets, fields, since, det.kind))

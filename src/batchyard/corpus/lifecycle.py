@@ -87,9 +87,20 @@ def prune_run(ctx: RunContext, job: Job, run: RunStore, det: Detection, *, dry: 
     if dry or not decided:
         return {}
     selected = selected_companies(run)
-    extra = [c for c in selected if c not in det.reconcile]
-    for c in extra:
-        det.reasons.setdefault(c, f"reconciled: {selected[c]} new or changed chunk(s) selected")
+    new = new_units(ctx, job, run)
+    registry = Corpus(ctx.staging, run.read_run()["corpus"]["scope"]).companies()
+    targets = {tg.company_id: tg for tg in job.targets.companies}
+    extra = []
+    for c, n in selected.items():
+        if c in det.reconcile or c not in targets:
+            continue
+        recorded = registry.get(c, {}).get("counts", {}).get(target_hash(targets[c]))
+        # edits keep their ids; a chunk that vanished while others came shows as a count that did
+        # not grow by the new chunks the run selected (a re-chunked document)
+        if recorded is None or det.counts.get(c, 0) - recorded != new.get(c, 0):
+            extra.append(c)
+            det.reasons.setdefault(c, f"reconciled: {n} chunk(s) selected, {new.get(c, 0)} new, count "
+                                      f"{recorded} -> {det.counts.get(c, 0)}")
     det.reconcile = [*det.reconcile, *extra]
     receipt = prune(ctx, job, run, det)
     if receipt.get("pruned") and not receipt.get("keys_recorded"):
@@ -128,6 +139,48 @@ def record_prune(ctx: RunContext, job: Job, run: RunStore) -> None:
                                      "history": [*prev.get("history", []), {"run_id": run.run_id, "materialized_at": now,
                                                                             "results": 0, "failures": 0,
                                                                             "pruned": len(units)}][-HISTORY:]})
+
+
+def new_units(ctx: RunContext, job: Job, run: RunStore) -> dict[str, int]:
+    """Per company, the units this run selected that the sink never had: chunks without a mark for
+    the space (embeddings; recorded once in `<run>/new_units.parquet`, before the loads mark them),
+    or units without a result of any version (inference)."""
+    st = run.staging
+    rel = run.rel("new_units.parquet")
+    if not st.exists(rel):
+        rels = [p.rel("chunks", n) for p in run.partitions() for n in st.list(p.rel("chunks"), ".parquet")]
+        frame = pl.DataFrame(schema={"unit_id": pl.String, "company_id": pl.String})
+        if rels:
+            chunks = st.scan_parquet(rels).select("chunk_id", "id_kind", "company_id", "document_id").collect()
+            chunks = chunks.with_columns(unit_id=job.unit_ids(chunks)).unique("unit_id")
+            seen = _units_with_sink_record(ctx, job, chunks)
+            frame = chunks.filter(~pl.col("unit_id").is_in(list(seen))).select("unit_id", "company_id")
+        st.write_parquet(rel, frame)
+    counts = st.read_parquet(rel).group_by("company_id").len()
+    return {str(c): int(n) for c, n in counts.iter_rows()}
+
+
+def _units_with_sink_record(ctx: RunContext, job: Job, chunks: pl.DataFrame) -> set[str]:
+    """The units among `chunks` the sink already holds a record of (a mark, or any result)."""
+    from batchyard.stages.snapshot import mark_path, mongo_id
+
+    out: set[str] = set()
+    if job.kind == "embeddings":
+        fields = ctx.settings.mongo.fields
+        path = mark_path(fields, job.emb.space)  # type: ignore[attr-defined]
+        rows = chunks.select("chunk_id", "id_kind").rows()
+        for i in range(0, len(rows), 1_000):
+            ids = [mongo_id(c, k or "str") for c, k in rows[i : i + 1_000]]
+            for doc in ctx.store.chunks.find({fields.chunk_id: {"$in": ids}, path: {"$exists": True}},
+                                             {fields.chunk_id: 1}):
+                out.add(str(doc.get("_id") if fields.chunk_id == "_id" else doc.get(fields.chunk_id)))
+        return out
+    coll = ctx.store.collection(job.results_collection)  # type: ignore[attr-defined]
+    units = chunks["unit_id"].unique().to_list()
+    for i in range(0, len(units), 1_000):
+        out.update(str(d["unit_id"]) for d in coll.find({"task": job.task.name,  # type: ignore[attr-defined]
+                                                         "unit_id": {"$in": units[i : i + 1_000]}}, {"unit_id": 1}))
+    return out
 
 
 def selected_companies(run: RunStore) -> dict[str, int]:
@@ -260,7 +313,18 @@ def finish_run(ctx: RunContext, job: Job, run: RunStore, *, cancelled: bool) -> 
     owner = driver_id()
     reconciled = set((info.get("pruned") or {}).get("reconciled", [])) if meta.get("prune") else set()
     touched = sorted(set(selected_companies(run)) | reconciled)
-    targets_now = target_rows(ctx, job, touched=touched) if touched else {}
+    known = corpus.companies()
+    # what the sink holds per company follows from what this run added, where the registry knows it
+    # from before and nothing was reconciled; a reconciled or new company is counted in the sink
+    measure = [c for c in touched if c in reconciled or "rows" not in known.get(c, {}).get("sink_rows", {})]
+    targets_now = target_rows(ctx, job, touched=measure) if touched else {}
+    if touched:
+        added = _added_per_company(job, run)
+        pruned = _pruned_per_company(run)
+        for c in touched:
+            if c not in measure:
+                targets_now["by_company"][c] = (int(known[c]["sink_rows"]["rows"]) + added.get(c, 0)
+                                                - pruned.get(c, 0))
     with corpus.lease(owner, wait_s=ctx.settings.corpus.select_wait_s):
         bounds = _lower_bounds(corpus, run.run_id)
         changes: dict[str, dict[str, Any]] = {}
@@ -276,7 +340,8 @@ def finish_run(ctx: RunContext, job: Job, run: RunStore, *, cancelled: bool) -> 
             # another open run (a run cancelled later leaves its window to be read again)
             if det.high_water is not None and not (c in bounds and bounds[c] is None):
                 bound = bounds.get(c)
-                cursors[th] = det.high_water if bound is None else _iso_min(det.high_water, bound)
+                safe = det.safe_bound or det.high_water
+                cursors[th] = safe if bound is None else _iso_min(safe, bound)
             full_at = dict(entry.get("full_at", {}))
             if c in det.full:
                 full_at[th] = det.started_at
@@ -293,6 +358,32 @@ def finish_run(ctx: RunContext, job: Job, run: RunStore, *, cancelled: bool) -> 
         corpus.drop_retry([r for r in meta.get("retry_runs", []) if r != run.run_id])
         corpus.unregister(run.run_id)
     return targets_now
+
+
+def _added_per_company(job: Job, run: RunStore) -> dict[str, int]:
+    """Units new to the sink (see `new_units`) that this run loaded, per company."""
+    st = run.staging
+    rel = run.rel("new_units.parquet")
+    if not st.exists(rel):
+        return {}
+    new = st.read_parquet(rel)
+    loaded = []
+    for part in run.partitions():
+        rels = [part.rel("results", f"{n}.parquet") for n in part.parts("results")]
+        rels = [r for r in rels if st.count_rows(r)]
+        if rels:
+            loaded.append(st.scan_parquet(rels).select(pl.col(job.result_key).cast(pl.String).alias("unit_id")).collect())
+    if not loaded:
+        return {}
+    got = new.join(pl.concat(loaded).unique(), on="unit_id", how="semi").group_by("company_id").len()
+    return {str(c): int(n) for c, n in got.iter_rows()}
+
+
+def _pruned_per_company(run: RunStore) -> dict[str, int]:
+    from batchyard.corpus.prune import pruned_units
+
+    got = pruned_units(run).group_by("company_id").len()
+    return {str(c): int(n) for c, n in got.iter_rows()}
 
 
 def retry_rows(job: Job, run: RunStore) -> pl.DataFrame:

@@ -48,6 +48,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext  # no
 
 from prefect import flow, task  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
+    create_link_artifact,
     create_progress_artifact,
     create_table_artifact,
     update_progress_artifact,
@@ -397,6 +398,7 @@ def _finish(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Callable[[
     )
     if final.get("failures"):
         _failures_artifact(job, run, final)
+    _report_artifact(run)
     emit(len(steps), "done")
     return info
 
@@ -447,6 +449,23 @@ def outcome(state: Any) -> dict[str, Any]:
     if isinstance(result, BaseException):
         raise result
     return dict(result)
+
+
+def _report_artifact(run: RunStore) -> None:
+    """Write the run's HTML report (`batchyard report`) to its staging folder and link it from
+    the flow run. A report that cannot be drawn is logged; it never changes the run's outcome."""
+    from pathlib import Path
+
+    from batchyard.report import write
+
+    try:
+        written = write(run)
+    except Exception as exc:  # the report is a view of the run, not part of it
+        log.warning("run %s: the report was not written: %s", run.run_id, exc)
+        return
+    link = written.location if written.location.startswith("s3://") else Path(written.location).as_uri()
+    create_link_artifact(link, link_text=f"report of run {run.run_id}", key=f"{run.run_id.lower()}-report",
+                         description=f"{run.job} run {run.run_id}: summary, cost, timeline, queue, failures")
 
 
 # --------------------------------------------------------------------------- logs

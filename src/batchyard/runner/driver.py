@@ -365,6 +365,7 @@ class _Driver:
                 self.timed("realtime", lambda: self.engine.run("realtime", lambda: self.realtime(rt)))
         self.timed("queue", self.sync_queue)
         self.finalize_done(cancelled=cancelled)
+        self.ctx.yield_store()  # another process of the project directory waits for the stand-in
         after = {k: (r.state, r.batch_status, r.downloaded) for k, r in self.records.items()}
         return after != before or bool(loaded)
 

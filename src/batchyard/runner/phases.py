@@ -222,6 +222,8 @@ def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress 
         run.staging.write_parquet(run.rel("failures", "snapshot-orphans.parquet"), pl.concat(orphans))
     duplicates = _find_duplicates(run)
     crashpoint("after_snapshot")
+    if not dry:
+        lifecycle.new_units(ctx, job, run)  # before any load marks them: what the sink never had
     pruned = lifecycle.prune_run(ctx, job, run, det, dry=dry)
     totals: dict[str, Any] = defaultdict(int)
     for part in run.partitions():
@@ -233,13 +235,14 @@ def snapshot(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Progress 
     if held:
         log.warning("%d unit(s) left to open run(s) of this scope that hold them: %s", sum(held.values()),
                     ", ".join(f"{r} ({n})" for r, n in sorted(held.items())))
-    stats = {**totals, "partitions": len(specs), "orphans": sum(o.height for o in orphans),
+    stats = {"chunks": 0, "rejected": 0, **totals, "partitions": len(specs), "orphans": sum(o.height for o in orphans),
              "duplicate_ids": duplicates, "held_by_open_runs": sum(held.values()),
              "pruned": int(pruned.get("pruned", 0)), "read": "full" if not det.since else
              ("changes" if not det.full else "mixed")}
     run.update_run(phase="plan", snapshot=stats, held_by_open_runs=held)
     add_timings(run, {"snapshot": peak_rss_mb()}, snapshot=time.perf_counter() - t0)
     trim_memory()
+    ctx.yield_store()  # another process of the project directory waits for the stand-in
     return stats
 
 
