@@ -51,7 +51,8 @@ class InfraError(Exception):
 
 
 def chain(exc: BaseException) -> Iterator[BaseException]:
-    """`exc`, then its causes and contexts, each once."""
+    """`exc`, then its causes and contexts, each once; not the context of an error raised
+    `from None` (it stands on its own: its message already says what failed)."""
     seen: set[int] = set()
     todo: list[BaseException] = [exc]
     while todo:
@@ -60,7 +61,8 @@ def chain(exc: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(cur))
         yield cur
-        todo += [e for e in (cur.__cause__, cur.__context__) if e is not None]
+        context = None if cur.__suppress_context__ else cur.__context__
+        todo += [e for e in (cur.__cause__, context) if e is not None]
 
 
 def _module(exc: BaseException) -> str:
