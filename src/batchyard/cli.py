@@ -11,21 +11,31 @@ Exit codes are part of the interface (scripts and schedulers read them):
 | 4 | the run was cancelled, or is not finished yet (e.g. `--no-wait`) |
 | 5 | an integrity check failed (`audit`, asset checks) |
 
-Every user error is checked before Prefect starts, so it costs no server start-up.
+Every user error is checked before the command waits for Prefect: a usage error exits at once,
+stopping the temporary server a Prefect-engine command starts first (it takes longest to come
+up; see `orchestration/temporary.py`). What a run needs is opened in the background meanwhile
+(`launch.py`), and a service that cannot be reached is one line (`infra.py`) before any run is
+created. Ctrl-C and SIGTERM exit 130 and 143, the run they stopped marked `interrupted`.
 """
 
 from __future__ import annotations
 
+import atexit
 import enum
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -43,6 +53,10 @@ for _k, _v in {
     "PREFECT_SERVER_UI_ENABLED": "false",
     "PREFECT_LOGGING_LEVEL": "ERROR",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "90",
+    # a flow run started here sends Prefect the INFO records a deployment run sends (state
+    # changes, task runs); the terminal shows batchyard's own lines and one-line errors only
+    "PREFECT_LOGGING_LOGGERS_PREFECT_FLOW_RUNS_LEVEL": "INFO",
+    "PREFECT_LOGGING_LOGGERS_PREFECT_TASK_RUNS_LEVEL": "INFO",
 }.items():
     os.environ.setdefault(_k, _v)
 
@@ -107,21 +121,69 @@ def main(
     _state["profile"] = profile
     _state["root"] = root
     _state["verbose"] = verbose
+    # Prefect's console handler: its records (a flow run's crash, a traceback) stay out of the
+    # terminal, which gets one line per error (set before Prefect is imported, which applies it)
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "WARNING" if verbose else "CRITICAL")
     from batchyard.logs import configure_logging
 
     configure_logging(logging.INFO if verbose else logging.WARNING)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    """SIGTERM stops a command as Ctrl-C does: its run is recorded as `interrupted`."""
+    _state["signal"] = signum
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 # --------------------------------------------------------------------------- errors
 
 
 def _fail(exc: BaseException, code: int = EXIT_ERROR) -> NoReturn:
-    """One line on stderr (the traceback only with --verbose), then exit with `code`."""
-    if _state.get("verbose"):
-        err_console.print_exception()
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    err_console.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr (the traceback only with --verbose), then exit with `code`.
+
+    An infrastructure failure names the component, its address (secrets masked) and the cause
+    (`batchyard.infra`). When a run stopped on it, a second line says how to resume it."""
+    from batchyard.infra import one_line
+
+    _settle()
+    if _state.get("verbose") and exc.__traceback__ is not None:
+        from rich.traceback import Traceback
+
+        err_console.print(Traceback.from_exception(type(exc), exc, exc.__traceback__))
+    err_console.print(f"[red]error:[/red] {escape(one_line(exc, _state.get('settings')))}", highlight=False,
+                      soft_wrap=True)
+    _resume_hint(exc)
     raise typer.Exit(code)
+
+
+def _settle() -> None:
+    """Before an early exit: let what runs in the background finish (the import of Prefect, see
+    `PrefectApi.settle`; the opening of the stores), so that the error is the last line printed."""
+    api = _state.get("prefect_api")
+    if api is not None:
+        api.settle()
+    for launch in _state.get("launches", []):
+        launch.settle()
+
+
+def _resume_hint(exc: BaseException) -> None:
+    """The last line after a run stopped early: its state, and the command that continues it."""
+    tagged = getattr(exc, "batchyard_run", None)
+    if tagged:
+        _job, run_id, state = tagged
+        err_console.print(f"run {run_id} is {state}; `batchyard resume {run_id}` continues it", highlight=False,
+                          soft_wrap=True)
+
+
+def _interrupted(exc: BaseException) -> NoReturn:
+    """Ctrl-C or SIGTERM: say so (and how to resume the run it stopped), exit 130 or 143."""
+    signum = int(_state.get("signal") or signal.SIGINT)
+    _settle()
+    err_console.print(f"interrupted ({signal.Signals(signum).name})", highlight=False)
+    _resume_hint(exc)
+    raise typer.Exit(128 + signum)
 
 
 def _usage_error(exc: BaseException) -> NoReturn:
@@ -174,6 +236,34 @@ def _settings(overrides: dict[str, Any] | None = None) -> Settings:
 
 def _emit_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _print_table(title: str, headers: list[str], rows: list[list[str]], *, no_wrap: set[str] | None = None,
+                 title_style: str | None = None, out: Console | None = None) -> None:
+    """A table that fits the terminal: columns side by side when they fit at their narrowest,
+    else one block per row (`column  value` lines), so that no column is squeezed out of sight
+    (rich shrinks columns that do not fit to nothing)."""
+    out = out or console
+    no_wrap = no_wrap or set()
+    table = Table(title=title, title_justify="left", title_style=title_style)
+    for h in headers:
+        table.add_column(h, no_wrap=h in no_wrap)
+    for row in rows:
+        table.add_row(*row)
+    # measured unconstrained: rich clamps a measurement to the width it is given
+    if Measurement.get(out, out.options.update_width(100_000), table).minimum <= out.width:
+        out.print(table)
+        return
+    out.print(title, style=title_style or "italic", highlight=False)
+    for i, row in enumerate(rows):
+        block = Table.grid(padding=(0, 2))
+        block.add_column(no_wrap=True, style="bold")
+        block.add_column(overflow="fold")
+        for h, value in zip(headers, row, strict=True):
+            block.add_row(h, value)
+        if i:
+            out.print()
+        out.print(block)
 
 
 # --------------------------------------------------------------------------- configuration and tasks
@@ -241,12 +331,27 @@ def seed(
 # --------------------------------------------------------------------------- jobs
 
 
-def _progress() -> tuple[Progress, Any]:
+class _Quiet:
+    """A progress display that shows nothing (`--json`)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _progress(show: bool = True, api: Any = None) -> tuple[Any, Any]:
+    """A progress bar on stderr (transient) and the callback that moves it. Its first frame says
+    what the command waits for (`api`: the Prefect API it started), never a bare `starting 0/?`."""
+    if not show:
+        return _Quiet(), lambda event: None
     progress = Progress(
         TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=err_console, transient=True,
+        disable=not err_console.is_terminal,  # a log file or a pipe gets the errors only
     )
-    bar = progress.add_task("starting", total=None, detail="")
+    bar = progress.add_task("starting", total=None, detail=_first_detail(api))
 
     def update(event: dict[str, Any]) -> None:
         detail = str(event.get("detail", ""))
@@ -278,82 +383,153 @@ def _check_inputs(kind: str, targets: Path | None, task: str | None) -> None:
         _usage_error(exc)
 
 
+# --------------------------------------------------------------------------- what a run command starts
+
+
+def _prefect_api() -> Any:
+    """The Prefect API of this command, started (once per process) in the background: a
+    temporary server comes up while the command loads and opens everything else
+    (`orchestration.temporary`). Called before anything else a Prefect-engine command does."""
+    api = _state.get("prefect_api")
+    if api is None:
+        from batchyard.infra import InfraError
+        from batchyard.orchestration.temporary import PrefectApi
+
+        try:
+            api = PrefectApi().start()
+        except InfraError as exc:
+            _fail(exc)
+        _state["prefect_api"] = api
+        atexit.register(api.stop)  # after Prefect's own exit hooks (they send its last logs and events)
+    return api
+
+
+def _launch(settings: Settings, *, sinks: bool = True, provider: bool = True) -> Any:
+    """The command's run context, its clients opened in the background (`batchyard.launch`);
+    one per distinct settings, closed when the command exits."""
+    from batchyard.launch import Launch
+
+    launches: list[Launch] = _state.setdefault("launches", [])
+    for launch in launches:  # settings compare their secrets too (a JSON dump would mask them)
+        if launch.settings == settings and (launch.sinks, launch.provider) == (sinks, provider):
+            return launch
+    if not launches:
+        atexit.register(_close_launches)
+    launches.append(Launch(settings, sinks=sinks, provider=provider).start())
+    return launches[-1]
+
+
+def _close_launches() -> None:
+    for launch in _state.pop("launches", []):
+        launch.close()
+
+
+_WHAT = {"staging": "staging root", "document store": "document store", "Milvus": "Milvus",
+         "Batch API": "embedded Batch API server"}
+
+
+def _ready(launch: Any, api: Any, update: Any) -> Any:
+    """Wait for the launch (and the Prefect API), showing what is still starting; raise the
+    first failure at once, whatever is still pending."""
+    while True:
+        pending = [_WHAT.get(n, n) for n in launch.pending()]
+        if api is not None and not api.ready:
+            pending.append("Prefect's temporary API server" if api.temporary else "Prefect API check")
+        launch.check()
+        if not pending:
+            break
+        update({"stage": "starting", "detail": ", ".join(pending), "completed": 0, "total": None})
+        time.sleep(0.1)
+    ctx = launch.ready()
+    if api is not None:
+        api.wait()
+    return ctx
+
+
+def _open(overrides: dict[str, Any], api: Any, update: Any, *, sinks: bool = True, provider: bool = True) -> Any:
+    """The command's settings, checked, and its run context once everything is open."""
+    settings = _settings(overrides)
+    _state["settings"] = settings
+    prefect = _state.get("prefect_api")
+    if prefect is not None:  # the inputs are good: import Prefect while its server comes up
+        prefect.preload("batchyard.orchestration.flows")
+    return _ready(_launch(settings, sinks=sinks, provider=provider), api, update)
+
+
+def _first_detail(api: Any) -> str:
+    """What a command waits for first: Prefect's temporary server, or its stores."""
+    return "Prefect's temporary API server" if api is not None and api.temporary else "opening the stores"
+
+
 def _run_job(kind: str, targets: Path | None, *, engine: EngineChoice | str, overrides: dict[str, Any],
              task: str | None = None, run_id: str | None = None, wait: bool = True,
              show_progress: bool = True) -> dict[str, Any]:
-    from batchyard import runner
-    from batchyard.context import RunContext
+    """Run a job (or resume a run) on the chosen engine; returns its run.json.
 
+    Under Prefect, Prefect's API starts first (it takes longest), then the inputs and settings
+    are checked, then the stores open while it comes up; the progress bar shows all of it."""
     engine = EngineChoice(engine)
-    _check_inputs(kind, targets, task)
-    settings = _settings(overrides)
-    progress, update = _progress()
-    profile = _state.get("profile")
-    with progress if show_progress else _Quiet():
+    api = _prefect_api() if engine is EngineChoice.prefect else None
+    progress, update = _progress(show_progress, api)
+    with progress:
+        _check_inputs(kind, targets, task)
+        ctx = _open(overrides, api, update)
         hook = update if show_progress else None
-        if engine is EngineChoice.prefect:
-            return _run_prefect(kind, targets, task=task, run_id=run_id, wait=wait, profile=profile,
-                                overrides=overrides, hook=hook)
-        with RunContext(settings) as ctx:
-            if kind == "resume":
-                return runner.resume(ctx, run_id or "", on_progress=hook)
-            from batchyard.targets import load_targets
+        if api is not None:
+            return _run_prefect(kind, targets, task=task, run_id=run_id, wait=wait, overrides=overrides, hook=hook,
+                                ctx=ctx)
+        from batchyard import runner
 
-            tg = load_targets(targets) if targets else None
-            if kind == "embeddings":
-                from batchyard.jobs.embeddings import EmbeddingsJob
+        if kind == "resume":
+            return runner.resume(ctx, run_id or "", on_progress=hook)
+        from batchyard.targets import load_targets
 
-                job: Any = EmbeddingsJob(ctx, tg)  # type: ignore[arg-type]
-            else:
-                from batchyard.jobs.inference import InferenceJob
+        tg = load_targets(targets) if targets else None
+        if kind == "embeddings":
+            from batchyard.jobs.embeddings import EmbeddingsJob
 
-                job = InferenceJob(ctx, tg, task or "")  # type: ignore[arg-type]
-            return runner.execute(ctx, job, run_id=run_id, on_progress=hook, wait=wait)
+            job: Any = EmbeddingsJob(ctx, tg)  # type: ignore[arg-type]
+        else:
+            from batchyard.jobs.inference import InferenceJob
 
-
-class _Quiet:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
+            job = InferenceJob(ctx, tg, task or "")  # type: ignore[arg-type]
+        return runner.execute(ctx, job, run_id=run_id, on_progress=hook, wait=wait)
 
 
-def _run_prefect(kind: str, targets: Path | None, *, task: str | None, run_id: str | None, wait: bool,
-                 profile: str | None, overrides: dict[str, Any], hook: Any) -> dict[str, Any]:
-    try:
-        from batchyard.orchestration import flows
-    except Exception as exc:  # pragma: no cover - broken install
-        _fail(exc)
+def _call_flow(name: str, settings: Settings, ctx: Any, hook: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run one of `orchestration.flows` in this process, in the command's context; returns what
+    it returned whatever its final state (Prefect imported here: after `PREFECT_API_URL` is set)."""
+    from batchyard.orchestration import flows
+
     if hook is not None:
         flows.PROGRESS_HOOKS.append(hook)
-    settings = _settings(overrides)
     try:
-        if kind == "embeddings":
-            return flows.with_runner(flows.embeddings_flow, settings)(
-                targets=str(targets), run_id=run_id, profile=profile, overrides=overrides, wait=wait)
-        if kind == "inference":
-            return flows.with_runner(flows.inference_flow, settings)(
-                task_name=task or "", targets=str(targets), run_id=run_id, profile=profile, overrides=overrides,
-                wait=wait)
-        return flows.with_runner(flows.resume_flow, settings)(run_id=run_id or "", profile=profile,
-                                                              overrides=overrides)
-    except RuntimeError as exc:
-        if "ephemeral Prefect API server" in str(exc):
-            _fail(BatchyardError(
-                "Prefect's temporary API server did not start in time "
-                f"(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS={os.environ.get('PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS')}); "
-                "run again, raise that timeout, or use --engine local"))
-        raise
+        with flows.provided_context(ctx):
+            state = flows.with_runner(getattr(flows, name), settings)(
+                profile=_state.get("profile"), return_state=True, **kwargs)
+        return flows.outcome(state)
     finally:
         if hook is not None:
             flows.PROGRESS_HOOKS.remove(hook)
 
 
+def _run_prefect(kind: str, targets: Path | None, *, task: str | None, run_id: str | None, wait: bool,
+                 overrides: dict[str, Any], hook: Any, ctx: Any) -> dict[str, Any]:
+    settings = ctx.settings
+    if kind == "embeddings":
+        return _call_flow("embeddings_flow", settings, ctx, hook, targets=str(targets), run_id=run_id,
+                          overrides=overrides, wait=wait)
+    if kind == "inference":
+        return _call_flow("inference_flow", settings, ctx, hook, task_name=task or "", targets=str(targets),
+                          run_id=run_id, overrides=overrides, wait=wait)
+    return _call_flow("resume_flow", settings, ctx, hook, run_id=run_id or "", overrides=overrides)
+
+
 def _print_run(info: dict[str, Any]) -> None:
     from batchyard.pricing import figure
+    from batchyard.runner import describe_state
 
-    t = Table(title=f"run {info['run_id']} ({info['job']}): {info['state']}", title_justify="left")
+    t = Table(title=f"run {info['run_id']} ({info['job']}): {describe_state(info)}", title_justify="left")
     t.add_column("stage", no_wrap=True)
     t.add_column("figures")
     for key in ("snapshot", "plan", "final"):
@@ -437,7 +613,8 @@ def _report(info: dict[str, Any], as_json: bool) -> NoReturn:
 
 
 def _guarded(fn: Any) -> dict[str, Any]:
-    """Run a job, turning batchyard errors into one-line exits."""
+    """Run a job, turning its errors into one-line exits (exit 2 for usage errors, 1 for the
+    rest, 130/143 for Ctrl-C/SIGTERM); `--verbose` adds the traceback."""
     try:
         return dict(fn())
     except typer.Exit:
@@ -445,6 +622,12 @@ def _guarded(fn: Any) -> dict[str, Any]:
     except (ConfigError, FileNotFoundError) as exc:
         _usage_error(exc)
     except BatchyardError as exc:
+        from batchyard.trail import UnitNotFound
+
+        _fail(exc, EXIT_USAGE if isinstance(exc, UnitNotFound) else EXIT_ERROR)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
+    except Exception as exc:
         _fail(exc)
 
 
@@ -604,17 +787,26 @@ def rerun(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
     start: Annotated[RerunFrom, typer.Option("--from", help="results (re-parse staged outputs, reload sinks) or "
                                              "sinks (reload only).")] = RerunFrom.sinks,
+    engine: Engine = EngineChoice.prefect,
     as_json: AsJson = False,
 ) -> None:
-    """Re-materialize a finished run from its staged files, without calling the Batch API."""
-    from batchyard import runner
-    from batchyard.context import RunContext
+    """Re-materialize a finished run from its staged files, without calling the Batch API.
 
+    Under Prefect (default) it is a flow run (`batchyard-rerun`) that materializes the assets it
+    rewrote."""
     _check_run_exists(run_id)
+    api = _prefect_api() if engine is EngineChoice.prefect else None
 
     def go() -> dict[str, Any]:
-        with RunContext(_settings(_overrides())) as ctx:
+        progress, update = _progress(not as_json, api)
+        with progress:
+            ctx = _open(_overrides(), api, update, provider=False)
             try:
+                if api is not None:
+                    return _call_flow("rerun_flow", ctx.settings, ctx, update, run_id=run_id, start=start.value,
+                                      overrides=_overrides())
+                from batchyard import runner
+
                 return runner.rematerialize(ctx, run_id, start=start.value)
             except ValueError as exc:
                 _fail(exc)
@@ -660,6 +852,7 @@ def status(
     as_json: AsJson = False,
 ) -> None:
     """Show runs, or one run's partitions (and shards), as tables or JSON."""
+    from batchyard import runner
     from batchyard.runner import partition_table
     from batchyard.storage.ledger import run_records
     from batchyard.storage.runs import find_run, list_runs
@@ -672,19 +865,16 @@ def status(
         for run in list_runs(staging):
             info = run.read_run()
             final = info.get("final", {})
-            rows.append({"run": run.run_id, "job": run.job, "state": info.get("state", "?"),
+            rows.append({"run": run.run_id, "job": run.job, "state": runner.describe_state(info),
                          "phase": info.get("phase", "?"), "partitions": len(info.get("partitions", [])),
                          "shards": info.get("plan", {}).get("shards"), "results": final.get("results"),
                          "failures": final.get("failures")})
         if as_json:
             _emit_json(rows)
             return
-        t = Table(title=f"runs in {staging.root}", title_justify="left")
-        for col in ("run", "job", "state", "phase", "partitions", "shards", "results", "failures"):
-            t.add_column(col, no_wrap=col == "run", min_width=len("20261130T070000Z-abcdef") if col == "run" else None)
-        for r in rows:
-            t.add_row(*("" if v is None else str(v) for v in r.values()))
-        console.print(t)
+        _print_table(f"runs in {staging.root}", ["run", "job", "state", "phase", "partitions", "shards", "results",
+                                                 "failures"],
+                     [["" if v is None else str(v) for v in r.values()] for r in rows], no_wrap={"run", "job"})
         _print_queues(staging, s)
         return
     try:
@@ -698,23 +888,17 @@ def status(
         _emit_json({"run": info, "partitions": parts,
                     "shards": [r.model_dump(mode="json", exclude={"history"}) for r in records] if shards else None})
         return
-    t = Table(title=f"run {run_id} ({run.job}): {info.get('state')} / {info.get('phase')}", title_justify="left")
-    for col in ("partition", "companies", "phase", "chunks", "requests", "shards", "waiting", "results",
-                "loaded_parts"):
-        t.add_column(col, no_wrap=col == "partition")
-    for p in parts:
-        t.add_row(*(str(v) for v in p.values()))
-    console.print(t)
+    _print_table(f"run {run_id} ({run.job}): {runner.describe_state(info)} / {info.get('phase')}",
+                 ["partition", "companies", "phase", "chunks", "requests", "shards", "waiting", "results",
+                  "loaded_parts"], [[str(v) for v in p.values()] for p in parts], no_wrap={"partition"})
     waiting = [r for r in records if r.waiting_note]
     if shards or waiting:
-        st = Table(title="shard attempts" if shards else "waiting shard attempts", title_justify="left")
-        for col in ("shard", "state", "batch status", "requests", "inputs", "tokens", "batch", "outcome / note"):
-            st.add_column(col, no_wrap=col in ("shard", "batch"))
-        for rec in records if shards else waiting:
-            note = rec.waiting_note or ", ".join(f"{k} {v}" for k, v in (rec.outcome or {}).items())
-            st.add_row(rec.key, rec.state, rec.batch_status or "", str(rec.n_requests), str(rec.n_inputs),
-                       str(rec.tokens), rec.batch_id or "", note)
-        console.print(st)
+        _print_table("shard attempts" if shards else "waiting shard attempts",
+                     ["shard", "state", "batch status", "requests", "inputs", "tokens", "batch", "outcome / note"],
+                     [[rec.key, rec.state, rec.batch_status or "", str(rec.n_requests), str(rec.n_inputs),
+                       str(rec.tokens), rec.batch_id or "",
+                       rec.waiting_note or ", ".join(f"{k} {v}" for k, v in (rec.outcome or {}).items())]
+                      for rec in (records if shards else waiting)], no_wrap={"shard", "batch"})
 
 
 # --------------------------------------------------------------------------- audit
@@ -723,9 +907,12 @@ def status(
 @app.command(epilog=EPILOG)
 def audit(
     run_id: Annotated[str, typer.Argument(help="Run id.")],
-    unit_id: Annotated[str | None, typer.Option("--id", help="Show the full trail of one chunk or unit id.")] = None,
+    unit_id: Annotated[str | None, typer.Option("--id", help="Show the trail of one chunk or unit id.")] = None,
+    full: Annotated[bool, typer.Option("--full", help="With --id: also print the whole request line and each "
+                                       "whole output or error line (megabytes for a large request).")] = False,
     sinks: Annotated[bool, typer.Option("--sinks/--no-sinks", help="Also check that Milvus and MongoDB hold what "
                                         "was loaded (default), or check staging only.")] = True,
+    engine: Engine = EngineChoice.prefect,
     as_json: AsJson = False,
 ) -> None:
     """Reconcile a run from its staged files and the sinks, with no Batch API call.
@@ -736,36 +923,35 @@ def audit(
     shard file must match its ledger sha256. Exit 0 when everything reconciles, 5 when something
     differs (each difference names the counts and the units). With --id: the trail of one chunk
     or unit, from its source row to its Milvus/MongoDB document (exit 5 if the trail
-    contradicts itself).
+    contradicts itself): its own input, where its output line is and, for an embedding, the
+    vector's first values and norm; --full adds the whole request and output lines. Under
+    Prefect (default) the audit is a flow run (`batchyard-audit`), `Failed` when something differs.
     """
-    from batchyard.audit import audit_run
-    from batchyard.context import RunContext
     from batchyard.storage.runs import find_run
-    from batchyard.trail import UnitNotFound, trail
+    from batchyard.trail import audit_or_trail
 
     _check_run_exists(run_id)
-    settings = _settings(_overrides())
-    try:
-        with RunContext(settings) as ctx:
-            run = find_run(ctx.staging, run_id)
-            if unit_id is not None:
-                try:
-                    found = trail(ctx, run, unit_id)
-                except UnitNotFound as exc:
-                    _usage_error(exc)
-                if as_json:
-                    _emit_json(found)
-                else:
-                    _print_trail(found)
-                raise typer.Exit(EXIT_CHECKS if found["differences"] else EXIT_OK)
-            report = audit_run(ctx, run, sinks=sinks)
-    except BatchyardError as exc:
-        _fail(exc)
+    api = _prefect_api() if engine is EngineChoice.prefect else None
+    uses_sinks = bool(sinks or unit_id)
+
+    def go() -> dict[str, Any]:
+        progress, update = _progress(not as_json, api)
+        with progress:
+            ctx = _open(_overrides(), api, update, sinks=uses_sinks, provider=False)
+            if api is not None:
+                return _call_flow("audit_flow", ctx.settings, ctx, None, run_id=run_id, unit_id=unit_id,
+                                  sinks=sinks, full=full, overrides=_overrides())
+            return audit_or_trail(ctx, find_run(ctx.staging, run_id), unit_id=unit_id, sinks=sinks, full=full)
+
+    out = _guarded(go)
+    kind = out.pop("kind")
     if as_json:
-        _emit_json(report.to_json())
+        _emit_json(out)
+    elif kind == "trail":
+        _print_trail(out)
     else:
-        _print_audit(report)
-    raise typer.Exit(EXIT_OK if report.ok else EXIT_CHECKS)
+        _print_audit(out)
+    raise typer.Exit(EXIT_CHECKS if out["differences"] else EXIT_OK)
 
 
 _AUDIT_COLUMNS: dict[str, list[tuple[str, str]]] = {
@@ -807,100 +993,124 @@ def _audit_cell(row: dict[str, Any], key: str) -> str:
     return "" if value is None else f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value)
 
 
-def _print_audit(report: Any) -> None:
-    run = report.run
+def _print_audit(report: dict[str, Any]) -> None:
+    """The audit report (its JSON form) as tables."""
+    run = report["run"]
     console.print(f"[bold]audit of run {run['run_id']}[/bold] ({run['job']}, {run['state']} / {run['phase']})",
                   highlight=False)
     for name, columns in _AUDIT_COLUMNS.items():
-        rows = report.tables.get(name, [])
+        rows = report.get(name, [])
         if not rows:
             console.print(f"{name}: none", style="italic")
             continue
-        t = Table(title=name + (" (provider counts: completed/failed/total)" if name == "sent" else ""),
-                  title_justify="left")
-        for key, label in columns:
-            t.add_column(label, no_wrap=key in _NO_WRAP)
-        for row in rows:
-            t.add_row(*(_audit_cell(row, key) for key, _ in columns))
-        console.print(t)
-    for note in report.notes:
+        _print_table(name + (" (provider counts: completed/failed/total)" if name == "sent" else ""),
+                     [label for _, label in columns], [[_audit_cell(row, key) for key, _ in columns] for row in rows],
+                     no_wrap={label for key, label in columns if key in _NO_WRAP})
+    for note in report["notes"]:
         console.print(f"note: {note}", highlight=False)
-    if report.ok:
-        console.print(f"[green]{report.checks:,} counts reconciled; everything agrees[/green]")
+    differences = report["differences"]
+    if not differences:
+        console.print(f"[green]{report['checks']:,} counts reconciled; everything agrees[/green]")
         return
-    t = Table(title=f"{len(report.differences)} difference(s) in {report.checks:,} reconciled counts",
-              title_justify="left", title_style="bold red")
-    for col in ("check", "expected", "actual", "units"):
-        t.add_column(col, no_wrap=col == "units")
-    for d in report.differences:
-        units = "\n".join(d.units) + (f"\n(+{d.more} more)" if d.more else "")
-        t.add_row(d.check, d.expected, d.actual, units)
-    console.print(t)
+    _print_table(f"{len(differences)} difference(s) in {report['checks']:,} reconciled counts",
+                 ["check", "expected", "actual", "units"],
+                 [[d["check"], d["expected"], d["actual"],
+                   "\n".join(d["units"]) + (f"\n(+{d['more']} more)" if d["more"] else "")] for d in differences],
+                 no_wrap={"units"}, title_style="bold red")
+
+
+def _own_output_text(own: dict[str, Any]) -> str:
+    """What an output or error line says about one unit, in a few words."""
+    if own.get("error"):
+        err = own["error"]
+        return f"error {err.get('code')}: {err.get('message')}" if isinstance(err, dict) else f"error: {err}"
+    if "vector" in own:
+        vec = own["vector"]
+        if vec is None:
+            return f"data[{own['data_index']}]: no valid vector"
+        head = ", ".join(f"{v:.6f}" for v in vec["head"])
+        return f"data[{own['data_index']}]: {vec['dims']} dimensions, norm {vec['norm']:.6f}, first values [{head}, …]"
+    return f"answer: {own.get('answer', '')}"
 
 
 def _print_trail(found: dict[str, Any]) -> None:
+    rows: list[tuple[str, str]] = []
+    for src in found.get("source", []):
+        rows.append(("source row", f"chunk {src['chunk_id']} (_id {src['source_id']}), company {src['company_id']}, "
+                     f"document {src['document_id']}, index {src['chunk_index']}, text sha256 {src['text_sha256']}"))
+    plan = found.get("plan")
+    if plan:
+        route = plan.get("route", "request")
+        tokens = plan.get("tokens", plan.get("n_tokens"))
+        rows.append(("planned", f"unit {found['unit_id']} in partition {found['partition']}, {route}"
+                     + (f", {tokens} tokens" if tokens else "") + (", truncated" if plan.get("truncated") else "")))
+    served = found.get("served_by")
+    if served:
+        rows.append(("served by", served["why"]))
+    req = found.get("request")
+    if req:
+        own = req.get("own", {})
+        rows.append(("request", f"custom_id {req['custom_id']}, shard {req['shard']}: input {req['position'] + 1} "
+                     f"of {req['n_inputs']} (index {req['position']}), line of {own.get('line_bytes', 0):,} bytes"
+                     + (f", model {own['model']}" if own.get("model") else "")))
+        if own.get("system_chars"):
+            rows.append(("system prompt", f"{own['system_chars']:,} characters (the task's, the same for every unit)"))
+        if own.get("input") is not None:
+            rows.append(("input", str(own["input"])))
+    for a in found.get("attempts", []):
+        raw = a["raw"]
+        where = (f"{raw['file']} line {raw['line_no']} ({raw.get('line_bytes', 0):,} bytes)" if raw
+                 else "no output or error line")
+        outcome = a["outcome"] or {}
+        rows.append((f"attempt {a['shard']}.{a['attempt']}",
+                     f"file {a['file_id']}, batch {a['batch_id']} ({a['batch_status']}), sha256 "
+                     f"{'verified' if a['sha256_ok'] else 'DIFFERS'}; {where}; outcome {outcome.get('outcome')}"
+                     f" ({outcome.get('final')}{', ' + str(outcome['code']) if outcome.get('code') else ''})"))
+        if raw and raw.get("own"):
+            rows.append(("  output", _own_output_text(raw["own"])))
+    result = found.get("result")
+    if result:
+        rows.append(("result", f"results/{result['part']}.parquet"
+                     + (f", vector_source {result['vector_source']}" if result.get("vector_source") else "")))
+    for f in found.get("failures", []):
+        rows.append(("failure", f"failures/{f['part']}.parquet: {f['code']}: {f['message']}"))
+    loaded = found.get("loaded") or {}
+    receipt = loaded.get("receipt")
+    if receipt:
+        rows.append(("loaded", f"loads/{loaded['part']}.json at {receipt['at']}: "
+                     + ", ".join(f"{s['sink']} {s['target']}" for s in receipt["sinks"])))
+    if "milvus" in loaded:
+        m = loaded["milvus"]
+        rows.append(("Milvus", f"collection {m['collection']}: "
+                     + (f"chunk_id {m['chunk_id']}, run {m['run_id']}, text sha256 {m['text_sha256']}" if m["found"]
+                        else "not found")))
+    if "mongo" in loaded:
+        m = loaded["mongo"]
+        doc = m.get("mark") or m.get("document")
+        rows.append(("MongoDB", f"{m['collection']} {json.dumps(m['filter'], default=str)}: "
+                     + (json.dumps(doc, default=str) if m["found"] else "not found")))
+    for note in loaded.get("superseded", []):
+        rows.append(("note", note))
+    for d in found.get("differences", []):
+        rows.append(("[red]difference[/red]", d))
     t = Table(title=f"trail of {found['id']} in run {found['run_id']} ({found['job']})", title_justify="left",
               show_header=False)
     t.add_column("what", no_wrap=True)
     t.add_column("value", overflow="fold")
-    for src in found.get("source", []):
-        t.add_row("source row", f"chunk {src['chunk_id']} (_id {src['source_id']}), company {src['company_id']}, "
-                  f"document {src['document_id']}, index {src['chunk_index']}, text sha256 {src['text_sha256']}")
-    plan = found.get("plan")
-    if plan:
-        route = plan.get("route", "request")
-        t.add_row("planned", f"unit {found['unit_id']} in partition {found['partition']}, {route}"
-                  + (f", {plan.get('tokens', plan.get('n_tokens'))} tokens" if plan.get("tokens", plan.get("n_tokens")) else "")
-                  + (", truncated" if plan.get("truncated") else ""))
-    served = found.get("served_by")
-    if served:
-        t.add_row("served by", served["why"])
-    req = found.get("request")
-    if req:
-        t.add_row("request", f"custom_id {req['custom_id']} (input {req['position']} of {req['n_inputs']}), "
-                  f"shard {req['shard']}")
-    for a in found.get("attempts", []):
-        raw = a["raw"]
-        where = f"{raw['file']} line {raw['line_no']}" if raw else "no output or error line"
-        outcome = a["outcome"] or {}
-        t.add_row(f"attempt {a['shard']}.{a['attempt']}",
-                  f"file {a['file_id']}, batch {a['batch_id']} ({a['batch_status']}), sha256 "
-                  f"{'verified' if a['sha256_ok'] else 'DIFFERS'}; {where}; outcome {outcome.get('outcome')}"
-                  f" ({outcome.get('final')}{', ' + str(outcome['code']) if outcome.get('code') else ''})")
-    result = found.get("result")
-    if result:
-        t.add_row("result", f"results/{result['part']}.parquet"
-                  + (f", vector_source {result['vector_source']}" if result.get("vector_source") else ""))
-    for f in found.get("failures", []):
-        t.add_row("failure", f"failures/{f['part']}.parquet: {f['code']}: {f['message']}")
-    loaded = found.get("loaded") or {}
-    receipt = loaded.get("receipt")
-    if receipt:
-        t.add_row("loaded", f"loads/{loaded['part']}.json at {receipt['at']}: "
-                  + ", ".join(f"{s['sink']} {s['target']}" for s in receipt["sinks"]))
-    if "milvus" in loaded:
-        m = loaded["milvus"]
-        t.add_row("Milvus", f"collection {m['collection']}: "
-                  + (f"chunk_id {m['chunk_id']}, run {m['run_id']}, text sha256 {m['text_sha256']}" if m["found"]
-                     else "not found"))
-    if "mongo" in loaded:
-        m = loaded["mongo"]
-        doc = m.get("mark") or m.get("document")
-        t.add_row("MongoDB", f"{m['collection']} {json.dumps(m['filter'], default=str)}: "
-                  + (json.dumps(doc, default=str) if m["found"] else "not found"))
-    for note in loaded.get("superseded", []):
-        t.add_row("note", note)
-    for d in found.get("differences", []):
-        t.add_row("[red]difference[/red]", d)
+    for what, value in rows:
+        t.add_row(what, escape(value))
     console.print(t)
-    if req:
+    if req and "line" in req:
         console.print(f"request line ({req['custom_id']}):", style="bold")
         console.print(req["line"], markup=False, highlight=False, soft_wrap=True)
     for a in found.get("attempts", []):
-        if a["raw"]:
+        if a["raw"] and "text" in a["raw"]:
             console.print(f"raw line, {a['raw']['file']} line {a['raw']['line_no']} (batch {a['batch_id']}):",
                           style="bold")
             console.print(a["raw"]["text"], markup=False, highlight=False, soft_wrap=True)
+    if req and "line" not in req:
+        console.print(f"`batchyard audit {found['run_id']} --id {found['id']} --full` prints the whole request "
+                      "and output lines", highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command(epilog=EPILOG)
@@ -926,16 +1136,13 @@ def assets(
     if as_json:
         _emit_json(rows)
         raise typer.Exit(EXIT_CHECKS if failed else EXIT_OK)
-    t = Table(title="assets: partition keys", title_justify="left")
-    for col in ("scope", "partition", "run", "materialized", "results", "failures", "in flight", "status",
-                "reason"):
-        t.add_column(col, no_wrap=col in ("partition", "run", "status"))
-    for r in rows:
-        color = "green" if r["status"] == "fresh" else "yellow"
-        t.add_row(r["scope"].rsplit("/", 1)[0], r["partition"], r["run_id"] or "", (r["materialized_at"] or "")[:19],
-                  f"{r['results']:,}", f"{r['failures']:,}", f"{r['in_flight']:,}" if r["in_flight"] else "",
-                  f"[{color}]{r['status']}[/{color}]", "; ".join(r["reasons"]))
-    console.print(t)
+    color = {"fresh": "green"}
+    _print_table("assets: partition keys",
+                 ["scope", "partition", "run", "materialized", "results", "failures", "in flight", "status", "reason"],
+                 [[r["scope"].rsplit("/", 1)[0], r["partition"], r["run_id"] or "", (r["materialized_at"] or "")[:19],
+                   f"{r['results']:,}", f"{r['failures']:,}", f"{r['in_flight']:,}" if r["in_flight"] else "",
+                   f"[{color.get(r['status'], 'yellow')}]{r['status']}[/]", escape("; ".join(r["reasons"]))]
+                  for r in rows], no_wrap={"partition", "run", "status"})
     stale = sum(1 for r in rows if r["status"] == "stale")
     console.print(f"{len(rows):,} partition key(s): {len(rows) - stale:,} fresh, {stale:,} stale")
     raise typer.Exit(EXIT_CHECKS if failed else EXIT_OK)
@@ -984,14 +1191,21 @@ def demo(
     task: Annotated[str, typer.Option(help="Inference task to run after the embeddings.")] = "classify",
 ) -> None:
     """Seed a small corpus, embed it, run one inference task, and show what came back."""
-    from batchyard.demo import run_demo
-
-    _check_inputs("inference", None, task)
     os.environ.setdefault("BATCHYARD_PROVIDER__POLL_INTERVAL_S", "0.5")
-    code = _guarded(lambda: {"code": run_demo(console, chunks=chunks, engine=engine.value, task=task,
-                                              run_job=_run_job, overrides=_overrides(),
-                                              settings=_settings(_overrides()), print_run=_print_run)})["code"]
-    raise typer.Exit(code)
+    api = _prefect_api() if engine is EngineChoice.prefect else None  # comes up while the corpus is seeded
+    console.rule("1. seed")
+
+    def go() -> dict[str, Any]:
+        progress, update = _progress(api=api)
+        with progress:
+            _check_inputs("inference", None, task)
+            ctx = _open(_overrides(), None, update)
+        from batchyard.demo import run_demo
+
+        return {"code": run_demo(console, chunks=chunks, engine=engine.value, task=task, ctx=ctx, run_job=_run_job,
+                                 overrides=_overrides(), print_run=_print_run)}
+
+    raise typer.Exit(_guarded(go)["code"])
 
 
 # --------------------------------------------------------------------------- look at the data

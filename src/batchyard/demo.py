@@ -1,9 +1,13 @@
-"""`batchyard demo`: the whole pipeline on the embedded defaults, in about a minute.
+"""`batchyard demo`: the whole pipeline on the embedded defaults.
 
 Seeds a small corpus into the document store (the stand-in unless a MongoDB URI is configured),
 embeds it through the local Batch API server into Milvus Lite, searches the passages nearest to
 one that is not boilerplate (`batchyard search`: distinct texts, with their copies), runs one
 inference task and prints a few parsed results.
+
+Everything runs in one run context, opened by the CLI while Prefect's temporary API server
+comes up (`batchyard.launch`): the seeding happens meanwhile, and Milvus Lite, the stand-in and
+the embedded Batch API server start once for the two runs and the search.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ if TYPE_CHECKING:
 
     from rich.console import Console
 
-    from batchyard.settings import Settings
+    from batchyard.context import RunContext
 
 
 def run_demo(
@@ -27,34 +31,31 @@ def run_demo(
     chunks: int,
     engine: str,
     task: str,
+    ctx: RunContext,
     run_job: Callable[..., dict[str, Any]],
     overrides: dict[str, Any],
-    settings: Settings,
     print_run: Callable[[dict[str, Any]], None],
 ) -> int:
-    """Run the demo and print what it did; returns the exit code of its worst run."""
-    from batchyard.context import RunContext
+    """Run the demo in `ctx` and print what it did; returns the exit code of its worst run."""
     from batchyard.runner import exit_code
     from batchyard.seed import seed_store, targets_for
     from batchyard.targets import Targets, write_targets
 
-    with RunContext(settings) as ctx:
-        store = ctx.store
-        console.rule("1. seed")
-        console.print(f"document store: [bold]{store.label}[/bold]")
-        report = seed_store(store, chunks, fields=settings.mongo.fields, seed=7, n_companies=4)
-        store.save()
-        targets_path = ctx.staging.local_dir() / "demo-targets.yaml"
-        targets = targets_for(report)
-        write_targets(targets_path, targets)
-        console.print(f"{report.chunks} chunks, {report.documents} documents, {report.companies} companies "
-                      f"→ targets in {targets_path}")
-        staging_root = ctx.staging.root
+    settings = ctx.settings
+    store = ctx.store
+    console.print(f"document store: [bold]{store.label}[/bold]")
+    report = seed_store(store, chunks, fields=settings.mongo.fields, seed=7, n_companies=4)
+    store.save()
+    targets_path = ctx.staging.local_dir() / "demo-targets.yaml"
+    targets = targets_for(report)
+    write_targets(targets_path, targets)
+    console.print(f"{report.chunks} chunks, {report.documents} documents, {report.companies} companies "
+                  f"→ targets in {targets_path}")
 
     console.rule("2. batch embeddings")
     info = run_job("embeddings", targets_path, engine=engine, overrides=overrides)
     print_run(info)
-    _neighbours(console, settings)
+    _neighbours(console, ctx)
 
     console.rule(f"3. batch inference: {task}")
     first = Targets(companies=targets.companies[:1])
@@ -62,30 +63,29 @@ def run_demo(
     write_targets(small, first)
     info2 = run_job("inference", small, engine=engine, task=task, overrides=overrides)
     print_run(info2)
-    _inference_samples(console, settings, info2, staging_root)
+    _inference_samples(console, ctx, info2)
     return max(exit_code(info), exit_code(info2))
 
 
-def _neighbours(console: Console, settings: Settings) -> None:
+def _neighbours(console: Console, ctx: RunContext) -> None:
     """The passages nearest to one that is not boilerplate, through `batchyard search`: each
     distinct text once, with how many chunks carry it."""
     from collections import Counter
 
-    from batchyard.context import RunContext
     from batchyard.search import search_text
 
+    settings = ctx.settings
     fields = settings.mongo.fields
-    with RunContext(settings) as ctx:
-        docs = list(ctx.store.chunks.find({}, {fields.text: 1}).sort(fields.chunk_id, 1))
-        copies = Counter(d.get(fields.text) for d in docs)
-        # a passage of its own (one chunk has it), long enough to say something
-        probe = max((d for d in docs if copies[d.get(fields.text)] == 1),
-                    key=lambda d: min(len(d[fields.text]), 600), default=None)
-        if probe is None:
-            console.print("every chunk repeats another one's text: no passage of its own to search for")
-            return
-        text = probe[fields.text]
-        hits = search_text(ctx, text, k=5)
+    docs = list(ctx.store.chunks.find({}, {fields.text: 1}).sort(fields.chunk_id, 1))
+    copies = Counter(d.get(fields.text) for d in docs)
+    # a passage of its own (one chunk has it), long enough to say something
+    probe = max((d for d in docs if copies[d.get(fields.text)] == 1),
+                key=lambda d: min(len(d[fields.text]), 600), default=None)
+    if probe is None:
+        console.print("every chunk repeats another one's text: no passage of its own to search for")
+        return
+    text = probe[fields.text]
+    hits = search_text(ctx, text, k=5)
     t = Table(title=f"`batchyard search`: the passages nearest to chunk {probe['_id']} in Milvus "
               f"({settings.milvus.metric_type}; each text once)", title_justify="left")
     for col in ("rank", "similarity", "chunk", "copies", "text"):
@@ -102,16 +102,14 @@ def _neighbours(console: Console, settings: Settings) -> None:
                       "passages.", style="italic")
 
 
-def _inference_samples(console: Console, settings: Settings, info: dict[str, Any], root: str) -> None:
-    from batchyard.context import RunContext
+def _inference_samples(console: Console, ctx: RunContext, info: dict[str, Any]) -> None:
     from batchyard.storage.runs import RunStore
 
-    with RunContext(settings) as ctx:
-        run = RunStore(ctx.staging, info["job"], info["run_id"])
-        results = run.read_dataset("results")
-        t = Table(title=f"a few parsed results (run {info['run_id']}, staged under {root})")
-        t.add_column("unit")
-        t.add_column("parsed output")
-        for row in results.head(3).iter_rows(named=True):
-            t.add_row(str(row["unit_id"]), json.dumps(json.loads(row["parsed"]), indent=1)[:600])
-        console.print(t)
+    run = RunStore(ctx.staging, info["job"], info["run_id"])
+    results = run.read_dataset("results")
+    t = Table(title=f"a few parsed results (run {info['run_id']}, staged under {ctx.staging.root})")
+    t.add_column("unit")
+    t.add_column("parsed output")
+    for row in results.head(3).iter_rows(named=True):
+        t.add_row(str(row["unit_id"]), json.dumps(json.loads(row["parsed"]), indent=1)[:600])
+    console.print(t)

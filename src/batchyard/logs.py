@@ -1,7 +1,9 @@
 """Logging: batchyard's own lines in, known noise out, in the CLI and in Prefect flows alike.
 
-- `configure_logging(level)`: the CLI's handler for batchyard's loggers, and the noise filters;
-  `terminal_level()` tells flows that the CLI chose a level (they keep it, not INFO).
+- `configure_logging(level)`: the CLI's handler for batchyard's loggers (the only one that
+  prints them: they do not propagate to the root logger, where Prefect's console handler would
+  print each warning a second time), and the noise filters; `terminal_level()` is the level it
+  set. A flow run still gets batchyard's INFO records (its handler sits on the same logger).
 - `OneLineErrors`: without `--verbose`, Prefect's flow and task run loggers keep the one line
   of a batchyard error (whose message names what failed) but not its traceback: the CLI
   prints that error as one line anyway.
@@ -65,15 +67,28 @@ def terminal_level() -> int | None:
     return _terminal.get("level")
 
 
+FOR_PREFECT_ONLY = {"terminal": False}
+"""`extra=` of a record meant for a flow run's logs, not for the terminal of the CLI that started
+it, which prints the same facts its own way (the summary's failures, the audit's differences)."""
+
+
+class _NotForTerminal(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "terminal", True) is not False
+
+
 def configure_logging(level: int = logging.WARNING) -> None:
     """One stderr handler for batchyard's loggers at `level`, and the noise silenced."""
     silence_noise()
     _terminal["level"] = level
     root = logging.getLogger("batchyard")
     root.setLevel(level)
+    # printed by this handler only: Prefect's root console handler would print every warning again
+    root.propagate = False
     if not any(getattr(h, "_batchyard", False) for h in root.handlers):
         handler: logging.Handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(_NotForTerminal())
         handler._batchyard = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     for handler in root.handlers:

@@ -130,6 +130,12 @@ class MongoSettings(BaseModel):
     write_batch_size: int = Field(
         default=5_000, gt=0, le=100_000, description="Operations per unordered bulk_write."
     )
+    server_selection_timeout_s: float = Field(
+        default=10.0, gt=0, le=600,
+        description="How long an operation waits for a reachable server before it fails "
+        "(pymongo's serverSelectionTimeoutMS, 30 s by default): an unreachable MongoDB is "
+        "reported after this. Raise it to ride out long replica-set elections.",
+    )
 
 
 class MilvusSettings(BaseModel):

@@ -5,11 +5,17 @@ From the staged files alone (no Batch API call), then the sinks:
 1. the source row(s): chunk id, source `_id`, company, document, text sha256;
 2. how it was planned: sent, served by another chunk's request (`alias`), reused from an
    earlier run (`reused`), or rejected;
-3. its request: custom_id, position in the request, the exact request line;
-4. each shard attempt that carried the request: shard, attempt, file id, batch id, status, the
-   raw output or error line, and the unit's parsed outcome;
+3. its request: custom_id, position in the request, and the unit's own input (its text in
+   that request);
+4. each shard attempt that carried the request: shard, attempt, file id, batch id, status, where
+   the output or error line is (file, line number, bytes) and what it says about this unit (an
+   embedding: its position in `data`, dimensions, first values and norm; an answer: its text),
+   and the unit's parsed outcome;
 5. its result or failure row;
 6. where and when it was loaded: the load receipt, and what Milvus / MongoDB hold now.
+
+One request carries up to 2,048 inputs and its output line as many vectors (megabytes), so
+the whole request line and raw line are only included with `full=True` (`audit --id --full`).
 
 Anything that contradicts the rest (a shard file that no longer matches its sha256, an `ok`
 outcome with no output line, a result missing from a sink) is listed under `differences`.
@@ -17,9 +23,12 @@ outcome with no output line, a result missing from a sink) is listed under `diff
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import polars as pl
 
 from batchyard.audit import find_line, planned_table, read_staged
@@ -30,6 +39,13 @@ if TYPE_CHECKING:
     from batchyard.context import RunContext
     from batchyard.jobs.base import Job
     from batchyard.storage.runs import PartitionStore, RunStore
+
+
+VECTOR_HEAD = 8
+"""Leading values of a vector shown in a trail."""
+
+CLIP_CHARS = 2_000
+"""Characters of an input, answer or error shown in a trail without `full` (the rest is counted)."""
 
 
 class UnitNotFound(BatchyardError, KeyError):
@@ -67,11 +83,115 @@ def _iso(rec: ShardRecord, status: str) -> str | None:
     return next((h.at for h in rec.history if h.status == status), None)
 
 
+def clip(text: str, limit: int = CLIP_CHARS) -> str:
+    """`text`, or its first `limit` characters and how many more there are."""
+    return text if len(text) <= limit else f"{text[:limit]}… (+{len(text) - limit:,} characters)"
+
+
+def _text_of(content: Any) -> str:
+    """The text of a message content: a string, or the text parts of a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(p.get("text", "")) for p in content if isinstance(p, dict))
+    return "" if content is None else json.dumps(content)
+
+
+def own_input(line: str, position: int) -> dict[str, Any]:
+    """What a request line sends for the unit at `position`: its own input, not its neighbours'.
+
+    Embeddings: the `position`-th item of `body.input`. Chat and responses: the user's part of
+    the prompt (the system prompt is the task's, the same for every unit: only its size is kept).
+    """
+    try:
+        body = json.loads(line).get("body") or {}
+    except (ValueError, AttributeError):
+        return {"error": "the request line is not JSON"}
+    out: dict[str, Any] = {"model": body.get("model"), "line_bytes": len(line.encode())}
+    if "input" in body and isinstance(body["input"], list) and all(isinstance(i, str) for i in body["input"]):
+        items = body["input"]
+        out["input"] = items[position] if 0 <= position < len(items) else None
+        return out
+    messages = body.get("messages")
+    if messages is None and isinstance(body.get("input"), list):
+        messages = body["input"]
+    if isinstance(messages, list):
+        system = [m for m in messages if isinstance(m, dict) and m.get("role") in ("system", "developer")]
+        user = [m for m in messages if isinstance(m, dict) and m.get("role") not in ("system", "developer")]
+        out["system_chars"] = sum(len(_text_of(m.get("content"))) for m in system)
+        out["input"] = clip("\n".join(_text_of(m.get("content")) for m in user))
+    elif isinstance(body.get("input"), str):
+        out["input"] = clip(body["input"])
+    if isinstance(body.get("instructions"), str):  # the responses endpoint's system prompt
+        out["system_chars"] = out.get("system_chars", 0) + len(body["instructions"])
+    return out
+
+
+def _vector(embedding: Any) -> np.ndarray | None:
+    if isinstance(embedding, str):
+        try:
+            raw = base64.b64decode(embedding, validate=True)
+        except ValueError:
+            return None
+        return np.frombuffer(raw, dtype="<f4") if len(raw) % 4 == 0 else None
+    if isinstance(embedding, list):
+        return np.asarray(embedding, dtype=np.float64)
+    return None
+
+
+def _answer(body: dict[str, Any]) -> str:
+    """The text of a chat completion or a response body."""
+    choices = body.get("choices")
+    if isinstance(choices, list) and choices:
+        return _text_of(((choices[0] or {}).get("message") or {}).get("content"))
+    texts = [_text_of(c.get("text")) for item in body.get("output") or [] if isinstance(item, dict)
+             for c in item.get("content") or [] if isinstance(c, dict)]
+    return "".join(texts)
+
+
+def own_output(text: str, position: int) -> dict[str, Any]:
+    """What an output or error line says about the unit at `position` of its request.
+
+    An embedding: its position in `data`, dimensions, first `VECTOR_HEAD` values and L2 norm
+    (the whole line holds every input's vector). An answer: its text (clipped). An error: its
+    code and message.
+    """
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return {"error": "the line is not JSON"}
+    response = obj.get("response") or {}
+    body = response.get("body") or {}
+    out: dict[str, Any] = {"status_code": response.get("status_code")}
+    error = obj.get("error") or (body.get("error") if isinstance(body, dict) else None)
+    if error:
+        out["error"] = {"code": error.get("code"), "message": clip(str(error.get("message")))} \
+            if isinstance(error, dict) else clip(str(error))
+        return out
+    if not isinstance(body, dict):
+        return out
+    data = body.get("data")
+    if isinstance(data, list):
+        item = next((d for d in data if isinstance(d, dict) and d.get("index") == position), None)
+        vector = _vector((item or {}).get("embedding"))
+        out["data_index"] = position
+        if vector is None:
+            out["vector"] = None
+        else:
+            out["vector"] = {"dims": int(vector.size), "head": [round(float(v), 6) for v in vector[:VECTOR_HEAD]],
+                             "norm": round(float(np.linalg.norm(vector)), 6)}
+        return out
+    out["answer"] = clip(_answer(body))
+    if body.get("usage"):
+        out["usage"] = {k: v for k, v in body["usage"].items() if isinstance(v, int)}
+    return out
+
+
 class _Trail:
-    def __init__(self, ctx: RunContext, run: RunStore, ident: str) -> None:
+    def __init__(self, ctx: RunContext, run: RunStore, ident: str, *, full: bool = False) -> None:
         from batchyard.runner import job_for_run
 
-        self.ctx, self.run, self.ident = ctx, run, ident
+        self.ctx, self.run, self.ident, self.full = ctx, run, ident, full
         self.job: Job = job_for_run(ctx, run)
         self.out: dict[str, Any] = {"id": ident, "run_id": run.run_id, "job": run.job, "differences": []}
 
@@ -139,9 +259,11 @@ class _Trail:
             self.differ(f"unit {sent_as} is planned but in no request of requests.parquet")
             return
         req = hit.row(0, named=True)
+        position = req["unit_ids"].index(sent_as)
         self.out["request"] = {
-            "custom_id": req["custom_id"], "shard": req["shard"], "position": req["unit_ids"].index(sent_as),
-            "n_inputs": req["n_inputs"], "tokens": req["tokens"], "bytes": req["bytes"], "line": req["line"],
+            "custom_id": req["custom_id"], "shard": req["shard"], "position": position,
+            "n_inputs": req["n_inputs"], "tokens": req["tokens"], "bytes": req["bytes"],
+            "own": own_input(req["line"], position), **({"line": req["line"]} if self.full else {}),
         }
         ledger = Ledger(part)
         shard, attempt, custom_id = req["shard"], 1, req["custom_id"]
@@ -149,16 +271,17 @@ class _Trail:
             rec = ledger.load(f"{shard}.{attempt}")
             if attempt > 1 and not _rows(part, "followups", pl.col("custom_id") == custom_id, names=[rec.name]):
                 break  # settled in an earlier attempt
-            self.out["attempts"].append(self.attempt(part, rec, custom_id, unit, sent_as))
+            self.out["attempts"].append(self.attempt(part, rec, custom_id, unit, sent_as, position))
             if rec.split_into:  # re-planned under the provider's limit: follow the unit into its new shard
                 moved = _rows(part, "followups", pl.col("unit_ids").list.contains(sent_as), names=rec.split_into)
                 if not moved:
                     break
                 shard, custom_id = moved[0]["shard"], moved[0]["custom_id"]
+                position = list(moved[0]["unit_ids"]).index(sent_as)  # its place in the re-packed request
             attempt += 1
 
     def attempt(
-        self, part: PartitionStore, rec: ShardRecord, custom_id: str, unit: str, sent_as: str
+        self, part: PartitionStore, rec: ShardRecord, custom_id: str, unit: str, sent_as: str, position: int
     ) -> dict[str, Any]:
         data = read_staged(part, "shards", rec.name)
         sha_ok = data is not None and hashlib.sha256(data).hexdigest() == rec.sha256
@@ -169,7 +292,9 @@ class _Trail:
             staged = read_staged(part, folder, rec.name)
             found = find_line(staged, custom_id) if staged else None
             if found:
-                raw = {"file": f"{folder}/{rec.name}.jsonl", "line_no": found[0], "text": found[1]}
+                raw = {"file": f"{folder}/{rec.name}.jsonl", "line_no": found[0],
+                       "line_bytes": len(found[1].encode()), "own": own_output(found[1], position),
+                       **({"text": found[1]} if self.full else {})}
                 break
         parsed = _rows(part, "parsed", pl.col("unit_id").is_in([unit, sent_as]), names=[rec.name])
         mine = next((r for r in parsed if r["unit_id"] == unit), parsed[0] if parsed else None)
@@ -247,6 +372,22 @@ class _Trail:
         return out
 
 
-def trail(ctx: RunContext, run: RunStore, ident: str) -> dict[str, Any]:
-    """The full trail of one chunk or unit (see the module docstring). Raises UnitNotFound."""
-    return _Trail(ctx, run, ident).build()
+def trail(ctx: RunContext, run: RunStore, ident: str, *, full: bool = False) -> dict[str, Any]:
+    """The trail of one chunk or unit (see the module docstring). Raises UnitNotFound.
+
+    `full`: also the exact request line (`request.line`) and each raw output or error line
+    (`attempts[].raw.text`), whole.
+    """
+    return _Trail(ctx, run, ident, full=full).build()
+
+
+def audit_or_trail(ctx: RunContext, run: RunStore, *, unit_id: str | None = None, sinks: bool = True,
+                   full: bool = False) -> dict[str, Any]:
+    """`batchyard audit` as plain JSON, whatever runs it (the CLI, or its Prefect flow): the
+    trail of `unit_id` (`kind` "trail"), else the run's reconciliation (`kind` "audit"). Both
+    carry `differences` (empty when everything agrees). Raises UnitNotFound."""
+    if unit_id is not None:
+        return {"kind": "trail", **trail(ctx, run, unit_id, full=full)}
+    from batchyard.audit import audit_run
+
+    return {"kind": "audit", **audit_run(ctx, run, sinks=sinks).to_json()}

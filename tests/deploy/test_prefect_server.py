@@ -11,23 +11,19 @@ has killed the flow run's process; the test harness has no worker, so this is wh
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+
+from tests.deploy.server import clean_env, free_port, healthy, stop, wait_for
 
 pytestmark = [pytest.mark.deploy, pytest.mark.timeout(420)]
 
@@ -42,77 +38,6 @@ def readme_commands() -> list[str]:
     section = text.split("\n## Deploying with Prefect\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```bash\n(.*?)```", section, flags=re.S)
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def clean_env(home: Path) -> dict[str, str]:
-    """A shell's environment: no Prefect or batchyard setting of the test session leaks in."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "BATCHYARD_"))}
-    env.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-        PREFECT_HOME=str(home),
-        # offline machine and test speed, not part of the instructions
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
-        PREFECT_SERVER_UI_ENABLED="false",
-        PREFECT_WORKER_QUERY_SECONDS="2",
-        # no scheduled tracker tick at a 10-minute boundary in the middle of the test
-        PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED="false",
-    )
-    return env
-
-
-def descendants(pid: int) -> list[int]:
-    """Every live descendant of `pid` (Linux /proc): a worker starts flow runs in new sessions."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    """Stop a background command and every descendant of it: SIGTERM, then SIGKILL."""
-    pids = [proc.pid, *descendants(proc.pid)]
-
-    def alive() -> bool:
-        return proc.poll() is None or any(Path(f"/proc/{p}").exists() for p in pids[1:])
-
-    for sig, grace in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 10.0)):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + grace
-        while alive() and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if not alive():
-            return
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(every)
 
 
 @dataclass
@@ -173,20 +98,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                                             stderr=subprocess.STDOUT, start_new_session=True)
                 background.append(proc)
                 if name == "server":
-                    wait_for("the Prefect server", lambda p=proc: p.poll() is None and _healthy(stack.api), 120)
+                    wait_for("the Prefect server", lambda p=proc: p.poll() is None and healthy(stack.api), 120)
                 continue
             stack.outputs[cmd] = stack.sh(cmd)
         yield stack
     finally:
         for proc in reversed(background):
             stop(proc)
-
-
-def _healthy(api: str) -> bool:
-    try:
-        return httpx.get(f"{api}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 def _one(runs: list[dict[str, Any]], state: str) -> dict[str, Any]:

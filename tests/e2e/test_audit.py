@@ -11,8 +11,11 @@ from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
+
+from batchyard.localapi.executors import hash_embedding
 
 pytestmark = pytest.mark.e2e
 
@@ -45,16 +48,39 @@ def test_audit_reconciles_a_run_traces_a_chunk_and_names_a_deleted_output_line(t
     chunk = victim["unit_ids"][-1]
     shard = f"{victim['shard']}.1"
     ledger = json.loads((part / "ledger" / f"{shard}.json").read_text())
+    output = (part / "outputs" / f"{shard}.jsonl").read_text().splitlines()
+    raw = next(line for line in output if victim["custom_id"] in line)
     trail = cli(["audit", run_id, "--id", chunk], tmp_path)
     assert trail.returncode == 0, trail.stderr
     text = trail.stdout
+    flat = " ".join(text.replace("│", " ").split())  # the table's rows, wrapped lines joined
     for expected in (victim["custom_id"], ledger["batch_id"], ledger["file_id"], f"attempt {shard}",
-                     f"outputs/{shard}.jsonl", "chunks_text_embedding_3_small_256", chunk):
-        assert expected in text, expected
-    output = (part / "outputs" / f"{shard}.jsonl").read_text().splitlines()
-    raw = next(line for line in output if victim["custom_id"] in line)
-    assert raw in text.replace("\n", ""), "the exact raw output line"
-    assert victim["line"] in text.replace("\n", ""), "the exact request line"
+                     f"outputs/{shard}.jsonl line {output.index(raw) + 1}", "chunks_text_embedding_3_small_256", chunk):
+        assert expected in flat, expected
+    # the chunk's own input and vector, not the whole request and output lines (every input's)
+    position = victim["unit_ids"].index(chunk)
+    own_text = json.loads(victim["line"])["body"]["input"][position]
+    assert " ".join(own_text.split()) in flat
+    neighbour = json.loads(victim["line"])["body"]["input"][position - 1]
+    assert " ".join(neighbour.split()) not in flat
+    vector = hash_embedding(own_text, 256)
+    assert f"data[{position}]: 256 dimensions, norm {np.linalg.norm(vector):.6f}" in flat
+    assert f"first values [{vector[0]:.6f}, {vector[1]:.6f}," in flat
+    assert len(text) < 8_000 < len(raw), "one chunk's trail, not its request's"
+    full = cli(["audit", run_id, "--id", chunk, "--full"], tmp_path)
+    assert full.returncode == 0, full.stderr
+    assert raw in full.stdout.replace("\n", ""), "the exact raw output line"
+    assert victim["line"] in full.stdout.replace("\n", ""), "the exact request line"
+
+    # on an 80-column terminal every column of every table is there, values whole
+    narrow = cli(["audit", run_id], tmp_path, COLUMNS="80")
+    assert narrow.returncode == 0, narrow.stderr
+    assert max(map(len, narrow.stdout.splitlines())) <= 80
+    for label in ("shard attempt", "state", "sha256 (verified)", "file id", "batch id", "requests", "inputs",
+                  "provider counts", "output lines", "of which unfinished", "anomalies", "rewritten later"):
+        assert label in narrow.stdout, label
+    assert ledger["batch_id"] in narrow.stdout and ledger["file_id"] in narrow.stdout
+    assert f"{victim['shard']}.1" in narrow.stdout and "…" not in narrow.stdout.replace("… ✓", "")
 
     # delete that request's output line: the audit exits 5 and names the chunk
     (part / "outputs" / f"{shard}.jsonl").write_text("".join(f"{line}\n" for line in output if line != raw))

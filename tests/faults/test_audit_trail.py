@@ -14,6 +14,7 @@ from batchyard import runner
 from batchyard.context import RunContext
 from batchyard.jobs.embeddings import EmbeddingsJob
 from batchyard.jobs.inference import InferenceJob
+from batchyard.localapi.vectors import hash_embedding
 from batchyard.settings import Settings
 from batchyard.storage.ledger import Ledger
 from batchyard.storage.runs import find_run
@@ -23,9 +24,9 @@ from batchyard.trail import UnitNotFound, trail
 BOILER = "Forward-looking statements involve risks and uncertainties."
 
 
-def trail_of(s: Settings, run_id: str, ident: str) -> dict[str, Any]:
+def trail_of(s: Settings, run_id: str, ident: str, *, full: bool = False) -> dict[str, Any]:
     with RunContext(s) as ctx:
-        out = trail(ctx, find_run(ctx.staging, run_id), ident)
+        out = trail(ctx, find_run(ctx.staging, run_id), ident, full=full)
         assert ctx._api is None and ctx._server is None
     return json.loads(json.dumps(out, default=str))  # what --json prints
 
@@ -46,7 +47,7 @@ def test_a_sent_chunk_is_traced_from_source_to_milvus_and_mongodb(settings_facto
         collection = EmbeddingsJob(ctx, targets).collection
         part = find_run(ctx.staging, info["run_id"]).partitions()[0]
         records = {r.name: r for r in Ledger(part).all()}
-    out = trail_of(s, info["run_id"], "acme/d/5")
+    out = trail_of(s, info["run_id"], "acme/d/5", full=True)
     assert out["differences"] == [] and out["partition"] == part.pid
     src = out["source"][0]
     assert (src["chunk_id"], src["company_id"], src["document_id"]) == ("acme/d/5", "acme", "d")
@@ -61,6 +62,16 @@ def test_a_sent_chunk_is_traced_from_source_to_milvus_and_mongodb(settings_facto
     assert "batch_expired" in first["raw"]["text"]
     assert second["outcome"]["final"] == "ok" and second["raw"]["file"] == "outputs/s00000.2.jsonl"
     assert json.loads(second["raw"]["text"])["custom_id"] == req["custom_id"]
+    # what the lines say about this chunk alone (all that is printed without --full)
+    assert req["own"]["input"] == "passage number 5 about revenue" and req["position"] == 1
+    assert first["raw"]["own"]["error"]["code"] == "batch_expired"
+    vector = second["raw"]["own"]["vector"]
+    assert second["raw"]["own"]["data_index"] == 1 and vector["dims"] == 16
+    assert vector["norm"] == pytest.approx(1.0, abs=1e-5)
+    assert vector["head"] == pytest.approx(hash_embedding("passage number 5 about revenue", 16)[:8], abs=1e-6)
+    compact = trail_of(s, info["run_id"], "acme/d/5")
+    assert "line" not in compact["request"] and all("text" not in a["raw"] for a in compact["attempts"])
+    assert compact["request"]["own"] == req["own"] and compact["attempts"][1]["raw"]["own"] == second["raw"]["own"]
     for a in attempts:
         rec = records[f"{a['shard']}.{a['attempt']}"]
         assert (a["batch_id"], a["file_id"], a["sha256"], a["sha256_ok"]) == (rec.batch_id, rec.file_id, rec.sha256, True)
@@ -106,6 +117,9 @@ def test_a_document_unit_is_found_by_its_id_or_any_of_its_chunks(settings_factor
     assert by_unit["unit_id"] == "acme/d" and [r["chunk_id"] for r in by_unit["source"]] == [f"acme/d/{i}" for i in range(3)]
     assert by_unit["request"]["custom_id"] == "u-acme/d"
     assert by_unit["attempts"][0]["outcome"]["final"] == "ok"
+    own = by_unit["request"]["own"]
+    assert all(t in own["input"] for t in ("Revenue grew 8%.", "Margins expanded.", "Debt fell.")) and own["system_chars"]
+    assert json.loads(by_unit["attempts"][0]["raw"]["own"]["answer"])  # the model's answer, parsed by the task
     mongo = by_unit["loaded"]["mongo"]
     assert mongo["found"] and mongo["filter"]["unit_id"] == "acme/d" and mongo["document"]["run_id"] == info["run_id"]
     assert by_unit["differences"] == []

@@ -103,7 +103,7 @@ def test_a_failed_check_fails_its_materialization(tmp_path: Path) -> None:
     from batchyard import runner
     from batchyard.context import RunContext
     from batchyard.jobs.embeddings import EmbeddingsJob
-    from batchyard.orchestration.flows import embeddings_flow
+    from batchyard.orchestration.flows import embeddings_flow, outcome
     from batchyard.settings import Settings
     from batchyard.targets import load_targets
     from tests.helpers import planned_run
@@ -114,7 +114,9 @@ def test_a_failed_check_fails_its_materialization(tmp_path: Path) -> None:
         # a source chunk is deleted while the run is in flight: its vector loads, its mark cannot
         ctx.store.chunks.delete_one({"_id": ctx.store.chunks.find_one({})["_id"]})
         ctx.store.save()
-    info = embeddings_flow(targets=targets, run_id=run.run_id, overrides=overrides(tmp_path))
+    state = embeddings_flow(targets=targets, run_id=run.run_id, overrides=overrides(tmp_path), return_state=True)
+    assert state.is_failed(), "an integrity failure (exit 5) fails the flow run"
+    info = outcome(state)
     assert info["final"]["checks_failed"] == ["sinks_match_results"] and runner.exit_code(info) == 5
     failed = asset_events(run.run_id, expect=("sinks",), name="prefect.asset.materialization.failed")
     (event,) = [e for e in failed if e.resource.id.split("@")[0].endswith("/sinks")]

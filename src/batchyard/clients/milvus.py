@@ -95,6 +95,13 @@ def vector_store_label(settings: MilvusSettings, *, default_path: str) -> str:
     return f"Milvus at {scheme}://{host}"
 
 
+LITE_KEEPALIVE_MS = 300_000
+"""Keepalive ping interval towards a Milvus Lite child. Its gRPC server keeps gRPC's default
+ping policy (no more than one ping per 5 minutes without data); pymilvus pings every 10 s, which
+such a server may answer with `GOAWAY too_many_pings`, logged by gRPC on the terminal. On a
+local socket to a child that dies with us, keepalive has nothing to detect."""
+
+
 class _LiteProcessClient(MilvusClient):
     """A client of a Milvus Lite server process; closing it releases that process."""
 
@@ -102,6 +109,7 @@ class _LiteProcessClient(MilvusClient):
         from batchyard.clients import milvus_lite
 
         self._lite_dir = data_dir
+        kwargs.setdefault("grpc_options", {"grpc.keepalive_time_ms": LITE_KEEPALIVE_MS})
         super().__init__(uri=milvus_lite.acquire(data_dir), **kwargs)
 
     def close(self) -> None:

@@ -327,8 +327,11 @@ def _open_server(settings: MongoSettings) -> DocumentStore:
     label = f"MongoDB at {redact_uri(uri)}"
     error = None
     try:
+        # a timeout in the URI wins over the setting (pymongo lets keywords win over the URI)
+        timeout: dict[str, Any] = {} if "serverselectiontimeoutms" in uri.lower() else {
+            "serverSelectionTimeoutMS": int(settings.server_selection_timeout_s * 1000)}
         client: MongoClient[dict[str, Any]] = MongoClient(
-            uri, connect=False, appname="batchyard", tz_aware=True
+            uri, connect=False, appname="batchyard", tz_aware=True, **timeout
         )
     except Exception as exc:
         reason = _scrub(f"{type(exc).__name__}: {exc}", _uri_secrets(uri))

@@ -18,7 +18,13 @@ Operations (see the README's deploy section):
 - batchyard's log records (INFO and up, from any thread) go to the flow run's logs, and the
   known noise is silenced as in the CLI;
 - cancelling a flow run in Prefect cancels its batchyard run (`on_cancellation`), as
-  `batchyard cancel` does: the flow run carries the run id as a tag, `batchyard-run:<id>`.
+  `batchyard cancel` does: the flow run carries the run id as a tag, `batchyard-run:<id>`;
+- a flow run's final state says what the run's exit code says: `Failed` when an integrity
+  check failed (5) or the run stopped on an error (1), `Cancelled` when the run was cancelled
+  (4), `Completed` otherwise; a run that finished with failed units (3) is `Completed` with a
+  warning in its logs and a `<run>-failures` table artifact;
+- `rerun` and `audit` are flows too, so every command that reads or writes a run's assets
+  leaves a flow run behind.
 
 The core library never imports Prefect: this module only wraps `batchyard.runner`.
 """
@@ -38,7 +44,7 @@ for _k, _v in {
     os.environ.setdefault(_k, _v)
 
 from collections.abc import Callable, Iterator, Sequence  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
+from contextlib import AbstractContextManager, contextmanager, nullcontext  # noqa: E402
 
 from prefect import flow, task  # noqa: E402
 from prefect.artifacts import (  # noqa: E402
@@ -52,11 +58,12 @@ from prefect.cache_policies import NO_CACHE  # noqa: E402
 from prefect.context import FlowRunContext  # noqa: E402
 from prefect.exceptions import MissingContextError  # noqa: E402
 from prefect.logging.handlers import APILogHandler  # noqa: E402
+from prefect.states import Cancelled, Failed  # noqa: E402
 
 from batchyard import runner  # noqa: E402
 from batchyard.context import RunContext, RunRef, context_for, register, run_ref  # noqa: E402
 from batchyard.errors import RunBusy, TerminalError  # noqa: E402
-from batchyard.logs import silence_noise, terminal_level  # noqa: E402
+from batchyard.logs import FOR_PREFECT_ONLY, silence_noise  # noqa: E402
 from batchyard.orchestration.options import RunOptions, SettingsOptions, merge_overrides  # noqa: E402
 from batchyard.pricing import figure  # noqa: E402
 from batchyard.settings import load_settings  # noqa: E402
@@ -334,6 +341,11 @@ def _log_round(run: RunStore, event: dict[str, Any], seen: dict[str, Any]) -> No
 
 
 def _run_stages(ctx: RunContext, job: Job, run: RunStore, *, wait: bool = True) -> dict[str, Any]:
+    with runner.recording_stop(run, ctx.settings):
+        return _stages(ctx, job, run, wait=wait)
+
+
+def _stages(ctx: RunContext, job: Job, run: RunStore, *, wait: bool) -> dict[str, Any]:
     engine = PrefectEngine(run_ref(ctx, job.name, run.run_id))
     on_progress = _progress_hook(job, run)
     phase = run.read_run().get("phase")
@@ -353,19 +365,30 @@ def _run_stages(ctx: RunContext, job: Job, run: RunStore, *, wait: bool = True) 
         summary = runner.drive(ctx, job, run, engine=engine, on_progress=on_progress,
                                max_rounds=None if wait else 1)
         log.info("run %s batches: %s", run.run_id, summary)
-    info = _finish(ctx, job, run)
+    info = _finish(ctx, job, run, on_progress=on_progress)
     log.info("run %s: %s (phase %s)", run.run_id, info.get("state"), info.get("phase"))
     return info
 
 
-def _finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
-    """Materialize batches, results and sinks once the run is done, with its summary artifact."""
+def _finish(ctx: RunContext, job: Job, run: RunStore, *, on_progress: Callable[[dict[str, Any]], None] | None = None,
+            assets: Sequence[str] = ("batches", "results", "sinks"), info: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
+    """Materialize `assets` once the run is done, with its summary artifact (and its failures
+    table when units failed). Progress events go on through this stage, so a progress bar
+    does not stand still after the last batch."""
     if any(p.read_state().get("phase") != "done" for p in run.partitions()):
         return run.read_run()
-    info = runner.finish(ctx, job, run)
-    for asset in ("batches", "results", "sinks"):
+    steps = ["summary", *assets, "artifacts"]
+    emit = (lambda i, what: on_progress({"stage": "finish", "completed": i, "total": len(steps), "detail": what})
+            ) if on_progress else (lambda i, what: None)
+    emit(0, "summary and manifests")
+    info = info if info is not None else runner.finish(ctx, job, run)
+    for i, asset in enumerate(assets, start=1):
+        emit(i, f"materializing {asset}")
         _materialize_stage(ctx, job, run, asset)
-    _materialize_targets(ctx, job, run, info)
+    emit(len(steps) - 1, "target collections and artifacts")
+    if "sinks" in assets:
+        _materialize_targets(ctx, job, run, info)
     final = info.get("final", {})
     rows = {**info.get("plan", {}), **{k: v for k, v in final.items() if not isinstance(v, dict)}}
     create_table_artifact(
@@ -373,8 +396,59 @@ def _finish(ctx: RunContext, job: Job, run: RunStore) -> dict[str, Any]:
         key=f"{run.run_id.lower()}-summary",
         description=f"{job.name} run {run.run_id}: {info.get('state')}",
     )
+    if final.get("failures"):
+        _failures_artifact(job, run, final)
     _report_artifact(run)
+    emit(len(steps), "done")
     return info
+
+
+FAILURES_ARTIFACT_ROWS = 1_000
+"""Failed units listed in a run's failures artifact (the failures dataset holds them all)."""
+
+
+def _failures_artifact(job: Job, run: RunStore, final: dict[str, Any]) -> None:
+    """A warning in the flow run's logs and a `<run>-failures` table artifact: the failed units
+    with their stage, code and message (the first `FAILURES_ARTIFACT_ROWS`)."""
+    by_code = ", ".join(f"{code} {n}" for code, n in sorted(final.get("failures_by_code", {}).items()))
+    log.warning("run %s finished with %d failed unit(s): %s (exit code 3; `batchyard audit %s` lists them)",
+                run.run_id, final["failures"], by_code, run.run_id, extra=FOR_PREFECT_ONLY)
+    frame = runner.failures_frame(run)
+    cols = [c for c in ("unit_id", "stage", "code", "message", "attempt") if c in frame.columns]
+    rows = frame.select(cols).head(FAILURES_ARTIFACT_ROWS).to_dicts()
+    more = frame.height - len(rows)
+    create_table_artifact(
+        rows, key=f"{run.run_id.lower()}-failures",
+        description=f"{job.name} run {run.run_id}: {final['failures']} failed unit(s) ({by_code})"
+        + (f"; the first {len(rows)} are listed, {more} more in its failures dataset" if more > 0 else ""),
+    )
+
+
+def outcome_state(info: dict[str, Any]) -> Any:
+    """The flow run's final state for a run's outcome: what `runner.exit_code` tells scripts.
+
+    Cancelled (4, cancelled) -> `Cancelled`; an integrity check failed (5) -> `Failed`; else the
+    summary itself, so the flow run is `Completed` (failed units, 3: with a warning and the
+    failures artifact written by `_finish`; not finished yet, `--no-wait`: the tracker goes on).
+    """
+    run_id = info.get("run_id")
+    if info.get("state") == "cancelled":
+        return Cancelled(message=f"batchyard run {run_id} was cancelled; `batchyard resume {run_id}` continues it",
+                         data=info)
+    if runner.exit_code(info) == 5:
+        checks = ", ".join(info.get("final", {}).get("checks_failed", []))
+        log.error("run %s: integrity check(s) failed: %s (exit code 5)", run_id, checks, extra=FOR_PREFECT_ONLY)
+        return Failed(message=f"batchyard run {run_id}: integrity check(s) failed: {checks}", data=info)
+    return info
+
+
+def outcome(state: Any) -> dict[str, Any]:
+    """What a flow run called with `return_state=True` returned: its summary whatever its final
+    state, or the exception it stopped on, raised again."""
+    result = state.result(raise_on_failure=False)
+    if isinstance(result, BaseException):
+        raise result
+    return dict(result)
 
 
 def _report_artifact(run: RunStore) -> None:
@@ -417,9 +491,10 @@ class _RunLogHandler(APILogHandler):
 def run_logs(flow_run_id: Any) -> Iterator[None]:
     """batchyard's log records go to the flow run's logs while this is open, the noise does not.
 
-    INFO and up, unless the CLI set a terminal level (its `--verbose` decides). The records
-    also reach the process's console through the root logger (a worker prints them). One flow
-    run at a time per process: records from threads without a run context go to this one.
+    INFO and up, whoever started the flow run: a deployment's, and one the CLI started, whatever
+    its terminal shows (the CLI's own handler keeps its `--verbose` level). Under a worker the
+    records also reach the process's console through the root logger (the worker prints them).
+    One flow run at a time per process: records from threads without a run context go to it.
     """
     silence_noise()
     if flow_run_id is None:  # the flow's function called on its own (`.fn`): no run to log to
@@ -428,7 +503,7 @@ def run_logs(flow_run_id: Any) -> Iterator[None]:
     root = logging.getLogger("batchyard")
     handler = _RunLogHandler(flow_run_id)
     previous = root.level
-    if terminal_level() is None:
+    if root.getEffectiveLevel() > logging.INFO:
         root.setLevel(logging.INFO)
     root.addHandler(handler)
     try:
@@ -466,10 +541,28 @@ def _settings_args(profile: str | None, overrides: dict[str, Any] | None, option
     return default_profile(profile, deployed=deployed), dict(overrides or {})
 
 
-def _context(profile: str | None, overrides: dict[str, Any] | None) -> RunContext:
-    ctx = RunContext(load_settings(profile, **(overrides or {})))
+_PROVIDED: list[RunContext] = []
+
+
+@contextmanager
+def provided_context(ctx: RunContext) -> Iterator[RunContext]:
+    """While open, flow runs of this process whose settings equal `ctx`'s run in `ctx` (and
+    leave it open) instead of opening clients of their own: the CLI opens its context while
+    Prefect starts (`batchyard.launch`), and a command that makes several runs, like the demo,
+    starts Milvus Lite and the embedded Batch API server once."""
+    _PROVIDED.append(ctx)
+    try:
+        yield ctx
+    finally:
+        _PROVIDED.remove(ctx)
+
+
+def _context(profile: str | None, overrides: dict[str, Any] | None) -> AbstractContextManager[RunContext]:
+    settings = load_settings(profile, **(overrides or {}))
+    provided = next((c for c in reversed(_PROVIDED) if c.settings == settings), None)
+    ctx = provided or RunContext(settings)
     register(ctx, profile=profile, overrides=overrides)
-    return ctx
+    return nullcontext(ctx) if provided is not None else ctx
 
 
 def _current_flow_run() -> FlowRun | None:
@@ -569,6 +662,8 @@ def _open_run(ctx: RunContext, job: Job, run_id: str | None) -> RunStore:
     if run_id:
         existing = RunStore(ctx.staging, job.name, run_id)
         if existing.exists():
+            if existing.read_run().get("state") in runner.STOPPED_STATES:
+                runner.reopen(existing)
             return existing
     return runner.create_run(ctx, job, run_id=run_id)
 
@@ -576,7 +671,7 @@ def _open_run(ctx: RunContext, job: Job, run_id: str | None) -> RunStore:
 @flow(name="batchyard-embeddings", log_prints=False, on_cancellation=[cancel_batchyard_run])
 def embeddings_flow(targets: str | None = None, run_id: str | None = None, profile: str | None = None,
                     overrides: dict[str, Any] | None = None, wait: bool = True,
-                    options: RunOptions | None = None) -> dict[str, Any]:
+                    options: RunOptions | None = None) -> Any:
     """Embed the target chunks and load them into Milvus and MongoDB.
 
     `options` (what deployments set) fills the keyword arguments left unset.
@@ -588,13 +683,13 @@ def embeddings_flow(targets: str | None = None, run_id: str | None = None, profi
         job = EmbeddingsJob(ctx, load_targets(targets))
         run = _open_run(ctx, job, run_id)
         _tag_flow_run(run.run_id)
-        return _run_stages(ctx, job, run, wait=wait)
+        return outcome_state(_run_stages(ctx, job, run, wait=wait))
 
 
 @flow(name="batchyard-inference", log_prints=False, on_cancellation=[cancel_batchyard_run])
 def inference_flow(task_name: str, targets: str | None = None, run_id: str | None = None,
                    profile: str | None = None, overrides: dict[str, Any] | None = None, wait: bool = True,
-                   options: RunOptions | None = None) -> dict[str, Any]:
+                   options: RunOptions | None = None) -> Any:
     """Run one inference task over the targets and store results in MongoDB.
 
     `options` (what deployments set) fills the keyword arguments left unset.
@@ -606,18 +701,59 @@ def inference_flow(task_name: str, targets: str | None = None, run_id: str | Non
         job = InferenceJob(ctx, load_targets(targets), task_name)
         run = _open_run(ctx, job, run_id)
         _tag_flow_run(run.run_id)
-        return _run_stages(ctx, job, run, wait=wait)
+        return outcome_state(_run_stages(ctx, job, run, wait=wait))
 
 
 @flow(name="batchyard-resume", log_prints=False, on_cancellation=[cancel_batchyard_run])
 def resume_flow(run_id: str, profile: str | None = None, overrides: dict[str, Any] | None = None,
-                options: SettingsOptions | None = None) -> dict[str, Any]:
-    """Continue an interrupted or cancelled run from its recorded phase."""
+                options: SettingsOptions | None = None) -> Any:
+    """Continue an interrupted, failed or cancelled run from its recorded phase."""
     with _flow_context(profile, overrides, options) as ctx:
         run = find_run(ctx.staging, run_id)
         _tag_flow_run(run.run_id)
         runner.reopen(run)
-        return _run_stages(ctx, _job(ctx, run), run)
+        return outcome_state(_run_stages(ctx, _job(ctx, run), run))
+
+
+@flow(name="batchyard-rerun", log_prints=False)
+def rerun_flow(run_id: str, start: str = "sinks", profile: str | None = None,
+               overrides: dict[str, Any] | None = None, options: SettingsOptions | None = None) -> Any:
+    """Re-materialize a finished run from its staged files (`results` or `sinks`), with no Batch
+    API call, and materialize the assets it rewrote."""
+    with _flow_context(profile, overrides, options) as ctx:
+        run = find_run(ctx.staging, run_id)
+        _tag_flow_run(run.run_id)
+        log.info("run %s: re-materializing from %s, from staging alone", run_id, start)
+        info = runner.rematerialize(ctx, run_id, start=start)
+        assets = ("results", "sinks") if start == "results" else ("sinks",)
+        info = _finish(ctx, _job(ctx, run), run, assets=assets, info=info)
+        log.info("run %s: re-materialized from %s: %s", run_id, start, info.get("state"))
+        return outcome_state(info)
+
+
+@flow(name="batchyard-audit", log_prints=False)
+def audit_flow(run_id: str, unit_id: str | None = None, sinks: bool = True, full: bool = False,
+               profile: str | None = None, overrides: dict[str, Any] | None = None,
+               options: SettingsOptions | None = None) -> Any:
+    """Reconcile a run from its staged files and the sinks (`batchyard audit`), or follow one
+    unit through it (`unit_id`). `Failed` when something differs, with the differences in the
+    flow run's logs and a `<run>-audit` table artifact."""
+    from batchyard.trail import audit_or_trail
+
+    with _flow_context(profile, overrides, options) as ctx:
+        run = find_run(ctx.staging, run_id)
+        _tag_flow_run(run.run_id)
+        out = audit_or_trail(ctx, run, unit_id=unit_id, sinks=sinks, full=full)
+        differences = out["differences"]
+        what = f"trail of {unit_id} in run {run_id}" if unit_id else f"audit of run {run_id}"
+        if differences:
+            rows = [d if isinstance(d, dict) else {"difference": d} for d in differences]
+            create_table_artifact(rows, key=f"{run_id.lower()}-audit", description=f"{what}: what differs")
+            for d in differences:
+                log.error("%s: %s", what, d.get("check", d) if isinstance(d, dict) else d, extra=FOR_PREFECT_ONLY)
+            return Failed(message=f"{what}: {len(differences)} difference(s)", data=out)
+        log.info("%s: everything agrees%s", what, f" ({out['checks']:,} counts reconciled)" if "checks" in out else "")
+        return out
 
 
 @flow(name="batchyard-tracker", log_prints=False)
@@ -638,7 +774,8 @@ def tracker_flow(profile: str | None = None, overrides: dict[str, Any] | None = 
             job = _job(ctx, run)
             engine = PrefectEngine(run_ref(ctx, job.name, run.run_id))
             try:
-                summary = runner.drive(ctx, job, run, engine=engine, poll_interval=0, max_rounds=rounds)
+                with runner.recording_stop(run, ctx.settings):
+                    summary = runner.drive(ctx, job, run, engine=engine, poll_interval=0, max_rounds=rounds)
             except RunBusy as exc:  # another process drives every open partition right now
                 log.info("tracker: run %s skipped: %s", run.run_id, exc)
                 out.append({"run_id": run.run_id, "skipped": str(exc)})

@@ -36,10 +36,13 @@ runs lives with the corpus state (`batchyard.corpus.status`).
 from batchyard.corpus.status import asset_status
 from batchyard.runner.control import (
     REMATERIALIZE_FROM,
+    STOPPED_STATES,
     cancel,
     continue_run,
+    describe_state,
     execute,
     job_for_run,
+    recording_stop,
     rematerialize,
     reopen,
     resume,
@@ -85,9 +88,11 @@ from batchyard.runner.summary import (
 from batchyard.storage.runs import find_run
 
 __all__ = [
-    "LEASE_TTL_MIN_S", "PHASES", "REMATERIALIZE_FROM", "STEPS", "Engine", "LocalEngine", "add_timings",
-    "asset_status", "cancel", "choose_lane", "collect_one", "continue_run", "create_run",     "delete_remote_files", "drive", "dry_run", "execute", "exit_code", "failures_frame", "find_run", "finish",
-    "job_for_run", "load_parts", "materialize_partition", "partition_table", "peak_rss_mb",
-    "plan", "plan_cost_of", "plan_estimate", "plan_one", "poll_intervals", "prepare", "rematerialize", "reopen",
-    "results_frame", "resume", "run_summary", "settled", "snapshot", "trim_memory", "unloaded_parts",
+    "LEASE_TTL_MIN_S", "PHASES", "REMATERIALIZE_FROM", "STEPS", "STOPPED_STATES", "Engine", "LocalEngine",
+    "add_timings", "asset_status", "cancel", "choose_lane", "collect_one", "continue_run", "create_run",
+    "delete_remote_files", "describe_state", "drive", "dry_run", "execute", "exit_code", "failures_frame",
+    "find_run", "finish", "job_for_run", "load_parts", "materialize_partition", "partition_table", "peak_rss_mb",
+    "plan", "plan_cost_of", "plan_estimate", "plan_one", "poll_intervals", "prepare", "recording_stop",
+    "rematerialize", "reopen", "results_frame", "resume", "run_summary", "settled", "snapshot", "trim_memory",
+    "unloaded_parts",
 ]

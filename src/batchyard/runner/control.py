@@ -1,27 +1,96 @@
 """Whole runs and what operators do to them: execute, continue, cancel, reopen, resume, and
-re-materialize from staging."""
+re-materialize from staging; and what a run that stopped early says about itself.
+
+A run that stops before it finishes records why in its state (`recording_stop`):
+`interrupted` (Ctrl-C, SIGTERM) or `failed` with the cause in `error` (one line: the
+component that could not be reached, say). `status` shows it and `resume` continues it from
+its recorded phase, as it does a cancelled run.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from batchyard.corpus.lifecycle import release_run, reregister
+from batchyard.errors import RunBusy
+from batchyard.infra import one_line
 from batchyard.runner.driver import drive, load_parts, materialize_partition
 from batchyard.runner.engine import LEASE_TTL_MIN_S, Engine, LocalEngine, emit
 from batchyard.runner.phases import create_run, prepare
 from batchyard.runner.summary import finish
 from batchyard.stages import batches
 from batchyard.storage.ledger import Ledger
-from batchyard.storage.runs import RunStore, driver_id, find_run
+from batchyard.storage.runs import RunStore, driver_id, find_run, utcnow
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from batchyard.context import RunContext
     from batchyard.jobs.base import Job
+    from batchyard.settings import Settings
 
     Progress = Callable[[dict[str, Any]], None]
+
+log = logging.getLogger(__name__)
+
+LIVE_STATES = ("planning", "running")
+"""States of a run that is (or was, until it stopped) being worked on."""
+
+STOPPED_STATES = ("interrupted", "failed")
+"""States of a run that stopped before it finished; `resume` continues it."""
+
+
+# --------------------------------------------------------------------------- stopped runs
+
+
+def describe_state(info: dict[str, Any]) -> str:
+    """A run's state as `status` shows it: `failed: <cause>` for a failed run."""
+    state = str(info.get("state", "?"))
+    return f"{state}: {info['error']}" if state == "failed" and info.get("error") else state
+
+
+def _mark_stopped(run: RunStore, state: str, error: str | None) -> None:
+    """Record that a live run stopped (never over `finished`, `cancelled` or `dry_run`)."""
+    try:
+        if run.read_run().get("state") not in LIVE_STATES:
+            return
+        run.update_run(state=state, error=error, stopped_at=utcnow().isoformat())
+    except Exception as exc:  # the staging root itself may be what failed: nothing to record in
+        log.warning("run %s stopped (%s) but its state could not be recorded: %s", run.run_id, state,
+                    one_line(exc))
+
+
+@contextmanager
+def recording_stop(run: RunStore, settings: Settings | None = None) -> Iterator[None]:
+    """Record why `run` stops if it stops early: `interrupted` on Ctrl-C or SIGTERM
+    (KeyboardInterrupt, and anything else that is not an Exception, such as Prefect's
+    termination signal), `failed` with the cause in one line on an error. RunBusy (another
+    process drives the run) leaves it as it is. The exception goes on, carrying
+    `batchyard_run = (job, run_id, state)` for whoever reports it."""
+    try:
+        yield
+    except RunBusy:
+        raise
+    except Exception as exc:
+        _mark_stopped(run, "failed", one_line(exc, settings))
+        _tag(exc, run)
+        raise
+    except BaseException as exc:
+        _mark_stopped(run, "interrupted", None)
+        _tag(exc, run)
+        raise
+
+
+def _tag(exc: BaseException, run: RunStore) -> None:
+    if getattr(exc, "batchyard_run", None) is None:
+        # an exception type that takes no attributes, or a staging root that is gone: no tag
+        with contextlib.suppress(Exception):
+            exc.batchyard_run = (run.job, run.run_id, run.read_run().get("state"))  # type: ignore[attr-defined]
 
 
 # --------------------------------------------------------------------------- whole runs
@@ -44,6 +113,8 @@ def execute(
     run = RunStore(ctx.staging, job.name, run_id) if run_id else None
     if run is None or not run.exists():
         run = create_run(ctx, job, run_id=run_id)
+    elif run.read_run().get("state") in STOPPED_STATES:
+        reopen(run)
     return continue_run(ctx, job, run, engine=engine, on_progress=on_progress, wait=wait)
 
 
@@ -56,13 +127,18 @@ def continue_run(
     on_progress: Progress | None = None,
     wait: bool = True,
 ) -> dict[str, Any]:
-    """Carry a run from its recorded phase to the end (or, `wait=False`, to its first submissions)."""
+    """Carry a run from its recorded phase to the end (or, `wait=False`, to its first submissions).
+
+    If it stops early, its state says why (`recording_stop`)."""
     engine = engine or LocalEngine(ctx, job, run)
-    phase = prepare(ctx, job, run, engine, on_progress=on_progress)
-    if phase == "batches":
-        drive(ctx, job, run, engine=engine, on_progress=on_progress, max_rounds=None if wait else 1)
-    emit(on_progress, "finish", 0, None)
-    return finish(ctx, job, run)
+    with recording_stop(run, ctx.settings):
+        phase = prepare(ctx, job, run, engine, on_progress=on_progress)
+        if phase == "batches":
+            drive(ctx, job, run, engine=engine, on_progress=on_progress, max_rounds=None if wait else 1)
+        emit(on_progress, "finish", 0, 1, detail="summary and manifests")
+        info = finish(ctx, job, run)
+        emit(on_progress, "finish", 1, 1, detail="done")
+        return info
 
 
 def cancel(ctx: RunContext, run_id: str, *, wait_s: float = 0.0) -> dict[str, Any]:
@@ -109,9 +185,15 @@ def job_for_run(ctx: RunContext, run: RunStore) -> Job:
 
 
 def reopen(run: RunStore) -> None:
-    """Make a cancelled (or finished-as-cancelled) run resumable: partitions back to `batches`."""
+    """Make a stopped run resumable: an interrupted or failed one back to its live state (it
+    goes on from its recorded phase), a cancelled (or finished-as-cancelled) one with its
+    partitions back to `batches`."""
     info = run.read_run()
     run.clear_cancel()
+    if info.get("state") in STOPPED_STATES:
+        live = "planning" if info.get("phase") in ("snapshot", "plan") else "running"
+        run.update_run(state=live, error=None)
+        return
     if info.get("state") != "cancelled":
         return
     for part in run.partitions():
