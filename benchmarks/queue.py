@@ -22,18 +22,31 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# this file is named like the standard library's `queue`: run as a script, its folder would come
-# first on the path and shadow it for every import below
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+if __name__ != "__main__":
+    # This file is named like the standard library's `queue`. A script run from this folder has
+    # the folder first on its path, so its `import queue` (concurrent.futures, polars) lands here:
+    # then be the standard library's module, whole.
+    import importlib.util
+    import sysconfig
 
-import argparse  # noqa: E402 - after the path fix above
-import json  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from typing import Any  # noqa: E402
+    _spec = importlib.util.spec_from_file_location("queue", Path(sysconfig.get_paths()["stdlib"]) / "queue.py")
+    assert _spec is not None and _spec.loader is not None
+    _real = importlib.util.module_from_spec(_spec)
+    sys.modules["queue"] = _real
+    _spec.loader.exec_module(_real)
+    globals().update({k: v for k, v in vars(_real).items() if not k.startswith("__")})
+else:
+    # run as a script: its own folder must not shadow the standard library's `queue` below
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+import argparse
+import json
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from typing import Any
 
 HERE = Path(__file__).resolve().parent
 KEY = "sk-benchmark-queue-0123456789"

@@ -116,7 +116,7 @@ def test_the_report_shows_the_run_as_staged_and_loads_nothing(faulted_run: Fault
         state = part.read_state()
         for key in state.get("keys") or state["companies"]:
             assert html.escape(key) in found["partitions"]
-    assert "This run has no queue samples" in found["queue"]  # derived from the ledger, and says so
+    assert "Samples of the provider account's queue" in found["queue"]  # the driver sampled every round
 
 
 def test_the_report_defaults_to_the_run_folder_and_plots_queue_samples_when_the_run_has_them(
@@ -136,6 +136,11 @@ def test_the_report_defaults_to_the_run_folder_and_plots_queue_samples_when_the_
     queue = sections((folder / "report.html").read_text())["queue"]
     assert "Samples of the provider account's queue" in queue and "no queue samples" not in queue
     assert queue.count("<svg") == 1
+
+    # a run staged before queue samples existed: its in-flight tokens, from the ledger, and says so
+    (folder / QUEUE_FILE).unlink()
+    assert cli(["--root", str(root), "report", faulted_run.run_id], tmp_path).returncode == 0
+    assert "This run has no queue samples" in sections((folder / "report.html").read_text())["queue"]
 
     samples.drop("cap_tokens").write_parquet(folder / QUEUE_FILE)
     bad = cli(["--root", str(root), "report", faulted_run.run_id], tmp_path)
