@@ -256,7 +256,7 @@ class LimitsSettings(BaseModel):
     )
     max_tokens_per_batch: int | None = Field(
         default=None, gt=0,
-        description="Tokens per batch file (default: 32% of the enqueued-token budget, so three shards fill the "
+        description="Tokens per batch file (default: 24% of the enqueued-token budget, so four shards fill the "
         "provider's queue with room for its own token count).",
     )
     over_limit: TOverLimit = Field(
