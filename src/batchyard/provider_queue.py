@@ -63,6 +63,8 @@ LEASE_TTL_S = 60.0
 OBSERVATIONS = 20
 MARGIN = 0.01
 """Admission keeps this share of the cap free on top of the learned ratio."""
+MAX_STEP = 0.10
+"""The most one refusal raises the learned ratio (by this share of it)."""
 
 
 def account_of(provider: ProviderSettings) -> str:
@@ -227,8 +229,12 @@ class AccountQueue:
         if cap is not None:
             cal.cap = cap
         if cal.cap and reserved + tokens > 0 and (reserved + tokens) * cal.ratio * (1 + MARGIN) <= cal.cap:
-            # we thought it fit: the provider counts more than we do (or others hold some)
-            cal.ratio = max(cal.ratio * 1.02, cal.cap / ((reserved + tokens) * (1 + MARGIN)) * 1.01)
+            # we thought it fit: the provider counts more than we do, or holders we cannot see
+            # (another tool of the organisation) hold some. Counts differ by a few per cent, so
+            # one refusal moves the ratio by at most MAX_STEP: a foreign holder of half the
+            # queue must not make every later shard half its size (reported usage resets it)
+            needed = cal.cap / ((reserved + tokens) * (1 + MARGIN)) * 1.01
+            cal.ratio = max(cal.ratio * 1.02, min(needed, cal.ratio * (1 + MAX_STEP)))
         return self._save(cal)
 
 

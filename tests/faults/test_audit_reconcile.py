@@ -13,6 +13,7 @@ import pytest
 
 from batchyard import runner
 from batchyard.audit import AuditReport, audit_run
+from batchyard.clients import milvus_lite
 from batchyard.context import RunContext
 from batchyard.jobs.embeddings import EmbeddingsJob
 from batchyard.jobs.inference import InferenceJob
@@ -172,6 +173,7 @@ def clean_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     root = tmp_path_factory.mktemp("clean") / "staging"
     with RunContext(_settings(root)) as ctx:
         info = runner.execute(ctx, EmbeddingsJob(ctx, seed(ctx, 60)))
+    assert milvus_lite.wait_stopped(root / "milvus.db"), "Milvus Lite still serves the clean run"
     return root, info["run_id"]
 
 
@@ -185,7 +187,7 @@ def _settings(root: Path) -> Settings:
 def copy(clean_run: tuple[Path, str], tmp_path: Path) -> tuple[Settings, RunStore]:
     """A private copy of the clean run's staging root (Milvus Lite and the stand-in included)."""
     root, run_id = clean_run
-    shutil.copytree(root, tmp_path / "staging")
+    shutil.copytree(root, tmp_path / "staging", ignore=shutil.ignore_patterns(".milvus-lite"))
     s = _settings(tmp_path / "staging")
     with RunContext(s) as ctx:
         run = find_run(ctx.staging, run_id)

@@ -89,7 +89,8 @@ def test_a_lost_file_whose_staged_shard_changed_is_one_line_naming_the_run_and_t
     assert out.returncode == 1, out.stderr[-3000:]
     assert "Traceback" not in out.stderr, out.stderr[-3000:]
     assert len([ln for ln in out.stderr.splitlines() if ln.strip()]) <= 5, out.stderr
-    last = out.stderr.strip().splitlines()[-1]
-    assert f"run {run.run_id}" in last and f"shard {lost.key}" in last and "sha256" in last, last
+    *_, error, last = out.stderr.strip().splitlines()
+    assert f"run {run.run_id}" in error and f"shard {lost.key}" in error and "sha256" in error, error
+    assert last == f"run {run.run_id} is failed; `batchyard resume {run.run_id}` continues it", last
     rec = json.loads(Path(part.staging.path(part.rel("ledger", f"{lost.name}.json"))).read_text())
     assert rec["batch_id"] is None, "nothing was submitted from a shard file that changed"

@@ -76,7 +76,7 @@ def test_embeddings_run_stages_every_artifact_on_s3(settings_factory: Any, s3: S
                                 "failures/plan.parquet",
                                 *(f"manifests/{a}.json" for a in ("chunks", "requests", "batches", "results", "sinks")))}
         expected = {
-            "run.json", *(f"manifests/{a}.json" for a in ("chunks", "requests", "batches", "results", "sinks")),
+            "run.json", "new_units.parquet", "queue.parquet", *(f"manifests/{a}.json" for a in ("chunks", "requests", "batches", "results", "sinks")),
             *per_part, *partitions,
         }
         assert expected <= got, f"missing on S3: {sorted(expected - got)}"

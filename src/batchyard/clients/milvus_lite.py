@@ -134,6 +134,7 @@ class LiteServer:
                 self._remove_folder()
                 raise LiteServerError(str(self.data_dir), f"the server exited during start-up: {tail[0]}")
             if _reachable(self.socket_path):
+                os.chmod(self.socket_path, 0o600)  # the child's umask is staging's; the socket stays private
                 log.info("Milvus Lite server for %s on %s (pid %d)", self.data_dir, self.uri, self.proc.pid)
                 return
             time.sleep(0.05)
@@ -270,6 +271,17 @@ def server_pids(data_dir: str | os.PathLike[str]) -> dict[str, int]:
         return {}
 
 
+def wait_stopped(data_dir: str | os.PathLike[str], timeout_s: float = 30.0) -> bool:
+    """Wait until no server serves `data_dir` (its last user gone and `GRACE_S` past), e.g. before
+    copying a staging root; whether it stopped in time."""
+    deadline = time.monotonic() + timeout_s
+    while server_pids(data_dir):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
 def release(data_dir: str | os.PathLike[str]) -> None:
     """Drop one reference; the last one of this process unregisters it (the supervisor stops Lite
     when no registered process is left)."""
@@ -311,7 +323,11 @@ def supervise(path: Path, folder: Path) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s supervisor: %(message)s")
     server = _start(path)
     info = folder / "server.json"
-    info.write_text(f'{{"supervisor": {os.getpid()}, "lite": {server.proc.pid if server.proc else 0}}}\n')
+    part = folder / "server.json.part"  # owner-only, and complete when it appears
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(f'{{"supervisor": {os.getpid()}, "lite": {server.proc.pid if server.proc else 0}}}\n')
+    os.replace(part, info)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     idle_since: float | None = None

@@ -573,7 +573,11 @@ def split_shard(part: PartitionStore, name: str, parser: ShardParser, cap: int, 
     cap = rec.split_cap or cap
     limit = describe_cap(cap, budget, rec.model)
     requests = attempt_requests(part, rec.shard, rec.attempt)
-    pieces, unfit = parser.replan_requests(part, requests, cap)
+    # pieces fit the cap with the queue's margin (`provider_queue.MARGIN`), as the throttle admits
+    # them: a piece cut to the cap itself could never be sent and would be cut again
+    from batchyard.provider_queue import MARGIN
+
+    pieces, unfit = parser.replan_requests(part, requests, int(cap / (1 + MARGIN)))
     attempt = rec.attempt + 1
     children = []
     for k, (_, rows) in enumerate(pieces.group_by("shard", maintain_order=True), start=1):
