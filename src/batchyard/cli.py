@@ -29,6 +29,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -40,6 +41,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from batchyard.errors import BatchyardError, ConfigError
+
+# requests imports urllib3's SOCKS support as it loads and urllib3 warns when PySocks is missing;
+# batchyard never uses a SOCKS proxy, and the warning (printed whenever a thread first imports
+# requests) would break the one-line errors
+warnings.filterwarnings("ignore", message="SOCKS support in urllib3 requires")
 
 if TYPE_CHECKING:
     from batchyard.settings import Settings

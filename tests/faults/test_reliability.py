@@ -75,8 +75,9 @@ def test_two_runs_sharing_one_token_cap_both_finish(settings_factory: Any, tmp_p
 
     # one provider (one organisation's enqueued-token quota) for two concurrent runs: each
     # shard fits the cap alone, both runs together do not
-    # batches stay in progress ~2 s (4 requests), so the two runs overlap on a loaded machine too
-    config = LocalApiConfig(seconds_per_request=0.5, faults={"enqueued_token_cap": 6_000})
+    # every batch stays in progress at least 1.5 s (each run sends about 13), so the two runs
+    # overlap on a loaded machine too, whichever starts first
+    config = LocalApiConfig(seconds_per_request=0.5, in_progress_s=1.5, faults={"enqueued_token_cap": 6_000})
     with LocalServer(config, tmp_path / "provider") as server:
         infos: dict[str, dict[str, Any]] = {}
         errors: list[BaseException] = []

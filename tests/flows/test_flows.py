@@ -56,7 +56,10 @@ def test_embeddings_flow_materializes_every_asset(tmp_path: Path) -> None:
     assert {"submit", "track", "load"} <= names
     assert {f"{a}-p0000" for a in ("chunks", "requests", "batches", "results", "sinks")} <= names
     assert any(n.startswith("plan-p0000") for n in names) and any(n.startswith("collect-p0000-s0000") for n in names)
-    events = asset_events(info["run_id"], expect=("chunks", "requests", "batches", "results", "sinks"))
+    standin = f"mongodb://standin{tmp_path / 'staging' / '.mongo-standin'}/batchyard/chunks"
+    milvus = f"milvus://lite{tmp_path}/staging/milvus.db/"
+    events = asset_events(info["run_id"], expect=("chunks", "requests", "batches", "results", "sinks"),
+                          prefixes=(milvus, f"{standin}/batchyard."))
     by_key = {e.resource.id.split("@")[0]: e for e in events}
     space = "text_embedding_3_small_16"
     for asset in ("chunks", "requests", "batches", "results", "sinks"):
@@ -70,9 +73,8 @@ def test_embeddings_flow_materializes_every_asset(tmp_path: Path) -> None:
     assert by_key[f"batchyard://embeddings/{space}/results"].payload["checks"]["every_unit_once"] == "passed"
     assert by_key[f"batchyard://embeddings/{space}/requests"].payload["tokens"] > 0
     upstream = {r.id for r in by_key[f"batchyard://embeddings/{space}/chunks"].related}
-    standin = f"mongodb://standin{tmp_path / 'staging' / '.mongo-standin'}/batchyard/chunks"
     assert standin in upstream  # the source collection is an asset, named by the store it lives in
-    assert any(k.startswith(f"milvus://lite{tmp_path}/staging/milvus.db/") for k in by_key)  # so are the targets
+    assert any(k.startswith(milvus) for k in by_key)  # so are the targets
     assert any(k.startswith(f"{standin}/batchyard.") for k in by_key)
     # a second flow run finds nothing new; a third, after an edit, materializes the same keys
     again = embeddings_flow(targets=targets, overrides=overrides(tmp_path))
@@ -124,8 +126,10 @@ def test_a_failed_check_fails_its_materialization(tmp_path: Path) -> None:
 
 
 def asset_events(run_id: str, *, expect: tuple[str, ...] = ("batches", "results", "sinks"),
-                 wait_s: float = 30.0, name: str = "prefect.asset.materialization.succeeded") -> list[Any]:
-    """The asset materialization events of a run (events reach the API a few seconds late)."""
+                 wait_s: float = 30.0, name: str = "prefect.asset.materialization.succeeded",
+                 prefixes: tuple[str, ...] = ()) -> list[Any]:
+    """The asset materialization events of a run (events reach the API a few seconds late), once
+    those of the `expect` assets and of an asset key starting with each of `prefixes` arrived."""
     import time
 
     from prefect.client.orchestration import get_client
@@ -144,7 +148,8 @@ def asset_events(run_id: str, *, expect: tuple[str, ...] = ("batches", "results"
                 events += page.events
         found = [e for e in events if e.payload.get("run_id") == run_id]
         names = {e.resource.id.split("@")[0].rsplit("/", 1)[-1] for e in found}
-        if set(expect) <= names:
+        keys = [e.resource.id for e in found]
+        if set(expect) <= names and all(any(k.startswith(p) for k in keys) for p in prefixes):
             break
         time.sleep(0.5)
     return found

@@ -13,8 +13,12 @@ first), so it goes into `PREFECT_API_URL` of this process (and its children) rig
 Prefect can be imported meanwhile (`preload`): Prefect's clients, log and event workers all use
 that URL instead of starting a server of their own, and nothing contacts it before `wait()`
 has seen it answer. If the server exits during start-up, `wait()` raises at once with the last
-line it printed (its output goes to a file, never to the terminal); `stop()` ends it when the
-command is done.
+line it printed (its output goes to a file, never to the terminal).
+
+That server is shared by the commands of one `PREFECT_HOME` (`SharedServer`): the first one
+starts it under a small supervisor process, the next ones attach while it runs, and it stops
+`GRACE_S` (20 s) after the last command that used it ended. A script of many commands (or the
+test suite) pays for one start-up.
 
 With `PREFECT_API_URL` set (a real server), `start()` checks its health in the background
 instead, so a server that is down is a one-line error, not a traceback.
@@ -27,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import importlib.util
+import json
 import os
 import signal
 import socket
@@ -38,8 +43,9 @@ import time
 import tomllib
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from batchyard.infra import InfraError, InfraFailure, mask_url
 
@@ -129,10 +135,10 @@ class TemporaryServer:
     """Prefect's temporary API server, run by this process (same command line and settings as
     Prefect's own `SubprocessASGIServer`, its output in an anonymous file)."""
 
-    def __init__(self) -> None:
-        self.port = _free_port()
+    def __init__(self, port: int | None = None, log: IO[bytes] | None = None) -> None:
+        self.port = port or _free_port()
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - the server's output, closed by stop()
+        self._log: IO[bytes] = log or tempfile.TemporaryFile()  # noqa: SIM115 - the server's output, closed by stop()
 
     @property
     def api_url(self) -> str:
@@ -197,7 +203,7 @@ class PrefectApi:
     """The Prefect API of one command: started (or checked) in the background, awaited once."""
 
     def __init__(self) -> None:
-        self.server: TemporaryServer | None = None
+        self.server: SharedServer | None = None
         self.url: str | None = None
         self.error: BaseException | None = None
         self._done = threading.Event()
@@ -215,8 +221,8 @@ class PrefectApi:
         configured = configured_api_url()
         if configured is None:
             check_home(prefect_home())
-            self.server = TemporaryServer()
-            self.server.start()
+            self.server = SharedServer(prefect_home())
+            self.server.acquire()
             os.environ["PREFECT_API_URL"] = self.server.api_url  # before Prefect reads its settings
         self._thread = threading.Thread(target=self._run, args=(configured,), name="batchyard-prefect-api",
                                         daemon=True)
@@ -279,4 +285,176 @@ class PrefectApi:
         self._stop.set()
         self.settle()
         if self.server is not None:
-            self.server.stop()
+            self.server.release()
+
+
+# --------------------------------------------------------------------------- one server per PREFECT_HOME
+
+GRACE_S = 20.0
+"""How long the shared temporary server outlives the last command that used it."""
+SHARED = "batchyard-temporary-api"
+"""Its folder in `PREFECT_HOME`: `server.json` (URL and supervisor pid), `clients/<pid>`,
+`lock`, `server.log`."""
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not: the supervisor's spawner never reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+class SharedServer:
+    """Prefect's temporary API server, shared by every command of one `PREFECT_HOME`.
+
+    Started once (by a small supervisor process, `python -m batchyard.orchestration.temporary`),
+    then attached to by every command that needs it while it runs: a script or a test suite
+    that runs twenty commands pays for one start-up, not twenty (3-25 s each on 2 cores). Each
+    command registers its pid under the folder's lock (`clients/<pid>`); the supervisor stops
+    the server once no registered command has been alive for `GRACE_S`, and a command that is
+    killed simply stops counting. The URL is known at once (the port is chosen before the
+    start), so a command can set `PREFECT_API_URL` and import Prefect while it comes up.
+    """
+
+    def __init__(self, home: Path, grace_s: float = GRACE_S) -> None:
+        self.folder = home / SHARED
+        self.grace_s = grace_s
+        self.api_url = ""
+        self.supervisor: int | None = None
+        self._spawned: subprocess.Popen[bytes] | None = None
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        import fcntl
+
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (self.folder / "clients").mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(self.folder / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _info(self) -> dict[str, Any] | None:
+        try:
+            info = json.loads((self.folder / "server.json").read_text())
+            return info if _pid_alive(int(info["supervisor"])) else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def acquire(self) -> str:
+        """Register this process and return the server's URL, starting its supervisor when no
+        server runs (it may still be starting: `wait`)."""
+        with self._locked():
+            info = self._info()
+            if info is None:
+                port = _free_port()
+                log = open(self.folder / "server.log", "wb")  # noqa: SIM115 - handed to the child
+                with log:
+                    self._spawned = subprocess.Popen(
+                        [sys.executable, "-m", "batchyard.orchestration.temporary", str(self.folder), str(port),
+                         str(self.grace_s)],
+                        stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+                info = {"url": f"http://127.0.0.1:{port}/api", "supervisor": self._spawned.pid}
+                part = self.folder / "server.json.part"
+                part.write_text(json.dumps(info))
+                os.replace(part, self.folder / "server.json")
+            (self.folder / "clients" / str(os.getpid())).touch()
+        self.api_url, self.supervisor = str(info["url"]), int(info["supervisor"])
+        return self.api_url
+
+    def _alive(self) -> bool:
+        if self._spawned is not None:
+            return self._spawned.poll() is None
+        return self.supervisor is not None and _pid_alive(self.supervisor)
+
+    def wait(self, timeout: float | None = None, cancelled: threading.Event | None = None) -> str:
+        """The API URL once the server answers; PrefectUnavailable if it stops or times out."""
+        timeout = startup_timeout() if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if cancelled is not None and cancelled.is_set():
+                raise PrefectUnavailable(InfraFailure("Prefect", self.api_url, "stopped", problem="was"))
+            if _healthy(self.api_url, timeout=1.0):
+                return self.api_url
+            if not self._alive():
+                raise PrefectUnavailable(InfraFailure(
+                    "Prefect's temporary API server", self.api_url.removesuffix("/api").removeprefix("http://"),
+                    f"exited during start-up: {self._last_line()}", problem="did not start"))
+            time.sleep(0.1)
+        raise PrefectUnavailable(InfraFailure(
+            "Prefect's temporary API server", self.api_url.removesuffix("/api").removeprefix("http://"),
+            f"no answer within {timeout:.0f} s (PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS; last output: "
+            f"{self._last_line()}); run again, raise that timeout, use a Prefect server (PREFECT_API_URL), or "
+            "--engine local", problem="did not start"))
+
+    def _last_line(self) -> str:
+        try:
+            with open(self.folder / "server.log", "rb") as log:
+                return _last_line(log)
+        except OSError:
+            return "no output"
+
+    def release(self) -> None:
+        """Unregister this process (the supervisor stops the server `grace_s` after the last)."""
+        with contextlib.suppress(OSError), self._locked():
+            (self.folder / "clients" / str(os.getpid())).unlink(missing_ok=True)
+
+    def clients(self) -> list[int]:
+        """Registered processes that still run (call under the lock; dead ones are removed)."""
+        alive = []
+        for entry in (self.folder / "clients").glob("*"):
+            if entry.name.isdigit() and _pid_alive(int(entry.name)):
+                alive.append(int(entry.name))
+            else:
+                entry.unlink(missing_ok=True)
+        return alive
+
+
+def supervise(folder: Path, port: int, grace_s: float) -> int:
+    """The supervisor: run the temporary server until no command has used it for `grace_s`."""
+    shared = SharedServer(folder.parent, grace_s)
+    with open(folder / "server.log", "ab") as log:
+        server = TemporaryServer(port, log)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        server.start()
+        try:
+            server.wait(cancelled=stop)
+        except PrefectUnavailable as exc:
+            print(f"supervisor: {exc}", file=sys.stderr, flush=True)
+            with shared._locked():
+                (folder / "server.json").unlink(missing_ok=True)
+            return 1
+        idle_since: float | None = None
+        try:
+            while not stop.wait(0.5):
+                if server.proc is None or server.proc.poll() is not None:
+                    print("supervisor: the server exited", file=sys.stderr, flush=True)
+                    with shared._locked():
+                        (folder / "server.json").unlink(missing_ok=True)
+                    return 1
+                with shared._locked():
+                    if shared.clients():
+                        idle_since = None
+                        continue
+                    idle_since = idle_since or time.monotonic()
+                    if time.monotonic() - idle_since >= grace_s:
+                        (folder / "server.json").unlink(missing_ok=True)  # nobody attaches any more
+                        return 0
+        finally:
+            server.stop()
+            with shared._locked():
+                info = folder / "server.json"
+                with contextlib.suppress(OSError, ValueError):
+                    if json.loads(info.read_text()).get("supervisor") == os.getpid():
+                        info.unlink()
+        return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - the supervisor process
+    sys.exit(supervise(Path(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])))
