@@ -67,13 +67,20 @@ class RecordSyncCalls:
         seen: dict[str, Any] = {"status": 499}
         scope.setdefault("state", {})["sync_call"] = seen
 
+        def record() -> None:
+            if not seen.get("recorded"):
+                seen["recorded"] = True
+                self.sync.record(SyncCall(at=at, path=scope["path"], status=seen["status"],
+                                          tokens=seen.get("tokens", 0), digest=seen.get("digest", ""),
+                                          arrival=seen.get("arrival", 0)))
+
         async def send_seen(message: Message) -> None:
             if message["type"] == "http.response.start":
                 seen["status"] = message["status"]
+                record()  # before the client can have its answer: a caller reads every call it made
             await send(message)
 
         try:
             await self.app(scope, receive, send_seen)
         finally:
-            self.sync.record(SyncCall(at=at, path=scope["path"], status=seen["status"], tokens=seen.get("tokens", 0),
-                                      digest=seen.get("digest", ""), arrival=seen.get("arrival", 0)))
+            record()  # never answered (499)
