@@ -65,6 +65,8 @@ MARGIN = 0.01
 """Admission keeps this share of the cap free on top of the learned ratio."""
 MAX_STEP = 0.10
 """The most one refusal raises the learned ratio (by this share of it)."""
+MAX_REFUSAL_RATIO = 1.25
+"""The highest ratio refusals alone may teach (reported usage may show a higher one)."""
 
 
 def account_of(provider: ProviderSettings) -> str:
@@ -232,9 +234,12 @@ class AccountQueue:
             # we thought it fit: the provider counts more than we do, or holders we cannot see
             # (another tool of the organisation) hold some. Counts differ by a few per cent, so
             # one refusal moves the ratio by at most MAX_STEP: a foreign holder of half the
-            # queue must not make every later shard half its size (reported usage resets it)
+            # queue must not make every later shard half its size (reported usage resets it),
+            # and refusals alone never raise it past MAX_REFUSAL_RATIO: a quota that others
+            # hold for hours would otherwise shrink the shards, then fail units as unfittable
             needed = cal.cap / ((reserved + tokens) * (1 + MARGIN)) * 1.01
-            cal.ratio = max(cal.ratio * 1.02, min(needed, cal.ratio * (1 + MAX_STEP)))
+            raised = max(cal.ratio * 1.02, min(needed, cal.ratio * (1 + MAX_STEP)))
+            cal.ratio = max(cal.ratio, min(raised, max((MAX_REFUSAL_RATIO, *cal.observations))))
         return self._save(cal)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -70,6 +71,23 @@ def test_the_provider_count_is_learned_from_usage_and_refusals(tmp_path: Path) -
     assert fits(10_000, 4_000, 20_000, cal.ratio)  # once a batch ended, it fits again
     # usage says what the provider really counts: it replaces the refusal's guess
     assert q.observe_usage(1_100, 1_000).ratio == pytest.approx(1.1)
+
+
+def test_refusals_alone_raise_the_ratio_a_little_each_and_never_past_the_bound(tmp_path: Path) -> None:
+    from batchyard.provider_queue import MAX_REFUSAL_RATIO, MAX_STEP
+
+    # others we cannot see hold most of a 6,000-token quota for a long time: every batch of ours
+    # is refused while we think it fits. Each refusal moves the ratio at most MAX_STEP, and
+    # refusals never teach more than MAX_REFUSAL_RATIO (the shards must not shrink to nothing,
+    # nor ordinary units become "unfittable")
+    q = AccountQueue(Staging(str(tmp_path)), "a", "m")
+    ratios = [q.observe_refusal(6_000, 0, 1_200).ratio for _ in range(40)]
+    assert ratios[0] <= 1 + MAX_STEP
+    assert all(b >= a for a, b in itertools.pairwise(ratios))
+    assert max(ratios) == pytest.approx(MAX_REFUSAL_RATIO)
+    # reported usage is evidence: a provider that really counts 1.4x is believed
+    assert q.observe_usage(1_400, 1_000).ratio == pytest.approx(1.4)
+    assert q.observe_refusal(6_000, 0, 1_000).ratio == pytest.approx(1.4)
 
 
 def test_admission_counts_the_rest_of_the_account_in_the_providers_count() -> None:
