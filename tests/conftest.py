@@ -87,34 +87,3 @@ def prefect_harness() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-GROUPED_MODULES = {
-    "tests.deploy.test_flow_states", "tests.deploy.test_prefect_server",  # a real Prefect server each
-    "tests.e2e.test_report", "tests.faults.test_audit_reconcile",  # a run shared by the module
-}
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Under `--dist loadgroup` (pyproject) tests go to the workers one by one, so that no worker
-    is left alone with a long file at the end, except what shares something costly to start:
-    every test that uses the Milvus server goes to one worker (one server starts, not one per
-    worker), and the modules whose module fixture starts servers or a run stay on one worker.
-
-    xdist names a group by a suffix of the test's node id (`...@group`); with pytest 9 its
-    assignment no longer reaches the id, so the suffix is set here too."""
-    if not config.getvalue("loadgroup"):
-        return
-    for item in items:
-        if "milvus_server" in getattr(item, "fixturenames", ()) or item.get_closest_marker("milvus_server"):
-            group = "milvus-server"
-        elif getattr(item, "module", None) is not None and item.module.__name__ in GROUPED_MODULES:
-            group = item.module.__name__
-        else:
-            continue
-        item.add_marker(pytest.mark.xdist_group(group))
-        if hasattr(item, "_id"):  # pytest >= 9: the node id is `_id`, which xdist does not set
-            from _pytest.nodes import coerce_node_id
-
-            item._id = coerce_node_id(f"{item.nodeid}@{group}")

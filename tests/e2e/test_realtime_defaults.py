@@ -1,7 +1,7 @@
 """`embed --lane realtime` on the default lane, plan and limit settings (issue 16.1-16.3): a plan
 request larger than the lane's window is split, every 429 waited out, every chunk settled with
-the batch lane's vectors, the audit clean and the provider's usage reported. The lane's one-minute
-window makes it the longest test."""
+the batch lane's vectors, the audit clean and the provider's usage reported. In a file of its own:
+the lane's one-minute window makes it the longest test, and whole files go to one worker."""
 
 from __future__ import annotations
 
