@@ -224,7 +224,8 @@ def _reader(path: str, holding: Any, release: Any) -> None:
 
 def test_two_processes_take_turns(tmp_path: Path) -> None:
     _fill(tmp_path)
-    ctx = multiprocessing.get_context("fork")
+    # spawn, not fork: a worker that ran Prefect tests has threads a forked child would inherit
+    ctx = multiprocessing.get_context("spawn")
     holding, release = ctx.Event(), ctx.Event()
     proc = ctx.Process(target=_writer, args=(str(tmp_path), holding, release, 25))
     proc.start()
